@@ -1,0 +1,21 @@
+"""gflow: exact gradient flow of small Transformer-style models by adaptive ODE integration.
+
+Importing gflow enables float64 in JAX (`jax_enable_x64`): solver tolerances of 1e-8 and below
+mean nothing in float32.
+"""
+
+import jax as _jax
+
+_jax.config.update("jax_enable_x64", True)
+
+from ._errors import InputError as InputError
+from ._flow import GradientFlow as GradientFlow
+from ._grids import linear_grid as linear_grid, log_grid as log_grid
+from ._solve import Transition as Transition, solve as solve
+from ._trajectory import Trajectory as Trajectory, load as load
+from . import measures as measures
+from . import models as models
+from . import observers as observers
+from . import theory as theory
+
+__version__ = "0.1.0"

@@ -1,0 +1,148 @@
+"""`python -m gflow.solve`: run a preset or a TOML config and write a run directory.
+
+A thin layer over `gflow.presets.resolve`/`run` and `Trajectory.save`: every check happens
+before compilation, and bad input ends with one line on stderr and exit status 2.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from ._errors import InputError
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, no usage block: the same shape as every other bad-input error.
+        print(f"gflow: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m gflow.solve",
+        description="Integrate the exact gradient flow of a preset or TOML config and write a "
+        "run directory (trajectory.npz, summary.json, final.eqx, config.toml, figures).",
+    )
+    p.add_argument("config", nargs="?", default=None,
+                   help="a preset name (see --list) or a path to a TOML config; "
+                   "default: the default preset")
+    p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
+    p.add_argument("--t1", type=float, help="end time (solve.t1)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (solve.rtol)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (solve.atol)")
+    p.add_argument("--solver", help="solver name (solve.solver)")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override any config field, e.g. --set problem.eps=1e-4 (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument("--show", action="store_true",
+                   help="print the resolved config as TOML and exit (save, edit, pass back)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--progress", action="store_true", help="show a progress bar over flow time")
+    return p
+
+
+def _enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a repeated run skips compilation."""
+    import jax
+
+    cache = os.environ.get("GFLOW_CACHE_DIR") or str(Path.home() / ".cache" / "gflow" / "jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _format_time(t) -> str:
+    return "not reached" if t is None or not math.isfinite(t) else f"{t:.10g}"
+
+
+def _report(traj, problem, out: Path) -> str:
+    s = traj.stats
+    lines = [
+        f"status      {traj.status}" + (f" ({traj.message})" if traj.message else ""),
+        f"time        t0={traj.t0:g} -> t_final={_format_time(traj.t_final)} (t1={traj.t1:g})",
+        f"solver      {traj.solver}, rtol={traj.rtol:g}, atol={traj.atol:.3g}",
+        f"steps       {s['num_steps']} ({s['num_accepted_steps']} accepted, "
+        f"{s['num_rejected_steps']} rejected) in {s['segments']} segment(s); "
+        f"vector-field evaluations {s['vector_field_evaluations']}",
+        f"seconds     compile {s['compile_seconds']:.2f}, run {s['run_seconds']:.2f}",
+    ]
+    if traj.transitions:
+        lines.append("transitions")
+        width = max(len(n) for n in traj.transitions)
+        for name, t in traj.transitions.items():
+            criterion = problem.criteria.get(name, "")
+            lines.append(f"  {name:<{width}}  {_format_time(t):>16}   {criterion}")
+    if traj.predictions:
+        lines.append("predictions")
+        width = max(len(n) for n in traj.predictions)
+        lines.append(f"  {'':<{width}}  {'predicted':>14}  {'measured':>14}  {'rel. error':>10}")
+        for name, p in traj.predictions.items():
+            if "bound" in p:
+                lines.append(f"  {name:<{width}}  bound {p['bound']:.6g}: "
+                             f"{'holds' if p['holds'] else 'VIOLATED'}")
+                continue
+            measured = "-" if p["measured"] is None else f"{p['measured']:.8g}"
+            rel = "-" if p["rel_error"] is None else f"{p['rel_error']:.2e}"
+            lines.append(f"  {name:<{width}}  {p['predicted']:>14.8g}  {measured:>14}  {rel:>10}")
+    lines.append(f"written     {out}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except InputError as e:
+        print(f"gflow: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(args) -> int:
+    from . import presets
+    from ._config import dumps_toml
+    from ._trajectory import atomic_write_bytes
+
+    if args.list:
+        for name in presets.preset_names():
+            config = presets.preset_config(name)
+            default = " (default)" if name == presets.DEFAULT_PRESET else ""
+            print(f"{name:<16} {config.get('preset', {}).get('description', '')}{default}")
+        return 0
+
+    overrides = list(args.set)
+    for flag in ("t1", "rtol", "atol", "solver"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"solve.{flag}={value!r}" if flag == "solver" else f"solve.{flag}={value}")
+    source = args.config or presets.DEFAULT_PRESET
+    resolved = presets.resolve(source, overrides)
+    if args.show:
+        print(dumps_toml(resolved.config), end="")
+        return 0
+
+    if args.out:
+        out = Path(args.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{resolved.name}-{stamp}"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+
+    _enable_compilation_cache()
+    problem, traj = presets.run(resolved, progress=args.progress)
+
+    from .plot import save_figures
+
+    traj.save(out)
+    atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
+    save_figures(traj, out / "figures", time_axis=resolved.plot.time_axis)
+    if not args.quiet:
+        print(_report(traj, problem, out))
+    return 0 if traj.status == "completed" else EXIT_RUN_FAILED

@@ -1,0 +1,202 @@
+"""Run configurations: TOML data validated against the functions and settings they feed.
+
+A configuration has four tables:
+
+- `preset`: `name` and a one-line `description`;
+- `problem`: `kind` (a registered problem builder) and its keyword arguments, checked against
+  the builder's signature;
+- `solve`: the `SolveSettings` below, passed to `gflow.solve`;
+- `plot`: `time_axis = "log" | "linear"`.
+"""
+
+import dataclasses
+import inspect
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from ._errors import InputError
+from ._solvers import SOLVER_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveSettings:
+    """The `[solve]` table: how the flow is integrated and saved.
+
+    **Fields:**
+
+    - `t1`, `t0`: the interval (`t1 > t0`).
+    - `solver`: a gflow solver name.
+    - `rtol`: relative tolerance (> 0); `atol`: absolute tolerance (> 0), or omitted for the
+        default scaled to the initial state.
+    - `max_steps`: step limit per segment.
+    - `save_points`: number of save times; `grid`: `"log"` or `"linear"` spacing.
+    """
+
+    t1: float
+    t0: float = 0.0
+    solver: str = "tsit5"
+    rtol: float = 1e-8
+    atol: float | None = None
+    max_steps: int = 100_000
+    save_points: int = 200
+    grid: str = "log"
+
+    def __post_init__(self):
+        if not (math.isfinite(self.t0) and math.isfinite(self.t1)):
+            raise InputError(f"solve.t0 and solve.t1 must be finite, got {self.t0}, {self.t1}")
+        if not self.t1 > self.t0:
+            raise InputError(f"solve.t1 must be greater than solve.t0, got t0={self.t0}, t1={self.t1}")
+        if self.solver.lower() not in SOLVER_NAMES:
+            raise InputError(
+                f"solve.solver: unknown solver {self.solver!r}; known: {', '.join(SOLVER_NAMES)}"
+            )
+        if not (self.rtol > 0 and math.isfinite(self.rtol)):
+            raise InputError(f"solve.rtol must be positive, got {self.rtol}")
+        if self.atol is not None and not (self.atol > 0 and math.isfinite(self.atol)):
+            raise InputError(f"solve.atol must be positive, got {self.atol}")
+        if self.max_steps < 1:
+            raise InputError(f"solve.max_steps must be at least 1, got {self.max_steps}")
+        if self.save_points < 3:
+            raise InputError(f"solve.save_points must be at least 3, got {self.save_points}")
+        if self.grid not in ("log", "linear"):
+            raise InputError(f"solve.grid must be 'log' or 'linear', got {self.grid!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotSettings:
+    """The `[plot]` table: `time_axis` is `"log"` for multi-scale dynamics, else `"linear"`."""
+
+    time_axis: str = "log"
+
+    def __post_init__(self):
+        if self.time_axis not in ("log", "linear"):
+            raise InputError(f"plot.time_axis must be 'log' or 'linear', got {self.time_axis!r}")
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _check_value(field: str, value: Any, annotation) -> Any:
+    """`value` converted to `annotation` (int → float, list → tuple), or an InputError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(field, value, option)
+            except InputError:
+                pass
+        raise InputError(f"{field} must be {_type_name(annotation)}, got {value!r}")
+    if origin in (tuple, list):
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{field} must be a list, got {value!r}")
+        return tuple(_check_value(f"{field}[{i}]", v, item) for i, v in enumerate(value))
+    if annotation is Any:
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{field} must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{field} must be an integer, got {value!r}")
+        return value
+    if annotation in (str, bool):
+        if not isinstance(value, annotation):
+            raise InputError(f"{field} must be {annotation.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {field}")
+
+
+def check_arguments(table: str, values: dict, fn) -> dict:
+    """Check `values` against the keyword parameters of `fn` (a function or dataclass).
+
+    **Returns:**
+
+    The values converted to the annotated types; defaults are not filled in.
+    """
+    params = inspect.signature(fn).parameters
+    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    out = {}
+    for key, value in values.items():
+        if key not in params:
+            known = ", ".join(f"{table}.{k}" for k in params)
+            raise InputError(f"unknown config key {table}.{key}; known keys: {known}")
+        out[key] = _check_value(f"{table}.{key}", value, hints.get(key, Any))
+    missing = [
+        k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in out
+    ]
+    if missing:
+        raise InputError(f"missing config key {table}.{missing[0]}")
+    return out
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict, with a one-line error naming the file when it is malformed."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"malformed config {path}: {e}".splitlines()[0]) from None
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: a TOML literal (`1e-3`, `true`, `[1, 2]`, `"s"`) or else a bare string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """`config` with each `table.key=value` override applied (the key must already exist)."""
+    config = {table: dict(values) if isinstance(values, dict) else values
+              for table, values in config.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        table, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field:
+            raise InputError(f"--set expects table.key=value, got {item!r}")
+        if table not in ("problem", "solve", "plot"):
+            raise InputError(f"unknown config table {table!r} in --set {item!r}")
+        if field == "kind":
+            raise InputError("problem.kind cannot be overridden: choose another preset")
+        config.setdefault(table, {})[field] = parse_value(text.strip())
+    return config
+
+
+def dumps_toml(config: dict) -> str:
+    """`config` as TOML text (tables of scalars and lists; `None` values are omitted)."""
+
+    def literal(value) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        if isinstance(value, str):
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(literal(v) for v in value) + "]"
+        raise TypeError(f"cannot write {value!r} as TOML")
+
+    lines = []
+    for table in ("preset", "problem", "solve", "plot"):
+        values = config.get(table)
+        if not values:
+            continue
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {literal(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)

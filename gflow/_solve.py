@@ -1,0 +1,522 @@
+"""`solve`: integrate a `GradientFlow`, record observables, locate transitions."""
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optimistix as optx
+from jaxtyping import ArrayLike, PyTree, Scalar
+
+from ._errors import InputError
+from ._flow import GradientFlow
+from ._grids import log_grid
+from ._solvers import evaluations_per_step, is_adaptive, make_solver, solver_name
+from ._trajectory import Trajectory
+
+
+class Transition(eqx.Module):
+    """A stage transition, marked by a sign change of `condition` along the flow.
+
+    **Arguments:**
+
+    - `name`: the key of its time in `Trajectory.transitions`.
+    - `condition`: `condition(model, data) -> scalar`; the transition is the first time after
+        the previous transition (transitions are detected in order) at which it changes sign.
+        Its time is located by root finding on the solver's dense output.
+    - `direction`: `None` for either sign change, `True` for an upcrossing (negative to positive)
+        only, `False` for a downcrossing only.
+    """
+
+    name: str
+    condition: Callable[[Any, Any], Scalar]
+    direction: bool | None = None
+
+    def __check_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise InputError(f"a Transition needs a non-empty string name, got {self.name!r}")
+        if not callable(self.condition):
+            raise InputError(f"transition {self.name!r}: condition must be callable")
+        if self.direction not in (None, True, False):
+            raise InputError(
+                f"transition {self.name!r}: direction must be None, True or False, "
+                f"got {self.direction!r}"
+            )
+
+
+def _summed(fn):
+    """`fn` with its tree of outputs summed to a scalar.
+
+    diffrax root-finds all event conditions at once and zeroes every condition but the one
+    that fired, so the sum has exactly the fired condition's root.
+    """
+
+    def summed(y, args):
+        out, aux = fn(y, args)
+        return sum(jtu.tree_leaves(out)), aux
+
+    return summed
+
+
+class _IntervalBisection(optx.AbstractRootFinder):
+    """Bisection that stops when the bracket is small in time alone.
+
+    `optx.Bisection` also requires `|condition| < atol`, which mixes the condition's units with
+    time's: a steep condition could never meet it. Bisection needs no derivative of the
+    condition (a smaller compiled program than Newton's) and cannot leave the bracket of the
+    step in which the sign changed.
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable = jnp.abs
+
+    @property
+    def _bisection(self) -> optx.Bisection:
+        return optx.Bisection(rtol=self.rtol, atol=self.atol)
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        scalar = jax.ShapeDtypeStruct((), jnp.result_type(y))
+        return self._bisection.init(_summed(fn), y, args, options, scalar, aux_struct, tags)
+
+    def step(self, fn, y, args, options, state, tags):
+        return self._bisection.step(_summed(fn), y, args, options, state, tags)
+
+    def terminate(self, fn, y, args, options, state, tags):
+        del fn, args, options, tags
+        width = jnp.abs(state.upper - state.lower)
+        return width < self.atol + self.rtol * jnp.abs(y), optx.RESULTS.successful
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return self._bisection.postprocess(_summed(fn), y, aux, args, options, state, tags, result)
+
+
+# A state whose squared norm passes this (or is NaN) has diverged: float64 squares overflow at
+# ~1e154, and no gradient flow of interest lives out there.
+_DIVERGED_SQUARED_NORM = 1e200
+
+_DEFAULT_SAVE_POINTS = 200
+
+# Smallest step, relative to t1 - t0, before a solve is declared singular.
+_DTMIN = 1e-12
+
+
+def _squared_norm(tree: PyTree) -> Scalar:
+    return sum(jnp.sum(jnp.square(leaf)) for leaf in jtu.tree_leaves(tree))
+
+
+def _default_atol(params: PyTree, rtol: float) -> float:
+    """`rtol` times the RMS size of the smallest non-zero trainable leaf at t0.
+
+    This resolves every parameter group relative to its own initial scale: a 1e-6-scale
+    initialization is not swamped by an absolute tolerance set for O(1) states.
+    """
+    sizes = [
+        float(np.sqrt(np.mean(np.square(np.asarray(leaf)))))
+        for leaf in jtu.tree_leaves(params)
+        if np.size(leaf) > 0
+    ]
+    sizes = [s for s in sizes if s > 0]
+    return rtol * (min(sizes) if sizes else 1.0)
+
+
+@contextlib.contextmanager
+def _errors_as_nan():
+    """Trace with equinox's runtime errors turned into NaNs.
+
+    Failure is reported through `Solution.result` (`throw=False`), so gflow never relies on
+    equinox raising. Raising embeds a host callback in the program, which makes JAX's
+    persistent compilation cache miss in every new process; NaN-ing keeps the program pure.
+    """
+    errors = getattr(eqx, "_errors", None)
+    if errors is None or not hasattr(errors, "EQX_ON_ERROR"):
+        yield
+        return
+    previous = errors.EQX_ON_ERROR
+    errors.EQX_ON_ERROR = "nan"
+    try:
+        yield
+    finally:
+        errors.EQX_ON_ERROR = previous
+
+
+def _segment(
+    flow: GradientFlow,
+    observers: dict,
+    conditions: tuple,
+    direction: bool | None,
+    index: ArrayLike,
+    y0: PyTree,
+    t0: ArrayLike,
+    t1: ArrayLike,
+    ts: ArrayLike,
+    dt0: ArrayLike | None,
+    solver: diffrax.AbstractSolver,
+    controller: diffrax.AbstractStepSizeController,
+    root_finder: optx.AbstractRootFinder | None,
+    max_steps: int,
+    progress_meter: diffrax.AbstractProgressMeter,
+    solver_state: PyTree,
+    controller_state: PyTree,
+    made_jump: ArrayLike,
+):
+    """One diffrax solve from `t0` until `t1` or until transition number `index` fires.
+
+    All transitions share this one compiled program: `index` selects the condition with
+    `lax.switch`, and `index == len(conditions)` selects a constant (never fires).
+    """
+
+    def vector_field(t, y, args):
+        del t, args
+        return flow.velocity(y)
+
+    def observe(t, y, args):
+        del t, args
+        model = flow.combine(y)
+        return {name: obs(model, flow.data) for name, obs in observers.items()}
+
+    # Parameter names matter: diffrax calls these by keyword during root finding.
+    def diverged(t, y, args, **kwargs):
+        del t, args, kwargs
+        return jnp.logical_not(_squared_norm(y) < _DIVERGED_SQUARED_NORM)
+
+    def transition(t, y, args, **kwargs):
+        del t, args, kwargs
+        model = flow.combine(y)
+        branches = [
+            lambda m, c=c: jnp.asarray(c(m, flow.data), dtype=float) for c in conditions
+        ] + [lambda m: jnp.asarray(1.0, dtype=float)]
+        return jax.lax.switch(index, branches, model)
+
+    if conditions:
+        # Tree order decides which event wins when both trigger on one step: divergence first.
+        event = diffrax.Event(
+            [diverged, transition], root_finder=root_finder, direction=[None, direction]
+        )
+    else:
+        event = diffrax.Event(diverged)
+    saveat = diffrax.SaveAt(
+        subs=[diffrax.SubSaveAt(ts=ts, fn=observe), diffrax.SubSaveAt(t1=True)],
+        solver_state=True,
+        controller_state=True,
+        made_jump=True,
+    )
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vector_field),
+        solver,
+        t0,
+        t1,
+        dt0,
+        y0,
+        saveat=saveat,
+        stepsize_controller=controller,
+        event=event,
+        max_steps=max_steps,
+        throw=False,
+        progress_meter=progress_meter,
+        solver_state=solver_state,
+        controller_state=controller_state,
+        made_jump=made_jump,
+    )
+    observables, (t_end, y_end) = sol.ys[0], (sol.ts[1][0], sol.ys[1])
+    return dict(
+        observables=observables,
+        t_end=t_end,
+        y_end=jtu.tree_map(lambda leaf: leaf[0], y_end),
+        result=sol.result,
+        event_mask=sol.event_mask,
+        stats=sol.stats,
+        solver_state=sol.solver_state,
+        controller_state=sol.controller_state,
+        made_jump=sol.made_jump,
+    )
+
+
+_segment_jit = eqx.filter_jit(_segment)
+_COMPILED: dict = {}
+
+
+def _compiled_segment(*args) -> tuple[Callable, float]:
+    """The compiled segment program for these arguments, and the seconds spent compiling it.
+
+    Programs are cached by everything that is not an array (functions, solver, settings) and by
+    the shapes and dtypes of the arrays, so new data or a new init of the same structure reuses
+    the program: compile time is reported separately from run time.
+    """
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    static_leaves, static_def = jtu.tree_flatten(static)
+    key = (
+        static_def,
+        jtu.tree_structure(dynamic),
+        tuple(static_leaves),
+        tuple((x.shape, x.dtype) for x in jtu.tree_leaves(dynamic)),
+    )
+    try:
+        hash(key)
+    except TypeError:  # an unhashable static leaf: compile without caching
+        key = None
+    if key is not None and key in _COMPILED:
+        return _COMPILED[key], 0.0
+    start = time.perf_counter()
+    with _errors_as_nan():
+        compiled = _segment_jit.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    if key is not None:
+        _COMPILED[key] = compiled
+    return compiled, seconds
+
+
+def _check_finite(tree: PyTree, what: str) -> None:
+    for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
+        if eqx.is_inexact_array(leaf) or isinstance(leaf, np.ndarray):
+            arr = np.asarray(leaf)
+            if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+                raise InputError(f"{what} has non-finite values at {jtu.keystr(path)}")
+
+
+def _resolve_ts(ts, t0: float, t1: float) -> np.ndarray:
+    if ts is None:
+        return log_grid(t0, t1, _DEFAULT_SAVE_POINTS)
+    ts = np.asarray(ts, dtype=np.float64)
+    if ts.ndim != 1 or ts.size == 0:
+        raise InputError(f"ts must be a non-empty 1-d array of save times, got shape {ts.shape}")
+    if not np.all(np.isfinite(ts)):
+        raise InputError("ts has non-finite save times")
+    if np.any(np.diff(ts) < 0):
+        raise InputError("ts must be non-decreasing")
+    if ts[0] < t0 or ts[-1] > t1:
+        raise InputError(f"ts must lie within [t0, t1] = [{t0}, {t1}]")
+    return ts
+
+
+def solve(
+    flow: GradientFlow,
+    t1: float,
+    *,
+    t0: float = 0.0,
+    solver: str | diffrax.AbstractSolver = "tsit5",
+    rtol: float = 1e-8,
+    atol: float | None = None,
+    ts: ArrayLike | None = None,
+    observers: Mapping[str, Callable] | None = None,
+    transitions: Sequence[Transition] = (),
+    max_steps: int = 100_000,
+    progress: bool = False,
+    dt0: float | None = None,
+    controller: diffrax.AbstractStepSizeController | None = None,
+) -> Trajectory:
+    """Integrate the gradient flow from `t0` to `t1`.
+
+    **Arguments:**
+
+    - `flow`: the `GradientFlow` to integrate.
+    - `t1`: end time (`t1 > t0`).
+    - `t0`: start time.
+    - `solver`: a solver name (`"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`,
+        `"euler"`, `"kvaerno5"`, ...) or any diffrax solver.
+    - `rtol`: relative tolerance of the PID step-size controller.
+    - `atol`: absolute tolerance; default `rtol` times the RMS size of the smallest non-zero
+        trainable leaf at `t0`, so a small initialization is resolved relative to its own size.
+    - `ts`: save times within `[t0, t1]`; default a 200-point `log_grid(t0, t1)`.
+    - `observers`: `{name: observer(model, data)}` evaluated inside the compiled solve at each
+        save time. The loss is always recorded as `"loss"` unless that name is taken.
+    - `transitions`: `Transition`s, located in order by root finding.
+    - `max_steps`: step limit (accepted plus rejected) of each segment between transitions.
+    - `progress`: show a progress bar over flow time.
+    - `dt0`: initial step; required for `"euler"`, otherwise chosen automatically.
+    - `controller`: a diffrax step-size controller replacing the default
+        `PIDController(rtol, atol)`.
+
+    **Returns:**
+
+    A `Trajectory`. Failure is data: a run that exceeds `max_steps` or diverges returns what it
+    computed up to that point, with `status` naming what happened.
+    """
+    if not isinstance(flow, GradientFlow):
+        raise InputError(f"solve expects a gflow.GradientFlow, got {type(flow).__name__}")
+    t0, t1 = float(t0), float(t1)
+    if not (math.isfinite(t0) and math.isfinite(t1)):
+        raise InputError(f"t0 and t1 must be finite, got t0={t0}, t1={t1}")
+    if not t1 > t0:
+        raise InputError(f"t1 must be greater than t0, got t0={t0}, t1={t1}")
+    if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
+        raise InputError(f"rtol must be a positive number, got {rtol!r}")
+    if atol is not None and not (
+        isinstance(atol, (int, float)) and atol > 0 and math.isfinite(atol)
+    ):
+        raise InputError(f"atol must be a positive number or None, got {atol!r}")
+    if int(max_steps) != max_steps or max_steps < 1:
+        raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
+    solver = make_solver(solver)
+    observers = {"loss": flow.loss} | dict(observers or {})
+    for name, obs in observers.items():
+        if not isinstance(name, str) or not callable(obs):
+            raise InputError(f"observer {name!r} must be a callable observer(model, data)")
+    transitions = tuple(transitions)
+    for tr in transitions:
+        if not isinstance(tr, Transition):
+            raise InputError(f"transitions must be gflow.Transition objects, got {tr!r}")
+    names = [tr.name for tr in transitions]
+    if len(set(names)) != len(names):
+        raise InputError(f"transition names must be unique, got {names}")
+    ts = _resolve_ts(ts, t0, t1)
+    y0 = flow.params
+    _check_finite(y0, "the initial state")
+    _check_finite(flow.data, "the data")
+
+    if atol is None:
+        atol = _default_atol(y0, rtol)
+    # Tolerances travel as arrays, not Python floats: floats are static to equinox's jit, and a
+    # new init (hence a new default atol) or a new t1 would otherwise recompile the program.
+    as_array = lambda x: jnp.asarray(x, dtype=jnp.float64)
+    if controller is None:
+        if is_adaptive(solver):
+            # A step below dtmin means the flow is singular there (finite-time blow-up): float64
+            # time cannot approach a blow-up time closer than ~1e-16 relative, so the state
+            # itself never overflows and only the step size tells.
+            controller = diffrax.PIDController(
+                rtol=as_array(rtol), atol=as_array(atol), dtmin=as_array(_DTMIN * (t1 - t0))
+            )
+        elif dt0 is None:
+            raise InputError(
+                f"solver {solver_name(solver)!r} has no error estimate: pass dt0 for a fixed step"
+            )
+        else:
+            controller = diffrax.ConstantStepSize()
+    # Root finding on the dense output: well below the solver's own error, so the located time
+    # carries the solver's accuracy and not the root finder's.
+    root_rtol = max(1e-3 * rtol, 1e-15)
+    root_finder = _IntervalBisection(
+        rtol=as_array(root_rtol), atol=as_array(root_rtol * max(abs(t1), abs(t0), 1.0))
+    )
+    meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
+    conditions = tuple(tr.condition for tr in transitions)
+
+    ts_device = jnp.asarray(ts)
+    observables = None
+    found = {name: math.nan for name in names}
+    stats = dict(
+        num_steps=0,
+        num_accepted_steps=0,
+        num_rejected_steps=0,
+        vector_field_evaluations=0,
+        segments=0,
+        compile_seconds=0.0,
+        run_seconds=0.0,
+    )
+    per_step = evaluations_per_step(solver)
+    y, t_start, index = y0, t0, 0
+    solver_state = controller_state = None
+    made_jump = False
+    seg_dt0 = dt0
+    while True:
+        direction = transitions[index].direction if index < len(transitions) else None
+        args = (
+            flow,
+            observers,
+            conditions,
+            direction,
+            jnp.asarray(index),
+            y,
+            jnp.asarray(t_start),
+            jnp.asarray(t1),
+            jnp.clip(ts_device, t_start, t1),
+            None if seg_dt0 is None else jnp.asarray(seg_dt0),
+            solver,
+            controller,
+            root_finder,
+            int(max_steps),
+            meter,
+            solver_state,
+            controller_state,
+            jnp.asarray(made_jump),
+        )
+        compiled, compile_seconds = _compiled_segment(*args)
+        start = time.perf_counter()
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        stats["run_seconds"] += time.perf_counter() - start
+        stats["compile_seconds"] += compile_seconds
+        stats["segments"] += 1
+        seg_stats = {k: int(v) for k, v in out["stats"].items() if k.startswith("num_")}
+        for k in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+            stats[k] += seg_stats.get(k, 0)
+        if per_step is not None and stats["vector_field_evaluations"] is not None:
+            evals, first_extra = per_step
+            # The initial-step heuristic costs two evaluations when no dt0 is given.
+            init = (2 if seg_dt0 is None and is_adaptive(solver) else 0) + first_extra
+            stats["vector_field_evaluations"] += init + evals * seg_stats["num_steps"]
+        else:
+            stats["vector_field_evaluations"] = None
+
+        t_end = float(out["t_end"])
+        seg_obs = jtu.tree_map(np.asarray, out["observables"])
+        # Entries saved by this segment: save times it actually covered.
+        covered = (ts >= t_start) & (ts <= t_end)  # all False when t_end is nan
+        if observables is None:
+            observables = jtu.tree_map(lambda x: np.full_like(x, np.nan), seg_obs)
+        observables = jtu.tree_map(
+            lambda old, new: np.where(covered.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+            observables,
+            seg_obs,
+        )
+        reached = t_end
+
+        result = out["result"]
+        if bool(result == diffrax.RESULTS.event_occurred):
+            diverged_mask = out["event_mask"][0] if conditions else out["event_mask"]
+            if bool(diverged_mask):
+                status = "nonfinite"
+                message = f"the state diverged near t={t_end:.16g} (finite-time blow-up?)"
+                break
+            found[names[index]] = t_end
+            index += 1
+            y, t_start = out["y_end"], t_end
+            solver_state, controller_state = out["solver_state"], out["controller_state"]
+            made_jump = True  # the event cut the step: the first-same-as-last stage is stale
+            seg_dt0 = dt0
+            if t_end >= t1:
+                status, message = "completed", ""
+                break
+            continue
+        if bool(result == diffrax.RESULTS.successful):
+            status, message = "completed", ""
+        elif bool(result == diffrax.RESULTS.max_steps_reached):
+            status, message = "max_steps", f"reached max_steps={max_steps} before t1"
+        elif bool(result == diffrax.RESULTS.dt_min_reached):
+            status = "dt_min"
+            message = (
+                f"the step size collapsed near t={t_end:.16g}: the flow is singular there "
+                "(finite-time blow-up or a non-smooth loss)"
+            )
+        else:
+            status, message = "failed", "the solver failed"
+        break
+
+    y_end = out["y_end"]
+    if status != "completed" and not float(_squared_norm(y_end)) < _DIVERGED_SQUARED_NORM:
+        status = "nonfinite"
+        message = f"the state diverged near t={reached:.16g} (finite-time blow-up?)"
+    saved = (ts <= reached) if math.isfinite(reached) else np.zeros_like(ts, dtype=bool)
+    return Trajectory(
+        ts=ts[saved],
+        observables=jtu.tree_map(lambda x: x[saved], observables),
+        transitions=found,
+        final=flow.combine(y_end),
+        t0=t0,
+        t1=t1,
+        t_final=reached,
+        status=status,
+        message=message,
+        stats=stats,
+        solver=solver_name(solver),
+        rtol=float(rtol),
+        atol=float(atol),
+    )

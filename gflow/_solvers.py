@@ -1,0 +1,67 @@
+"""Solver names, and what each solver costs per step."""
+
+import diffrax
+
+from ._errors import InputError
+
+
+_SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
+    "euler": diffrax.Euler,
+    "heun": diffrax.Heun,
+    "midpoint": diffrax.Midpoint,
+    "ralston": diffrax.Ralston,
+    "bosh3": diffrax.Bosh3,
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+    "implicit_euler": diffrax.ImplicitEuler,
+    "kvaerno3": diffrax.Kvaerno3,
+    "kvaerno4": diffrax.Kvaerno4,
+    "kvaerno5": diffrax.Kvaerno5,
+}
+
+SOLVER_NAMES: tuple[str, ...] = tuple(_SOLVERS)
+
+
+def make_solver(solver: str | diffrax.AbstractSolver) -> diffrax.AbstractSolver:
+    """A diffrax solver from its gflow name (see `SOLVER_NAMES`), or `solver` itself."""
+    if isinstance(solver, diffrax.AbstractSolver):
+        return solver
+    if isinstance(solver, str) and solver.lower() in _SOLVERS:
+        return _SOLVERS[solver.lower()]()
+    raise InputError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVER_NAMES)}")
+
+
+def solver_name(solver: diffrax.AbstractSolver) -> str:
+    """The gflow name of a solver, or its class name for one gflow does not name."""
+    for name, cls in _SOLVERS.items():
+        if type(solver) is cls:
+            return name
+    return type(solver).__name__
+
+
+def is_adaptive(solver: diffrax.AbstractSolver) -> bool:
+    """Whether the solver has an embedded error estimate (so a PID controller can drive it)."""
+    # Euler has no embedded method; every other solver named here has one.
+    return not isinstance(solver, diffrax.Euler)
+
+
+def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
+    """Vector-field evaluations of an explicit Runge–Kutta solver.
+
+    **Returns:**
+
+    `(per_step, first_step_extra)`: evaluations of each step (accepted or rejected), and the extra
+    evaluation the first step of a segment pays when the method is first-same-as-last (its first
+    stage is otherwise reused from the previous step). `None` for implicit solvers, whose count
+    depends on their Newton iterations.
+    """
+    if isinstance(solver, diffrax.Euler):
+        return 1, 0
+    tableau = getattr(solver, "tableau", None)
+    if not isinstance(solver, diffrax.AbstractERK) or tableau is None:
+        return None
+    stages = len(tableau.c) + 1
+    if tableau.fsal:
+        return stages - 1, 1
+    return stages, 0

@@ -1,0 +1,230 @@
+"""`Trajectory`: what a solve computed, and its run directory on disk."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Float, PyTree
+
+from ._errors import InputError
+
+
+TRAJECTORY_FILE = "trajectory.npz"
+SUMMARY_FILE = "summary.json"
+FINAL_FILE = "final.eqx"
+
+_VERSIONED = ("gflow", "jax", "jaxlib", "diffrax", "equinox", "optax", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a result depends on."""
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _flat_names(tree: PyTree) -> dict[str, np.ndarray]:
+    """`{"a/b": leaf}` for a (nested) dict or other pytree of arrays."""
+    flat = {}
+    for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
+        parts = []
+        for key in path:
+            for attr in ("key", "name", "idx"):
+                if hasattr(key, attr):
+                    parts.append(str(getattr(key, attr)))
+                    break
+        flat["/".join(parts)] = np.asarray(leaf)
+    return flat
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = nested
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite_or_none(x: float) -> float | None:
+    # JSON has no nan: a transition never reached is written as null.
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash never leaves a partial file under that name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates the file private; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class Trajectory(eqx.Module):
+    """The result of `gflow.solve`.
+
+    **Fields:**
+
+    - `ts`: the save times actually reached, shape `(n,)`.
+    - `observables`: `{name: array}` with leading axis `n` (observers returning pytrees keep
+        their structure).
+    - `transitions`: `{name: time}`, `nan` for a transition never reached.
+    - `final`: the model (frozen leaves included) at `t_final`.
+    - `t0`, `t1`: the requested interval; `t_final`: where the solve stopped.
+    - `status`: `"completed"`, `"max_steps"`, `"nonfinite"`, `"dt_min"` or `"failed"`;
+        `message` says more when it is not `"completed"`.
+    - `stats`: steps (total, accepted, rejected), vector-field evaluations (`None` for implicit
+        solvers), segments, compile and run seconds.
+    - `solver`, `rtol`, `atol`: the settings used.
+    - `config`: the configuration that produced the run (set by the command line), or `None`.
+    - `predictions`: `{name: {...}}` comparisons with theory, filled by presets.
+    """
+
+    ts: Float[np.ndarray, " n"]
+    observables: dict[str, Any]
+    transitions: dict[str, float]
+    final: PyTree
+    t0: float
+    t1: float
+    t_final: float
+    status: str
+    message: str
+    stats: dict[str, Any]
+    solver: str
+    rtol: float
+    atol: float
+    config: dict[str, Any] | None = None
+    predictions: dict[str, Any] = eqx.field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        """Whether the solve reached `t1`."""
+        return self.status == "completed"
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready summary written to `summary.json`."""
+        return dict(
+            status=self.status,
+            message=self.message,
+            t0=self.t0,
+            t1=self.t1,
+            t_final=_finite_or_none(self.t_final),
+            solver=self.solver,
+            rtol=self.rtol,
+            atol=self.atol,
+            stats=self.stats,
+            transitions={k: _finite_or_none(v) for k, v in self.transitions.items()},
+            predictions=self.predictions,
+            config=self.config,
+            versions=package_versions(),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the run directory: `trajectory.npz`, `summary.json` and `final.eqx`.
+
+        Each file is written atomically (temporary file, then rename).
+
+        **Arguments:**
+
+        - `path`: the directory (created if missing).
+
+        **Returns:**
+
+        The directory's path.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = {"t": np.asarray(self.ts)}
+        for name, value in _flat_names(self.observables).items():
+            if name == "t":
+                raise InputError("an observable may not be named 't' (the time axis)")
+            arrays[name] = value
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path / TRAJECTORY_FILE, buffer.getvalue())
+        buffer = io.BytesIO()
+        eqx.tree_serialise_leaves(buffer, self.final)
+        atomic_write_bytes(path / FINAL_FILE, buffer.getvalue())
+        text = json.dumps(self.summary(), indent=2, default=_json_default, allow_nan=False)
+        atomic_write_bytes(path / SUMMARY_FILE, (text + "\n").encode())
+        return path
+
+
+def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
+    """Read a run directory written by `Trajectory.save`.
+
+    **Arguments:**
+
+    - `path`: the run directory.
+    - `like`: a model of the same structure as the saved final model (e.g. the initial model),
+        used to deserialise `final`. Without it, `final` is `None`.
+
+    **Returns:**
+
+    The `Trajectory`; observables come back as nested dicts of numpy arrays (names split at
+    `/`), transitions never reached as `nan`.
+    """
+    path = Path(path)
+    for name in (TRAJECTORY_FILE, SUMMARY_FILE):
+        if not (path / name).is_file():
+            raise InputError(f"{path} is not a gflow run directory: {name} is missing")
+    summary = json.loads((path / SUMMARY_FILE).read_text())
+    with np.load(path / TRAJECTORY_FILE) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    ts = arrays.pop("t")
+    final = None
+    if like is not None:
+        final = eqx.tree_deserialise_leaves(path / FINAL_FILE, like)
+    nan_if_none = lambda x: math.nan if x is None else x
+    return Trajectory(
+        ts=ts,
+        observables=_nest(arrays),
+        transitions={k: nan_if_none(v) for k, v in summary["transitions"].items()},
+        final=final,
+        t0=summary["t0"],
+        t1=summary["t1"],
+        t_final=nan_if_none(summary["t_final"]),
+        status=summary["status"],
+        message=summary["message"],
+        stats=summary["stats"],
+        solver=summary["solver"],
+        rtol=summary["rtol"],
+        atol=summary["atol"],
+        config=summary.get("config"),
+        predictions=summary.get("predictions", {}),
+    )

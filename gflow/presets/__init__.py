@@ -1,0 +1,116 @@
+"""Presets: named TOML configurations over problem builders that call the public API.
+
+`python -m gflow.solve PRESET` runs one; `resolve` and `run` are what it calls, so a script can
+do the same: `gflow.presets.run(gflow.presets.resolve("deep-linear", ["solve.t1=5"]))`.
+"""
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+
+from .._config import (
+    PlotSettings,
+    SolveSettings,
+    apply_overrides,
+    check_arguments,
+    read_toml,
+)
+from .._errors import InputError
+from .._grids import linear_grid, log_grid
+from .._solve import solve
+from .._trajectory import Trajectory
+from ._deep_linear import deep_linear
+from ._problem import Problem as Problem, comparison as comparison
+
+
+PROBLEMS = {
+    "deep-linear": deep_linear,
+}
+
+DEFAULT_PRESET = "deep-linear"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with gflow."""
+    files = resources.files(__name__).iterdir()
+    return sorted(f.name[: -len(".toml")] for f in files if f.name.endswith(".toml"))
+
+
+def preset_config(name: str) -> dict:
+    """The raw configuration of a shipped preset."""
+    if name not in preset_names():
+        raise InputError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+    with resources.as_file(resources.files(__name__) / f"{name}.toml") as path:
+        return read_toml(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A validated configuration: the raw tables and the typed settings built from them."""
+
+    config: dict
+    problem_kind: str
+    problem_args: dict
+    solve: SolveSettings
+    plot: PlotSettings
+
+    @property
+    def name(self) -> str:
+        return self.config.get("preset", {}).get("name", self.problem_kind)
+
+
+def resolve(source: str, overrides: list[str] = ()) -> Resolved:
+    """Validate a preset name or a TOML path, with `table.key=value` overrides applied.
+
+    Every check happens here, before anything is compiled.
+    """
+    path = Path(source)
+    if source.endswith(".toml") or path.is_file():
+        config = read_toml(path)
+    else:
+        config = preset_config(source)
+    unknown = set(config) - {"preset", "problem", "solve", "plot"}
+    if unknown:
+        raise InputError(f"unknown config table {sorted(unknown)[0]!r}")
+    config = apply_overrides(config, list(overrides))
+    problem = dict(config.get("problem", {}))
+    kind = problem.pop("kind", None)
+    if kind not in PROBLEMS:
+        raise InputError(f"problem.kind must be one of {', '.join(PROBLEMS)}, got {kind!r}")
+    problem_args = check_arguments("problem", problem, PROBLEMS[kind])
+    solve_settings = SolveSettings(**check_arguments("solve", config.get("solve", {}), SolveSettings))
+    plot = PlotSettings(**check_arguments("plot", config.get("plot", {}), PlotSettings))
+    return Resolved(config, kind, problem_args, solve_settings, plot)
+
+
+def build(resolved: Resolved) -> Problem:
+    """The `Problem` a resolved configuration describes."""
+    return PROBLEMS[resolved.problem_kind](**resolved.problem_args)
+
+
+def run(resolved: Resolved, *, progress: bool = False) -> tuple[Problem, Trajectory]:
+    """Build the problem and solve it as configured.
+
+    **Returns:**
+
+    The problem and its trajectory, whose `config` is the resolved configuration and whose
+    `predictions` compare the run with the problem's theory.
+    """
+    problem = build(resolved)
+    settings = resolved.solve
+    grid = log_grid if settings.grid == "log" else linear_grid
+    traj = solve(
+        problem.flow,
+        settings.t1,
+        t0=settings.t0,
+        solver=settings.solver,
+        rtol=settings.rtol,
+        atol=settings.atol,
+        ts=grid(settings.t0, settings.t1, settings.save_points),
+        observers=problem.observers,
+        transitions=problem.transitions,
+        max_steps=settings.max_steps,
+        progress=progress,
+    )
+    predictions = problem.predict(traj) if problem.predict is not None else {}
+    return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions)

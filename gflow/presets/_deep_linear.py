@@ -1,0 +1,97 @@
+"""Problem builder for deep linear networks (papers.md §5)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import observers as obs
+from .._errors import InputError
+from .._flow import GradientFlow
+from .._solve import Transition
+from ..models import DeepLinear, deep_linear_loss, whitened_target
+from ..theory import saxe_half_rise_time, two_layer_learning_times
+from ._problem import Problem, comparison
+
+
+def _layer_imbalance(model: DeepLinear):
+    """`W_{k+1}ᵀ W_{k+1} − W_k W_kᵀ` for each pair of layers: conserved by the flow."""
+    return jnp.stack(
+        [b.T @ b - a @ a.T for a, b in zip(model.weights[:-1], model.weights[1:])]
+    )
+
+
+def deep_linear(
+    *,
+    depth: int,
+    width: int,
+    singular_values: tuple[float, ...],
+    init: str,
+    eps: float,
+    seed: int,
+) -> Problem:
+    """A depth-`depth` linear network of width `width` fitting a target with the given
+    singular values; each mode's half-rise is a transition.
+
+    **Arguments:**
+
+    - `depth`: number of weight matrices (≥ 2).
+    - `width`: input, hidden and output width.
+    - `singular_values`: the target's non-zero singular values, distinct and positive.
+    - `init`: `"random"` (entries N(0, eps²)) or `"aligned"` (balanced, SVD-aligned, each mode
+        starting at strength `eps`; Saxe's closed form holds exactly for depth 2).
+    - `eps`: the init scale.
+    - `seed`: seeds the target's singular vectors and the init.
+    """
+    s = np.asarray(singular_values, dtype=np.float64)
+    if depth < 2 or width < 1:
+        raise InputError(f"problem.depth must be >= 2 and problem.width >= 1, got {depth}, {width}")
+    if s.size == 0 or s.size > width or np.any(s <= 0) or len(set(s.tolist())) != s.size:
+        raise InputError("problem.singular_values must be distinct, positive and at most width")
+    if not eps > 0:
+        raise InputError(f"problem.eps must be positive, got {eps}")
+    if init not in ("random", "aligned"):
+        raise InputError(f"problem.init must be 'random' or 'aligned', got {init!r}")
+    order = np.argsort(-s)
+    s = s[order]
+    key_target, key_init = jax.random.split(jax.random.key(seed))
+    target = whitened_target(s, (width, width), key_target)
+    if init == "random":
+        model = DeepLinear.random((width,) * (depth + 1), eps, key_init)
+    else:
+        model = DeepLinear.balanced_aligned(target, depth, eps, hidden=width)
+
+    def product(m):
+        return m.product()
+
+    observers = {
+        "singular_values": obs.singular_values(product),
+        "layer_norms": obs.frobenius_norm(lambda m: m.weights),
+        "imbalance_drift": obs.conserved(lambda m, d: _layer_imbalance(m), model),
+    }
+    transitions, criteria = [], {}
+    for k, s_k in enumerate(s):
+        name = f"mode{k + 1}_learned"
+        transitions.append(
+            Transition(
+                name,
+                lambda m, d, k=k, half=s_k / 2: jnp.linalg.svd(m.product(), compute_uv=False)[k]
+                - half,
+                direction=True,
+            )
+        )
+        criteria[name] = f"singular value {k + 1} of W_D⋯W_1 rises through s_{k + 1}/2 = {s_k / 2:g}"
+
+    def predict(traj):
+        if depth != 2:
+            return {}
+        if init == "aligned":
+            times = [saxe_half_rise_time(s_k, eps) for s_k in s]
+        else:
+            times = two_layer_learning_times(*model.weights, target)[0]
+        return {
+            f"mode{k + 1}_learned": comparison(times[k], traj.transitions[f"mode{k + 1}_learned"])
+            for k in range(s.size)
+        }
+
+    flow = GradientFlow(model, deep_linear_loss, target)
+    return Problem(flow, observers, tuple(transitions), criteria, predict)

@@ -1,0 +1,46 @@
+"""Shared fixtures: small exactly solvable linear flows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gflow
+from gflow.models import DeepLinear, deep_linear_loss, whitened_target
+
+
+SAXE_S = (3.0, 1.5)
+SAXE_U0 = 1e-3
+
+
+@pytest.fixture(scope="session")
+def saxe_target():
+    """A 4x4 target with two modes (s = 3, 1.5)."""
+    return whitened_target(SAXE_S, (4, 4), jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def saxe_flow(saxe_target):
+    """Two-layer linear network, balanced and aligned with the target's SVD, u0 = 1e-3."""
+    model = DeepLinear.balanced_aligned(saxe_target, depth=2, u0=SAXE_U0)
+    return gflow.GradientFlow(model, deep_linear_loss, saxe_target)
+
+
+def mode_strengths(target):
+    """Observer: `u_α = u_αᵀ (W2 W1) v_α` for the singular pairs of the target."""
+    U, _, Vt = np.linalg.svd(np.asarray(target), full_matrices=False)
+    r = len(SAXE_S)
+    U, V = jnp.asarray(U[:, :r]), jnp.asarray(Vt[:r].T)
+
+    def observe(model, data):
+        return jnp.einsum("ia,ij,ja->a", U, model.product(), V)
+
+    return observe
+
+
+@pytest.fixture(scope="session")
+def random_flow():
+    """Two-layer 6x5x4 linear network from a random O(0.3) init (not aligned, not balanced)."""
+    target = whitened_target((2.0, 1.0, 0.5), (4, 6), jax.random.key(3))
+    model = DeepLinear.random((6, 5, 4), 0.3, jax.random.key(4))
+    return gflow.GradientFlow(model, deep_linear_loss, target)

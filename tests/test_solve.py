@@ -1,0 +1,258 @@
+"""`gflow.solve`: closed forms, invariants, an independent integrator, failure paths."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from conftest import SAXE_S, SAXE_U0, mode_strengths
+
+import gflow
+from gflow.models import DeepLinear, deep_linear_loss
+from gflow.theory import saxe_half_rise_time, saxe_mode
+
+
+def test_saxe_mode_curve_and_half_rise(saxe_flow, saxe_target):
+    rtol = 1e-10
+    ts = gflow.linear_grid(0.0, 8.0, 161)
+    transitions = [
+        gflow.Transition(
+            f"half_rise_{a}",
+            lambda m, d, a=a, f=mode_strengths(saxe_target): f(m, d)[a] - SAXE_S[a] / 2,
+            direction=True,
+        )
+        for a in range(len(SAXE_S))
+    ]
+    traj = gflow.solve(
+        saxe_flow, 8.0, ts=ts, rtol=rtol, transitions=transitions,
+        observers={"u": mode_strengths(saxe_target)},
+    )
+    assert traj.status == "completed"
+    np.testing.assert_array_equal(traj.ts, ts)
+    for a, s in enumerate(SAXE_S):
+        exact = saxe_mode(ts, s, SAXE_U0)
+        rel = np.abs(traj.observables["u"][:, a] - exact) / exact
+        assert rel.max() <= 1e-6, (a, rel.max())
+        t_half = saxe_half_rise_time(s, SAXE_U0)
+        assert abs(traj.transitions[f"half_rise_{a}"] - t_half) <= 1e-7 * t_half
+
+
+def test_conservation_and_monotone_loss(random_flow):
+    rtol = 1e-8
+
+    def imbalance(model, data):
+        w1, w2 = model.weights
+        return w1 @ w1.T - w2.T @ w2
+
+    def scale(model, data):
+        w1, w2 = model.weights
+        return jnp.linalg.norm(w1 @ w1.T) + jnp.linalg.norm(w2.T @ w2)
+
+    traj = gflow.solve(random_flow, 20.0, rtol=rtol, observers={"C": imbalance, "scale": scale})
+    assert traj.status == "completed"
+    C = traj.observables["C"]
+    drift = np.linalg.norm(C - C[0], axis=(1, 2)) / traj.observables["scale"]
+    assert drift.max() <= 100 * rtol
+    loss = traj.observables["loss"]
+    assert loss[-1] < 1e-3 * loss[0]  # the flow actually learned the target
+    assert np.all(np.diff(loss) <= rtol * loss[:-1])
+
+
+def test_frozen_leaves_bit_identical_and_follow_closed_form():
+    # W1 = I frozen: dW2/dt = S − W2, so W2(t) = S + (W2(0) − S) e^{−t}.
+    key1, key2 = jax.random.split(jax.random.key(5))
+    S = jax.random.normal(key1, (3, 4))
+    w1 = jnp.eye(4) + 0.0
+    model = DeepLinear([w1, jax.random.normal(key2, (3, 4))])
+    spec = eqx.tree_at(lambda m: m.weights, jtu.tree_map(lambda _: False, model), (False, True))
+    flow = gflow.GradientFlow(model, deep_linear_loss, S, trainable=spec)
+    ts = gflow.linear_grid(0.0, 3.0, 31)
+    traj = gflow.solve(flow, 3.0, ts=ts, rtol=1e-10, observers={"W2": lambda m, d: m.weights[1]})
+    assert traj.final.weights[0] is model.weights[0] or np.array_equal(
+        np.asarray(traj.final.weights[0]), np.asarray(w1)
+    )
+    assert np.asarray(traj.final.weights[0]).tobytes() == np.asarray(w1).tobytes()
+    exact = S + (model.weights[1] - S) * np.exp(-ts)[:, None, None]
+    np.testing.assert_allclose(traj.observables["W2"], exact, rtol=1e-8, atol=1e-9)
+
+
+def test_preconditioner_rescales_time(random_flow):
+    # P = c·I turns the flow at time t into the plain flow at time c·t.
+    c = 2.5
+    ts = gflow.linear_grid(0.0, 2.0, 21)
+    pre = gflow.GradientFlow(
+        random_flow.model, random_flow.loss, random_flow.data,
+        preconditioner=lambda model, grads: jtu.tree_map(lambda g: c * g, grads),
+    )
+    state = {"W": lambda m, d: m.product()}
+    fast = gflow.solve(pre, 2.0, ts=ts, rtol=1e-10, observers=state)
+    plain = gflow.solve(random_flow, 5.0, ts=c * ts, rtol=1e-10, observers=state)
+    np.testing.assert_allclose(fast.observables["W"], plain.observables["W"], rtol=1e-7, atol=1e-9)
+
+
+def test_agrees_with_scipy_dop853(random_flow):
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    params, unravel = jax.flatten_util.ravel_pytree(random_flow.params)
+    rhs = jax.jit(lambda p: jax.flatten_util.ravel_pytree(random_flow.velocity(unravel(p)))[0])
+    ts = gflow.linear_grid(0.0, 10.0, 41)
+    ref = scipy_integrate.solve_ivp(
+        lambda t, p: np.asarray(rhs(p)), (0.0, 10.0), np.asarray(params),
+        method="DOP853", t_eval=ts, rtol=1e-12, atol=1e-14,
+    )
+    traj = gflow.solve(
+        random_flow, 10.0, ts=ts, solver="dopri8", rtol=1e-10,
+        observers={"state": lambda m, d: jax.flatten_util.ravel_pytree(
+            eqx.filter(m, eqx.is_inexact_array))[0]},
+    )
+    ours = traj.observables["state"]
+    rel = np.linalg.norm(ours - ref.y.T, axis=1) / np.linalg.norm(ref.y.T, axis=1)
+    assert rel.max() <= 1e-8
+
+
+def test_gradient_descent_error_is_first_order(random_flow):
+    T = 2.0
+    flow_end = gflow.solve(random_flow, T, rtol=1e-12, solver="dopri8").final.product()
+
+    def gd(eta):
+        steps = int(round(T / eta))
+        step = lambda p, _: (jtu.tree_map(lambda x, v: x + eta * v, p, random_flow.velocity(p)), None)
+        final, _ = jax.lax.scan(step, random_flow.params, None, length=steps)
+        return random_flow.combine(final).product()
+
+    errors = [float(jnp.linalg.norm(gd(eta) - flow_end)) for eta in (1e-2, 5e-3, 2.5e-3)]
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(1.8 < r < 2.2 for r in ratios), (errors, ratios)
+
+
+def test_max_steps_gives_partial_trajectory(random_flow):
+    traj = gflow.solve(random_flow, 20.0, max_steps=8, ts=gflow.linear_grid(0.0, 20.0, 201))
+    assert traj.status == "max_steps"
+    assert 0.0 < traj.t_final < 20.0
+    assert traj.stats["num_steps"] == 8
+    assert len(traj.ts) >= 1 and traj.ts[-1] <= traj.t_final
+    assert np.all(np.isfinite(traj.observables["loss"]))
+    # What was computed is right: it agrees with a full run on the shared save times.
+    full = gflow.solve(random_flow, 20.0, ts=gflow.linear_grid(0.0, 20.0, 201))
+    n = len(traj.ts)
+    np.testing.assert_allclose(traj.observables["loss"], full.observables["loss"][:n], rtol=1e-6)
+
+
+class _Scalar(eqx.Module):
+    x: jax.Array
+
+
+def test_blow_up_is_reported_nonfinite():
+    # L = −x³/3 gives dx/dt = x², x(t) = 1/(1 − t) from x(0) = 1: blow-up at t = 1.
+    flow = gflow.GradientFlow(_Scalar(jnp.array(1.0)), lambda m, d: -(m.x**3) / 3, None)
+    traj = gflow.solve(flow, 2.0, ts=gflow.linear_grid(0.0, 2.0, 41), max_steps=100_000)
+    assert traj.status == "nonfinite"
+    assert abs(traj.t_final - 1.0) < 1e-6
+    # Every save time before the blow-up is there and right.
+    before = traj.ts < 1.0
+    assert before.sum() == 20
+    exact = -(1.0 / (1.0 - traj.ts[before])) ** 3 / 3
+    np.testing.assert_allclose(traj.observables["loss"][before], exact, rtol=1e-6)
+
+
+def test_overflowing_state_is_reported_nonfinite():
+    # L = −x²/2 gives dx/dt = x: exponential growth overflows the 1e200 squared-norm guard near
+    # t = ln(1e100) ≈ 230, long before t1.
+    flow = gflow.GradientFlow(_Scalar(jnp.array(1.0)), lambda m, d: -(m.x**2) / 2, None)
+    traj = gflow.solve(flow, 1000.0, ts=gflow.linear_grid(0.0, 1000.0, 101))
+    assert traj.status == "nonfinite"
+    assert 225.0 < traj.t_final < 240.0
+    assert traj.ts[-1] <= traj.t_final
+    np.testing.assert_allclose(traj.observables["loss"], -np.exp(2 * traj.ts) / 2, rtol=1e-6)
+
+
+def test_transitions_in_order_and_unreached_is_nan(saxe_flow, saxe_target):
+    u = mode_strengths(saxe_target)
+    traj = gflow.solve(
+        saxe_flow, 3.0,
+        transitions=[
+            gflow.Transition("first", lambda m, d: u(m, d)[0] - SAXE_S[0] / 2, True),
+            gflow.Transition("never", lambda m, d: u(m, d)[0] - 10.0, True),
+        ],
+    )
+    assert traj.status == "completed"
+    assert abs(traj.transitions["first"] - saxe_half_rise_time(SAXE_S[0], SAXE_U0)) < 1e-6
+    assert math.isnan(traj.transitions["never"])
+
+
+def test_chained_segments_cost_about_one_solve(saxe_flow, saxe_target):
+    u = mode_strengths(saxe_target)
+    trs = [gflow.Transition(f"t{a}", lambda m, d, a=a: u(m, d)[a] - SAXE_S[a] / 2) for a in (0, 1)]
+    plain = gflow.solve(saxe_flow, 8.0, rtol=1e-8)
+    chained = gflow.solve(saxe_flow, 8.0, rtol=1e-8, transitions=trs)
+    assert chained.stats["segments"] == 3
+    assert chained.stats["num_accepted_steps"] <= plain.stats["num_accepted_steps"] + 10
+    np.testing.assert_allclose(
+        chained.observables["loss"], plain.observables["loss"], rtol=1e-5, atol=1e-12
+    )
+
+
+def test_new_data_and_init_reuse_the_compiled_program(random_flow):
+    gflow.solve(random_flow, 1.0)
+    other = gflow.GradientFlow(
+        DeepLinear.random((6, 5, 4), 0.1, jax.random.key(9)), deep_linear_loss,
+        2.0 * random_flow.data,
+    )
+    traj = gflow.solve(other, 1.0)
+    assert traj.stats["compile_seconds"] == 0.0
+
+
+def test_vector_field_evaluation_count_matches_actual_calls(random_flow):
+    calls = []
+
+    def counted_loss(model, data):
+        jax.debug.callback(lambda: calls.append(1))
+        return deep_linear_loss(model, data)
+
+    for solver in ("tsit5", "dopri8", "bosh3"):
+        calls.clear()
+        flow = gflow.GradientFlow(random_flow.model, counted_loss, random_flow.data)
+        traj = gflow.solve(flow, 2.0, solver=solver, observers={"loss": deep_linear_loss})
+        jax.effects_barrier()
+        # Counted from the tableau; the start-up heuristic's two evaluations may be merged
+        # by the compiler with the first stage, so the count may exceed the calls by up to 2.
+        assert 0 <= traj.stats["vector_field_evaluations"] - len(calls) <= 2, solver
+
+
+def test_small_init_is_resolved_relative_to_its_size(saxe_target):
+    # At a 1e-7 init, the plateau state is 1e-7-sized: the default atol must still resolve it.
+    model = DeepLinear.balanced_aligned(saxe_target, depth=2, u0=1e-14)
+    flow = gflow.GradientFlow(model, deep_linear_loss, saxe_target)
+    ts = gflow.linear_grid(0.0, 2.0, 21)
+    traj = gflow.solve(flow, 2.0, ts=ts, rtol=1e-8, observers={"u": mode_strengths(saxe_target)})
+    exact = saxe_mode(ts, SAXE_S[1], 1e-14)
+    rel = np.abs(traj.observables["u"][:, 1] - exact) / exact
+    assert rel.max() < 1e-5
+    assert traj.atol < 1e-13
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(t1=0.0), "t1 must be greater than t0"),
+        (dict(t1=1.0, t0=2.0), "t1 must be greater than t0"),
+        (dict(t1=1.0, solver="rk99"), "unknown solver"),
+        (dict(t1=1.0, rtol=-1.0), "rtol"),
+        (dict(t1=1.0, ts=[0.5, 0.2]), "non-decreasing"),
+        (dict(t1=1.0, ts=[0.5, 2.0]), "within"),
+        (dict(t1=1.0, solver="euler"), "dt0"),
+    ],
+)
+def test_bad_input_is_one_line_input_error(random_flow, kwargs, message):
+    with pytest.raises(gflow.InputError, match=message) as info:
+        t1 = kwargs.pop("t1")
+        gflow.solve(random_flow, t1, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_data_is_rejected(random_flow):
+    bad = gflow.GradientFlow(random_flow.model, random_flow.loss, random_flow.data.at[0, 0].set(jnp.nan))
+    with pytest.raises(gflow.InputError, match="data has non-finite"):
+        gflow.solve(bad, 1.0)
