@@ -94,7 +94,7 @@ class DeepLinear(eqx.Module):
 
         - `target`: the matrix `S` the product is fitted to.
         - `depth`: number of factors `D ≥ 2`.
-        - `u0`: initial mode strengths: a positive scalar or one per singular value.
+        - `u0`: initial mode strengths: a positive scalar or one per non-zero singular value.
         - `hidden`: hidden width (default `min(target.shape)`), at least the number of modes.
         """
         target = np.asarray(target, dtype=np.float64)
@@ -103,7 +103,11 @@ class DeepLinear(eqx.Module):
         if int(depth) != depth or depth < 2:
             raise InputError(f"balanced_aligned needs depth >= 2, got {depth}")
         U, s, Vt = np.linalg.svd(target, full_matrices=False)
-        r = s.size
+        # The modes are the non-zero singular values; the rest of the product stays zero.
+        r = int(np.sum(s > 1e-12 * s.max())) if s.size and s.max() > 0 else 0
+        if r == 0:
+            raise InputError("balanced_aligned needs a non-zero target")
+        U, s, Vt = U[:, :r], s[:r], Vt[:r]
         u0 = np.broadcast_to(np.asarray(u0, dtype=np.float64), (r,))
         if not np.all(u0 > 0):
             raise InputError("balanced_aligned needs positive initial mode strengths u0")

@@ -1,0 +1,79 @@
+"""`gflow.models.DeepLinear` and the linear closed forms of `gflow.theory`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+
+import gflow
+from gflow.models import DeepLinear, deep_linear_loss, whitened_target
+from gflow.theory import deep_mode_rate, saxe_half_rise_time, saxe_mode, two_layer_learning_times
+
+
+def test_whitened_target_has_the_given_singular_values():
+    S = whitened_target([3.0, 2.0, 0.5], (5, 4), jax.random.key(0))
+    np.testing.assert_allclose(np.linalg.svd(S, compute_uv=False)[:3], [3.0, 2.0, 0.5], rtol=1e-12)
+    assert np.linalg.matrix_rank(np.asarray(S)) == 3
+
+
+def test_product_and_loss_against_numpy():
+    model = DeepLinear.random((3, 4, 5, 2), 0.7, jax.random.key(1))
+    W1, W2, W3 = (np.asarray(w) for w in model.weights)
+    S = np.arange(6.0).reshape(2, 3)
+    np.testing.assert_allclose(model.product(), W3 @ W2 @ W1, rtol=1e-13)
+    assert model.dims == (3, 4, 5, 2)
+    np.testing.assert_allclose(deep_linear_loss(model, S), 0.5 * np.sum((S - W3 @ W2 @ W1) ** 2))
+    # ∂L/∂W1 = −(W3W2)ᵀ (S − P): check the autodiff gradient by hand.
+    grad = jax.grad(deep_linear_loss)(model, jnp.asarray(S)).weights[0]
+    np.testing.assert_allclose(grad, -(W3 @ W2).T @ (S - W3 @ W2 @ W1), rtol=1e-12)
+
+
+def test_balanced_aligned_init_is_balanced_and_aligned():
+    S = whitened_target([2.0, 1.0], (4, 4), jax.random.key(2))
+    model = DeepLinear.balanced_aligned(S, depth=3, u0=[0.1, 0.05], hidden=5)
+    U, s, Vt = np.linalg.svd(np.asarray(S))
+    modes = np.diag(U[:, :2].T @ np.asarray(model.product()) @ Vt[:2].T)
+    np.testing.assert_allclose(modes, [0.1, 0.05], rtol=1e-12)
+    W = [np.asarray(w) for w in model.weights]
+    for a, b in zip(W[:-1], W[1:]):
+        np.testing.assert_allclose(a @ a.T, b.T @ b, atol=1e-14)
+
+
+def test_shape_validation():
+    with pytest.raises(gflow.InputError, match="do not chain"):
+        DeepLinear([jnp.ones((3, 2)), jnp.ones((4, 4))])
+    with pytest.raises(gflow.InputError, match="must be a matrix"):
+        DeepLinear([jnp.ones(3)])
+
+
+def test_saxe_closed_form_solves_its_ode():
+    s, u0 = 2.0, 1e-3
+    ref = solve_ivp(lambda t, u: 2 * u * (s - u), (0, 5), [u0], rtol=1e-12, atol=1e-15,
+                    t_eval=np.linspace(0, 5, 11))
+    np.testing.assert_allclose(saxe_mode(ref.t, s, u0), ref.y[0], rtol=1e-9)
+    np.testing.assert_allclose(saxe_mode(saxe_half_rise_time(s, u0), s, u0), s / 2, rtol=1e-12)
+    np.testing.assert_allclose(deep_mode_rate(0.3, s, 2), 2 * 0.3 * (s - 0.3))
+
+
+def test_deep_chain_mode_ode_matches_the_flow():
+    # Depth 3 on the balanced aligned manifold: du/dt = 3 u^{4/3} (s − u).
+    S = whitened_target([1.5], (3, 3), jax.random.key(4))
+    u0 = 0.02
+    model = DeepLinear.balanced_aligned(S, depth=3, u0=u0)
+    U, _, Vt = np.linalg.svd(np.asarray(S))
+    u_obs = lambda m, d: jnp.asarray(U[:, 0]) @ m.product() @ jnp.asarray(Vt[0])
+    ts = gflow.linear_grid(0.0, 6.0, 13)
+    traj = gflow.solve(gflow.GradientFlow(model, deep_linear_loss, S), 6.0, ts=ts, rtol=1e-10,
+                       observers={"u": u_obs})
+    ref = solve_ivp(lambda t, u: deep_mode_rate(u, 1.5, 3), (0, 6), [u0], t_eval=ts,
+                    rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(traj.observables["u"], ref.y[0], rtol=1e-7)
+
+
+def test_two_layer_learning_times_reduce_to_saxe_on_the_aligned_manifold():
+    S = whitened_target([3.0, 1.0], (4, 4), jax.random.key(5))
+    model = DeepLinear.balanced_aligned(S, depth=2, u0=1e-4)
+    times, s, u0 = two_layer_learning_times(*model.weights, S)
+    np.testing.assert_allclose(u0, 1e-4, rtol=1e-10)
+    np.testing.assert_allclose(times, [saxe_half_rise_time(3.0, 1e-4), saxe_half_rise_time(1.0, 1e-4)])
