@@ -16,6 +16,7 @@ from ._trajectory import Trajectory as Trajectory, load as load
 from . import measures as measures
 from . import models as models
 from . import observers as observers
+from . import tasks as tasks
 from . import theory as theory
 
 __version__ = "0.1.0"

@@ -84,7 +84,8 @@ def _report(traj, problem, out: Path) -> str:
         lines.append(f"  {'':<{width}}  {'predicted':>14}  {'measured':>14}  {'rel. error':>10}")
         for name, p in traj.predictions.items():
             if "bound" in p:
-                lines.append(f"  {name:<{width}}  bound {p['bound']:.6g}: "
+                measured = "" if p.get("measured") is None else f"measured {p['measured']:.6g}, "
+                lines.append(f"  {name:<{width}}  {measured}bound {p['bound']:.6g}: "
                              f"{'holds' if p['holds'] else 'VIOLATED'}")
                 continue
             measured = "-" if p["measured"] is None else f"{p['measured']:.8g}"
@@ -142,7 +143,9 @@ def _run(args) -> int:
 
     traj.save(out)
     atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
-    save_figures(traj, out / "figures", time_axis=resolved.plot.time_axis)
+    save_figures(
+        traj, out / "figures", time_axis=resolved.plot.time_axis, labels=resolved.plot.labels
+    )
     if not args.quiet:
         print(_report(traj, problem, out))
     return 0 if traj.status == "completed" else EXIT_RUN_FAILED

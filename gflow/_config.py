@@ -18,7 +18,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ._errors import InputError
+from ._grids import linear_grid, log_grid
 from ._solvers import SOLVER_NAMES
 
 
@@ -33,7 +36,11 @@ class SolveSettings:
     - `rtol`: relative tolerance (> 0); `atol`: absolute tolerance (> 0), or omitted for the
         default scaled to the initial state.
     - `max_steps`: step limit per segment.
-    - `save_points`: number of save times; `grid`: `"log"` or `"linear"` spacing.
+    - `save_points`: number of save times; `grid`: `"log"`, `"linear"` or `"loglinear"`
+        (half log-spaced, half linear, merged) spacing.
+    - `refine`: solve twice: the second solve (same compiled program) puts half of the save
+        times evenly around the located transitions, so a fast stage between save times of
+        the first grid is resolved.
     """
 
     t1: float
@@ -44,6 +51,7 @@ class SolveSettings:
     max_steps: int = 100_000
     save_points: int = 200
     grid: str = "log"
+    refine: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)):
@@ -62,15 +70,58 @@ class SolveSettings:
             raise InputError(f"solve.max_steps must be at least 1, got {self.max_steps}")
         if self.save_points < 3:
             raise InputError(f"solve.save_points must be at least 3, got {self.save_points}")
-        if self.grid not in ("log", "linear"):
-            raise InputError(f"solve.grid must be 'log' or 'linear', got {self.grid!r}")
+        if self.grid not in ("log", "linear", "loglinear"):
+            raise InputError(
+                f"solve.grid must be 'log', 'linear' or 'loglinear', got {self.grid!r}"
+            )
+
+    def save_times(self) -> np.ndarray:
+        """The save grid: log-spaced, linear, or (`loglinear`) half of each, merged."""
+        if self.grid == "log":
+            return log_grid(self.t0, self.t1, self.save_points)
+        if self.grid == "linear":
+            return linear_grid(self.t0, self.t1, self.save_points)
+        # Early phases need log spacing, late laws (e.g. 1/L̂ linear in t) even spacing.
+        half = max(self.save_points // 2, 3)
+        return np.union1d(
+            log_grid(self.t0, self.t1, half, first=1e-6 * (self.t1 - self.t0)),
+            linear_grid(self.t0, self.t1, half),
+        )
+
+    def refined_save_times(self, transition_times) -> np.ndarray | None:
+        """As many save times as `save_times()`, half of them evenly spread over the window
+        around the finite `transition_times` (widened by their spread, at least 1% of the
+        horizon on each side); `None` when no transition was reached."""
+        times = [t for t in transition_times if math.isfinite(t)]
+        if not times:
+            return None
+        n = len(self.save_times())
+        margin = max(max(times) - min(times), 0.01 * (self.t1 - self.t0))
+        lo, hi = max(self.t0, min(times) - margin), min(self.t1, max(times) + margin)
+        dense = linear_grid(lo, hi, n // 2)
+        coarse = log_grid(self.t0, self.t1, n - n // 2 + 2)
+        grid = np.union1d(dense, coarse)
+        # Keep the count (hence the compiled program): drop coarse points inside the window.
+        inside = (grid > lo) & (grid < hi) & ~np.isin(grid, dense)
+        grid = grid[~inside]
+        if grid.size > n:
+            grid = np.delete(grid, np.linspace(1, grid.size - 2, grid.size - n).astype(int))
+        return np.pad(grid, (0, n - grid.size), mode="edge") if grid.size < n else grid
 
 
 @dataclasses.dataclass(frozen=True)
 class PlotSettings:
-    """The `[plot]` table: `time_axis` is `"log"` for multi-scale dynamics, else `"linear"`."""
+    """The `[plot]` table.
+
+    **Fields:**
+
+    - `time_axis`: `"log"` for multi-scale dynamics, else `"linear"`.
+    - `labels`: `{observable: [name of each component]}` for the figures' legends, e.g.
+        `stable_rank = ["W_Q", "W_K", "W_V", "W1"]`.
+    """
 
     time_axis: str = "log"
+    labels: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.time_axis not in ("log", "linear"):
@@ -96,8 +147,16 @@ def _check_value(field: str, value: Any, annotation) -> Any:
             except InputError:
                 pass
         raise InputError(f"{field} must be {_type_name(annotation)}, got {value!r}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise InputError(f"{field} must be a table, got {value!r}")
+        return {
+            _check_value(f"{field} key", k, key_type): _check_value(f"{field}.{k}", v, value_type)
+            for k, v in value.items()
+        }
     if origin in (tuple, list):
-        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        item = (typing.get_args(annotation) or (Any,))[0]
         if not isinstance(value, (list, tuple)):
             raise InputError(f"{field} must be a list, got {value!r}")
         return tuple(_check_value(f"{field}[{i}]", v, item) for i, v in enumerate(value))
@@ -189,6 +248,8 @@ def dumps_toml(config: dict) -> str:
             return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(value, (list, tuple)):
             return "[" + ", ".join(literal(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k} = {literal(v)}" for k, v in value.items()) + "}"
         raise TypeError(f"cannot write {value!r} as TOML")
 
     lines = []

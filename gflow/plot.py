@@ -23,7 +23,9 @@ def _time_axis(ts: np.ndarray, time_axis: str) -> tuple[np.ndarray, bool]:
     return np.ones_like(ts, dtype=bool), False
 
 
-def plot_observable(traj: Trajectory, name: str, *, time_axis: str = "log"):
+def plot_observable(
+    traj: Trajectory, name: str, *, time_axis: str = "log", labels: tuple[str, ...] = ()
+):
     """A matplotlib figure of one observable (a flattened name, e.g. `"layer_norms"`).
 
     Vector-valued observables are drawn one line per component (at most 16: the largest ones);
@@ -34,6 +36,7 @@ def plot_observable(traj: Trajectory, name: str, *, time_axis: str = "log"):
     - `traj`: the trajectory.
     - `name`: the observable's name, nested names joined by `/`.
     - `time_axis`: `"log"` or `"linear"`.
+    - `labels`: legend names of the components (default their indices).
 
     **Returns:**
 
@@ -52,18 +55,21 @@ def plot_observable(traj: Trajectory, name: str, *, time_axis: str = "log"):
     ts, values = np.asarray(traj.ts)[rows], values[rows].reshape(rows.sum(), -1)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    names = list(labels) if len(labels) == values.shape[1] else [f"[{k}]" for k in range(values.shape[1])]
     if values.shape[1] > _MAX_LINES:
-        keep = np.argsort(-np.nanmax(np.abs(values), axis=0))[:_MAX_LINES]
-        values = values[:, np.sort(keep)]
+        keep = np.sort(np.argsort(-np.nanmax(np.abs(values), axis=0))[:_MAX_LINES])
+        values, names = values[:, keep], [names[k] for k in keep]
         ax.set_title(f"{name} (largest {_MAX_LINES} of its components)")
     else:
         ax.set_title(name)
     for k in range(values.shape[1]):
-        label = f"[{k}]" if values.shape[1] > 1 else None
-        ax.plot(ts, values[:, k], lw=1.4, label=label)
-    positive = values[np.isfinite(values)]
-    if positive.size and np.all(positive > 0) and positive.max() / positive.min() > 1e3:
-        ax.set_yscale("log")
+        ax.plot(ts, values[:, k], lw=1.4, label=names[k] if values.shape[1] > 1 else None)
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    # Non-negative data spanning decades (norms, relative changes from 0) reads on a log axis;
+    # exact zeros (e.g. the change at t0) are simply not drawn there.
+    if positive.size and np.all(finite >= 0) and positive.max() / positive.min() > 1e3:
+        ax.set_yscale("log", nonpositive="mask")
     if log_t:
         ax.set_xscale("log")
     for i, (tname, t) in enumerate(traj.transitions.items()):
@@ -80,8 +86,12 @@ def plot_observable(traj: Trajectory, name: str, *, time_axis: str = "log"):
     return fig
 
 
-def save_figures(traj: Trajectory, directory, *, time_axis: str = "log") -> list[Path]:
+def save_figures(
+    traj: Trajectory, directory, *, time_axis: str = "log", labels: dict | None = None
+) -> list[Path]:
     """Write one PNG per observable (`<name>.png`, `/` replaced by `__`) into `directory`.
+
+    `labels` maps observable names to the legend names of their components.
 
     Observables with more than two axes per save (e.g. matrices) are not drawn here.
 
@@ -99,7 +109,9 @@ def save_figures(traj: Trajectory, directory, *, time_axis: str = "log") -> list
     for name, values in _flat_names(traj.observables).items():
         if np.ndim(values) > 2 or len(traj.ts) == 0:
             continue
-        fig = plot_observable(traj, name, time_axis=time_axis)
+        fig = plot_observable(
+            traj, name, time_axis=time_axis, labels=tuple((labels or {}).get(name, ()))
+        )
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110)
         plt.close(fig)
@@ -121,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         traj = load(args.run_dir)
-        axis = "linear" if args.linear else (traj.config or {}).get("plot", {}).get("time_axis", "log")
-        paths = save_figures(traj, Path(args.run_dir) / "figures", time_axis=axis)
+        plot = (traj.config or {}).get("plot", {})
+        axis = "linear" if args.linear else plot.get("time_axis", "log")
+        paths = save_figures(
+            traj, Path(args.run_dir) / "figures", time_axis=axis, labels=plot.get("labels")
+        )
     except InputError as e:
         print(f"gflow.plot: error: {e}", file=sys.stderr)
         return 2

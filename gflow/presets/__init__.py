@@ -16,18 +16,21 @@ from .._config import (
     read_toml,
 )
 from .._errors import InputError
-from .._grids import linear_grid, log_grid
 from .._solve import solve
 from .._trajectory import Trajectory
+from ._cooccurrence import cooccurrence
 from ._deep_linear import deep_linear
+from ._rank_collapse import rank_collapse
 from ._problem import Problem as Problem, comparison as comparison
 
 
 PROBLEMS = {
     "deep-linear": deep_linear,
+    "cooccurrence": cooccurrence,
+    "rank-collapse": rank_collapse,
 }
 
-DEFAULT_PRESET = "deep-linear"
+DEFAULT_PRESET = "rank-collapse"
 
 
 def preset_names() -> list[str]:
@@ -98,19 +101,30 @@ def run(resolved: Resolved, *, progress: bool = False) -> tuple[Problem, Traject
     """
     problem = build(resolved)
     settings = resolved.solve
-    grid = log_grid if settings.grid == "log" else linear_grid
-    traj = solve(
-        problem.flow,
-        settings.t1,
-        t0=settings.t0,
-        solver=settings.solver,
-        rtol=settings.rtol,
-        atol=settings.atol,
-        ts=grid(settings.t0, settings.t1, settings.save_points),
-        observers=problem.observers,
-        transitions=problem.transitions,
-        max_steps=settings.max_steps,
-        progress=progress,
-    )
+
+    def solve_on(ts):
+        return solve(
+            problem.flow,
+            settings.t1,
+            t0=settings.t0,
+            solver=settings.solver,
+            rtol=settings.rtol,
+            atol=settings.atol,
+            ts=ts,
+            observers=problem.observers,
+            transitions=problem.transitions,
+            max_steps=settings.max_steps,
+            progress=progress,
+        )
+
+    traj = solve_on(settings.save_times())
+    refined = settings.refine and settings.refined_save_times(traj.transitions.values())
+    if refined is not None and refined is not False:
+        first = traj
+        traj = solve_on(refined)
+        # Report the work of both passes.
+        stats = {k: first.stats[k] + traj.stats[k] for k in traj.stats
+                 if isinstance(traj.stats[k], (int, float)) and first.stats[k] is not None}
+        traj = dataclasses.replace(traj, stats=traj.stats | stats | {"passes": 2})
     predictions = problem.predict(traj) if problem.predict is not None else {}
     return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions)

@@ -1,0 +1,149 @@
+"""Problem builder for Chen & Luo's small-init attention model (papers.md §1)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import measures
+from .. import observers as obs
+from .._errors import InputError
+from .._flow import GradientFlow
+from .._solve import Transition
+from ..models import AttentionFFN, OuterParameters, exponential_loss, logistic_loss, stage2_matrix
+from ..models import target_direction
+from ..tasks import rank_collapse_task
+from ..theory import key_query_limit_directions, predicted_escape_time
+from ._problem import Problem, comparison
+
+# Parameter groups, in the order every per-group observable lists them.
+GROUPS = ("W_Q", "W_K", "W_V", "W1")
+_LOSSES = {"exponential": exponential_loss, "logistic": logistic_loss}
+# Onset of the linear stage-2 flow, for the direction prediction: ‖W_Q − W_Q(0)‖ reaches this
+# multiple of ‖W_Q(0)‖ (by then the outer parameters have condensed and are quasi-static).
+_ONSET_GROWTH = 5.0
+
+
+def _matrices(m):
+    return (m.W_Q, m.W_K, m.W_V, m.W1)
+
+
+def rank_collapse(
+    *,
+    d: int,
+    s: int,
+    n: int,
+    eps: float,
+    seed: int,
+    loss: str,
+    activation: str,
+    attention: str,
+    condensation_threshold: float,
+    collapse_delta: float,
+) -> Problem:
+    """The two-stage dynamics of a small-init attention + FFN model on the last-token-sign task.
+
+    Stage 1 (condensation): the outer parameters escape the small-init plateau along the data's
+    target direction `v` (the columns of `W_V` align with `v`) while `W_Q, W_K` stay put.
+    Stage 2: `W_Q, W_K` grow along the top singular pair of `F` and collapse to rank one. In a
+    binary task the outer group collapses too.
+
+    **Arguments:**
+
+    - `d`, `s`, `n`: width, tokens per sample, samples.
+    - `eps`: init std of every entry; the escape time scales like `1/eps`.
+    - `seed`: seeds data and init.
+    - `loss`: `"exponential"` or `"logistic"`.
+    - `activation`: `"tanh"` or `"identity"`; `attention`: `"exact"` or `"linearized"`.
+    - `condensation_threshold`: condensation ends when `1 − mean|cos|` of the columns of `W_V`
+        with `v` falls below it.
+    - `collapse_delta`: key–query collapse is when the larger stable rank of `W_Q`, `W_K`
+        falls below `1 + collapse_delta`.
+    """
+    if loss not in _LOSSES:
+        raise InputError(f"problem.loss must be one of {', '.join(_LOSSES)}, got {loss!r}")
+    if not eps > 0:
+        raise InputError(f"problem.eps must be positive, got {eps}")
+    if not 0 < condensation_threshold < 1 or not collapse_delta > 0:
+        raise InputError("problem.condensation_threshold must be in (0, 1), collapse_delta > 0")
+    key_data, key_model = jax.random.split(jax.random.key(seed))
+    data = rank_collapse_task(n, s, d, key_data)
+    model = AttentionFFN.init(d, eps, key_model, activation=activation, attention=attention)
+    v, _ = target_direction(data.X, data.y)
+    loss_fn = _LOSSES[loss]
+
+    def value_alignment(m, _):
+        _, mean = measures.alignment(m.W_V, v, axis="columns", min_norm_fraction=0.1)
+        return 1.0 - mean
+
+    def kq_stable_rank(m, _):
+        return jnp.maximum(measures.stable_rank(m.W_Q), measures.stable_rank(m.W_K))
+
+    # Cosine similarity of the rows of each group, ordered by the leading eigenvector: the
+    # paper's Figure 1 panels, at every save time.
+    cosines = {
+        name: obs.cosine_matrix(lambda m, name=name: getattr(m, name), axis="rows")
+        for name in GROUPS
+    }
+    observers = {
+        "effective_rank": obs.effective_rank(_matrices),
+        "stable_rank": obs.stable_rank(_matrices),
+        "relative_change": obs.relative_change(_matrices, model),
+        "norm": obs.frobenius_norm(_matrices),
+        "value_misalignment": value_alignment,
+        "energy": obs.energy(lambda m, d_: OuterParameters.from_model(m).energy(v)),
+        "cosine": lambda m, d_: {name: cosine(m, d_) for name, cosine in cosines.items()},
+        "W_Q": lambda m, _: m.W_Q,
+        "W_K": lambda m, _: m.W_K,
+        "F": lambda m, d_: stage2_matrix(m, d_.X, d_.y, loss=loss),
+    }
+    transitions = (
+        Transition(
+            "condensation",
+            lambda m, d_: value_alignment(m, d_) - condensation_threshold,
+            direction=False,
+        ),
+        Transition(
+            "kq_collapse",
+            lambda m, d_: kq_stable_rank(m, d_) - (1.0 + collapse_delta),
+            direction=False,
+        ),
+    )
+    criteria = {
+        "condensation": f"1 − mean |cos(W_V columns, v)| falls below {condensation_threshold:g}",
+        "kq_collapse": f"max(stable rank W_Q, stable rank W_K) falls below {1 + collapse_delta:g}",
+    }
+    escape_bound = float(predicted_escape_time(model, data.X, data.y))
+
+    def predict(traj):
+        out = {}
+        loss_curve = traj.observables["loss"]
+        below = np.nonzero(loss_curve < 0.5 * loss_curve[0])[0]
+        escape = float(traj.ts[below[0]]) if below.size else math.nan
+        out["escape_time"] = dict(
+            bound=escape_bound,
+            measured=escape if math.isfinite(escape) else None,
+            holds=bool(math.isfinite(escape) and escape <= escape_bound),
+            note="first save time with loss < L(0)/2, against the stage-1 blow-up bound",
+        )
+        t_c, t_k = traj.transitions["condensation"], traj.transitions["kq_collapse"]
+        grown = np.nonzero(traj.observables["relative_change"][:, 0] >= _ONSET_GROWTH)[0]
+        if math.isfinite(t_c) and math.isfinite(t_k) and grown.size:
+            # Stage 2's linear flow starts once the outer parameters are quasi-static: take F
+            # and (W_Q, W_K) at the first save where W_Q has moved _ONSET_GROWTH times its
+            # initial norm, and compare the predicted direction with W_Q at the last save
+            # before the collapse criterion.
+            i0 = int(grown[0])
+            i1 = max(int(np.searchsorted(traj.ts, t_k, side="right")) - 1, i0)
+            F, WQ0, WK0 = (np.asarray(traj.observables[k][i0]) for k in ("F", "W_Q", "W_K"))
+            predicted, _ = key_query_limit_directions(F, WQ0, WK0)
+            measured = np.asarray(traj.observables["W_Q"][i1])
+            cosine = abs(np.sum(predicted * measured)) / (
+                np.linalg.norm(predicted) * np.linalg.norm(measured)
+            )
+            out["W_Q_direction_cosine"] = comparison(1.0, float(cosine))
+        return out
+
+    flow = GradientFlow(model, loss_fn, data)
+    return Problem(flow, observers, transitions, criteria, predict)

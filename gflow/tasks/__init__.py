@@ -1,0 +1,16 @@
+"""Data of the papers' tasks, and the observables their figures show."""
+
+from ._cooccurrence import CooccurrenceData as CooccurrenceData, cooccurrence as cooccurrence
+from ._cooccurrence_observers import (
+    Margin as Margin,
+    ScoreMatrix as ScoreMatrix,
+    TotalLoss as TotalLoss,
+    TypeLosses as TypeLosses,
+    WordReadouts as WordReadouts,
+    cooccurrence_observers as cooccurrence_observers,
+    phase1_condition as phase1_condition,
+)
+from ._rank_collapse import (
+    condensed_stage2_matrix as condensed_stage2_matrix,
+    rank_collapse_task as rank_collapse_task,
+)
