@@ -12,7 +12,7 @@ from gflow._cli import EXIT_BAD_INPUT, main
 
 # A reduced deep-linear run: 2 modes, 8 wide, short horizon (seconds, not a minute).
 FAST = [
-    "--set", "problem.width=6", "--set", "problem.singular_values=[3.0, 1.5]",
+    "deep-linear", "--set", "problem.width=6", "--set", "problem.singular_values=[3.0, 1.5]",
     "--set", "solve.save_points=40", "--t1", "6",
 ]
 
@@ -33,12 +33,15 @@ def _exit_code(argv) -> int:
         (["--set", "solve.bar=1"], "unknown config key solve.bar"),
         (["--set", "nodot=1"], "--set expects table.key=value"),
         (["--set", "problem.eps=abc"], "problem.eps must be a number"),
-        (["--set", "problem.depth=2.5"], "problem.depth must be an integer"),
+        (["deep-linear", "--set", "problem.depth=2.5"], "problem.depth must be an integer"),
+        (["deep-linear", "--set", "problem.eps=-1"], "problem.eps must be positive"),
         (["--set", "problem.eps=-1"], "problem.eps must be positive"),
+        (["--set", "problem.loss='hinge'"], "problem.loss must be one of"),
+        (["--set", "plot.labels=3"], "plot.labels must be a table"),
         (["--t1", "0"], "solve.t1 must be greater than solve.t0"),
         (["--rtol", "0"], "solve.rtol must be positive"),
         (["--solver", "rk99"], "unknown solver 'rk99'"),
-        (["--set", "solve.grid='cubic'"], "solve.grid must be 'log' or 'linear'"),
+        (["--set", "solve.grid='cubic'"], "solve.grid must be 'log', 'linear' or 'loglinear'"),
         (["--t1", "abc"], "argument --t1: invalid float value"),
         (["missing.toml"], "config file not found"),
     ],
@@ -61,7 +64,9 @@ def test_malformed_toml_is_one_line(tmp_path, capsys):
 
 def test_list_and_show(capsys):
     assert main(["--list"]) == 0
-    assert "deep-linear" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "deep-linear" in listed and "cooccurrence" in listed
+    assert "rank-collapse" in listed and "(default)" in listed.split("rank-collapse")[1].splitlines()[0]
     assert main(["deep-linear", "--show", "--set", "problem.eps=0.002"]) == 0
     shown = capsys.readouterr().out
     assert "eps = 0.002" in shown and "[solve]" in shown
@@ -113,3 +118,22 @@ def test_python_dash_m_entry_point(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("gflow: error: unknown preset")
     assert "RuntimeWarning" not in proc.stderr
+
+
+def test_default_preset_shows_both_stages_in_order(tmp_path):
+    """The main job: condensation, then key-query collapse, as issue 3 specifies."""
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--quiet"]) == 0
+    traj = gflow.load(out)
+    t_cond, t_kq = traj.transitions["condensation"], traj.transitions["kq_collapse"]
+    assert 0 < t_cond < t_kq < traj.t1
+    i_cond = np.searchsorted(traj.ts, t_cond)
+    rel = traj.observables["relative_change"]  # columns: W_Q, W_K, W_V, W1
+    # At condensation the outer group has moved, the attention group has not (yet).
+    assert rel[i_cond, 0] < 1e-2 and rel[i_cond, 1] < 1e-2
+    assert rel[i_cond, 2] > 1.0
+    assert traj.observables["value_misalignment"][i_cond] < 1e-2
+    # Key-query collapse: stable ranks of W_Q and W_K within 0.05 of 1 by the end.
+    assert np.all(np.abs(traj.observables["stable_rank"][-1, :2] - 1.0) < 0.05)
+    assert traj.predictions["escape_time"]["holds"]
+    assert traj.predictions["W_Q_direction_cosine"]["measured"] > 0.9
