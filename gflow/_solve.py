@@ -151,7 +151,7 @@ def _segment(
     flow: GradientFlow,
     observers: dict,
     conditions: tuple,
-    direction: bool | None,
+    directions: ArrayLike,
     index: ArrayLike,
     y0: PyTree,
     t0: ArrayLike,
@@ -170,7 +170,9 @@ def _segment(
     """One diffrax solve from `t0` until `t1` or until transition number `index` fires.
 
     All transitions share this one compiled program: `index` selects the condition with
-    `lax.switch`, and `index == len(conditions)` selects a constant (never fires).
+    `lax.switch`, and `index == len(conditions)` selects a constant (never fires). Directions
+    are data too (`+1` up, `-1` down, `0` either): the condition is multiplied by a sign so
+    that the wanted crossing is always an upcrossing for diffrax.
     """
 
     def vector_field(t, y, args):
@@ -187,18 +189,24 @@ def _segment(
         del t, args, kwargs
         return jnp.logical_not(_squared_norm(y) < _DIVERGED_SQUARED_NORM)
 
+    branches = [
+        lambda m, c=c: jnp.asarray(c(m, flow.data), dtype=float) for c in conditions
+    ] + [lambda m: jnp.asarray(1.0, dtype=float)]
+
+    def condition(y):
+        return jax.lax.switch(index, branches, flow.combine(y))
+
+    # Either direction: the first change away from the sign at the segment's start.
+    sign = jnp.where(directions[index] == 0, jnp.where(condition(y0) > 0, -1.0, 1.0), directions[index])
+
     def transition(t, y, args, **kwargs):
         del t, args, kwargs
-        model = flow.combine(y)
-        branches = [
-            lambda m, c=c: jnp.asarray(c(m, flow.data), dtype=float) for c in conditions
-        ] + [lambda m: jnp.asarray(1.0, dtype=float)]
-        return jax.lax.switch(index, branches, model)
+        return sign * condition(y)
 
     if conditions:
         # Tree order decides which event wins when both trigger on one step: divergence first.
         event = diffrax.Event(
-            [diverged, transition], root_finder=root_finder, direction=[None, direction]
+            [diverged, transition], root_finder=root_finder, direction=[None, True]
         )
     else:
         event = diffrax.Event(diverged)
@@ -271,6 +279,24 @@ def _compiled_segment(*args) -> tuple[Callable, float]:
     if key is not None:
         _COMPILED[key] = compiled
     return compiled, seconds
+
+
+def _initial_states(flow, solver, controller, y0, t0, t1) -> tuple[PyTree, PyTree]:
+    """Solver and controller states to start the first segment with.
+
+    diffrax builds them itself when given `None`, but then the first segment's program differs
+    from the later ones (which resume from returned states) and compiles twice. The solver's
+    state only holds the first-same-as-last stage, which `made_jump=True` recomputes, so zeros
+    of the right structure do. A PID controller's initial state is diffrax's constant
+    `(1, 1, False)`; for other controllers gflow lets diffrax initialize.
+    """
+    term = diffrax.ODETerm(lambda t, y, args: flow.velocity(y))
+    shapes = jax.eval_shape(lambda y: solver.init(term, t0, t1, y, None), y0)
+    solver_state = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if isinstance(controller, diffrax.PIDController):
+        one = jnp.asarray(1.0, dtype=jnp.float64)
+        return solver_state, (one, one, jnp.asarray(False))
+    return None, None
 
 
 def _check_finite(tree: PyTree, what: str) -> None:
@@ -413,16 +439,20 @@ def solve(
     )
     per_step = evaluations_per_step(solver)
     y, t_start, index = y0, t0, 0
-    solver_state = controller_state = None
-    made_jump = False
+    directions = jnp.asarray(
+        [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in transitions] + [0.0]
+    )
+    # Start every segment, the first included, with solver and controller states of one
+    # structure, so that all segments run one compiled program.
+    solver_state, controller_state = _initial_states(flow, solver, controller, y0, t0, t1)
+    made_jump = True  # the first step evaluates the vector field afresh
     seg_dt0 = dt0
     while True:
-        direction = transitions[index].direction if index < len(transitions) else None
         args = (
             flow,
             observers,
             conditions,
-            direction,
+            directions,
             jnp.asarray(index),
             y,
             jnp.asarray(t_start),

@@ -1,0 +1,106 @@
+"""The benchmark harness: `python -m benchmarks.run --quick` in a subprocess, numbers checked.
+
+Only accuracy and counts are asserted (they are reproducible); never a wall-clock time.
+"""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "RESULTS.md"
+    before = _digest(COMMITTED)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _digest(COMMITTED) == before, "the quick run must not touch benchmarks/RESULTS.md"
+    data = json.loads((out.parent / "results.json").read_text())
+    rows = data["deep_linear"]["results"]
+    return out, data, rows
+
+
+def _rows(rows, family):
+    return sorted((r for r in rows if r["family"] == family), key=lambda r: -r["knob"])
+
+
+def test_report_has_machine_targets_and_tables(quick_run):
+    out, data, _ = quick_run
+    text = out.read_text()
+    for heading in ("## Machine", "## Issue 7's targets", "### Every method and setting",
+                    "### Ratio to gflow at matched error", "## Not yet measured"):
+        assert heading in text, heading
+    for method in ("gflow tsit5", "bare diffrax tsit5", "GD (lax.scan)", "optax.sgd",
+                   "scipy DOP853 (jax rhs)"):
+        assert f"| {method}" in text, method
+    assert "load average" in text and data["machine"]["logical_cores"] >= 1
+    figure = out.parent / "deep-linear-work-precision.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+
+
+def test_reference_agrees_with_scipy_dop853(quick_run):
+    _, data, _ = quick_run
+    checks = data["deep_linear"]["cross_check"]
+    at_reference_rtol = next(c for c in checks if c["rtol"] == 1e-12)
+    # Two independent 8th-order integrators at rtol 1e-12: agreement far below every
+    # competitor's error (the loosest setting measured is rtol 1e-10).
+    assert at_reference_rtol["state_difference"] < 1e-10
+    assert at_reference_rtol["transition_difference"] < 1e-10
+
+
+def test_gradient_descent_error_is_first_order(quick_run):
+    _, data, rows = quick_run
+    gd = _rows(rows, "GD (lax.scan)")
+    etas = [r["knob"] for r in gd]
+    assert etas == [1e-2, 1e-3, 1e-4]
+    t1 = data["deep_linear"]["problem"]["t1"]
+    for r in gd:
+        assert r["evaluations"] == round(t1 / r["knob"])
+    for coarse, fine in zip(gd, gd[1:]):
+        # η shrinks 10×: a first-order method's error and stage times shrink about 10×.
+        assert 5 <= coarse["traj_error"] / fine["traj_error"] <= 20
+        for a, b in zip(coarse["transition_errors"], fine["transition_errors"]):
+            assert 5 <= a / b <= 20
+    fit = data["deep_linear"]["gd_fit"]
+    assert 0.9 <= fit["power"] <= 1.1
+
+
+def test_gflow_error_follows_tolerance_and_matches_bare_diffrax(quick_run):
+    _, _, rows = quick_run
+    tsit5 = {r["knob"]: r for r in _rows(rows, "gflow tsit5")}
+    assert tsit5[1e-10]["traj_error"] < 1e-8
+    assert tsit5[1e-10]["traj_error"] < tsit5[1e-6]["traj_error"] < 1e-4
+    # Same solver, controller and tolerances with and without gflow: the same trajectory.
+    chained = _rows(rows, "gflow tsit5 + transitions")[0]
+    bare = _rows(rows, "bare diffrax tsit5")[0]
+    assert chained["knob"] == bare["knob"] == 1e-8
+    np.testing.assert_allclose(chained["traj_error"], bare["traj_error"], rtol=0.5)
+    # Transitions located by root finding carry the solver's accuracy.
+    assert len(chained["transition_errors"]) == 3
+    assert max(chained["transition_errors"]) < 1e-6
+    gd_best = _rows(rows, "GD (lax.scan)")[-1]
+    assert max(chained["transition_errors"]) < 1e-3 * min(gd_best["transition_errors"])
+
+
+def test_scipy_and_evaluation_counts(quick_run):
+    _, _, rows = quick_run
+    dop853 = _rows(rows, "scipy DOP853 (jax rhs)")[0]
+    assert dop853["evaluations"] > 0 and dop853["traj_error"] < 1e-6
+    for r in _rows(rows, "gflow tsit5"):
+        # Tsit5 with first-same-as-last: 6 evaluations a step, plus the initial-step heuristic.
+        assert 6 * r["steps"] <= r["evaluations"] <= 6 * r["steps"] + 3
