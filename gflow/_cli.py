@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the resolved config as TOML and exit (save, edit, pass back)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--progress", action="store_true", help="show a progress bar over flow time")
+    p.add_argument("--certify", action="store_true",
+                   help="re-solve with Dopri8 at 100x smaller tolerances and report error estimates "
+                   "(solve.certify)")
     return p
 
 
@@ -75,13 +78,18 @@ def _report(traj, problem, out: Path) -> str:
     if traj.transitions:
         lines.append("transitions")
         width = max(len(n) for n in traj.transitions)
+        errors = traj.errors.get("transitions", {})
+        overlapping = set(traj.errors.get("overlapping", ()))
         for name, t in traj.transitions.items():
             criterion = problem.criteria.get(name, "")
-            lines.append(f"  {name:<{width}}  {_format_time(t):>16}   {criterion}")
+            error = errors.get(name)
+            pm = f" ± {error:.1e}" if error is not None and math.isfinite(error) else ""
+            flag = "  [order uncertain]" if name in overlapping else ""
+            lines.append(f"  {name:<{width}}  {_format_time(t):>16}{pm}   {criterion}{flag}")
     if traj.predictions:
         lines.append("predictions")
         width = max(len(n) for n in traj.predictions)
-        lines.append(f"  {'':<{width}}  {'predicted':>14}  {'measured':>14}  {'rel. error':>10}")
+        lines.append(f"  {'':<{width}}  {'predicted':>14}  {'measured':>24}  {'rel. error':>10}")
         for name, p in traj.predictions.items():
             if "bound" in p:
                 measured = "" if p.get("measured") is None else f"measured {p['measured']:.6g}, "
@@ -89,8 +97,10 @@ def _report(traj, problem, out: Path) -> str:
                              f"{'holds' if p['holds'] else 'VIOLATED'}")
                 continue
             measured = "-" if p["measured"] is None else f"{p['measured']:.8g}"
+            if p.get("error") is not None:
+                measured += f" ± {p['error']:.1e}"
             rel = "-" if p["rel_error"] is None else f"{p['rel_error']:.2e}"
-            lines.append(f"  {name:<{width}}  {p['predicted']:>14.8g}  {measured:>14}  {rel:>10}")
+            lines.append(f"  {name:<{width}}  {p['predicted']:>14.8g}  {measured:>24}  {rel:>10}")
     lines.append(f"written     {out}")
     return "\n".join(lines)
 
@@ -122,6 +132,8 @@ def _run(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"solve.{flag}={value!r}" if flag == "solver" else f"solve.{flag}={value}")
+    if args.certify:
+        overrides.append("solve.certify=true")
     source = args.config or presets.DEFAULT_PRESET
     resolved = presets.resolve(source, overrides)
     if args.show:

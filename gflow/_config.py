@@ -41,6 +41,8 @@ class SolveSettings:
     - `refine`: solve twice: the second solve (same compiled program) puts half of the save
         times evenly around the located transitions, so a fast stage between save times of
         the first grid is resolved.
+    - `certify`: also solve with 100× smaller tolerances and report the differences as error
+        estimates of every transition and observable.
     """
 
     t1: float
@@ -52,6 +54,7 @@ class SolveSettings:
     save_points: int = 200
     grid: str = "log"
     refine: bool = False
+    certify: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)):

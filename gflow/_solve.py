@@ -1,6 +1,7 @@
 """`solve`: integrate a `GradientFlow`, record observables, locate transitions."""
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
 from ._solvers import evaluations_per_step, is_adaptive, make_solver, solver_name
-from ._trajectory import Trajectory
+from ._trajectory import Trajectory, _flat_names
 
 
 class Transition(eqx.Module):
@@ -337,6 +338,7 @@ def solve(
     progress: bool = False,
     dt0: float | None = None,
     controller: diffrax.AbstractStepSizeController | None = None,
+    certify: bool = False,
 ) -> Trajectory:
     """Integrate the gradient flow from `t0` to `t1`.
 
@@ -359,6 +361,9 @@ def solve(
     - `dt0`: initial step; required for `"euler"`, otherwise chosen automatically.
     - `controller`: a diffrax step-size controller replacing the default
         `PIDController(rtol, atol)`.
+    - `certify`: solve again with Dopri8 at 100× smaller `rtol` and `atol`, and record, as
+        `Trajectory.errors`, twice the difference between the two runs: an error estimate
+        for every transition time and every observable.
 
     **Returns:**
 
@@ -535,7 +540,7 @@ def solve(
         status = "nonfinite"
         message = f"the state diverged near t={reached:.16g} (finite-time blow-up?)"
     saved = (ts <= reached) if math.isfinite(reached) else np.zeros_like(ts, dtype=bool)
-    return Trajectory(
+    traj = Trajectory(
         ts=ts[saved],
         observables=jtu.tree_map(lambda x: x[saved], observables),
         transitions=found,
@@ -549,4 +554,55 @@ def solve(
         solver=solver_name(solver),
         rtol=float(rtol),
         atol=float(atol),
+    )
+    if not certify:
+        return traj
+    # The reference: Dopri8 (8th order) at 100x smaller tolerances, so that its own error is
+    # negligible next to the run's.
+    reference = solve(
+        flow, t1, t0=t0, solver="dopri8", rtol=max(rtol / _CERTIFY_FACTOR, 1e-14),
+        atol=atol / _CERTIFY_FACTOR, ts=ts, observers=observers, transitions=transitions,
+        max_steps=max_steps, progress=progress,
+    )
+    errors = error_estimates(traj, reference) | {"reference_stats": reference.stats}
+    return dataclasses.replace(traj, errors=errors)
+
+
+# `certify` re-solves with tolerances this many times smaller; the estimate is the difference
+# times the safety factor, which covers a reference error of up to half the run's.
+_CERTIFY_FACTOR = 100.0
+_CERTIFY_SAFETY = 2.0
+
+
+def error_estimates(traj: Trajectory, reference: Trajectory) -> dict[str, Any]:
+    """Error estimates of `traj` from a more accurate solve `reference` of the same flow.
+
+    **Returns:**
+
+    `{"reference_rtol", "transitions": {name: 2|t − t_ref|}, "observables": {name: twice the
+    largest |difference| over the shared save times}, "overlapping": [names]}` (the factor 2
+    covers a reference error of up to half the run's); a transition is
+    listed in `overlapping` when its error estimate exceeds the gap to a neighbouring
+    transition, so their order is not certain. Unreached transitions have no estimate (`nan`).
+    """
+    n = min(len(traj.ts), len(reference.ts))
+    trans = {
+        name: _CERTIFY_SAFETY * abs(t - reference.transitions.get(name, math.nan))
+        for name, t in traj.transitions.items()
+    }
+    flat, flat_ref = _flat_names(traj.observables), _flat_names(reference.observables)
+    obs = {}
+    for name, values in flat.items():
+        diff = np.abs(np.asarray(values[:n], dtype=float) - np.asarray(flat_ref[name][:n]))
+        obs[name] = _CERTIFY_SAFETY * float(np.max(diff)) if diff.size else math.nan
+    times = sorted((t, name) for name, t in traj.transitions.items() if math.isfinite(t))
+    overlapping = set()
+    for (ta, a), (tb, b) in zip(times[:-1], times[1:]):
+        if max(trans[a], trans[b]) > tb - ta:
+            overlapping |= {a, b}
+    return dict(
+        reference_rtol=reference.rtol,
+        transitions=trans,
+        observables=obs,
+        overlapping=sorted(overlapping),
     )

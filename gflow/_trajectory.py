@@ -70,6 +70,17 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _json_ready(tree):
+    """Floats as JSON allows them: nan and inf become null."""
+    if isinstance(tree, dict):
+        return {k: _json_ready(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_json_ready(v) for v in tree]
+    if isinstance(tree, float):
+        return _finite_or_none(tree)
+    return tree
+
+
 def _finite_or_none(x: float) -> float | None:
     # JSON has no nan: a transition never reached is written as null.
     return None if x is None or not math.isfinite(x) else float(x)
@@ -113,6 +124,8 @@ class Trajectory(eqx.Module):
     - `solver`, `rtol`, `atol`: the settings used.
     - `config`: the configuration that produced the run (set by the command line), or `None`.
     - `predictions`: `{name: {...}}` comparisons with theory, filled by presets.
+    - `errors`: error estimates from `solve(..., certify=True)` (see `gflow.error_estimates`),
+        else empty.
     """
 
     ts: Float[np.ndarray, " n"]
@@ -130,6 +143,7 @@ class Trajectory(eqx.Module):
     atol: float
     config: dict[str, Any] | None = None
     predictions: dict[str, Any] = eqx.field(default_factory=dict)
+    errors: dict[str, Any] = eqx.field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -150,6 +164,7 @@ class Trajectory(eqx.Module):
             stats=self.stats,
             transitions={k: _finite_or_none(v) for k, v in self.transitions.items()},
             predictions=self.predictions,
+            errors=_json_ready(self.errors),
             config=self.config,
             versions=package_versions(),
         )
@@ -227,4 +242,5 @@ def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
         atol=summary["atol"],
         config=summary.get("config"),
         predictions=summary.get("predictions", {}),
+        errors=summary.get("errors", {}),
     )

@@ -256,3 +256,20 @@ def test_non_finite_data_is_rejected(random_flow):
     bad = gflow.GradientFlow(random_flow.model, random_flow.loss, random_flow.data.at[0, 0].set(jnp.nan))
     with pytest.raises(gflow.InputError, match="data has non-finite"):
         gflow.solve(bad, 1.0)
+
+
+def test_certify_error_estimates_bound_the_true_error(saxe_flow, saxe_target):
+    u = mode_strengths(saxe_target)
+    ts = gflow.linear_grid(0.0, 5.0, 51)
+    traj = gflow.solve(
+        saxe_flow, 5.0, ts=ts, rtol=1e-6, certify=True, observers={"u": u},
+        transitions=[gflow.Transition("half", lambda m, d: u(m, d)[0] - SAXE_S[0] / 2, True)],
+    )
+    errors = traj.errors
+    assert errors["reference_rtol"] == pytest.approx(1e-8)
+    true_t = abs(traj.transitions["half"] - saxe_half_rise_time(SAXE_S[0], SAXE_U0))
+    assert true_t <= errors["transitions"]["half"] <= 100 * true_t
+    true_u = np.max(np.abs(traj.observables["u"] - np.stack(
+        [saxe_mode(ts, s, SAXE_U0) for s in SAXE_S], axis=1)))
+    assert true_u <= errors["observables"]["u"] <= 100 * true_u
+    assert errors["overlapping"] == []

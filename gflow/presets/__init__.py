@@ -115,6 +115,7 @@ def run(resolved: Resolved, *, progress: bool = False) -> tuple[Problem, Traject
             transitions=problem.transitions,
             max_steps=settings.max_steps,
             progress=progress,
+            certify=settings.certify,
         )
 
     traj = solve_on(settings.save_times())
@@ -127,4 +128,9 @@ def run(resolved: Resolved, *, progress: bool = False) -> tuple[Problem, Traject
                  if isinstance(traj.stats[k], (int, float)) and first.stats[k] is not None}
         traj = dataclasses.replace(traj, stats=traj.stats | stats | {"passes": 2})
     predictions = problem.predict(traj) if problem.predict is not None else {}
+    # A prediction of a transition's time carries that transition's error estimate.
+    for name, entry in predictions.items():
+        error = traj.errors.get("transitions", {}).get(name)
+        if error is not None:
+            entry["error"] = error
     return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions)
