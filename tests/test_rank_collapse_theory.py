@@ -208,6 +208,26 @@ def test_stage2_flow_matches_closed_form():
             assert error <= 1e-8, (t, error)  # rtol 1e-10 → global error ~1e-9
 
 
+def test_stage2_threshold_crossing_matches_closed_form():
+    # A Transition on ‖W_Q‖_F located by root finding agrees with the closed form's crossing
+    # time (found by bisection on the cosh/sinh solution) to 10×rtol.
+    from scipy.optimize import brentq
+
+    F, Q0, K0 = _stage2_problem()
+    sigma1, _ = key_query_rates(F)
+    target = 50.0 * float(np.linalg.norm(Q0))
+    rtol = 1e-10
+    flow = gflow.GradientFlow(KeyQueryParameters(Q0, K0), stage2_loss, jnp.asarray(F))
+    t1 = 8.0 / float(sigma1)
+    traj = gflow.solve(flow, t1, rtol=rtol, transitions=[gflow.Transition(
+        "grown", lambda m, F: jnp.linalg.norm(m.W_Q) - target, direction=True)])
+    exact = brentq(
+        lambda t: float(np.linalg.norm(key_query_solution(F, Q0, K0, t)[0])) - target,
+        0.0, t1, xtol=1e-15, rtol=1e-15,
+    )
+    assert abs(traj.transitions["grown"] - exact) <= 10 * rtol * exact
+
+
 def test_stage2_flow_from_a_full_model():
     data = _data()
     model = AttentionFFN.init(D, 0.3, KEY_MODEL)
