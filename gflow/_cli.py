@@ -156,7 +156,8 @@ def _run(args) -> int:
     traj.save(out)
     atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
     save_figures(
-        traj, out / "figures", time_axis=resolved.plot.time_axis, labels=resolved.plot.labels
+        traj, out / "figures", time_axis=resolved.plot.time_axis, labels=resolved.plot.labels,
+        heatmaps=resolved.plot.heatmaps,
     )
     if not args.quiet:
         print(_report(traj, problem, out))

@@ -121,10 +121,13 @@ class PlotSettings:
     - `time_axis`: `"log"` for multi-scale dynamics, else `"linear"`.
     - `labels`: `{observable: [name of each component]}` for the figures' legends, e.g.
         `stable_rank = ["W_Q", "W_K", "W_V", "W1"]`.
+    - `heatmaps`: matrix-valued observables drawn as heatmaps at t0, each transition and the
+        end (e.g. `["cosine"]`).
     """
 
     time_axis: str = "log"
     labels: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    heatmaps: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.time_axis not in ("log", "linear"):

@@ -86,11 +86,61 @@ def plot_observable(
     return fig
 
 
-def save_figures(
-    traj: Trajectory, directory, *, time_axis: str = "log", labels: dict | None = None
-) -> list[Path]:
-    """Write one PNG per observable (`<name>.png`, `/` replaced by `__`) into `directory`.
+def plot_heatmaps(traj: Trajectory, name: str, *, times=None):
+    """Heatmaps of a matrix-valued observable (e.g. a cosine-similarity matrix) at chosen times.
 
+    **Arguments:**
+
+    - `traj`: the trajectory.
+    - `name`: a flattened observable name whose values are `(n, k, k)`.
+    - `times`: the times to show; default `t0`, every reached transition and the last save.
+        Each panel shows the last save at or before its time.
+
+    **Returns:**
+
+    A `matplotlib.figure.Figure` with one panel per time.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(_flat_names(traj.observables)[name], dtype=float)
+    ts = np.asarray(traj.ts)
+    if times is None:
+        reached = sorted((t, k) for k, t in traj.transitions.items() if math.isfinite(t))
+        times = [(ts[0], "t0")] + [(t, k) for t, k in reached] + [(ts[-1], "end")]
+    else:
+        times = [(t, f"t={t:.4g}") for t in times]
+    fig, axes = plt.subplots(
+        1, len(times), figsize=(2.6 * len(times), 2.9), layout="constrained", squeeze=False
+    )
+    symmetric = np.nanmin(values) < 0
+    for ax, (t, label) in zip(axes[0], times):
+        i = max(int(np.searchsorted(ts, t, side="right")) - 1, 0)
+        image = ax.imshow(values[i], cmap="RdBu_r" if symmetric else "viridis",
+                          vmin=-1 if symmetric else None, vmax=1 if symmetric else None)
+        ax.set_title(f"{label}\n(t={ts[i]:.4g})", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(name, fontsize=9)
+    return fig
+
+
+def save_figures(
+    traj: Trajectory,
+    directory,
+    *,
+    time_axis: str = "log",
+    labels: dict | None = None,
+    heatmaps: tuple[str, ...] = (),
+    formats: tuple[str, ...] = ("png", "pdf"),
+) -> list[Path]:
+    """Write one figure per observable (`<name>.png` and `.pdf`, `/` replaced by `__`).
+
+    Scalar and vector observables are drawn over time; square-matrix observables named in
+    `heatmaps` (e.g. cosine-similarity matrices) as heatmaps at t0, each transition and the end.
     `labels` maps observable names to the legend names of their components.
 
     Observables with more than two axes per save (e.g. matrices) are not drawn here.
@@ -107,17 +157,24 @@ def save_figures(
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, values in _flat_names(traj.observables).items():
-        if np.ndim(values) > 2 or len(traj.ts) == 0:
+        if len(traj.ts) == 0:
             continue
-        fig = plot_observable(
-            traj, name, time_axis=time_axis, labels=tuple((labels or {}).get(name, ()))
-        )
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
+        square = np.ndim(values) == 3 and values.shape[1] == values.shape[2]
+        if np.ndim(values) <= 2:
+            fig = plot_observable(
+                traj, name, time_axis=time_axis, labels=tuple((labels or {}).get(name, ()))
+            )
+        elif square and name.split("/")[0] in heatmaps:
+            fig = plot_heatmaps(traj, name)
+        else:
+            continue
+        for fmt in formats:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=110)
+            path = directory / (name.replace("/", "__") + "." + fmt)
+            atomic_write_bytes(path, buffer.getvalue())
+            written.append(path)
         plt.close(fig)
-        path = directory / (name.replace("/", "__") + ".png")
-        atomic_write_bytes(path, buffer.getvalue())
-        written.append(path)
     return written
 
 
@@ -136,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         plot = (traj.config or {}).get("plot", {})
         axis = "linear" if args.linear else plot.get("time_axis", "log")
         paths = save_figures(
-            traj, Path(args.run_dir) / "figures", time_axis=axis, labels=plot.get("labels")
+            traj, Path(args.run_dir) / "figures", time_axis=axis, labels=plot.get("labels"),
+            heatmaps=tuple(plot.get("heatmaps", ())),
         )
     except InputError as e:
         print(f"gflow.plot: error: {e}", file=sys.stderr)
