@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the resolved config as TOML and exit (save, edit, pass back)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--progress", action="store_true", help="show a progress bar over flow time")
+    p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
+                   help="run on this JAX platform (default: JAX's choice)")
     p.add_argument("--certify", action="store_true",
                    help="re-solve with Dopri8 at 100x smaller tolerances and report error estimates "
                    "(solve.certify)")
@@ -58,6 +60,19 @@ def _enable_compilation_cache() -> None:
     cache = os.environ.get("GFLOW_CACHE_DIR") or str(Path.home() / ".cache" / "gflow" / "jax")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _select_platform(name: str) -> None:
+    """Run on JAX platform `name`, or say in one line that this machine has none."""
+    import jax
+
+    try:
+        jax.config.update("jax_platforms", name)
+        devices = jax.devices()
+    except RuntimeError:
+        raise InputError(f"--platform {name}: no {name} is available to JAX here") from None
+    if not devices:
+        raise InputError(f"--platform {name}: no {name} is available to JAX here")
 
 
 def _format_time(t) -> str:
@@ -120,6 +135,8 @@ def _run(args) -> int:
     from ._config import dumps_toml
     from ._trajectory import atomic_write_bytes
 
+    if args.platform:
+        _select_platform(args.platform)
     if args.list:
         for name in presets.preset_names():
             config = presets.preset_config(name)

@@ -110,6 +110,16 @@ def test_run_that_stops_early_writes_what_it_computed(tmp_path, capsys):
     assert "status      max_steps" in capsys.readouterr().out
 
 
+def test_missing_platform_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gflow.solve", "--platform", "tpu", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "gflow: error: --platform tpu: no tpu is available to JAX here"
+    assert not (tmp_path / "r").exists()
+
+
 def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "gflow.solve", "no-such-preset"],
