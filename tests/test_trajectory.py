@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import gflow
-from gflow.models import DeepLinear
 
 
 def test_save_load_round_trip(random_flow, tmp_path):
