@@ -30,3 +30,9 @@ from ._reduced import (
     stage2_matrix as stage2_matrix,
     target_direction as target_direction,
 )
+from ._factorization import (
+    LowRankFactorization as LowRankFactorization,
+    SymmetricFactorization as SymmetricFactorization,
+    factorization_loss as factorization_loss,
+    scaled_preconditioner as scaled_preconditioner,
+)
