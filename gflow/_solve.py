@@ -451,7 +451,6 @@ def solve(
     # structure, so that all segments run one compiled program.
     solver_state, controller_state = _initial_states(flow, solver, controller, y0, t0, t1)
     made_jump = True  # the first step evaluates the vector field afresh
-    seg_dt0 = dt0
     while True:
         args = (
             flow,
@@ -463,7 +462,7 @@ def solve(
             jnp.asarray(t_start),
             jnp.asarray(t1),
             jnp.clip(ts_device, t_start, t1),
-            None if seg_dt0 is None else jnp.asarray(seg_dt0),
+            None if dt0 is None else jnp.asarray(dt0),
             solver,
             controller,
             root_finder,
@@ -486,13 +485,15 @@ def solve(
         if per_step is not None and stats["vector_field_evaluations"] is not None:
             evals, first_extra = per_step
             # The initial-step heuristic costs two evaluations when no dt0 is given.
-            init = (2 if seg_dt0 is None and is_adaptive(solver) else 0) + first_extra
+            init = (2 if dt0 is None and is_adaptive(solver) else 0) + first_extra
             stats["vector_field_evaluations"] += init + evals * seg_stats["num_steps"]
         else:
             stats["vector_field_evaluations"] = None
 
         t_end = float(out["t_end"])
-        seg_obs = jtu.tree_map(np.asarray, out["observables"])
+        # Float buffers, so that save times never reached can hold nan.
+        seg_obs = jtu.tree_map(lambda x: np.asarray(x, dtype=np.result_type(x.dtype, float)),
+                               out["observables"])
         # Entries saved by this segment: save times it actually covered.
         covered = (ts >= t_start) & (ts <= t_end)  # all False when t_end is nan
         if observables is None:
@@ -516,7 +517,6 @@ def solve(
             y, t_start = out["y_end"], t_end
             solver_state, controller_state = out["solver_state"], out["controller_state"]
             made_jump = True  # the event cut the step: the first-same-as-last stage is stale
-            seg_dt0 = dt0
             if t_end >= t1:
                 status, message = "completed", ""
                 break

@@ -216,4 +216,5 @@ def cross_entropy(model: Decoder, data: TokenData) -> Scalar:
 def accuracy(model: Decoder, data: TokenData, answers: Int[Array, " n"] | None = None) -> Scalar:
     """Fraction of samples whose arg-max logit is `answers` (default: the targets)."""
     answers = data.targets if answers is None else jnp.asarray(answers)
-    return jnp.mean(jnp.argmax(model.logits(data.tokens), axis=1) == answers)
+    hits = jnp.argmax(model.logits(data.tokens), axis=1) == answers
+    return jnp.mean(hits.astype(jnp.float64))
