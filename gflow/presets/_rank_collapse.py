@@ -20,9 +20,7 @@ from ._problem import Problem, comparison
 # Parameter groups, in the order every per-group observable lists them.
 GROUPS = ("W_Q", "W_K", "W_V", "W1")
 _LOSSES = {"exponential": exponential_loss, "logistic": logistic_loss}
-# Onset of the linear stage-2 flow, for the direction prediction: ‖W_Q − W_Q(0)‖ reaches this
-# multiple of ‖W_Q(0)‖ (by then the outer parameters have condensed and are quasi-static).
-_ONSET_GROWTH = 5.0
+
 
 
 def _matrices(m):
@@ -40,6 +38,7 @@ def rank_collapse(
     activation: str,
     attention: str,
     condensation_threshold: float,
+    onset_growth: float,
     collapse_delta: float,
 ) -> Problem:
     """The two-stage dynamics of a small-init attention + FFN model on the last-token-sign task.
@@ -58,6 +57,10 @@ def rank_collapse(
     - `activation`: `"tanh"` or `"identity"`; `attention`: `"exact"` or `"linearized"`.
     - `condensation_threshold`: condensation ends when `1 − mean|cos|` of the columns of `W_V`
         with `v` falls below it.
+    - `onset_growth`: stage 2 starts when `‖W_Q − W_Q(0)‖` reaches this multiple of `‖W_Q(0)‖`
+        (measured here: by then the outer parameters have condensed and are quasi-static, and
+        `F` there predicts `W_Q`'s late direction to a cosine of ~0.97, where `F` on the
+        plateau gives only ~0.6).
     - `collapse_delta`: key–query collapse is when the larger stable rank of `W_Q`, `W_K`
         falls below `1 + collapse_delta`.
     """
@@ -65,8 +68,11 @@ def rank_collapse(
         raise InputError(f"problem.loss must be one of {', '.join(_LOSSES)}, got {loss!r}")
     if not eps > 0:
         raise InputError(f"problem.eps must be positive, got {eps}")
-    if not 0 < condensation_threshold < 1 or not collapse_delta > 0:
-        raise InputError("problem.condensation_threshold must be in (0, 1), collapse_delta > 0")
+    if not 0 < condensation_threshold < 1 or not collapse_delta > 0 or not onset_growth > 0:
+        raise InputError(
+            "problem.condensation_threshold must be in (0, 1), onset_growth and "
+            "collapse_delta > 0"
+        )
     key_data, key_model = jax.random.split(jax.random.key(seed))
     data = rank_collapse_task(n, s, d, key_data)
     model = AttentionFFN.init(d, eps, key_model, activation=activation, attention=attention)
@@ -105,6 +111,11 @@ def rank_collapse(
             direction=False,
         ),
         Transition(
+            "stage2_onset",
+            lambda m, d_: measures.relative_change(m.W_Q, model.W_Q) - onset_growth,
+            direction=True,
+        ),
+        Transition(
             "kq_collapse",
             lambda m, d_: kq_stable_rank(m, d_) - (1.0 + collapse_delta),
             direction=False,
@@ -112,6 +123,8 @@ def rank_collapse(
     )
     criteria = {
         "condensation": f"1 − mean |cos(W_V columns, v)| falls below {condensation_threshold:g}",
+        "stage2_onset": f"‖W_Q − W_Q(0)‖ reaches {onset_growth:g} ‖W_Q(0)‖ (outer parameters "
+        "condensed and quasi-static; the linear key-query flow takes over)",
         "kq_collapse": f"max(stable rank W_Q, stable rank W_K) falls below {1 + collapse_delta:g}",
     }
     escape_bound = float(predicted_escape_time(model, data.X, data.y))
@@ -127,14 +140,12 @@ def rank_collapse(
             holds=bool(math.isfinite(escape) and escape <= escape_bound),
             note="first save time with loss < L(0)/2, against the stage-1 blow-up bound",
         )
-        t_c, t_k = traj.transitions["condensation"], traj.transitions["kq_collapse"]
-        grown = np.nonzero(traj.observables["relative_change"][:, 0] >= _ONSET_GROWTH)[0]
-        if math.isfinite(t_c) and math.isfinite(t_k) and grown.size:
-            # Stage 2's linear flow starts once the outer parameters are quasi-static: take F
-            # and (W_Q, W_K) at the first save where W_Q has moved _ONSET_GROWTH times its
-            # initial norm, and compare the predicted direction with W_Q at the last save
-            # before the collapse criterion.
-            i0 = int(grown[0])
+        t_k = traj.transitions["kq_collapse"]
+        t_o = traj.transitions["stage2_onset"]
+        if math.isfinite(t_o) and math.isfinite(t_k):
+            # F and (W_Q, W_K) at the first save after the onset of stage 2 predict the
+            # direction W_Q takes; compare with W_Q at the last save before the collapse.
+            i0 = int(np.searchsorted(traj.ts, t_o))
             i1 = max(int(np.searchsorted(traj.ts, t_k, side="right")) - 1, i0)
             F, WQ0, WK0 = (np.asarray(traj.observables[k][i0]) for k in ("F", "W_Q", "W_K"))
             predicted, _ = key_query_limit_directions(F, WQ0, WK0)

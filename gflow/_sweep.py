@@ -1,0 +1,1041 @@
+"""`sweep`: many gradient flows in one compiled program, and scaling fits of their stage times.
+
+How members are batched
+-----------------------
+Every member is prepared exactly as `gflow.solve` prepares a flow (same validation, default
+`atol`, controller, root finder and initial solver states). The whole solve of one member, all
+its event segments included, is then one pure JAX function (`_member_solve`): a
+`lax.while_loop` over `gflow._solve._segment`, the very segment program `gflow.solve` runs
+from its host loop, carrying the transition index, the state and the solver/controller states
+from one segment to the next. So transitions are located inside the batched program, per
+member, with the same root finding as `gflow.solve`.
+
+Members are grouped by structure: the non-array parts of their arguments (functions, solver,
+settings) and the shapes of their arrays. The array leaves of a group are stacked along a
+leading member axis and the group runs as ONE compiled program, under `lax.map` (members one
+after the other inside the program: each takes its own number of steps; the CPU default) or
+`jax.vmap` (members in lock-step: every member steps until the slowest is done; right for
+GPU/TPU, the default there). With more than one local device the member axis is sharded over
+them (`shard_map` over a one-axis `Mesh`; each device maps or vmaps its own shard). `"loop"`
+runs the members of a group one by one in a Python loop through one compiled single-member
+program. Every member is truly batched under `"map"`/`"vmap"`; members of different structure
+form separate groups (one compiled program each).
+
+Closures. Problem builders (e.g. the presets) create new closures for every member, and
+functions compare by identity, so members built by separate calls would never share a
+program. When members do not all share one structure, `sweep` traces each member's functions
+(the velocity `-P∇L`, observers, transition conditions) to jaxprs with the arrays they close
+over lifted to data, and groups members whose traced programs print identically. The velocity
+is traced after differentiation, so custom derivative rules cannot hide a difference; a jaxpr
+that prints an object address (a host callback, say) is never shared.
+"""
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import ArrayLike, Float, PyTree
+
+from ._errors import InputError
+from ._flow import GradientFlow
+from ._grids import log_grid
+from ._solve import (
+    _DIVERGED_SQUARED_NORM,
+    _DTMIN,
+    Transition,
+    _check_finite,
+    _default_atol,
+    _errors_as_nan,
+    _initial_states,
+    _IntervalBisection,
+    _resolve_ts,
+    _segment,
+    _squared_norm,
+)
+from ._solvers import evaluations_per_step, is_adaptive, make_solver, solver_name
+from ._trajectory import Trajectory
+
+
+STATUSES = ("completed", "max_steps", "nonfinite", "dt_min", "failed")
+_COMPLETED, _MAX_STEPS, _NONFINITE, _DT_MIN, _FAILED = range(len(STATUSES))
+BATCH_MODES = ("auto", "map", "vmap", "loop")
+_DEFAULT_SAVE_POINTS = 200
+_MEMBER_AXIS = "members"
+
+
+# --------------------------------------------------------------------------------------------
+# One member's whole solve as a pure function
+
+
+def _member_solve(
+    flow,
+    observers: dict,
+    final_observers: dict,
+    conditions: tuple,
+    directions,
+    y0: PyTree,
+    t0,
+    t1,
+    ts,
+    dt0,
+    solver: diffrax.AbstractSolver,
+    controller: diffrax.AbstractStepSizeController,
+    root_finder,
+    max_steps: int,
+    solver_state: PyTree,
+    controller_state: PyTree,
+) -> dict:
+    """`gflow.solve`'s host loop over event segments, as one traceable function.
+
+    Each iteration runs `_segment` until `t1` or the next transition; a fired transition
+    records its time and the next segment resumes from the returned solver and controller
+    states, exactly as `gflow.solve` does. The status is an index into `STATUSES`.
+    """
+    n_conditions = len(conditions)
+    meter = diffrax.NoProgressMeter()
+
+    def observe(y, which):
+        model = flow.combine(y)
+        return {name: obs(model, flow.data) for name, obs in which.items()}
+
+    def blank(struct):
+        fill = jnp.nan if jnp.issubdtype(struct.dtype, jnp.inexact) else 0
+        return jnp.full(ts.shape + struct.shape, fill, struct.dtype)
+
+    observables = jtu.tree_map(blank, jax.eval_shape(lambda y: observe(y, observers), y0))
+    zero = jnp.asarray(0)
+    carry = dict(
+        index=zero,
+        y=y0,
+        t=jnp.asarray(t0, dtype=jnp.float64),
+        solver_state=solver_state,
+        controller_state=controller_state,
+        observables=observables,
+        found=jnp.full((n_conditions,), jnp.nan),
+        done=jnp.asarray(False),
+        status=jnp.asarray(_FAILED),
+        steps=jnp.zeros(3, dtype=jnp.int64),
+        segments=zero,
+    )
+
+    def body(c):
+        out = _segment(
+            flow,
+            observers,
+            conditions,
+            directions,
+            c["index"],
+            c["y"],
+            c["t"],
+            t1,
+            jnp.clip(ts, c["t"], t1),
+            dt0,
+            solver,
+            controller,
+            root_finder,
+            max_steps,
+            meter,
+            c["solver_state"],
+            c["controller_state"],
+            jnp.asarray(True),  # every segment starts afresh, as in gflow.solve
+        )
+        t_end = out["t_end"]
+        covered = (ts >= c["t"]) & (ts <= t_end)  # all False when t_end is nan
+        observables = jtu.tree_map(
+            lambda old, new: jnp.where(
+                covered.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype), old
+            ),
+            c["observables"],
+            out["observables"],
+        )
+        result = out["result"]
+        event = result == diffrax.RESULTS.event_occurred
+        mask = out["event_mask"]
+        diverged = event & (mask[0] if n_conditions else mask)
+        fired = event & jnp.logical_not(diverged)
+        found = jnp.where(
+            fired & (jnp.arange(n_conditions) == c["index"]), t_end, c["found"]
+        )
+        status = jnp.select(
+            [
+                diverged,
+                fired | (result == diffrax.RESULTS.successful),
+                result == diffrax.RESULTS.max_steps_reached,
+                result == diffrax.RESULTS.dt_min_reached,
+            ],
+            [_NONFINITE, _COMPLETED, _MAX_STEPS, _DT_MIN],
+            _FAILED,
+        )
+        seg = out["stats"]
+        steps = jnp.stack(
+            [seg["num_steps"], seg["num_accepted_steps"], seg["num_rejected_steps"]]
+        ).astype(jnp.int64)
+        return dict(
+            index=c["index"] + fired.astype(c["index"].dtype),
+            y=out["y_end"],
+            t=t_end,
+            solver_state=out["solver_state"],
+            controller_state=out["controller_state"],
+            observables=observables,
+            found=found,
+            done=jnp.logical_not(fired & (t_end < t1)),
+            status=status,
+            steps=c["steps"] + steps,
+            segments=c["segments"] + 1,
+        )
+
+    if solver_state is None:
+        # No explicit initial states (a controller other than PID): diffrax initializes them in
+        # the first segment, whose output states then fix the loop's carry structure.
+        carry = body(carry)
+    c = jax.lax.while_loop(lambda c: jnp.logical_not(c["done"]), body, carry)
+    y_end = c["y"]
+    # As gflow.solve: a run that stopped early with a huge or NaN state has diverged.
+    blew_up = jnp.logical_not(_squared_norm(y_end) < _DIVERGED_SQUARED_NORM)
+    status = jnp.where((c["status"] != _COMPLETED) & blew_up, _NONFINITE, c["status"])
+    return dict(
+        observables=c["observables"],
+        final=observe(y_end, final_observers),
+        transitions=c["found"],
+        t_final=c["t"],
+        y_end=y_end,
+        status=status,
+        steps=c["steps"],
+        segments=c["segments"],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Canonical forms: closures traced to jaxprs, so that separately built members share a program
+
+
+class _Traced(eqx.Module):
+    """A function traced at example arguments: a jaxpr plus the arrays it closed over.
+
+    The jaxpr is interned by its printed text, so two closures that trace to the same program
+    hold the same jaxpr object and compare equal as static data, while their closed-over
+    arrays (`consts`) are ordinary array leaves that can be stacked and batched.
+    """
+
+    jaxpr: Any = eqx.field(static=True)
+    consts: list
+    out_treedef: Any = eqx.field(static=True)
+
+    def __call__(self, *args):
+        leaves = jtu.tree_leaves(eqx.filter(args, eqx.is_array))
+        out = jax.core.eval_jaxpr(self.jaxpr, self.consts, *leaves)
+        return jtu.tree_unflatten(self.out_treedef, out)
+
+
+_INTERNED: dict[str, Any] = {}
+_MAX_INTERNED = 1024
+
+
+def _trace(fn: Callable, *args) -> "_Traced | None":
+    """`fn` as a `_Traced` at example `args`, or `None` when it cannot be shared safely."""
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    leaves, treedef = jtu.tree_flatten(dynamic)
+    out_treedef = []
+
+    def flat(*leaves):
+        out = fn(*eqx.combine(jtu.tree_unflatten(treedef, leaves), static))
+        out_leaves, out_def = jtu.tree_flatten(jtu.tree_map(jnp.asarray, out))
+        out_treedef.append(out_def)
+        return out_leaves
+
+    try:
+        closed = jax.make_jaxpr(flat)(*leaves)
+    except Exception:  # untraceable here: the member keeps its own function (and program)
+        return None
+    text = str(closed.jaxpr)
+    # An object address in the text (a host callback, an opaque parameter) means the text does
+    # not determine the program: never share such a jaxpr.
+    if "0x" in text:
+        return None
+    jaxpr = _INTERNED.get(text)
+    if jaxpr is None:
+        if len(_INTERNED) >= _MAX_INTERNED:
+            _INTERNED.clear()
+        jaxpr = _INTERNED[text] = closed.jaxpr
+    consts = [jnp.asarray(c) for c in closed.consts]
+    return _Traced(jaxpr, consts, out_treedef[0])
+
+
+class _CanonicalFlow(eqx.Module):
+    """What `_segment` needs of a `GradientFlow`, with the velocity as a traced program."""
+
+    velocity_fn: _Traced
+    frozen: PyTree
+    data: PyTree
+
+    def velocity(self, params):
+        return self.velocity_fn(params)
+
+    def combine(self, params):
+        return eqx.combine(params, self.frozen)
+
+
+def _canonical(args: tuple) -> tuple:
+    """`_member_solve` arguments with the flow, observers and conditions traced (where safe)."""
+    (flow, observers, final_observers, conditions, *rest) = args
+    model, data = flow.model, flow.data
+
+    def traced(fn):
+        out = _trace(fn, model, data)
+        return fn if out is None else out
+
+    velocity = _trace(flow.velocity, flow.params)
+    if velocity is not None:
+        canonical_flow = _CanonicalFlow(velocity, flow.frozen, data)
+    else:
+        canonical_flow = flow
+    cache: dict[int, Any] = {}
+
+    def shared(fn):  # one trace for an observer used both along the way and at the end
+        if id(fn) not in cache:
+            cache[id(fn)] = traced(fn)
+        return cache[id(fn)]
+
+    observers = {k: shared(v) for k, v in observers.items()}
+    final_observers = {k: shared(v) for k, v in final_observers.items()}
+    conditions = tuple(traced(c) for c in conditions)
+    return (canonical_flow, observers, final_observers, conditions, *rest)
+
+
+def _structure_key(args: tuple):
+    """Hashable key of everything but array values (as `gflow._solve._compiled_segment`)."""
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    static_leaves, static_def = jtu.tree_flatten(static)
+    key = (
+        static_def,
+        jtu.tree_structure(dynamic),
+        tuple(static_leaves),
+        tuple((np.shape(x), np.result_type(x)) for x in jtu.tree_leaves(dynamic)),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _group(all_args: list[tuple]) -> list[list[int]]:
+    """Indices of members sharing one structure, in order of first appearance."""
+    groups: dict = {}
+    order = []
+    for i, args in enumerate(all_args):
+        key = _structure_key(args)
+        if key is None:  # unhashable static data: a group of its own
+            key = ("unhashable", i)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(i)
+    return [groups[k] for k in order]
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled group programs
+
+
+_COMPILED: dict = {}
+
+
+def _default_batch() -> str:
+    # On CPU lax.map wins (each member takes its own steps); on accelerators vmap does.
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def _program(static, treedef, batch: str, n_devices: int) -> Callable:
+    def one(leaves):
+        args = eqx.combine(jtu.tree_unflatten(treedef, leaves), static)
+        return _member_solve(*args)
+
+    if batch == "loop":
+        return jax.jit(one)
+    batched = (lambda leaves: jax.lax.map(one, leaves)) if batch == "map" else jax.vmap(one)
+    if n_devices == 1:
+        return jax.jit(batched)
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:n_devices]), (_MEMBER_AXIS,))
+    spec = jax.sharding.PartitionSpec(_MEMBER_AXIS)
+    # Each device maps (or vmaps) its own shard: no cross-device synchronisation per step.
+    sharded = jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    return jax.jit(sharded)
+
+
+def _compiled(static, treedef, leaves, batch: str, n_devices: int) -> tuple[Callable, float]:
+    """The compiled program for a group (cached by structure), and the seconds compiling it."""
+    static_leaves, static_def = jtu.tree_flatten(static)
+    key = (
+        batch,
+        n_devices,
+        static_def,
+        treedef,
+        tuple(static_leaves),
+        tuple((x.shape, x.dtype) for x in leaves),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _COMPILED:
+        return _COMPILED[key], 0.0
+    start = time.perf_counter()
+    with _errors_as_nan():
+        compiled = _program(static, treedef, batch, n_devices).lower(leaves).compile()
+    seconds = time.perf_counter() - start
+    if key is not None:
+        _COMPILED[key] = compiled
+    return compiled, seconds
+
+
+def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
+    """Solve the members of one group; their outputs as numpy, and the group's timings."""
+    dynamic0, static = eqx.partition(all_args[0], eqx.is_array)
+    treedef = jtu.tree_structure(dynamic0)
+    member_leaves = [
+        [jnp.asarray(x) for x in jtu.tree_leaves(eqx.filter(args, eqx.is_array))]
+        for args in all_args
+    ]
+    n = len(all_args)
+    info = dict(size=n, batch=batch, devices=1, compile_seconds=0.0, run_seconds=0.0)
+    if batch == "loop" or n == 1:
+        info["batch"] = "loop" if n > 1 else batch
+        outputs = []
+        for leaves in member_leaves:
+            compiled, seconds = _compiled(static, treedef, leaves, "loop", 1)
+            start = time.perf_counter()
+            out = jax.device_get(compiled(leaves))
+            info["run_seconds"] += time.perf_counter() - start
+            info["compile_seconds"] += seconds
+            outputs.append(out)
+        return outputs, info
+
+    n_devices = min(len(jax.local_devices()), n)
+    padded = -n % n_devices
+    # Pad to a multiple of the device count by repeating the last member; dropped afterwards.
+    rows = member_leaves + [member_leaves[-1]] * padded
+    stacked = [jnp.stack(column) for column in zip(*rows)]
+    if n_devices > 1:
+        mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:n_devices]), (_MEMBER_AXIS,))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_MEMBER_AXIS))
+        stacked = [jax.device_put(x, sharding) for x in stacked]
+    compiled, seconds = _compiled(static, treedef, stacked, batch, n_devices)
+    start = time.perf_counter()
+    out = jax.device_get(compiled(stacked))
+    info.update(devices=n_devices, compile_seconds=seconds, run_seconds=time.perf_counter() - start)
+    return [jtu.tree_map(lambda x, i=i: x[i], out) for i in range(n)], info
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+class Member(eqx.Module):
+    """One point of a sweep.
+
+    **Fields:**
+
+    - `point`: the swept parameters, `{axis: value}`.
+    - `status`: as `Trajectory.status` (`"completed"`, `"max_steps"`, `"nonfinite"`,
+        `"dt_min"`, `"failed"`); `message` says more when it is not `"completed"`.
+    - `transitions`: `{name: time}`, `nan` if not reached.
+    - `final`: the observables (the loss included) evaluated at the final state, `t_final`.
+    - `t_final`: where the solve stopped (`t1` when completed).
+    - `stats`: steps (total, accepted, rejected), vector-field evaluations, segments; the
+        timings are per group, in `Sweep.groups`.
+    - `group`: index into `Sweep.groups` of the compiled program that ran this member.
+    - `trajectory`: the full `Trajectory` when the sweep kept trajectories, else `None`.
+    """
+
+    point: dict[str, Any]
+    status: str
+    message: str
+    transitions: dict[str, float]
+    final: dict[str, Any]
+    t_final: float
+    stats: dict[str, Any]
+    group: int
+    trajectory: Trajectory | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+
+def _t_quantile(p: float, dof: int) -> float:
+    """Quantile of Student's t distribution (bisection on its CDF; numpy only)."""
+
+    def betainc(a, b, x):
+        # Regularized incomplete beta by Lentz's continued fraction (Numerical Recipes 6.4).
+        if x <= 0.0 or x >= 1.0:
+            return float(x >= 1.0)
+        if x > (a + 1.0) / (a + b + 2.0):
+            return 1.0 - betainc(b, a, 1.0 - x)
+        log_front = (
+            math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+            + a * math.log(x) + b * math.log1p(-x)
+        )
+        tiny = 1e-300
+        c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        h = d
+        for m in range(1, 500):
+            for num in (
+                m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+            ):
+                d = 1.0 + num * d
+                d = 1.0 / (d if abs(d) > tiny else tiny)
+                c = 1.0 + num / c
+                c = c if abs(c) > tiny else tiny
+                h *= d * c
+            if abs(d * c - 1.0) < 1e-15:
+                break
+        return math.exp(log_front) * h / a
+
+    def cdf(t):
+        tail = 0.5 * betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+        return 1.0 - tail if t > 0 else tail
+
+    lo, hi = -1e3, 1e3
+    while cdf(hi) < p:
+        hi *= 10
+    while cdf(lo) > p:
+        lo *= 10
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if cdf(mid) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-13 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+class ScalingFit(eqx.Module):
+    """A least-squares scaling law of a transition time against a swept parameter.
+
+    - `law="power"`: `T = A x^slope`, fitted as `ln T = ln A + slope ln x`.
+    - `law="log"`: `T = intercept + slope ln(1/x)` (e.g. Saxe's `ln(1/u0)/(2s)`).
+
+    Members sharing a value of `x` (other axes, e.g. seeds) are averaged first: the mean of
+    `ln T` for a power law (a geometric mean), of `T` for a log law. The fit is ordinary least
+    squares on these means; `ci95` is `slope ± t(0.975, n−2) · stderr` over the `n` distinct
+    values (`nan` with two values).
+
+    **Fields:** `transition`, `against`, `law`, `slope`, `intercept`, `stderr`, `ci95`,
+    `x` (distinct values), `y` (their mean times, in time units), `counts` (members averaged
+    per value), `excluded` (members without a finite time: failed or never reached),
+    `expected` (the theory's slope, if given).
+    """
+
+    transition: str
+    against: str
+    law: str
+    slope: float
+    intercept: float
+    stderr: float
+    ci95: tuple[float, float]
+    x: Float[np.ndarray, " n"]
+    y: Float[np.ndarray, " n"]
+    counts: np.ndarray
+    excluded: int
+    expected: float | None = None
+
+    def predict(self, x: Float[ArrayLike, "..."]) -> Float[np.ndarray, "..."]:
+        """The fitted transition time at `x`."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.law == "power":
+            return np.exp(self.intercept + self.slope * np.log(x))
+        return self.intercept + self.slope * np.log(1.0 / x)
+
+    @property
+    def rel_error(self) -> float | None:
+        """`|slope − expected| / |expected|`, or `None` without an expected slope."""
+        if self.expected is None:
+            return None
+        return abs(self.slope - self.expected) / abs(self.expected)
+
+    @property
+    def agrees(self) -> bool | None:
+        """Whether the expected slope lies in the 95% interval (`None` without one)."""
+        if self.expected is None or not all(map(math.isfinite, self.ci95)):
+            return None
+        return bool(self.ci95[0] <= self.expected <= self.ci95[1])
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready fields (non-finite numbers as `None`)."""
+        finite = lambda v: float(v) if v is not None and math.isfinite(v) else None
+        return dict(
+            transition=self.transition,
+            against=self.against,
+            law=self.law,
+            slope=finite(self.slope),
+            intercept=finite(self.intercept),
+            stderr=finite(self.stderr),
+            ci95=[finite(v) for v in self.ci95],
+            points=len(self.x),
+            excluded=self.excluded,
+            expected=self.expected,
+            rel_error=finite(self.rel_error),
+            agrees=self.agrees,
+        )
+
+
+def _fit_line(u: np.ndarray, v: np.ndarray) -> tuple[float, float, float, tuple[float, float]]:
+    """OLS `v = a + b u`: `(b, a, stderr(b), 95% interval of b)`."""
+    n = u.size
+    u_mean, v_mean = u.mean(), v.mean()
+    suu = np.sum((u - u_mean) ** 2)
+    if not suu > 0:
+        raise InputError("a fit needs at least two distinct values of the swept parameter")
+    b = float(np.sum((u - u_mean) * (v - v_mean)) / suu)
+    a = float(v_mean - b * u_mean)
+    if n < 3:
+        return b, a, math.nan, (math.nan, math.nan)
+    residual = v - (a + b * u)
+    stderr = float(np.sqrt(np.sum(residual**2) / (n - 2) / suu))
+    half = _t_quantile(0.975, n - 2) * stderr
+    return b, a, stderr, (b - half, b + half)
+
+
+class Sweep(eqx.Module):
+    """The result of `sweep`: one `Member` per point, in the order of the points.
+
+    **Fields:**
+
+    - `axes`: `{name: values}` as given in `over`.
+    - `mode`: `"grid"` or `"zip"`.
+    - `members`: the `Member`s.
+    - `groups`: one dict per compiled program: `members` (indices), `size`, `batch`
+        (`"map"`, `"vmap"` or `"loop"`), `devices`, `compile_seconds`, `run_seconds`.
+    - `t0`, `t1`, `solver`, `rtol`: the shared settings.
+    """
+
+    axes: dict[str, tuple]
+    mode: str
+    members: tuple[Member, ...]
+    groups: tuple[dict, ...]
+    t0: float
+    t1: float
+    solver: str
+    rtol: float
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(self.members)
+
+    def __getitem__(self, i: int) -> Member:
+        return self.members[i]
+
+    @property
+    def transition_names(self) -> list[str]:
+        """Every transition name, in order of first appearance."""
+        names: dict[str, None] = {}
+        for m in self.members:
+            names.update(dict.fromkeys(m.transitions))
+        return list(names)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per member: its point, status, every transition time (`nan` if not
+        reached), `t_final` and steps."""
+        names = self.transition_names
+        return [
+            dict(m.point)
+            | dict(status=m.status)
+            | {name: m.transitions.get(name, math.nan) for name in names}
+            | dict(t_final=m.t_final, steps=m.stats["num_steps"])
+            for m in self.members
+        ]
+
+    def fit(
+        self,
+        transition: str,
+        against: str = "eps",
+        law: str = "power",
+        *,
+        expected: float | None = None,
+    ) -> ScalingFit:
+        """Fit a scaling law of `transition`'s time against the swept parameter `against`.
+
+        **Arguments:**
+
+        - `transition`: a transition name.
+        - `against`: a swept axis with positive numeric values.
+        - `law`: `"power"` (slope of `ln T` against `ln x`: the exponent) or `"log"` (slope of
+            `T` against `ln(1/x)`).
+        - `expected`: the theory's slope, to compare with (`ScalingFit.agrees`, `rel_error`).
+
+        **Returns:**
+
+        A `ScalingFit`; members that failed or never reached the transition are excluded.
+        """
+        if law not in ("power", "log"):
+            raise InputError(f"law must be 'power' or 'log', got {law!r}")
+        if against not in self.axes:
+            raise InputError(f"no swept axis {against!r}; axes: {', '.join(self.axes)}")
+        if transition not in self.transition_names:
+            raise InputError(
+                f"no transition {transition!r}; transitions: {', '.join(self.transition_names)}"
+            )
+        by_value: dict[float, list[float]] = {}
+        excluded = 0
+        for m in self.members:
+            x = m.point[against]
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
+                raise InputError(f"axis {against!r} must hold positive numbers, got {x!r}")
+            t = m.transitions.get(transition, math.nan)
+            if not (m.completed and math.isfinite(t) and t > 0):
+                excluded += 1
+                continue
+            by_value.setdefault(float(x), []).append(float(t))
+        xs = np.asarray(sorted(by_value), dtype=np.float64)
+        if xs.size < 2:
+            raise InputError(
+                f"fitting {transition!r} needs finite times at two or more values of {against!r}, "
+                f"got {xs.size}"
+            )
+        times = [np.asarray(by_value[x]) for x in xs]
+        if law == "power":
+            u, v = np.log(xs), np.asarray([np.mean(np.log(t)) for t in times])
+            y = np.exp(v)
+        else:
+            u, v = np.log(1.0 / xs), np.asarray([np.mean(t) for t in times])
+            y = v
+        slope, intercept, stderr, ci = _fit_line(u, v)
+        return ScalingFit(
+            transition=transition,
+            against=against,
+            law=law,
+            slope=slope,
+            intercept=intercept,
+            stderr=stderr,
+            ci95=ci,
+            x=xs,
+            y=y,
+            counts=np.asarray([t.size for t in times]),
+            excluded=excluded,
+            expected=None if expected is None else float(expected),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# sweep
+
+
+def _axes(over: Mapping[str, Sequence]) -> dict[str, list]:
+    """`over` checked: non-empty, string axis names, non-empty sequences of values."""
+    if not isinstance(over, Mapping) or not over:
+        raise InputError("over must be a non-empty mapping {axis: [values]}")
+    axes = {}
+    for name, values in over.items():
+        if not isinstance(name, str) or not name:
+            raise InputError(f"axis names must be non-empty strings, got {name!r}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+            raise InputError(f"axis {name!r} must be a sequence of values, got {values!r}")
+        values = [v.item() if isinstance(v, np.generic) else v for v in values]
+        if not values:
+            raise InputError(f"axis {name!r} has no values")
+        axes[name] = values
+    return axes
+
+
+def sweep_points(over: Mapping[str, Sequence], mode: str = "grid") -> list[dict[str, Any]]:
+    """The points of a sweep: every combination (`"grid"`, last axis fastest) or the axes
+    read in parallel (`"zip"`, equal lengths).
+
+    **Arguments:**
+
+    - `over`: `{axis: [values]}`.
+    - `mode`: `"grid"` or `"zip"`.
+
+    **Returns:**
+
+    A list of `{axis: value}` dicts.
+    """
+    axes = _axes(over)
+    if mode == "grid":
+        return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    if mode == "zip":
+        lengths = {name: len(v) for name, v in axes.items()}
+        if len(set(lengths.values())) != 1:
+            raise InputError(f"mode='zip' needs axes of equal length, got {lengths}")
+        return [dict(zip(axes, combo)) for combo in zip(*axes.values())]
+    raise InputError(f"mode must be 'grid' or 'zip', got {mode!r}")
+
+
+def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
+    if isinstance(built, GradientFlow):
+        return built, {}, ()
+    flow = getattr(built, "flow", None)
+    if not isinstance(flow, GradientFlow):
+        raise InputError(
+            f"make_flow({point}) must return a gflow.GradientFlow or an object with a `flow` "
+            f"GradientFlow (e.g. gflow.presets.Problem), got {type(built).__name__}"
+        )
+    return flow, dict(getattr(built, "observers", None) or {}), tuple(
+        getattr(built, "transitions", None) or ()
+    )
+
+
+def _check_settings(t0, t1, rtol, atol, max_steps) -> None:
+    # The same checks, and messages, as gflow.solve.
+    if not (math.isfinite(t0) and math.isfinite(t1)):
+        raise InputError(f"t0 and t1 must be finite, got t0={t0}, t1={t1}")
+    if not t1 > t0:
+        raise InputError(f"t1 must be greater than t0, got t0={t0}, t1={t1}")
+    if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
+        raise InputError(f"rtol must be a positive number, got {rtol!r}")
+    if atol is not None and not (
+        isinstance(atol, (int, float)) and atol > 0 and math.isfinite(atol)
+    ):
+        raise InputError(f"atol must be a positive number or None, got {atol!r}")
+    if int(max_steps) != max_steps or max_steps < 1:
+        raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
+
+
+def _prepare(
+    flow, observers, transitions, *, t0, t1, solver, rtol, atol, ts, max_steps, dt0,
+    controller, keep_trajectories,
+) -> tuple[tuple, dict]:
+    """`_member_solve`'s arguments for one member, prepared exactly as `gflow.solve` does,
+    and the host-side facts needed to report it."""
+    observers = {"loss": flow.loss} | dict(observers)
+    for name, obs in observers.items():
+        if not isinstance(name, str) or not callable(obs):
+            raise InputError(f"observer {name!r} must be a callable observer(model, data)")
+    for tr in transitions:
+        if not isinstance(tr, Transition):
+            raise InputError(f"transitions must be gflow.Transition objects, got {tr!r}")
+    names = [tr.name for tr in transitions]
+    if len(set(names)) != len(names):
+        raise InputError(f"transition names must be unique, got {names}")
+    y0 = flow.params
+    _check_finite(y0, "the initial state")
+    _check_finite(flow.data, "the data")
+    if atol is None:
+        atol = _default_atol(y0, rtol)
+    as_array = lambda x: jnp.asarray(x, dtype=jnp.float64)
+    if controller is None:
+        if is_adaptive(solver):
+            controller = diffrax.PIDController(
+                rtol=as_array(rtol), atol=as_array(atol), dtmin=as_array(_DTMIN * (t1 - t0))
+            )
+        elif dt0 is None:
+            raise InputError(
+                f"solver {solver_name(solver)!r} has no error estimate: pass dt0 for a fixed step"
+            )
+        else:
+            controller = diffrax.ConstantStepSize()
+    root_rtol = max(1e-3 * rtol, 1e-15)
+    root_finder = _IntervalBisection(
+        rtol=as_array(root_rtol), atol=as_array(root_rtol * max(abs(t1), abs(t0), 1.0))
+    )
+    directions = jnp.asarray(
+        [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in transitions] + [0.0]
+    )
+    # Without trajectories only the final state is observed: the segments save the loss once.
+    saved = observers if keep_trajectories else {"loss": observers["loss"]}
+    solver_state, controller_state = _initial_states(flow, solver, controller, y0, t0, t1)
+    args = (
+        flow,
+        saved,
+        observers,
+        tuple(tr.condition for tr in transitions),
+        directions,
+        y0,
+        as_array(t0),
+        as_array(t1),
+        jnp.asarray(ts),
+        None if dt0 is None else as_array(dt0),
+        solver,
+        controller,
+        root_finder,
+        int(max_steps),
+        solver_state,
+        controller_state,
+    )
+    return args, dict(names=names, atol=float(atol), flow=flow)
+
+
+def _message(status: str, t_final: float, max_steps: int) -> str:
+    # The messages gflow.solve gives.
+    if status == "completed":
+        return ""
+    if status == "max_steps":
+        return f"reached max_steps={max_steps} before t1"
+    if status == "nonfinite":
+        return f"the state diverged near t={t_final:.16g} (finite-time blow-up?)"
+    if status == "dt_min":
+        return (
+            f"the step size collapsed near t={t_final:.16g}: the flow is singular there "
+            "(finite-time blow-up or a non-smooth loss)"
+        )
+    return "the solver failed"
+
+
+def sweep(
+    make_flow: Callable[..., Any],
+    over: Mapping[str, Sequence],
+    t1: float,
+    *,
+    mode: str = "grid",
+    batch: str = "auto",
+    t0: float = 0.0,
+    solver: str | diffrax.AbstractSolver = "tsit5",
+    rtol: float = 1e-8,
+    atol: float | None = None,
+    ts: ArrayLike | None = None,
+    observers: Mapping[str, Callable] | None = None,
+    transitions: Sequence[Transition] = (),
+    max_steps: int = 100_000,
+    dt0: float | None = None,
+    controller: diffrax.AbstractStepSizeController | None = None,
+    keep_trajectories: bool = False,
+    share_closures: bool = True,
+    callback: Callable[[int, Member], None] | None = None,
+) -> Sweep:
+    """Solve the gradient flows of many points at once and collect their stage times.
+
+    **Arguments:**
+
+    - `make_flow`: `make_flow(**point)` returns a `GradientFlow`, or an object with a `flow`
+        attribute and optional `observers` and `transitions` (e.g. a `gflow.presets.Problem`).
+    - `over`: `{axis: [values]}`, e.g. `{"eps": [1e-2, 1e-3], "seed": range(4)}`.
+    - `t1`: end time, shared by all members.
+    - `mode`: `"grid"` (every combination) or `"zip"` (axes read in parallel).
+    - `batch`: `"map"` (`lax.map` inside one program), `"vmap"` (lock-step), `"loop"` (one
+        member at a time through one compiled program) or `"auto"` (`"map"` on CPU, `"vmap"`
+        on GPU/TPU). With several local devices, `"map"`/`"vmap"` shard the members over them.
+    - `t0`, `solver`, `rtol`, `atol`, `ts`, `max_steps`, `dt0`, `controller`: as
+        `gflow.solve`, for every member (`atol=None` is scaled to each member's own init).
+    - `observers`, `transitions`: added after the problem's own (if `make_flow` returns one).
+    - `keep_trajectories`: keep each member's full `Trajectory` (observables at the save times
+        `ts`, default a 200-point log grid); otherwise only observables at the final state.
+    - `share_closures`: trace members' functions so that members built by separate calls to
+        `make_flow` (new closures each time) share a compiled program (see the module notes).
+    - `callback`: `callback(index, member)` as each member's result is ready (progress).
+
+    **Returns:**
+
+    A `Sweep`. A member that fails (`max_steps`, a blow-up, a collapsed step) is reported
+    with its status and does not affect the others.
+    """
+    if not callable(make_flow):
+        raise InputError("make_flow must be callable as make_flow(**point)")
+    if batch not in BATCH_MODES:
+        raise InputError(f"batch must be one of {', '.join(BATCH_MODES)}, got {batch!r}")
+    points = sweep_points(over, mode)
+    t0, t1 = float(t0), float(t1)
+    _check_settings(t0, t1, rtol, atol, max_steps)
+    solver = make_solver(solver)
+    if ts is None:
+        ts = log_grid(t0, t1, _DEFAULT_SAVE_POINTS) if keep_trajectories else np.asarray([t1])
+    ts = _resolve_ts(ts, t0, t1)
+    batch = _default_batch() if batch == "auto" else batch
+
+    all_args, infos = [], []
+    for point in points:
+        flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
+        args, info = _prepare(
+            flow,
+            own_observers | dict(observers or {}),
+            own_transitions + tuple(transitions),
+            t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, ts=ts, max_steps=max_steps,
+            dt0=dt0, controller=controller, keep_trajectories=keep_trajectories,
+        )
+        all_args.append(args)
+        infos.append(info)
+
+    groups = _group(all_args)
+    if len(groups) > 1 and share_closures:
+        all_args = [_canonical(args) for args in all_args]
+        groups = _group(all_args)
+
+    per_step = evaluations_per_step(solver)
+    members: list[Member | None] = [None] * len(points)
+    group_infos = []
+    for g, indices in enumerate(groups):
+        outputs, info = _run_group([all_args[i] for i in indices], batch)
+        group_infos.append(dict(members=list(indices)) | info)
+        for i, out in zip(indices, outputs):
+            members[i] = _member(points[i], infos[i], out, g, ts, t0, t1, solver, rtol,
+                                 max_steps, dt0, per_step, keep_trajectories)
+            if callback is not None:
+                callback(i, members[i])
+    return Sweep(
+        axes={k: tuple(v) for k, v in _axes(over).items()},
+        mode=mode,
+        members=tuple(members),
+        groups=tuple(group_infos),
+        t0=t0,
+        t1=t1,
+        solver=solver_name(solver),
+        rtol=float(rtol),
+    )
+
+
+def _member(point, info, out, group, ts, t0, t1, solver, rtol, max_steps, dt0, per_step,
+            keep_trajectories) -> Member:
+    """A `Member` (and its `Trajectory`) from the program's outputs for one member."""
+    status = STATUSES[int(out["status"])]
+    t_final = float(out["t_final"])
+    steps = [int(s) for s in out["steps"]]
+    segments = int(out["segments"])
+    if per_step is not None:
+        evals, first_extra = per_step
+        init = (2 if dt0 is None and is_adaptive(solver) else 0) + first_extra
+        evaluations = segments * init + evals * steps[0]
+    else:
+        evaluations = None
+    stats = dict(
+        num_steps=steps[0],
+        num_accepted_steps=steps[1],
+        num_rejected_steps=steps[2],
+        vector_field_evaluations=evaluations,
+        segments=segments,
+    )
+    found = {name: float(t) for name, t in zip(info["names"], out["transitions"])}
+    message = _message(status, t_final, max_steps)
+    final = jtu.tree_map(np.asarray, out["final"])
+    trajectory = None
+    if keep_trajectories:
+        saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
+        trajectory = Trajectory(
+            ts=ts[saved],
+            observables=jtu.tree_map(lambda x: np.asarray(x)[saved], out["observables"]),
+            transitions=found,
+            final=info["flow"].combine(jtu.tree_map(jnp.asarray, out["y_end"])),
+            t0=t0,
+            t1=t1,
+            t_final=t_final,
+            status=status,
+            message=message,
+            stats=stats,
+            solver=solver_name(solver),
+            rtol=float(rtol),
+            atol=info["atol"],
+        )
+    return Member(
+        point=dict(point),
+        status=status,
+        message=message,
+        transitions=found,
+        final=final,
+        t_final=t_final,
+        stats=stats,
+        group=group,
+        trajectory=trajectory,
+    )
