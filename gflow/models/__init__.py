@@ -36,3 +36,9 @@ from ._factorization import (
     factorization_loss as factorization_loss,
     scaled_preconditioner as scaled_preconditioner,
 )
+from ._decoder import (
+    Decoder as Decoder,
+    TokenData as TokenData,
+    accuracy as decoder_accuracy,
+    cross_entropy as decoder_cross_entropy,
+)

@@ -18,9 +18,11 @@ from .._config import (
 from .._errors import InputError
 from .._solve import solve
 from .._trajectory import Trajectory
+from ._anchor import anchor
 from ._cooccurrence import cooccurrence
 from ._deep_linear import deep_linear
 from ._rank_collapse import rank_collapse
+from ._text import text
 from ._problem import Problem as Problem, comparison as comparison
 
 
@@ -28,6 +30,8 @@ PROBLEMS = {
     "deep-linear": deep_linear,
     "cooccurrence": cooccurrence,
     "rank-collapse": rank_collapse,
+    "anchor": anchor,
+    "text": text,
 }
 
 DEFAULT_PRESET = "rank-collapse"

@@ -5,6 +5,15 @@ A small decoder with frozen random embeddings learns the Python language referen
 per-group observables as `rank-collapse` (effective and stable rank, relative change, norm,
 cosine-similarity matrices of the rows) so the two-stage picture can be compared on text, here
 with a multi-class target where the outer parameters need more than one direction.
+
+**What the shipped run shows (measured, seed 0; 256 char windows of length 8, 32 tokens,
+d = 16, m = 32, ε = 1e-3).** The readout `W_out` and the value matrix `W_V` escape first
+(`escape` at t ≈ 0.77; by t = 2 `W_V` has moved 8× its initial norm and its effective rank has
+fallen from 12.7 to 4.0) while `W_Q, W_K` have moved by 0.2 % (the unigram/bigram stage, served
+by the residual path). Then `W_Q, W_K` grow (~100× by t = 120) and their effective ranks fall
+from 12.9/13.1 to 4.2, while the outer group keeps a higher rank (`W_V` 12.4, `W1` 7.2,
+`W2` 6.4, `W_out` 15.0): the paper's attention-collapses-first picture on real text, with the
+final loss 1.33 below the targets' unigram entropy 3.02.
 """
 
 import math

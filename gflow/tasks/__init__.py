@@ -14,3 +14,5 @@ from ._rank_collapse import (
     condensed_stage2_matrix as condensed_stage2_matrix,
     rank_collapse_task as rank_collapse_task,
 )
+from ._anchor import AnchorData as AnchorData, anchor_task as anchor_task
+from ._text import text_task as text_task

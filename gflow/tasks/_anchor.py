@@ -5,10 +5,9 @@
 - `1, 2, 3, 4`: the anchors, acting as shifts `g(x;1) = x+5, g(x;2) = x+1, g(x;3) = x−2,
   g(x;4) = x−8`;
 - `20..99`: keys and noise tokens;
-- targets `g(g(x;a1);a2)` for keys `x ∈ 20..99` lie in `4..115`; the vocabulary is cut at
-  `110` by restricting keys so that every target (compositional or memorized, the held-out
-  pair included) lies in `0..109`: the pair `(1,1)` adds 10, so keys are `20..99` and targets
-  at most `109`. Ids `0, 5..19, 100..109` appear only as targets or never.
+- targets: the composite shifts range from `−16` (pair `(4,4)`) to `+10` (pair `(1,1)`), so
+  for keys `x ∈ 20..99` every target, the held-out answers `x−10` and `x−6` included, lies
+  in `4..109`. Ids `0` and `5..19` never occur as inputs, `100..109` only as targets.
 
 **Sequence layout** (length `s = 9` by default): the key `x` at position `p`, the anchors
 `a1, a2` at `p+1, p+2`, every other position a noise token drawn uniformly from `20..99`;
