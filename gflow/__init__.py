@@ -18,5 +18,6 @@ from . import models as models
 from . import observers as observers
 from . import tasks as tasks
 from . import theory as theory
+from . import presets as presets
 
 __version__ = "0.1.0"

@@ -183,7 +183,10 @@ def _segment(
     def observe(t, y, args):
         del t, args
         model = flow.combine(y)
-        return {name: obs(model, flow.data) for name, obs in observers.items()}
+        values = {name: obs(model, flow.data) for name, obs in observers.items()}
+        # Floating outputs only: diffrax fills unreached save times with inf, and an integer
+        # observable (a count, a rank) would not fit that buffer.
+        return jtu.tree_map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x, float)), values)
 
     # Parameter names matter: diffrax calls these by keyword during root finding.
     def diverged(t, y, args, **kwargs):

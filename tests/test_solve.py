@@ -273,3 +273,13 @@ def test_certify_error_estimates_bound_the_true_error(saxe_flow, saxe_target):
         [saxe_mode(ts, s, SAXE_U0) for s in SAXE_S], axis=1)))
     assert true_u <= errors["observables"]["u"] <= 100 * true_u
     assert errors["overlapping"] == []
+
+
+def test_integer_observables_are_recorded_as_floats(random_flow):
+    traj = gflow.solve(random_flow, 1.0, observers={
+        "count": lambda m, d: jnp.sum(jnp.abs(m.weights[0]) > 0.1),
+        "flag": lambda m, d: m.weights[0][0, 0] > 0,
+    })
+    assert traj.observables["count"].dtype == np.float64
+    assert np.all(traj.observables["count"] == np.round(traj.observables["count"]))
+    assert set(np.unique(traj.observables["flag"])) <= {0.0, 1.0}
