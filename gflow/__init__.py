@@ -13,6 +13,14 @@ from ._flow import GradientFlow as GradientFlow
 from ._grids import linear_grid as linear_grid, log_grid as log_grid
 from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
 from ._trajectory import Trajectory as Trajectory, load as load
+from ._sweep import (
+    ScalingFit as ScalingFit,
+    Sweep as Sweep,
+    SweepMember as SweepMember,
+    plot_fit as plot_fit,
+    sweep as sweep,
+    sweep_points as sweep_points,
+)
 from . import measures as measures
 from . import models as models
 from . import observers as observers

@@ -28,12 +28,22 @@ program. When members do not all share one structure, `sweep` traces each member
 over lifted to data, and groups members whose traced programs print identically. The velocity
 is traced after differentiation, so custom derivative rules cannot hide a difference; a jaxpr
 that prints an object address (a host callback, say) is never shared.
+
+Devices. Only the local devices of one process are used (`jax.local_devices()`); a sweep over
+several hosts (`jax.distributed.initialize`, each process taking its share of the points) is
+not implemented. On GPU/TPU `vmap` is the default: members step in lock-step, so group members
+of similar difficulty together (e.g. sweep seeds at one `eps`) for the best throughput.
 """
 
+import csv
+import io
 import itertools
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import diffrax
@@ -55,13 +65,20 @@ from ._solve import (
     _default_atol,
     _errors_as_nan,
     _initial_states,
-    _IntervalBisection,
     _resolve_ts,
     _segment,
     _squared_norm,
+    _IntervalBisection,
 )
 from ._solvers import evaluations_per_step, is_adaptive, make_solver, solver_name
-from ._trajectory import Trajectory
+from ._trajectory import (
+    Trajectory,
+    _flat_names,
+    _json_default,
+    _json_ready,
+    atomic_write_bytes,
+    package_versions,
+)
 
 
 STATUSES = ("completed", "max_steps", "nonfinite", "dt_min", "failed")
@@ -69,6 +86,13 @@ _COMPLETED, _MAX_STEPS, _NONFINITE, _DT_MIN, _FAILED = range(len(STATUSES))
 BATCH_MODES = ("auto", "map", "vmap", "loop")
 _DEFAULT_SAVE_POINTS = 200
 _MEMBER_AXIS = "members"
+SWEEP_FILE = "sweep.json"
+MEMBERS_FILE = "members.csv"
+# Final observables up to this many numbers go into sweep.json (matrices would swamp it).
+_MAX_JSON_OBSERVABLE_SIZE = 64
+_RESERVED_AXES = ("status", "t_final", "steps")
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,8 +131,8 @@ def _member_solve(
         return {name: obs(model, flow.data) for name, obs in which.items()}
 
     def blank(struct):
-        fill = jnp.nan if jnp.issubdtype(struct.dtype, jnp.inexact) else 0
-        return jnp.full(ts.shape + struct.shape, fill, struct.dtype)
+        # Float buffers (as gflow.solve's), so that save times never reached hold nan.
+        return jnp.full(ts.shape + struct.shape, jnp.nan, jnp.result_type(struct.dtype, float))
 
     observables = jtu.tree_map(blank, jax.eval_shape(lambda y: observe(y, observers), y0))
     zero = jnp.asarray(0)
@@ -318,7 +342,7 @@ def _structure_key(args: tuple):
         static_def,
         jtu.tree_structure(dynamic),
         tuple(static_leaves),
-        tuple((np.shape(x), np.result_type(x)) for x in jtu.tree_leaves(dynamic)),
+        tuple((np.shape(x), x.dtype) for x in jtu.tree_leaves(dynamic)),
     )
     try:
         hash(key)
@@ -408,7 +432,7 @@ def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
     n = len(all_args)
     info = dict(size=n, batch=batch, devices=1, compile_seconds=0.0, run_seconds=0.0)
     if batch == "loop" or n == 1:
-        info["batch"] = "loop" if n > 1 else batch
+        info["batch"] = "loop"  # a lone member needs no batching
         outputs = []
         for leaves in member_leaves:
             compiled, seconds = _compiled(static, treedef, leaves, "loop", 1)
@@ -439,7 +463,7 @@ def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
 # Results
 
 
-class Member(eqx.Module):
+class SweepMember(eqx.Module):
     """One point of a sweep.
 
     **Fields:**
@@ -531,11 +555,12 @@ class ScalingFit(eqx.Module):
     Members sharing a value of `x` (other axes, e.g. seeds) are averaged first: the mean of
     `ln T` for a power law (a geometric mean), of `T` for a log law. The fit is ordinary least
     squares on these means; `ci95` is `slope ± t(0.975, n−2) · stderr` over the `n` distinct
-    values (`nan` with two values).
+    values (`nan` with two values). Members without a finite time (the transition was never
+    reached) are left out; a time located before a member failed later is kept.
 
     **Fields:** `transition`, `against`, `law`, `slope`, `intercept`, `stderr`, `ci95`,
     `x` (distinct values), `y` (their mean times, in time units), `counts` (members averaged
-    per value), `excluded` (members without a finite time: failed or never reached),
+    per value), `excluded` (members without a finite time),
     `expected` (the theory's slope, if given).
     """
 
@@ -610,13 +635,13 @@ def _fit_line(u: np.ndarray, v: np.ndarray) -> tuple[float, float, float, tuple[
 
 
 class Sweep(eqx.Module):
-    """The result of `sweep`: one `Member` per point, in the order of the points.
+    """The result of `sweep`: one `SweepMember` per point, in the order of the points.
 
     **Fields:**
 
     - `axes`: `{name: values}` as given in `over`.
     - `mode`: `"grid"` or `"zip"`.
-    - `members`: the `Member`s.
+    - `members`: the `SweepMember`s.
     - `groups`: one dict per compiled program: `members` (indices), `size`, `batch`
         (`"map"`, `"vmap"` or `"loop"`), `devices`, `compile_seconds`, `run_seconds`.
     - `t0`, `t1`, `solver`, `rtol`: the shared settings.
@@ -624,7 +649,7 @@ class Sweep(eqx.Module):
 
     axes: dict[str, tuple]
     mode: str
-    members: tuple[Member, ...]
+    members: tuple[SweepMember, ...]
     groups: tuple[dict, ...]
     t0: float
     t1: float
@@ -634,10 +659,10 @@ class Sweep(eqx.Module):
     def __len__(self) -> int:
         return len(self.members)
 
-    def __iter__(self) -> Iterator[Member]:
+    def __iter__(self) -> Iterator[SweepMember]:
         return iter(self.members)
 
-    def __getitem__(self, i: int) -> Member:
+    def __getitem__(self, i: int) -> SweepMember:
         return self.members[i]
 
     @property
@@ -660,6 +685,68 @@ class Sweep(eqx.Module):
             for m in self.members
         ]
 
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready content of `sweep.json` (non-finite numbers as `null`); final
+        observables with more than 64 numbers are left out."""
+        members = []
+        for m in self.members:
+            final = {
+                name: value
+                for name, value in _flat_names(m.final).items()
+                if np.size(value) <= _MAX_JSON_OBSERVABLE_SIZE
+            }
+            members.append(
+                dict(
+                    point=m.point,
+                    status=m.status,
+                    message=m.message,
+                    t_final=m.t_final,
+                    transitions=m.transitions,
+                    stats=m.stats,
+                    group=m.group,
+                    final={k: np.asarray(v, dtype=float).tolist() for k, v in final.items()},
+                )
+            )
+        return _json_ready(
+            dict(
+                axes={k: list(v) for k, v in self.axes.items()},
+                mode=self.mode,
+                t0=self.t0,
+                t1=self.t1,
+                solver=self.solver,
+                rtol=self.rtol,
+                groups=list(self.groups),
+                members=members,
+                versions=package_versions(),
+            )
+        )
+
+    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write `sweep.json` (`summary()`, updated with `extra`) and `members.csv` (`table()`).
+
+        **Arguments:**
+
+        - `path`: the directory (created if missing).
+        - `extra`: more JSON-ready entries for `sweep.json` (e.g. the config, fits).
+
+        **Returns:**
+
+        The directory's path.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        summary = self.summary() | _json_ready(dict(extra or {}))
+        text = json.dumps(summary, indent=2, default=_json_default, allow_nan=False)
+        atomic_write_bytes(path / SWEEP_FILE, (text + "\n").encode())
+        rows = self.table()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        atomic_write_bytes(path / MEMBERS_FILE, buffer.getvalue().encode())
+        return path
+
     def fit(
         self,
         transition: str,
@@ -680,7 +767,7 @@ class Sweep(eqx.Module):
 
         **Returns:**
 
-        A `ScalingFit`; members that failed or never reached the transition are excluded.
+        A `ScalingFit`; members that never reached the transition are left out.
         """
         if law not in ("power", "log"):
             raise InputError(f"law must be 'power' or 'log', got {law!r}")
@@ -697,7 +784,8 @@ class Sweep(eqx.Module):
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
                 raise InputError(f"axis {against!r} must hold positive numbers, got {x!r}")
             t = m.transitions.get(transition, math.nan)
-            if not (m.completed and math.isfinite(t) and t > 0):
+            # A time located before a later failure is as accurate as any other: kept.
+            if not (math.isfinite(t) and t > 0):
                 excluded += 1
                 continue
             by_value.setdefault(float(x), []).append(float(t))
@@ -731,6 +819,59 @@ class Sweep(eqx.Module):
         )
 
 
+def plot_fit(fit: ScalingFit, sweep: "Sweep | None" = None):
+    """A figure of a scaling fit: transition time against the swept parameter, log axes.
+
+    Each member is a small grey dot (when `sweep` is given), the per-value means black
+    dots, the fitted law a line labelled with its slope and 95% interval, and the expected law
+    (if the fit has one) a dashed line through the data's centre.
+
+    **Returns:**
+
+    A `matplotlib.figure.Figure`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), layout="constrained")
+    if sweep is not None:
+        points = [
+            (m.point[fit.against], m.transitions.get(fit.transition, math.nan))
+            for m in sweep.members
+        ]
+        points = [(x, t) for x, t in points if math.isfinite(t) and t > 0]
+        if points:
+            px, pt = zip(*points)
+            ax.plot(px, pt, ".", color="0.6", ms=4, label="members")
+    ax.plot(fit.x, fit.y, "o", color="k", ms=5, label="mean per value")
+    grid = np.geomspace(fit.x.min(), fit.x.max(), 200)
+    low, high = fit.ci95
+    interval = f" [{low:.4g}, {high:.4g}]" if math.isfinite(low) else ""
+    what = "exponent" if fit.law == "power" else "slope vs ln(1/x)"
+    ax.plot(grid, fit.predict(grid), "-", color="tab:red", lw=1.4,
+            label=f"fit: {what} {fit.slope:.4g}{interval}")
+    if fit.expected is not None:
+        if fit.law == "power":
+            centre = np.exp(np.mean(np.log(fit.y)) - fit.expected * np.mean(np.log(fit.x)))
+            expected = centre * grid**fit.expected
+        else:
+            centre = np.mean(fit.y) - fit.expected * np.mean(np.log(1.0 / fit.x))
+            expected = centre + fit.expected * np.log(1.0 / grid)
+        ax.plot(grid, expected, "--", color="tab:blue", lw=1.2,
+                label=f"expected {what} {fit.expected:.4g}")
+    ax.set_xscale("log")
+    if fit.law == "power":
+        ax.set_yscale("log")
+    ax.set_xlabel(fit.against)
+    ax.set_ylabel(f"time of {fit.transition}")
+    ax.set_title(f"{fit.transition} against {fit.against} ({fit.law} law)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 # sweep
 
@@ -743,6 +884,8 @@ def _axes(over: Mapping[str, Sequence]) -> dict[str, list]:
     for name, values in over.items():
         if not isinstance(name, str) or not name:
             raise InputError(f"axis names must be non-empty strings, got {name!r}")
+        if name in _RESERVED_AXES:
+            raise InputError(f"{name!r} cannot name an axis: it is a column of Sweep.table()")
         if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
             raise InputError(f"axis {name!r} must be a sequence of values, got {values!r}")
         values = [v.item() if isinstance(v, np.generic) else v for v in values]
@@ -808,7 +951,7 @@ def _check_settings(t0, t1, rtol, atol, max_steps) -> None:
 
 def _prepare(
     flow, observers, transitions, *, t0, t1, solver, rtol, atol, ts, max_steps, dt0,
-    controller, keep_trajectories,
+    controller, keep_trajectories, states_cache,
 ) -> tuple[tuple, dict]:
     """`_member_solve`'s arguments for one member, prepared exactly as `gflow.solve` does,
     and the host-side facts needed to report it."""
@@ -848,7 +991,17 @@ def _prepare(
     )
     # Without trajectories only the final state is observed: the segments save the loss once.
     saved = observers if keep_trajectories else {"loss": observers["loss"]}
-    solver_state, controller_state = _initial_states(flow, solver, controller, y0, t0, t1)
+    # The initial states are zeros shaped like the state (gflow.solve's `_initial_states`);
+    # tracing the solver for every member would dominate the preparation of a large sweep.
+    key = (
+        solver,
+        type(controller),
+        jtu.tree_structure(y0),
+        tuple((np.shape(x), x.dtype) for x in jtu.tree_leaves(y0)),
+    )
+    if key not in states_cache:
+        states_cache[key] = _initial_states(flow, solver, controller, y0, t0, t1)
+    solver_state, controller_state = states_cache[key]
     args = (
         flow,
         saved,
@@ -905,7 +1058,7 @@ def sweep(
     controller: diffrax.AbstractStepSizeController | None = None,
     keep_trajectories: bool = False,
     share_closures: bool = True,
-    callback: Callable[[int, Member], None] | None = None,
+    callback: Callable[[int, SweepMember], None] | None = None,
 ) -> Sweep:
     """Solve the gradient flows of many points at once and collect their stage times.
 
@@ -946,7 +1099,7 @@ def sweep(
     ts = _resolve_ts(ts, t0, t1)
     batch = _default_batch() if batch == "auto" else batch
 
-    all_args, infos = [], []
+    all_args, infos, states_cache = [], [], {}
     for point in points:
         flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
         args, info = _prepare(
@@ -955,6 +1108,7 @@ def sweep(
             own_transitions + tuple(transitions),
             t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, ts=ts, max_steps=max_steps,
             dt0=dt0, controller=controller, keep_trajectories=keep_trajectories,
+            states_cache=states_cache,
         )
         all_args.append(args)
         infos.append(info)
@@ -965,7 +1119,7 @@ def sweep(
         groups = _group(all_args)
 
     per_step = evaluations_per_step(solver)
-    members: list[Member | None] = [None] * len(points)
+    members: list[SweepMember | None] = [None] * len(points)
     group_infos = []
     for g, indices in enumerate(groups):
         outputs, info = _run_group([all_args[i] for i in indices], batch)
@@ -988,8 +1142,8 @@ def sweep(
 
 
 def _member(point, info, out, group, ts, t0, t1, solver, rtol, max_steps, dt0, per_step,
-            keep_trajectories) -> Member:
-    """A `Member` (and its `Trajectory`) from the program's outputs for one member."""
+            keep_trajectories) -> SweepMember:
+    """A `SweepMember` (and its `Trajectory`) from the program's outputs for one member."""
     status = STATUSES[int(out["status"])]
     t_final = float(out["t_final"])
     steps = [int(s) for s in out["steps"]]
@@ -1028,7 +1182,7 @@ def _member(point, info, out, group, ts, t0, t1, solver, rtol, max_steps, dt0, p
             rtol=float(rtol),
             atol=info["atol"],
         )
-    return Member(
+    return SweepMember(
         point=dict(point),
         status=status,
         message=message,

@@ -1,0 +1,260 @@
+"""`python -m gflow.sweep`: sweep a preset over fields of its `[problem]` table.
+
+```
+python -m gflow.sweep deep-linear --over eps=1e-2,1e-3,1e-4 --over seed=0:8 --out runs/sw
+```
+
+Every point is resolved and built (`gflow.presets.resolve`/`build` with the point's
+`problem.<axis>=<value>` overrides) before anything is compiled, so bad input ends with one line
+on stderr and exit status 2. The members then run through `gflow._sweep.sweep` (members of one
+structure in one compiled program) and the sweep directory receives `sweep.json`,
+`members.csv` and, for each transition reached at three or more values of a swept axis, a
+scaling figure `figures/<transition>_vs_<axis>.png` with its fit. Exit status 3 when a member
+did not complete (the files are written all the same).
+
+Members record transitions and the observables at their final state only: the preset's save
+grid, `refine` and `certify` settings and its per-run predictions do not apply to a sweep.
+"""
+
+import argparse
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+from ._cli import (
+    EXIT_BAD_INPUT,
+    EXIT_RUN_FAILED,
+    _enable_compilation_cache,
+    _format_time,
+    _Parser,
+    _select_platform,
+)
+from ._errors import InputError
+
+# A range of integers `a:b` (b excluded, as Python's range).
+_RANGE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+# Fewer distinct values than this give no figure and no fit in the report.
+_MIN_FIT_VALUES = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m gflow.sweep",
+        description="Solve a preset at many points of its [problem] fields (batched in one "
+        "compiled program) and write sweep.json, members.csv and scaling figures.",
+    )
+    p.add_argument("config", help="a preset name (see python -m gflow.solve --list) or a TOML path")
+    p.add_argument("--over", action="append", default=[], metavar="FIELD=VALUES",
+                   help="a [problem] field and its values: a comma-separated list "
+                   "(eps=1e-2,1e-3) or an integer range a:b, b excluded (seed=0:8); repeatable")
+    p.add_argument("--zip", action="store_true",
+                   help="read the --over axes in parallel (equal lengths) instead of a grid")
+    p.add_argument("--out", help="sweep directory (default runs/<preset>-sweep-<timestamp>)")
+    p.add_argument("--t1", type=float, help="end time (solve.t1)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (solve.rtol)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (solve.atol)")
+    p.add_argument("--solver", help="solver name (solve.solver)")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override a config field for every member (repeatable)")
+    p.add_argument("--batch", choices=("auto", "map", "vmap", "loop"), default="auto",
+                   help="lax.map, vmap or a loop over one compiled program (default: map on "
+                   "CPU, vmap on GPU/TPU)")
+    p.add_argument("--law", choices=("power", "log"), default="power",
+                   help="scaling law fitted to each transition: power (T ∝ x^k) or log "
+                   "(T = a + k ln(1/x)); default power")
+    p.add_argument("--against", action="append", default=[], metavar="AXIS",
+                   help="axis to fit against (repeatable; default every swept axis but seed "
+                   "with positive numeric values)")
+    p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
+                   help="run on this JAX platform (default: JAX's choice)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at commas outside brackets and quotes (`[1, 2],[3, 4]` is two values)."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def parse_over(item: str) -> tuple[str, list[str]]:
+    """`FIELD=VALUES` as `(field, [value literal, ...])`; `a:b` expands to `a, ..., b-1`."""
+    name, sep, values = item.partition("=")
+    name = name.strip()
+    if name.startswith("problem."):
+        name = name[len("problem."):]
+    if not sep or not name or "." in name:
+        raise InputError(f"--over expects FIELD=VALUES with a [problem] field, got {item!r}")
+    match = _RANGE.match(values)
+    if match:
+        start, stop = int(match[1]), int(match[2])
+        if stop <= start:
+            raise InputError(f"--over {name}: the range {values.strip()} is empty (a:b needs a < b)")
+        return name, [str(v) for v in range(start, stop)]
+    literals = _split_top_level(values)
+    if not values.strip() or any(not v for v in literals):
+        raise InputError(f"--over {name}: empty value in {values!r}")
+    return name, literals
+
+
+def _fit_axes(axes: dict, chosen: list[str]) -> list[str]:
+    if chosen:
+        for name in chosen:
+            if name not in axes:
+                raise InputError(f"--against {name}: not a swept axis ({', '.join(axes)})")
+        return chosen
+
+    def numeric(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+    return [k for k, v in axes.items() if k != "seed" and all(numeric(x) for x in v)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except InputError as e:
+        print(f"gflow: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _key(point: dict) -> tuple:
+    return tuple(repr(v) for v in point.values())
+
+
+def _run(args) -> int:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from . import presets
+    from ._config import parse_value
+    from ._sweep import plot_fit, sweep, sweep_points
+    from ._trajectory import atomic_write_bytes
+
+    if args.platform:
+        _select_platform(args.platform)
+    if not args.over:
+        raise InputError("nothing to sweep: give at least one --over FIELD=VALUES")
+    overrides = list(args.set)
+    for flag in ("t1", "rtol", "atol", "solver"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"solve.{flag}={value!r}" if flag == "solver" else f"solve.{flag}={value}")
+    base = presets.resolve(args.config, overrides)
+    fields = set(base.config.get("problem", {})) - {"kind"}
+    literals: dict[str, list[str]] = {}
+    for item in args.over:
+        name, values = parse_over(item)
+        if name not in fields:
+            raise InputError(
+                f"--over {name}: not a field of [problem]; fields: {', '.join(sorted(fields))}"
+            )
+        if name in literals:
+            raise InputError(f"--over {name} is given twice")
+        literals[name] = values
+    axes = {name: [parse_value(v) for v in values] for name, values in literals.items()}
+    mode = "zip" if args.zip else "grid"
+
+    # Resolve and build every point now: a bad value is bad input, before any compilation.
+    problems = {}
+    for point, point_literals in zip(sweep_points(axes, mode), sweep_points(literals, mode)):
+        point_overrides = [f"problem.{k}={v}" for k, v in point_literals.items()]
+        resolved = presets.resolve(args.config, overrides + point_overrides)
+        problems[_key(point)] = presets.build(resolved)
+    against = _fit_axes(axes, args.against)
+
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path("runs") / f"{base.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+
+    settings = base.solve
+    total = len(sweep_points(axes, mode))
+    quiet = args.quiet
+
+    def progress(index: int, member) -> None:
+        if quiet:
+            return
+        point = " ".join(f"{k}={v!r}" for k, v in member.point.items())
+        times = " ".join(f"{k}={_format_time(t)}" for k, t in member.transitions.items())
+        print(f"[{index + 1}/{total}] {point}  {member.status}  {times}", flush=True)
+
+    _enable_compilation_cache()
+    result = sweep(
+        lambda **point: problems[_key(point)],
+        axes,
+        settings.t1,
+        mode=mode,
+        batch=args.batch,
+        t0=settings.t0,
+        solver=settings.solver,
+        rtol=settings.rtol,
+        atol=settings.atol,
+        max_steps=settings.max_steps,
+        callback=progress,
+    )
+
+    fits, lines = [], []
+    for transition in result.transition_names:
+        for axis in against:
+            reached = {
+                m.point[axis]
+                for m in result.members
+                if math.isfinite(m.transitions.get(transition, math.nan))
+            }
+            if len(reached) < _MIN_FIT_VALUES:
+                continue
+            fit = result.fit(transition, against=axis, law=args.law)
+            fits.append(fit)
+            name = f"{transition}_vs_{axis}".replace("/", "__")
+            fig = plot_fit(fit, result)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110)
+            plt.close(fig)
+            (out / "figures").mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "figures" / f"{name}.png", buffer.getvalue())
+            low, high = fit.ci95
+            interval = f" (95%: {low:.4g} .. {high:.4g})" if math.isfinite(low) else ""
+            what = "exponent" if fit.law == "power" else "slope vs ln(1/x)"
+            lines.append(f"  {transition} vs {axis}: {what} {fit.slope:.6g}{interval}, "
+                         f"{len(fit.x)} values, {fit.excluded} member(s) excluded")
+    result.save(out, extra=dict(
+        preset=base.name,
+        config=base.config,
+        batch=args.batch,
+        fits=[f.summary() for f in fits],
+    ))
+
+    failed = [m for m in result.members if not m.completed]
+    if not quiet:
+        compile_s = sum(g["compile_seconds"] for g in result.groups)
+        run_s = sum(g["run_seconds"] for g in result.groups)
+        print(f"members     {total} ({total - len(failed)} completed) in "
+              f"{len(result.groups)} compiled program(s), batch {result.groups[0]['batch']}")
+        print(f"seconds     compile {compile_s:.2f}, run {run_s:.2f}")
+        if lines:
+            print("fits (" + ("ln T = a + k ln x" if args.law == "power" else "T = a + k ln(1/x)")
+                  + ")")
+            print("\n".join(lines))
+        print(f"written     {out}")
+    return EXIT_RUN_FAILED if failed else 0
