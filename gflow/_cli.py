@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
                    help="run on this JAX platform (default: JAX's choice)")
     p.add_argument("--certify", action="store_true",
-                   help="re-solve with Dopri8 at 100x smaller tolerances and report error estimates "
+                   help="re-solve with 100x smaller tolerances and report error estimates "
                    "(solve.certify)")
     return p
 
