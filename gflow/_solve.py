@@ -5,7 +5,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -355,6 +355,109 @@ def _resolve_ts(ts, t0: float, t1: float) -> np.ndarray:
     return ts
 
 
+class _Setup(NamedTuple):
+    solver: diffrax.AbstractSolver
+    controller: diffrax.AbstractStepSizeController
+    atol: float
+    observers: dict
+    transitions: tuple
+    names: list
+    y0: PyTree
+    root_finder: "_IntervalBisection"
+    directions: jax.Array
+    solver_state: PyTree
+    controller_state: PyTree
+
+
+def _prepare(
+    flow: GradientFlow, *, t0: float, t1: float, solver, rtol, atol, observers, transitions,
+    max_steps, dt0, controller,
+) -> _Setup:
+    """Validate a solve's inputs and build what its segments take; shared with `gflow.sweep`.
+
+    Every check here raises a one-line `InputError` before anything is compiled.
+    """
+    if not (math.isfinite(t0) and math.isfinite(t1)):
+        raise InputError(f"t0 and t1 must be finite, got t0={t0}, t1={t1}")
+    if not t1 > t0:
+        raise InputError(f"t1 must be greater than t0, got t0={t0}, t1={t1}")
+    if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
+        raise InputError(f"rtol must be a positive number, got {rtol!r}")
+    if atol is not None and not (
+        isinstance(atol, (int, float)) and atol > 0 and math.isfinite(atol)
+    ):
+        raise InputError(f"atol must be a positive number or None, got {atol!r}")
+    if int(max_steps) != max_steps or max_steps < 1:
+        raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
+    solver = make_solver(solver)
+    observers = {"loss": flow.loss} | dict(observers or {})
+    for name, obs in observers.items():
+        if not isinstance(name, str) or not callable(obs):
+            raise InputError(f"observer {name!r} must be a callable observer(model, data)")
+    transitions = tuple(transitions)
+    for tr in transitions:
+        if not isinstance(tr, Transition):
+            raise InputError(f"transitions must be gflow.Transition objects, got {tr!r}")
+    names = [tr.name for tr in transitions]
+    if len(set(names)) != len(names):
+        raise InputError(f"transition names must be unique, got {names}")
+    y0 = flow.params
+    _check_finite(y0, "the initial state")
+    _check_finite(flow.data, "the data")
+
+    if atol is None:
+        atol = _default_atol(y0, rtol)
+    # Tolerances travel as arrays, not Python floats: floats are static to equinox's jit, and a
+    # new init (hence a new default atol) or a new t1 would otherwise recompile the program.
+    as_array = lambda x: jnp.asarray(x, dtype=jnp.float64)
+    if controller is None:
+        if is_adaptive(solver):
+            # A step below dtmin means the flow is singular there (finite-time blow-up): float64
+            # time cannot approach a blow-up time closer than ~1e-16 relative, so the state
+            # itself never overflows and only the step size tells.
+            controller = diffrax.PIDController(
+                rtol=as_array(rtol), atol=as_array(atol), dtmin=as_array(_DTMIN * (t1 - t0))
+            )
+        elif dt0 is None:
+            raise InputError(
+                f"solver {solver_name(solver)!r} has no error estimate: pass dt0 for a fixed step"
+            )
+        else:
+            controller = diffrax.ConstantStepSize()
+    # Root finding on the dense output: well below the solver's own error, so the located time
+    # carries the solver's accuracy and not the root finder's.
+    root_rtol = max(1e-3 * rtol, 1e-15)
+    root_finder = _IntervalBisection(
+        rtol=as_array(root_rtol), atol=as_array(root_rtol * max(abs(t1), abs(t0), 1.0))
+    )
+    directions = jnp.asarray(
+        [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in transitions] + [0.0]
+    )
+    # Start every segment, the first included, with solver and controller states of one
+    # structure, so that all segments run one compiled program.
+    solver_state, controller_state = _initial_states(flow, solver, controller, y0, t0, t1)
+    return _Setup(
+        solver, controller, float(atol), observers, transitions, names, y0, root_finder,
+        directions, solver_state, controller_state,
+    )
+
+
+def status_message(status: str, t_final: float, max_steps: int) -> str:
+    """The one-line explanation of a non-`"completed"` status (empty when completed)."""
+    if status == "completed":
+        return ""
+    if status == "max_steps":
+        return f"reached max_steps={max_steps} before t1"
+    if status == "nonfinite":
+        return f"the state diverged near t={t_final:.16g} (finite-time blow-up?)"
+    if status == "dt_min":
+        return (
+            f"the step size collapsed near t={t_final:.16g}: the flow is singular there "
+            "(finite-time blow-up or a non-smooth loss)"
+        )
+    return "the solver failed"
+
+
 def solve(
     flow: GradientFlow,
     t1: float,
@@ -405,62 +508,16 @@ def solve(
     if not isinstance(flow, GradientFlow):
         raise InputError(f"solve expects a gflow.GradientFlow, got {type(flow).__name__}")
     t0, t1 = float(t0), float(t1)
-    if not (math.isfinite(t0) and math.isfinite(t1)):
-        raise InputError(f"t0 and t1 must be finite, got t0={t0}, t1={t1}")
-    if not t1 > t0:
-        raise InputError(f"t1 must be greater than t0, got t0={t0}, t1={t1}")
-    if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
-        raise InputError(f"rtol must be a positive number, got {rtol!r}")
-    if atol is not None and not (
-        isinstance(atol, (int, float)) and atol > 0 and math.isfinite(atol)
-    ):
-        raise InputError(f"atol must be a positive number or None, got {atol!r}")
-    if int(max_steps) != max_steps or max_steps < 1:
-        raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
-    solver = make_solver(solver)
-    observers = {"loss": flow.loss} | dict(observers or {})
-    for name, obs in observers.items():
-        if not isinstance(name, str) or not callable(obs):
-            raise InputError(f"observer {name!r} must be a callable observer(model, data)")
-    transitions = tuple(transitions)
-    for tr in transitions:
-        if not isinstance(tr, Transition):
-            raise InputError(f"transitions must be gflow.Transition objects, got {tr!r}")
-    names = [tr.name for tr in transitions]
-    if len(set(names)) != len(names):
-        raise InputError(f"transition names must be unique, got {names}")
-    ts = _resolve_ts(ts, t0, t1)
-    y0 = flow.params
-    _check_finite(y0, "the initial state")
-    _check_finite(flow.data, "the data")
-
-    if atol is None:
-        atol = _default_atol(y0, rtol)
-    # Tolerances travel as arrays, not Python floats: floats are static to equinox's jit, and a
-    # new init (hence a new default atol) or a new t1 would otherwise recompile the program.
-    as_array = lambda x: jnp.asarray(x, dtype=jnp.float64)
+    setup = _prepare(
+        flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=observers,
+        transitions=transitions, max_steps=max_steps, dt0=dt0, controller=controller,
+    )
+    solver, controller, atol = setup.solver, setup.controller, setup.atol
+    observers, transitions, names = setup.observers, setup.transitions, setup.names
     if certify and not is_adaptive(solver):
         raise InputError(f"certify needs an adaptive solver, not {solver_name(solver)!r}")
-    if controller is None:
-        if is_adaptive(solver):
-            # A step below dtmin means the flow is singular there (finite-time blow-up): float64
-            # time cannot approach a blow-up time closer than ~1e-16 relative, so the state
-            # itself never overflows and only the step size tells.
-            controller = diffrax.PIDController(
-                rtol=as_array(rtol), atol=as_array(atol), dtmin=as_array(_DTMIN * (t1 - t0))
-            )
-        elif dt0 is None:
-            raise InputError(
-                f"solver {solver_name(solver)!r} has no error estimate: pass dt0 for a fixed step"
-            )
-        else:
-            controller = diffrax.ConstantStepSize()
-    # Root finding on the dense output: well below the solver's own error, so the located time
-    # carries the solver's accuracy and not the root finder's.
-    root_rtol = max(1e-3 * rtol, 1e-15)
-    root_finder = _IntervalBisection(
-        rtol=as_array(root_rtol), atol=as_array(root_rtol * max(abs(t1), abs(t0), 1.0))
-    )
+    ts = _resolve_ts(ts, t0, t1)
+    y0, root_finder, directions = setup.y0, setup.root_finder, setup.directions
     meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
     conditions = tuple(tr.condition for tr in transitions)
 
@@ -478,12 +535,7 @@ def solve(
     )
     per_step = evaluations_per_step(solver)
     y, t_start, index = y0, t0, 0
-    directions = jnp.asarray(
-        [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in transitions] + [0.0]
-    )
-    # Start every segment, the first included, with solver and controller states of one
-    # structure, so that all segments run one compiled program.
-    solver_state, controller_state = _initial_states(flow, solver, controller, y0, t0, t1)
+    solver_state, controller_state = setup.solver_state, setup.controller_state
     made_jump = True  # the first step evaluates the vector field afresh
     while True:
         args = (
@@ -544,7 +596,6 @@ def solve(
             diverged_mask = out["event_mask"][0] if conditions else out["event_mask"]
             if bool(diverged_mask):
                 status = "nonfinite"
-                message = f"the state diverged near t={t_end:.16g} (finite-time blow-up?)"
                 break
             found[names[index]] = t_end
             index += 1
@@ -552,27 +603,23 @@ def solve(
             solver_state, controller_state = out["solver_state"], out["controller_state"]
             made_jump = True  # the event cut the step: the first-same-as-last stage is stale
             if t_end >= t1:
-                status, message = "completed", ""
+                status = "completed"
                 break
             continue
         if bool(result == diffrax.RESULTS.successful):
-            status, message = "completed", ""
+            status = "completed"
         elif bool(result == diffrax.RESULTS.max_steps_reached):
-            status, message = "max_steps", f"reached max_steps={max_steps} before t1"
+            status = "max_steps"
         elif bool(result == diffrax.RESULTS.dt_min_reached):
             status = "dt_min"
-            message = (
-                f"the step size collapsed near t={t_end:.16g}: the flow is singular there "
-                "(finite-time blow-up or a non-smooth loss)"
-            )
         else:
-            status, message = "failed", "the solver failed"
+            status = "failed"
         break
 
     y_end = out["y_end"]
     if status != "completed" and not float(_squared_norm(y_end)) < _DIVERGED_SQUARED_NORM:
         status = "nonfinite"
-        message = f"the state diverged near t={reached:.16g} (finite-time blow-up?)"
+    message = status_message(status, reached, max_steps)
     saved = (ts <= reached) if math.isfinite(reached) else np.zeros_like(ts, dtype=bool)
     traj = Trajectory(
         ts=ts[saved],

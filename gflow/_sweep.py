@@ -59,16 +59,13 @@ from ._flow import GradientFlow
 from ._grids import log_grid
 from ._solve import (
     _DIVERGED_SQUARED_NORM,
-    _DTMIN,
     Transition,
-    _check_finite,
-    _default_atol,
     _errors_as_nan,
-    _initial_states,
+    _prepare as _solve_prepare,
     _resolve_ts,
     _segment,
     _squared_norm,
-    _IntervalBisection,
+    status_message,
 )
 from ._solvers import evaluations_per_step, is_adaptive, make_solver, solver_name
 from ._trajectory import (
@@ -933,110 +930,38 @@ def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
     )
 
 
-def _check_settings(t0, t1, rtol, atol, max_steps) -> None:
-    # The same checks, and messages, as gflow.solve.
-    if not (math.isfinite(t0) and math.isfinite(t1)):
-        raise InputError(f"t0 and t1 must be finite, got t0={t0}, t1={t1}")
-    if not t1 > t0:
-        raise InputError(f"t1 must be greater than t0, got t0={t0}, t1={t1}")
-    if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
-        raise InputError(f"rtol must be a positive number, got {rtol!r}")
-    if atol is not None and not (
-        isinstance(atol, (int, float)) and atol > 0 and math.isfinite(atol)
-    ):
-        raise InputError(f"atol must be a positive number or None, got {atol!r}")
-    if int(max_steps) != max_steps or max_steps < 1:
-        raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
-
-
 def _prepare(
     flow, observers, transitions, *, t0, t1, solver, rtol, atol, ts, max_steps, dt0,
-    controller, keep_trajectories, states_cache,
+    controller, keep_trajectories,
 ) -> tuple[tuple, dict]:
-    """`_member_solve`'s arguments for one member, prepared exactly as `gflow.solve` does,
+    """`_member_solve`'s arguments for one member, prepared by `gflow.solve`'s own `_prepare`,
     and the host-side facts needed to report it."""
-    observers = {"loss": flow.loss} | dict(observers)
-    for name, obs in observers.items():
-        if not isinstance(name, str) or not callable(obs):
-            raise InputError(f"observer {name!r} must be a callable observer(model, data)")
-    for tr in transitions:
-        if not isinstance(tr, Transition):
-            raise InputError(f"transitions must be gflow.Transition objects, got {tr!r}")
-    names = [tr.name for tr in transitions]
-    if len(set(names)) != len(names):
-        raise InputError(f"transition names must be unique, got {names}")
-    y0 = flow.params
-    _check_finite(y0, "the initial state")
-    _check_finite(flow.data, "the data")
-    if atol is None:
-        atol = _default_atol(y0, rtol)
+    setup = _solve_prepare(
+        flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=observers,
+        transitions=transitions, max_steps=max_steps, dt0=dt0, controller=controller,
+    )
     as_array = lambda x: jnp.asarray(x, dtype=jnp.float64)
-    if controller is None:
-        if is_adaptive(solver):
-            controller = diffrax.PIDController(
-                rtol=as_array(rtol), atol=as_array(atol), dtmin=as_array(_DTMIN * (t1 - t0))
-            )
-        elif dt0 is None:
-            raise InputError(
-                f"solver {solver_name(solver)!r} has no error estimate: pass dt0 for a fixed step"
-            )
-        else:
-            controller = diffrax.ConstantStepSize()
-    root_rtol = max(1e-3 * rtol, 1e-15)
-    root_finder = _IntervalBisection(
-        rtol=as_array(root_rtol), atol=as_array(root_rtol * max(abs(t1), abs(t0), 1.0))
-    )
-    directions = jnp.asarray(
-        [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in transitions] + [0.0]
-    )
     # Without trajectories only the final state is observed: the segments save the loss once.
-    saved = observers if keep_trajectories else {"loss": observers["loss"]}
-    # The initial states are zeros shaped like the state (gflow.solve's `_initial_states`);
-    # tracing the solver for every member would dominate the preparation of a large sweep.
-    key = (
-        solver,
-        type(controller),
-        jtu.tree_structure(y0),
-        tuple((np.shape(x), x.dtype) for x in jtu.tree_leaves(y0)),
-    )
-    if key not in states_cache:
-        states_cache[key] = _initial_states(flow, solver, controller, y0, t0, t1)
-    solver_state, controller_state = states_cache[key]
+    saved = setup.observers if keep_trajectories else {"loss": setup.observers["loss"]}
     args = (
         flow,
         saved,
-        observers,
-        tuple(tr.condition for tr in transitions),
-        directions,
-        y0,
+        setup.observers,
+        tuple(tr.condition for tr in setup.transitions),
+        setup.directions,
+        setup.y0,
         as_array(t0),
         as_array(t1),
         jnp.asarray(ts),
         None if dt0 is None else as_array(dt0),
-        solver,
-        controller,
-        root_finder,
+        setup.solver,
+        setup.controller,
+        setup.root_finder,
         int(max_steps),
-        solver_state,
-        controller_state,
+        setup.solver_state,
+        setup.controller_state,
     )
-    return args, dict(names=names, atol=float(atol), flow=flow)
-
-
-def _message(status: str, t_final: float, max_steps: int) -> str:
-    # The messages gflow.solve gives.
-    if status == "completed":
-        return ""
-    if status == "max_steps":
-        return f"reached max_steps={max_steps} before t1"
-    if status == "nonfinite":
-        return f"the state diverged near t={t_final:.16g} (finite-time blow-up?)"
-    if status == "dt_min":
-        return (
-            f"the step size collapsed near t={t_final:.16g}: the flow is singular there "
-            "(finite-time blow-up or a non-smooth loss)"
-        )
-    return "the solver failed"
+    return args, dict(names=setup.names, atol=setup.atol, flow=flow)
 
 
 def sweep(
@@ -1092,14 +1017,13 @@ def sweep(
         raise InputError(f"batch must be one of {', '.join(BATCH_MODES)}, got {batch!r}")
     points = sweep_points(over, mode)
     t0, t1 = float(t0), float(t1)
-    _check_settings(t0, t1, rtol, atol, max_steps)
     solver = make_solver(solver)
     if ts is None:
         ts = log_grid(t0, t1, _DEFAULT_SAVE_POINTS) if keep_trajectories else np.asarray([t1])
     ts = _resolve_ts(ts, t0, t1)
     batch = _default_batch() if batch == "auto" else batch
 
-    all_args, infos, states_cache = [], [], {}
+    all_args, infos = [], []
     for point in points:
         flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
         args, info = _prepare(
@@ -1108,7 +1032,6 @@ def sweep(
             own_transitions + tuple(transitions),
             t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, ts=ts, max_steps=max_steps,
             dt0=dt0, controller=controller, keep_trajectories=keep_trajectories,
-            states_cache=states_cache,
         )
         all_args.append(args)
         infos.append(info)
@@ -1162,7 +1085,7 @@ def _member(point, info, out, group, ts, t0, t1, solver, rtol, max_steps, dt0, p
         segments=segments,
     )
     found = {name: float(t) for name, t in zip(info["names"], out["transitions"])}
-    message = _message(status, t_final, max_steps)
+    message = status_message(status, t_final, max_steps)
     final = jtu.tree_map(np.asarray, out["final"])
     trajectory = None
     if keep_trajectories:

@@ -16,7 +16,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = ("saxe_modes", "incremental_learning", "custom_flow", "gd_vs_flow", "rank_collapse",
-         "cooccurrence")
+         "cooccurrence", "escape_scaling")
 FLOAT = r"[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?"
 
 
@@ -145,3 +145,27 @@ def test_cooccurrence(runs):
     assert rises[2] > 0 and rises[3] > 0  # type-2 and type-3 losses first rise
     (r2,), = numbers(rf"\[\S+, \S+\] only: c = {FLOAT}, R² = ({FLOAT})", stdout)
     assert r2 > 0.99
+
+
+def test_escape_scaling(runs):
+    stdout, _ = output(runs, "escape_scaling")
+    assert stdout.count("statuses ['completed']") == 2
+    assert stdout.count("in 1 program(s)") == 2  # every ε shares one compiled program
+    rows = numbers(rf"\n\s*({FLOAT})\s+({FLOAT})\s+({FLOAT})(?=\n)", stdout)
+    assert len(rows) >= 3
+    products = [product for _, _, product in rows]
+    assert max(products) < 1.1 * min(products)  # ε · t_escape nearly constant: t ∝ 1/ε
+    linear = numbers(rf"\n\s*{FLOAT}" + rf"\s+({FLOAT})" * 4 + r"(?=\n)", stdout)
+    assert len(linear) >= 3
+    for t1, closed1, t2, closed2 in linear:  # Saxe's closed form on the aligned manifold
+        assert abs(t1 - closed1) < 1e-5 * closed1 and abs(t2 - closed2) < 1e-5 * closed2
+    (exponent, low, high), = numbers(
+        rf"exponent of t_escape vs eps: ({FLOAT}) \(95% interval \[({FLOAT}), ({FLOAT})\]", stdout)
+    assert abs(exponent + 1) < 0.1 and low < exponent < high
+    fits = numbers(rf"mode\d \(s = ({FLOAT})\): slope of t vs ln\(1/eps\): ({FLOAT}) \(95% "
+                   rf"interval \[({FLOAT}), ({FLOAT})\]\), predicted 1/\(2 s\) = ({FLOAT})", stdout)
+    assert len(fits) == 2
+    for s, slope, low, high, predicted in fits:
+        assert predicted == pytest.approx(1 / (2 * s), rel=1e-4)
+        # ln(s/ε − 1) is a line in ln(1/ε) only as ε → 0: a 2% band, not the interval.
+        assert abs(slope - predicted) < 0.02 * predicted and low < slope < high

@@ -16,10 +16,8 @@ from 12.9/13.1 to 4.2, while the outer group keeps a higher rank (`W_V` 12.4, `W
 final loss 1.33 below the targets' unigram entropy 3.02.
 """
 
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import observers as obs
