@@ -19,7 +19,7 @@ from jaxtyping import Array, ArrayLike, Bool, PyTree, Scalar
 from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
-from ._solvers import evaluations_per_step, is_adaptive, make_solver, solver_name
+from ._solvers import is_adaptive, make_solver, solver_name, vector_field_evaluations
 from ._trajectory import Trajectory, _flat_names
 
 
@@ -528,12 +528,10 @@ def solve(
         num_steps=0,
         num_accepted_steps=0,
         num_rejected_steps=0,
-        vector_field_evaluations=0,
         segments=0,
         compile_seconds=0.0,
         run_seconds=0.0,
     )
-    per_step = evaluations_per_step(solver)
     y, t_start, index = y0, t0, 0
     solver_state, controller_state = setup.solver_state, setup.controller_state
     made_jump = True  # the first step evaluates the vector field afresh
@@ -568,13 +566,6 @@ def solve(
         seg_stats = {k: int(v) for k, v in out["stats"].items() if k.startswith("num_")}
         for k in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
             stats[k] += seg_stats.get(k, 0)
-        if per_step is not None and stats["vector_field_evaluations"] is not None:
-            evals, first_extra = per_step
-            # The initial-step heuristic costs two evaluations when no dt0 is given.
-            init = (2 if dt0 is None and is_adaptive(solver) else 0) + first_extra
-            stats["vector_field_evaluations"] += init + evals * seg_stats["num_steps"]
-        else:
-            stats["vector_field_evaluations"] = None
 
         t_end = float(out["t_end"])
         # Float buffers, so that save times never reached can hold nan.
@@ -616,6 +607,9 @@ def solve(
             status = "failed"
         break
 
+    stats["vector_field_evaluations"] = vector_field_evaluations(
+        solver, stats["num_steps"], stats["segments"], dt0 is not None
+    )
     y_end = out["y_end"]
     if status != "completed" and not float(_squared_norm(y_end)) < _DIVERGED_SQUARED_NORM:
         status = "nonfinite"

@@ -65,3 +65,20 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | No
     if tableau.fsal:
         return stages - 1, 1
     return stages, 0
+
+
+def vector_field_evaluations(
+    solver: diffrax.AbstractSolver, num_steps: int, segments: int, dt0_given: bool
+) -> int | None:
+    """Vector-field evaluations of a solve of `segments` segments taking `num_steps` steps.
+
+    Each segment starts with diffrax's initial-step heuristic (two evaluations, unless `dt0`
+    is given) and, for a first-same-as-last method, a fresh first stage. `None` for implicit
+    solvers (see `evaluations_per_step`).
+    """
+    per_step = evaluations_per_step(solver)
+    if per_step is None:
+        return None
+    evals, first_extra = per_step
+    start = (0 if dt0_given or not is_adaptive(solver) else 2) + first_extra
+    return segments * start + evals * num_steps

@@ -58,6 +58,7 @@ from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
 from ._solve import (
+    _DEFAULT_SAVE_POINTS,
     _DIVERGED_SQUARED_NORM,
     Transition,
     _errors_as_nan,
@@ -67,7 +68,7 @@ from ._solve import (
     _squared_norm,
     status_message,
 )
-from ._solvers import evaluations_per_step, is_adaptive, make_solver, solver_name
+from ._solvers import make_solver, solver_name, vector_field_evaluations
 from ._trajectory import (
     Trajectory,
     _flat_names,
@@ -81,7 +82,6 @@ from ._trajectory import (
 STATUSES = ("completed", "max_steps", "nonfinite", "dt_min", "failed")
 _COMPLETED, _MAX_STEPS, _NONFINITE, _DT_MIN, _FAILED = range(len(STATUSES))
 BATCH_MODES = ("auto", "map", "vmap", "loop")
-_DEFAULT_SAVE_POINTS = 200
 _MEMBER_AXIS = "members"
 SWEEP_FILE = "sweep.json"
 MEMBERS_FILE = "members.csv"
@@ -1041,7 +1041,6 @@ def sweep(
         all_args = [_canonical(args) for args in all_args]
         groups = _group(all_args)
 
-    per_step = evaluations_per_step(solver)
     members: list[SweepMember | None] = [None] * len(points)
     group_infos = []
     for g, indices in enumerate(groups):
@@ -1049,7 +1048,7 @@ def sweep(
         group_infos.append(dict(members=list(indices)) | info)
         for i, out in zip(indices, outputs):
             members[i] = _member(points[i], infos[i], out, g, ts, t0, t1, solver, rtol,
-                                 max_steps, dt0, per_step, keep_trajectories)
+                                 max_steps, dt0, keep_trajectories)
             if callback is not None:
                 callback(i, members[i])
     return Sweep(
@@ -1064,19 +1063,14 @@ def sweep(
     )
 
 
-def _member(point, info, out, group, ts, t0, t1, solver, rtol, max_steps, dt0, per_step,
+def _member(point, info, out, group, ts, t0, t1, solver, rtol, max_steps, dt0,
             keep_trajectories) -> SweepMember:
     """A `SweepMember` (and its `Trajectory`) from the program's outputs for one member."""
     status = STATUSES[int(out["status"])]
     t_final = float(out["t_final"])
     steps = [int(s) for s in out["steps"]]
     segments = int(out["segments"])
-    if per_step is not None:
-        evals, first_extra = per_step
-        init = (2 if dt0 is None and is_adaptive(solver) else 0) + first_extra
-        evaluations = segments * init + evals * steps[0]
-    else:
-        evaluations = None
+    evaluations = vector_field_evaluations(solver, steps[0], segments, dt0 is not None)
     stats = dict(
         num_steps=steps[0],
         num_accepted_steps=steps[1],
