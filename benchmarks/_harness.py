@@ -24,7 +24,8 @@ class Result:
     - `family`: the curve it belongs to in the work–precision figure (one method, one solver).
     - `setting`: the accuracy knob, as text (`rtol=1e-8`, `η=1e-3`).
     - `knob`: the same knob as a number (rtol or η), for sorting.
-    - `wall_s`: best wall time of a whole call (compilation excluded), over the repeats.
+    - `wall_s`: best (minimum) wall time of a whole call (compilation excluded), over the
+        repeats: on a shared machine the least disturbed call.
     - `cpu_s`: best CPU time of the process (all threads) over the same calls.
     - `kernel_s`: best time inside the compiled program alone, where that is separable.
     - `compile_s`: compile time paid by the first call (`0.0`: the program was reused).
@@ -34,6 +35,8 @@ class Result:
     - `worst_t`: the save time where that error is largest.
     - `transition_errors`: `|t − t_ref|` per transition (`inf` if missed), or `None`.
     - `timed_transitions`: whether locating the transitions is inside `wall_s`.
+    - `wall_median_s`, `runs`: the median wall time of the same timed calls, and their number
+        (the spread between minimum and median shows how much other jobs disturbed them).
     """
 
     family: str
@@ -50,19 +53,34 @@ class Result:
     transition_errors: list[float] | None = None
     timed_transitions: bool = False
     notes: str = ""
+    wall_median_s: float | None = None
+    runs: int | None = None
 
 
-def best_time(
-    fn: Callable[[], Any], *, repeats: int, budget_s: float
-) -> tuple[float, float, list]:
+@dataclasses.dataclass
+class Timing:
+    """Repeated calls of one function: `wall`, `cpu` the minima, `wall_median` the median of
+    the wall times, `runs` the number of calls, `outputs` what each call returned."""
+
+    wall: float
+    cpu: float
+    wall_median: float
+    runs: int
+    outputs: list
+
+    @property
+    def result_fields(self) -> dict:
+        """The `Result` fields this timing fills."""
+        return dict(wall_s=self.wall, cpu_s=self.cpu, wall_median_s=self.wall_median,
+                    runs=self.runs)
+
+
+def best_time(fn: Callable[[], Any], *, repeats: int, budget_s: float) -> Timing:
     """Run `fn` up to `repeats` times (fewer once `budget_s` is spent, at least once).
 
-    The minimum is the least disturbed by other jobs on a shared machine. CPU time (this
-    process, all threads) is far less sensitive to other jobs than wall time.
-
-    **Returns:**
-
-    `(best wall seconds, best CPU seconds, outputs of every run)`.
+    The minimum is the least disturbed by other jobs on a shared machine; the median says how
+    disturbed the typical call was. CPU time (this process, all threads) is far less sensitive
+    to other jobs than wall time.
     """
     walls, cpus, outputs = [], [], []
     while True:
@@ -71,7 +89,7 @@ def best_time(
         cpus.append(time.process_time() - start_cpu)
         walls.append(time.perf_counter() - start)
         if len(walls) >= repeats or sum(walls) > budget_s:
-            return min(walls), min(cpus), outputs
+            return Timing(min(walls), min(cpus), float(np.median(walls)), len(walls), outputs)
 
 
 def relative_trajectory_error(states: np.ndarray, reference: np.ndarray) -> float:

@@ -6,6 +6,7 @@ A workload module (`deep_linear.py`, `cooccurrence.py`) builds a `Problem` and a
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -43,6 +44,8 @@ class Settings:
         the trajectory-only gflow call of the same solver and rtol, alternating calls.
     - `gd_etas`, `optax_etas`: steps of gradient descent (`lax.scan`) and `optax.sgd` (Python loop).
     - `scipy_runs`: `(method, "jax" | "numpy", rtol)`.
+    - `torchdiffeq_rtols`: tolerances of torchdiffeq's `odeint(method="dopri5")` (skipped,
+        with a note, where torch is not installed or the problem has no torch model).
     - `repeats`, `budget_s`: at most `repeats` timed calls per setting, fewer once `budget_s`
         seconds are spent (the minimum is reported).
     - `reference_rtol`, `cross_check_rtols`: the reference's tolerance, and the scipy DOP853
@@ -64,6 +67,7 @@ class Settings:
     cross_check_rtols: tuple[float, ...] = (1e-12,)
     count_evaluations: bool = False
     separate_reference_state: bool = True
+    torchdiffeq_rtols: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,8 @@ class Problem:
     - `state`: observer returning the trainable parameters as one flat vector (`ravel_pytree`
         order of `flow.params`).
     - `numpy_rhs`: optional hand-written numpy `f(t, y)` of the flow on flat vectors.
+    - `torch_velocity`: optional; called with no arguments, returns the same flow as a torch
+        `f(t, y)` on flat float64 tensors (`benchmarks/_torch.py`).
     """
 
     name: str
@@ -91,6 +97,7 @@ class Problem:
     scale: float
     state: Callable
     numpy_rhs: Callable | None = None
+    torch_velocity: Callable[[], Callable] | None = None
 
     def atol(self, rtol: float) -> float:
         return rtol * self.scale
@@ -206,7 +213,8 @@ def run_gflow(p: Problem, ref: Reference, settings: Settings) -> list[Result]:
     for solver, rtol, with_transitions, clipped in settings.gflow_runs:
         call = lambda: gflow_solve(p, solver, rtol, with_transitions, clipped=clipped)  # noqa: E731
         first = call()
-        wall, cpu, trajs = best_time(call, repeats=settings.repeats, budget_s=settings.budget_s)
+        timing = best_time(call, repeats=settings.repeats, budget_s=settings.budget_s)
+        trajs = timing.outputs
         traj = trajs[-1]
         if traj.status != "completed":
             raise RuntimeError(f"gflow {solver} rtol={rtol}: {traj.status} {traj.message}")
@@ -218,8 +226,7 @@ def run_gflow(p: Problem, ref: Reference, settings: Settings) -> list[Result]:
                 + (", steps at save times" if clipped else ""),
                 setting=f"rtol={rtol:g}",
                 knob=rtol,
-                wall_s=wall,
-                cpu_s=cpu,
+                **timing.result_fields,
                 kernel_s=min(t.stats["run_seconds"] for t in trajs),
                 compile_s=first.stats["compile_seconds"],
                 evaluations=traj.stats["vector_field_evaluations"],
@@ -324,6 +331,8 @@ def run_bare(p: Problem, ref: Reference, settings: Settings) -> tuple[list[Resul
                 knob=rtol,
                 wall_s=min(bare_times),
                 cpu_s=min(bare_cpu),
+                wall_median_s=float(np.median(bare_times)),
+                runs=len(bare_times),
                 kernel_s=min(bare_times),
                 compile_s=compile_s,
                 evaluations=_bare_evaluations(_SOLVERS[name](), steps),
@@ -335,6 +344,8 @@ def run_bare(p: Problem, ref: Reference, settings: Settings) -> tuple[list[Resul
         pairs.append(dict(
             solver=name, rtol=rtol, pairs=len(bare_times), bare_call=min(bare_times),
             gflow_call=min(gflow_times), gflow_program=min(gflow_programs),
+            bare_call_median=float(np.median(bare_times)),
+            gflow_call_median=float(np.median(gflow_times)),
             bare_cpu=min(bare_cpu), gflow_cpu=min(gflow_cpu),
             bare_steps=steps, gflow_steps=traj.stats["num_steps"],
             state_difference=relative_trajectory_error(traj.observables["state"],
@@ -498,20 +509,19 @@ def run_gd(p: Problem, ref: Reference, settings: Settings) -> list[Result]:
         start = time.perf_counter()
         compiled = _gd_scan_jit.lower(*args).compile()
         compile_s = time.perf_counter() - start
-        wall, cpu, outs = best_time(
+        timing = best_time(
             lambda: np.asarray(jax.block_until_ready(compiled(*args))),
             repeats=settings.repeats,
             budget_s=settings.budget_s,
         )
-        saved = outs[-1]
+        saved = timing.outputs[-1]
         times = gd_transitions(p, saved, eta, counts)
         out.append(
             Result(
                 family="GD (lax.scan)",
                 setting=f"η={eta:g}",
                 knob=eta,
-                wall_s=wall,
-                cpu_s=cpu,
+                **timing.result_fields,
                 kernel_s=None,
                 compile_s=compile_s,
                 evaluations=int(counts.sum()),
@@ -559,19 +569,18 @@ def run_optax(p: Problem, ref: Reference, settings: Settings) -> list[Result]:
                     saved.append(flat(params))
             return np.stack(saved)
 
-        wall, cpu, outs = best_time(train, repeats=2, budget_s=settings.budget_s)
+        timing = best_time(train, repeats=2, budget_s=settings.budget_s)
         out.append(
             Result(
                 family="optax.sgd (Python loop)",
                 setting=f"η={eta:g}",
                 knob=eta,
-                wall_s=wall,
-                cpu_s=cpu,
+                **timing.result_fields,
                 kernel_s=None,
                 compile_s=compile_s,
                 evaluations=int(counts.sum()),
                 steps=int(counts.sum()),
-                **_error(outs[-1], ref.state, p.ts),
+                **_error(timing.outputs[-1], ref.state, p.ts),
             )
         )
     return out
@@ -650,8 +659,8 @@ def run_scipy(p: Problem, ref: Reference, settings: Settings) -> list[Result]:
             sol = scipy_solve(counted, p, method, rtol, atol)
             return sol, counted.count
 
-        wall, cpu, outs = best_time(call, repeats=settings.repeats, budget_s=settings.budget_s)
-        sol, count = outs[-1]
+        timing = best_time(call, repeats=settings.repeats, budget_s=settings.budget_s)
+        sol, count = timing.outputs[-1]
         if not sol.success:
             raise RuntimeError(f"scipy {method} rtol={rtol} failed: {sol.message}")
         times = _first_events(scipy_solve(rhs, p, method, rtol, atol, events=events))
@@ -664,8 +673,7 @@ def run_scipy(p: Problem, ref: Reference, settings: Settings) -> list[Result]:
                 family=f"scipy {method} ({rhs_kind} rhs)",
                 setting=f"rtol={rtol:g}",
                 knob=rtol,
-                wall_s=wall,
-                cpu_s=cpu,
+                **timing.result_fields,
                 kernel_s=None,
                 compile_s=compile_s,
                 evaluations=count,
@@ -676,6 +684,109 @@ def run_scipy(p: Problem, ref: Reference, settings: Settings) -> list[Result]:
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torchdiffeq
+
+
+def torch_threads() -> list[int]:
+    """The thread counts torch is timed with: the cores this process may use (what XLA's CPU
+    client uses), and one.
+
+    One as well because torch's OpenMP parallel regions spin at a barrier: when other jobs
+    occupy a core, a two-thread region waits for its descheduled thread and even a 57k-entry
+    negation takes milliseconds (measured here), so on a loaded machine one thread is
+    torch's best case.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return sorted({int(cores), 1}, reverse=True)
+
+
+def run_torchdiffeq(p: Problem, ref: Reference, settings: Settings) -> tuple[list[Result], dict]:
+    """torchdiffeq `odeint(method="dopri5")` on the same flow written in PyTorch, float64.
+
+    Untimed first: the torch velocity against the JAX one at the initial point and at two
+    later points of the reference; a relative difference above 1e-10 stops the run. Then
+    each tolerance on the same save grid, at each thread count of `torch_threads`, the
+    right-hand side counted by a wrapper.
+    """
+    from . import _torch
+
+    info = dict(rtols=list(settings.torchdiffeq_rtols), skipped=None, check=[], threads=[])
+    if not settings.torchdiffeq_rtols:
+        return [], info
+    missing = _torch.available() or (
+        None if p.torch_velocity is not None else "no PyTorch model written for this workload"
+    )
+    if missing:
+        info["skipped"] = missing
+        return [], info
+    import torch
+    import torchdiffeq
+
+    info["threads"] = torch_threads()
+    info["versions"] = dict(torch=torch.__version__,
+                            torchdiffeq=getattr(torchdiffeq, "__version__", "?"))
+    velocity = p.torch_velocity()
+    jax_rhs, _ = _jax_rhs(p)
+    y0 = np.asarray(ravel_pytree(p.flow.params)[0])
+    # The initial point and two reference states while the parameters still move (near the
+    # end -∇L is tiny and its relative difference measures rounding, not the model).
+    for index in (0, len(p.ts) // 4, len(p.ts) // 2):
+        y = y0 if index == 0 else ref.state[index]
+        expected = np.asarray(jax_rhs(0.0, y))
+        got = velocity(0.0, torch.tensor(y, dtype=torch.float64)).numpy()
+        difference = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+        info["check"].append(dict(t=float(p.ts[index]), relative_difference=difference))
+        if not difference <= 1e-10:
+            raise RuntimeError(f"torch velocity differs from JAX's by {difference:.2e} at "
+                               f"t = {p.ts[index]:g}")
+
+    y0_torch = torch.tensor(y0, dtype=torch.float64)
+    ts_torch = torch.tensor(p.ts, dtype=torch.float64)
+    # One evaluation per thread count first: a count far slower than the best (oversubscribed
+    # cores, see `torch_threads`) is reported, not run through every tolerance.
+    info["seconds_per_evaluation"] = {}
+    for threads in info["threads"]:
+        torch.set_num_threads(threads)
+        info["seconds_per_evaluation"][threads] = best_time(
+            lambda: velocity(0.0, y0_torch), repeats=10, budget_s=2.0).wall
+    fastest = min(info["seconds_per_evaluation"].values())
+    info["skipped_threads"] = [n for n, sec in info["seconds_per_evaluation"].items()
+                               if sec > 2 * fastest]
+    out = []
+    for threads in info["threads"]:
+        if threads in info["skipped_threads"]:
+            continue
+        torch.set_num_threads(threads)
+        for rtol in settings.torchdiffeq_rtols:
+
+            def call():
+                counted = _Counted(velocity)
+                with torch.no_grad():
+                    ys = torchdiffeq.odeint(counted, y0_torch, ts_torch, rtol=rtol,
+                                            atol=p.atol(rtol), method="dopri5")
+                return ys.numpy(), counted.count
+
+            timing = best_time(call, repeats=settings.repeats, budget_s=settings.budget_s)
+            ys, count = timing.outputs[-1]
+            out.append(
+                Result(
+                    family=f"torchdiffeq dopri5, {threads} thread" + ("s" if threads > 1 else ""),
+                    setting=f"rtol={rtol:g}",
+                    knob=rtol,
+                    **timing.result_fields,
+                    kernel_s=None,
+                    compile_s=None,
+                    evaluations=count,
+                    steps=None,
+                    **_error(ys, ref.state, p.ts),
+                    notes=f"torch.set_num_threads({threads})",
+                )
+            )
+    torch.set_num_threads(info["threads"][0])
+    return out, info
 
 
 def cross_check(p: Problem, ref: Reference, rtols: tuple[float, ...]) -> list[dict]:
@@ -728,6 +839,7 @@ def run(p: Problem, settings: Settings, log: Callable[[str], None] = print) -> d
     """Every competitor on one workload; returns everything the report needs."""
     log(f"{p.name}: {p.size} parameters, t1={p.t1:g}, {len(p.ts)} save times, "
         f"atol = rtol × {p.scale:.3e}")
+    load_start = os.getloadavg()
     start = time.perf_counter()
     ref = reference(p, settings.reference_rtol, settings.separate_reference_state)
     log(f"  reference dopri8 rtol={settings.reference_rtol:g}: {ref.steps} steps "
@@ -736,13 +848,18 @@ def run(p: Problem, settings: Settings, log: Callable[[str], None] = print) -> d
     for row in check:
         log(f"  scipy DOP853 rtol={row['rtol']:g} cross-check: state difference "
             f"{row['state_difference']:.2e}, transitions {row['transition_difference']}")
-    results, overhead = [], []
+    results, overhead, torch_info = [], [], None
     for name, fn in [("gflow", run_gflow), ("bare diffrax", run_bare), ("GD", run_gd),
-                     ("optax", run_optax), ("scipy", run_scipy)]:
+                     ("optax", run_optax), ("scipy", run_scipy),
+                     ("torchdiffeq", run_torchdiffeq)]:
         start = time.perf_counter()
         rows = fn(p, ref, settings)
         if name == "bare diffrax":
             rows, overhead = rows
+        elif name == "torchdiffeq":
+            rows, torch_info = rows
+            if torch_info["skipped"]:
+                log(f"  torchdiffeq skipped: {torch_info['skipped']}")
         results += rows
         log(f"  {name}: {len(rows)} settings in {time.perf_counter() - start:.1f}s")
     counts = count_evaluations(p) if settings.count_evaluations else []
@@ -764,4 +881,6 @@ def run(p: Problem, settings: Settings, log: Callable[[str], None] = print) -> d
         overhead=overhead,
         evaluation_counts=counts,
         gd_fit=_gd_fit(results),
+        torchdiffeq=torch_info,
+        load_average=dict(start=load_start, end=os.getloadavg()),
     )

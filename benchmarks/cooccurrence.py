@@ -5,11 +5,14 @@ A one-layer softmax-attention Transformer with a linear MLP (d = 64, m = 128, m1
 Phase 1 (every sample classified correctly).
 """
 
+import functools
+
 import numpy as np
 
 import gflow
 import gflow.presets
 
+from . import _torch
 from ._workload import Problem, Settings, flat_state_observer, initial_rms
 
 T1 = 300.0
@@ -24,6 +27,9 @@ def full_settings() -> Settings:
             ("tsit5", 1e-8, False, False),
             ("dopri8", 1e-8, False, False),
             ("tsit5", 1e-8, True, False),
+            ("dopri5", 1e-4, False, False),
+            ("dopri5", 1e-6, False, False),
+            ("dopri5", 1e-8, False, False),
         ),
         bare_runs=(("tsit5", 1e-4), ("tsit5", 1e-6), ("tsit5", 1e-8)),
         # One gradient costs about a millisecond here: 7,500 to 60,000 GD steps.
@@ -36,6 +42,7 @@ def full_settings() -> Settings:
         cross_check_rtols=(1e-12,),
         # One transition, early (t ≈ 0.06): the reference is taken from the run that locates it.
         separate_reference_state=False,
+        torchdiffeq_rtols=(1e-4, 1e-6, 1e-8),
     )
 
 
@@ -59,6 +66,10 @@ def build() -> Problem:
         t1=T1,
         scale=initial_rms(flow.params),
         state=flat_state_observer(flow),
+        torch_velocity=functools.partial(
+            _torch.cooccurrence, flow.data.X, flow.data.y, flow.model.a,
+            flow.model.W_Q.shape[0], flow.model.W.shape[0],
+        ),
     )
 
 

@@ -4,6 +4,7 @@ A two-layer 16×16×16 linear network (512 parameters) from an N(0, 1e-3²) init
 target (singular values 4, 3, 2, 1) mode by mode; the four half-rise times are the transitions.
 """
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 import gflow
 import gflow.presets
 
+from . import _torch
 from ._workload import Problem, Settings, flat_state_observer, initial_rms
 
 SAVE_SPACING = 0.04  # a multiple of every GD step, so GD's iterates sit on the save times
@@ -24,6 +26,7 @@ def full_settings() -> Settings:
             + [("tsit5", r, True, False) for r in (1e-4, 1e-6, 1e-8, 1e-10)]
             + [("dopri8", r, True, False) for r in (1e-8, 1e-10)]
             + [("dopri8", r, False, True) for r in (1e-6, 1e-8)]
+            + [("dopri5", r, False, False) for r in (1e-4, 1e-6, 1e-8, 1e-10)]
         ),
         bare_runs=tuple(
             [("tsit5", r) for r in (1e-4, 1e-6, 1e-8, 1e-10)]
@@ -42,6 +45,7 @@ def full_settings() -> Settings:
         reference_rtol=1e-12,
         cross_check_rtols=(1e-12, 1e-14),
         count_evaluations=True,
+        torchdiffeq_rtols=(1e-4, 1e-6, 1e-8, 1e-10),
     )
 
 
@@ -51,6 +55,7 @@ def quick_settings() -> Settings:
             ("tsit5", 1e-6, False, False),
             ("tsit5", 1e-10, False, False),
             ("tsit5", 1e-8, True, False),
+            ("dopri5", 1e-6, False, False),
         ),
         bare_runs=(("tsit5", 1e-8),),
         gd_etas=(1e-2, 1e-3, 1e-4),
@@ -61,6 +66,7 @@ def quick_settings() -> Settings:
         reference_rtol=1e-12,
         cross_check_rtols=(1e-12,),
         separate_reference_state=False,
+        torchdiffeq_rtols=(1e-6,),
     )
 
 
@@ -95,6 +101,9 @@ def build(quick: bool) -> Problem:
         scale=initial_rms(flow.params),
         state=flat_state_observer(flow),
         numpy_rhs=_numpy_velocity(np.asarray(flow.data), width),
+        torch_velocity=functools.partial(
+            _torch.deep_linear, np.asarray(flow.data), [w.shape for w in flow.params.weights]
+        ),
     )
 
 

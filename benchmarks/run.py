@@ -2,7 +2,7 @@
 
     python -m benchmarks.run                 # the published benchmark (several minutes)
     python -m benchmarks.run --quick --out /tmp/bench/RESULTS.md    # the smoke test's run
-    python -m benchmarks.run --only deep-linear    # or cooccurrence, cli-compile
+    python -m benchmarks.run --only deep-linear    # or any name in WORKLOADS
 
 Next to the Markdown file go `results.json` (every number) and one work–precision PNG per
 workload. `--quick` never writes into `benchmarks/` unless `--out` says so.
@@ -23,7 +23,8 @@ import numpy as np
 
 import gflow  # noqa: F401  (enables float64 before any JAX work)
 
-from . import cooccurrence, deep_linear
+from . import cooccurrence, deep_linear, memory, rank_collapse
+from . import sweep as sweep_benchmark
 from ._harness import (
     Result,
     fmt,
@@ -35,7 +36,11 @@ from ._harness import (
 )
 from ._workload import run as run_workload
 
-WORKLOADS = ("deep-linear", "cooccurrence", "cli-compile")
+WORKLOADS = ("deep-linear", "cooccurrence", "rank-collapse", "torchdiffeq", "memory", "sweep",
+             "cli-compile")
+# What --quick runs (cooccurrence, torchdiffeq on (b) and cli-compile have no quick form;
+# torchdiffeq runs on (a) inside deep-linear).
+QUICK = ("deep-linear", "rank-collapse", "memory", "sweep")
 TARGET_ERROR = 1e-6
 HERE = Path(__file__).resolve().parent
 
@@ -43,7 +48,8 @@ HERE = Path(__file__).resolve().parent
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="workload (a) only, few settings, short horizon (about a minute)")
+                   help="few settings and short horizons of " + ", ".join(QUICK)
+                   + " (under two minutes): a smoke test, not the published numbers")
     p.add_argument("--only", choices=WORKLOADS, help="run one workload")
     p.add_argument("--out", type=Path, help="the Markdown file to write (default: "
                    "benchmarks/RESULTS.md, or a temporary directory with --quick)")
@@ -186,10 +192,14 @@ def analyse(data: dict, tag: str) -> dict:
             met=None if informational else min(s["ratio"] for s in out["scipy_equal_tol"]) >= 3,
         ))
 
+    torch_target = _torchdiffeq_target(results, data.get("torchdiffeq"), tag)
+    if torch_target is not None:
+        out["targets"].append(torch_target)
+
     # Matched error: what each competitor pays for the error a gflow setting reaches.
     competitors = {}
     for r in results:
-        if r.family.startswith(("scipy", "optax", "bare diffrax")):
+        if r.family.startswith(("scipy", "optax", "bare diffrax", "torchdiffeq")):
             competitors.setdefault(r.family, []).append(r)
     for g in sorted(gflow_rows, key=lambda r: (r.family, -r.knob)):
         row = dict(gflow=f"{g.family} {g.setting}", error=g.traj_error, evaluations=g.evaluations,
@@ -215,8 +225,48 @@ def analyse(data: dict, tag: str) -> dict:
     return out
 
 
+def _torchdiffeq_target(results: list[Result], info: dict | None, tag: str) -> dict | None:
+    """torchdiffeq dopri5 against gflow at the same rtol and atol (issue 7's target on (b)).
+
+    At each rtol the faster of torch's thread counts is taken (its best case). The verdict
+    compares with gflow's dopri5, the same method; gflow's default tsit5 is reported too.
+    """
+    target = f"gflow ≥2× faster than torchdiffeq at equal tolerance {tag}" + (
+        "" if tag == "(b)" else " (the target is set on (b); for information)")
+    if info is None or not info.get("rtols"):
+        return None
+    if info.get("skipped"):
+        return dict(target=target, measured=f"not measured: {info['skipped']}", met=None)
+    torch_rows = _families(results, "torchdiffeq")
+    parts, ratios = [], []
+    for rtol in info["rtols"]:
+        rows = [r for r in torch_rows if r.knob == rtol]
+        if not rows:
+            continue
+        best = min(rows, key=lambda r: r.wall_s)
+        threads = best.family.split(", ")[-1]
+        against = []
+        for family in ("gflow dopri5", "gflow tsit5"):
+            g = next((r for r in results if r.family == family and r.knob == rtol), None)
+            if g is None:
+                continue
+            against.append(f"{best.wall_s / g.wall_s:.2f}× wall / {best.cpu_s / g.cpu_s:.2f}× "
+                           f"CPU of {family}'s")
+            if family == "gflow dopri5":
+                ratios.append(best.wall_s / g.wall_s)
+        parts.append(f"rtol {rtol:g} ({fmt(best.wall_s * 1e3)} ms, {threads}, error "
+                     f"{fmt(best.traj_error)}): " + ", ".join(against))
+    return dict(
+        target=target,
+        measured="torchdiffeq dopri5 takes " + "; ".join(parts) + " (the faster of its thread "
+        "counts at each rtol; matched-error ratios in the workload's section)",
+        met=(min(ratios) >= 2 if ratios else None) if tag == "(b)" else None,
+    )
+
+
 def _results_table(results: list[Result]) -> str:
-    header = ["method", "setting", "grad evals", "steps", "wall [ms]", "CPU [ms]", "in program [ms]",
+    header = ["method", "setting", "grad evals", "steps", "wall [ms] min / median (calls)",
+              "CPU [ms]", "in program [ms]",
               "compile [s]", "traj. error", "worst at t", "transition-time errors, in order"]
     rows = []
     for r in results:
@@ -227,7 +277,9 @@ def _results_table(results: list[Result]) -> str:
             transitions += "" if r.timed_transitions else " (untimed)"
         rows.append([
             r.family, r.setting, fmt(int(r.evaluations)), "—" if r.steps is None else fmt(int(r.steps)),
-            fmt(r.wall_s * 1e3), "—" if r.cpu_s is None else fmt(r.cpu_s * 1e3),
+            fmt(r.wall_s * 1e3) + ("" if r.wall_median_s is None else
+                                   f" / {fmt(r.wall_median_s * 1e3)} ({r.runs})"),
+            "—" if r.cpu_s is None else fmt(r.cpu_s * 1e3),
             "—" if r.kernel_s is None else fmt(r.kernel_s * 1e3),
             "—" if r.compile_s is None else ("reused" if r.compile_s == 0 else fmt(r.compile_s)),
             fmt(r.traj_error), "—" if r.worst_t is None else f"{r.worst_t:g}", transitions,
@@ -282,7 +334,8 @@ def _findings(data: dict) -> list[str]:
             text += (f"; with a step ending at every save time (no interpolation) Dopri8 reaches "
                      f"{fmt(clipped.traj_error)} with {clipped.evaluations:,} evaluations instead "
                      f"of {plain.evaluations:,}")
-        if plain.traj_error > 10 * rtol:
+        if plain.traj_error > 10 * rtol and (tsit5 is None
+                                             or plain.traj_error > 10 * tsit5.traj_error):
             text += (". The save-grid values come from diffrax's Dopri8 dense output, which is "
                      "far less accurate than its steps here")
         notes.append(text + ".")
@@ -296,6 +349,12 @@ def _findings(data: dict) -> list[str]:
                 f"({chained.steps} steps in {chained.notes.split(',')[0]} against {plain.steps}); "
                 f"worst transition-time error {fmt(max(chained.transition_errors or [math.nan]))}."
             )
+    worst = [r.worst_t for r in results if r.worst_t is not None]
+    if len(worst) >= 3:
+        common = max(set(worst), key=worst.count)
+        if worst.count(common) >= 0.8 * len(worst):
+            notes.append(f"{worst.count(common)} of the {len(worst)} rows have their largest "
+                         f"trajectory error at the same save time, t = {common:g}.")
     if data["overhead"]:
         extra = [o["gflow_call"] - o["gflow_program"] for o in data["overhead"]]
         program = [o["gflow_program"] - o["bare_call"] for o in data["overhead"]]
@@ -312,6 +371,7 @@ def _findings(data: dict) -> list[str]:
 def _workload_section(title: str, description: str, data: dict, analysis: dict,
                       figure: Path | None, notes: tuple[str, ...] = ()) -> list[str]:
     prob, ref = data["problem"], data["reference"]
+    load = data.get("load_average")
     lines = [
         f"## {title}",
         "",
@@ -319,20 +379,31 @@ def _workload_section(title: str, description: str, data: dict, analysis: dict,
         f"gets the same tolerances: atol = rtol × {prob['atol_scale']:.3e} (gflow's default: "
         "rtol times the RMS of the smallest initial trainable leaf).",
         "",
+    ]
+    if load:
+        lines += [f"Load average (1 min) while this workload ran: {load['start'][0]:.2f} at its "
+                  f"start, {load['end'][0]:.2f} at its end.", ""]
+    lines += [
         f"**Reference.** {ref['solver']}, rtol {ref['rtol']:g}, {ref['steps']} steps, run "
         "through `gflow.solve` with `controller=diffrax.ClipStepSizeController(PIDController(...), "
-        "step_ts=save times)`. Checked against `scipy.integrate.solve_ivp` DOP853 (events for the "
-        "transitions):",
+        "step_ts=save times)`."
+        + (" Checked against `scipy.integrate.solve_ivp` DOP853 (events for the transitions):"
+           if data["cross_check"] else " Not cross-checked against scipy in this run."),
         "",
-        markdown_table(
-            ["scipy DOP853 rtol", "right-hand side", "max relative state difference",
-             "max transition-time difference"],
-            [[f"{c['rtol']:g}", c["rhs"], fmt(c["state_difference"]),
-              fmt(c["transition_difference"])] for c in data["cross_check"]],
-        ),
-        "",
+    ]
+    if data["cross_check"]:
+        lines += [
+            markdown_table(
+                ["scipy DOP853 rtol", "right-hand side", "max relative state difference",
+                 "max transition-time difference"],
+                [[f"{c['rtol']:g}", c["rhs"], fmt(c["state_difference"]),
+                  fmt(c["transition_difference"])] for c in data["cross_check"]],
+            ),
+            "",
+        ]
+    lines += [
         "Reference transition times: "
-        + ", ".join(f"{k} = {fmt(v, 10) if math.isfinite(v) else 'not reached'}"
+        + ", ".join(f"{k} = {f'{v:.12g}' if math.isfinite(v) else 'not reached'}"
                     for k, v in ref["transitions"].items()) + ".",
         "",
     ]
@@ -346,6 +417,27 @@ def _workload_section(title: str, description: str, data: dict, analysis: dict,
                             for c in data["evaluation_counts"]]),
             "",
         ]
+    torch_info = data.get("torchdiffeq") or {}
+    if torch_info.get("check"):
+        lines += [
+            "**torchdiffeq's model** (`benchmarks/_torch.py`, float64, gradient by "
+            "`torch.autograd.grad`) against gflow's velocity `-∇L`, untimed: relative "
+            "difference " + ", ".join(f"{fmt(c['relative_difference'])} at t = {c['t']:g}"
+                                      for c in torch_info["check"])
+            + f" (t > 0: the reference state). torch {torch_info['versions']['torch']}, "
+            f"torchdiffeq {torch_info['versions']['torchdiffeq']}; timed with "
+            + " and ".join(f"`torch.set_num_threads({n})`" for n in torch_info["threads"])
+            + " (XLA uses every usable core; see 'How it is measured'). One evaluation of "
+            "the torch velocity took "
+            + ", ".join(f"{fmt(sec * 1e3)} ms with {n} thread{'s' if int(n) > 1 else ''}"
+                        for n, sec in torch_info["seconds_per_evaluation"].items())
+            + (f" (best of up to 10); {', '.join(map(str, torch_info['skipped_threads']))} "
+               "thread(s) took more than twice the fastest, so odeint was not run with that "
+               "count." if torch_info["skipped_threads"] else " (best of up to 10)."),
+            "",
+        ]
+    elif torch_info.get("skipped"):
+        lines += [f"**torchdiffeq**: not run: {torch_info['skipped']}.", ""]
     lines += ["### Every method and setting", "", _results_table(data["results"]), ""]
     if figure is not None:
         lines += [f"![work–precision, {prob['name']}]({figure.name})", ""]
@@ -360,7 +452,7 @@ def _workload_section(title: str, description: str, data: dict, analysis: dict,
             "µs CPU) per step measured there.",
             "",
         ]
-    lines += [
+    lines += [] if not analysis["matched"] else [
         "### Ratio to gflow at matched error",
         "",
         "For each trajectory-only gflow setting: what a competitor pays to reach the same "
@@ -418,26 +510,174 @@ METHODS_TEXT = [
     "time is a multiple of every η used, so the iterate nearest each save time sits exactly on "
     "it: no interpolation, no time offset.",
     "- **Wall time** excludes compilation: the minimum over repeated calls after a first, "
-    "compiling call (the number of calls is capped by a time budget: long GD runs are timed "
-    "once). 'compile' is the first call's compile time ('reused': a program compiled for an "
-    "earlier row served). gflow: the whole `gflow.solve` call; 'in program' is its "
+    "compiling call, with the median of the same calls and their number next to it (the "
+    "number of calls is capped by a time budget: long GD runs are timed once). On a shared "
+    "machine the minimum is the least disturbed call; a median far above it means other jobs "
+    "competed for the cores. 'compile' is the first call's compile time ('reused': a program "
+    "compiled for an earlier row served). gflow: the whole `gflow.solve` call; 'in program' is its "
     "`stats['run_seconds']`. Bare diffrax: `eqx.filter_jit(diffeqsolve)` compiled ahead of "
     "time, same solver, `PIDController`, rtol, atol, and the same observers through "
     "`SaveAt(ts=..., fn=...)`. GD: one `lax.scan` program per η, saving at each save time. "
     "optax: `optax.sgd` stepped from a Python loop over a jitted step, with a host transfer at "
     "each save time, as a training script logs. scipy: `solve_ivp(..., t_eval=save times)` "
     "with a jitted JAX right-hand side on flat float64 vectors (compile: the jit's first call) "
-    "or a hand-written numpy one.",
+    "or a hand-written numpy one. torchdiffeq: `torchdiffeq.odeint(f, y0, save times, rtol, "
+    "atol, method='dopri5')` under `torch.no_grad()`, `f` the same model written in PyTorch "
+    "(float64) returning `-∇L` by `torch.autograd.grad`, timed with torch's threads set to "
+    "the cores XLA uses (`torch.set_num_threads`) and to one: torch's OpenMP regions spin at "
+    "a barrier, so when other jobs hold a core more threads can be far slower; the faster is "
+    "torch's best case. Its rhs agrees with gflow's to ~1e-16 (checked untimed in each run). "
+    "gflow dopri5 rows use the same method as torchdiffeq.",
     "- **Gradient evaluations**: gflow: `stats['vector_field_evaluations']`; bare diffrax: the "
-    "same count from its steps; GD and optax: one per step; scipy: calls of the right-hand side "
-    "(counted by a wrapper, dense-output stages included).",
+    "same count from its steps; GD and optax: one per step; scipy and torchdiffeq: calls of the "
+    "right-hand side (counted by a wrapper, dense-output stages included).",
     "",
 ]
 
 
+def _mib(x: float) -> str:
+    return f"{x / 2**20:.1f}"
+
+
+def _memory_target(rows: list[dict] | None) -> list:
+    target = "peak memory of a solve with 1000 save times independent of the step count"
+    if not rows:
+        return [target, "not measured in this run (`python -m benchmarks.run --only memory`)",
+                "—"]
+    parts, verdicts = [], []
+    for v in memory.verdict(rows):
+        verdicts.append(v["independent"])
+        parts.append(
+            f"{v['problem']}: {v['steps'][0]:,} to {v['steps'][1]:,} steps "
+            f"({v['step_ratio']:.0f}×); the measured solve's peak RSS exceeds its few-step "
+            f"warm-up's by at most {_mib(v['rss_growth_after_warm_up'])} MiB, where one state "
+            f"kept per step would add {_mib(v['per_step_storage'])} MiB; "
+            + ("the compiled program and its `memory_analysis()` are the same for every "
+               "setting" if v["same_program"] else "the programs differ between settings")
+            + ("" if v["independent"] is not None else
+               " (steps differ by less than 10×: no verdict)")
+        )
+    met = None if None in verdicts else all(verdicts)
+    return [target, "; ".join(parts), {True: "met", False: "**not met**", None: "—"}[met]]
+
+
+def _memory_section(rows: list[dict], load: dict) -> list[str]:
+    def analysis(r, key):
+        a = r["memory_analysis"]
+        return fmt(int(a[key])) if isinstance(a, dict) and key in a else "—"
+
+    lines = [
+        "## Peak memory against the number of steps (1000 save times)",
+        "",
+        "Each row is a fresh process (`python -m benchmarks.memory SPEC`): build the preset's "
+        "problem, solve once at rtol 1e-3 with the same 1000 save times (compiles the "
+        "program and runs a few steps), read the peak RSS, solve at the row's "
+        "rtol with the same compiled program, read the peak RSS again (`VmHWM`: the "
+        "process's high-water mark of resident memory). Observers: the loss and "
+        "the parameter norm at each save time. 'memory_analysis' is the compiled segment "
+        "program's (`jax.stages.Compiled.memory_analysis()`, bytes). Load average (1 min): "
+        f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end.",
+        "",
+        markdown_table(
+            ["problem", "t1", "rtol", "steps", "warm-up steps", "solve [s]",
+             "peak RSS after warm-up [MiB]", "peak RSS after solve [MiB]", "growth [MiB]",
+             "temp bytes", "argument bytes", "output bytes"],
+            [[r["problem"], f"{r['t1']:g}", f"{r['rtol']:g}", fmt(int(r["steps"])),
+              r["warm_up_steps"], fmt(r["solve_seconds"]), _mib(r["rss_after_warm_up"]),
+              _mib(r["rss_peak"]), _mib(r["rss_peak"] - r["rss_after_warm_up"]),
+              analysis(r, "temp"), analysis(r, "argument"), analysis(r, "output")]
+             for r in rows],
+        ),
+        "",
+    ]
+    for v in memory.verdict(rows):
+        lines.append(
+            f"- {v['problem']}: steps {v['steps'][0]:,} to {v['steps'][1]:,} "
+            f"({v['step_ratio']:.1f}×); peak RSS spread between processes "
+            f"{_mib(v['rss_spread'])} MiB (process-to-process noise: allocator and thread "
+            f"start-up), growth beyond the warm-up at most "
+            f"{_mib(v['rss_growth_after_warm_up'])} MiB against "
+            f"{_mib(v['per_step_storage'])} MiB for one state per extra step: "
+            + {True: "independent of the step count.", False: "grows with the step count.",
+               None: "no verdict (steps differ by less than 10×)."}[v["independent"]]
+        )
+    return lines + [""]
+
+
+def _sweep_summary(data: dict) -> str:
+    """The fastest way through the sweep, and map against vmap, from this run's numbers."""
+    rows = {r["method"]: r for r in data["rows"]}
+    loop = data["rows"][0]
+    best = min(data["rows"], key=lambda r: r["wall"])
+    if best is loop:
+        text = "Fastest here: the Python loop of `gflow.solve` itself (compile excluded)."
+    else:
+        text = (f"Fastest here: {best['method']}, {loop['wall'] / best['wall']:.2f}× the "
+                "Python loop's throughput (compile excluded).")
+    mapped, vmapped = rows.get('gflow.sweep(batch="map")'), rows.get('gflow.sweep(batch="vmap")')
+    if mapped and vmapped:
+        faster = "vmap" if vmapped["wall"] < mapped["wall"] else "map"
+        text += (f" On this CPU `{faster}` beat the other by "
+                 f"{max(mapped['wall'], vmapped['wall']) / min(mapped['wall'], vmapped['wall']):.2f}× "
+                 f"({fmt(mapped['wall'])} s map, {fmt(vmapped['wall'])} s vmap; members' step "
+                 f"counts differ by at most {data['step_spread']:.1f}× here, so lock-step costs "
+                 "little).")
+    return text
+
+
+def _sweep_section(data: dict, load: dict, command: str) -> list[str]:
+    rows = data["rows"]
+    loop = rows[0]
+    lines = [
+        "## Issue 6: throughput of a sweep on CPU",
+        "",
+        f"Measured by `{command}` (alone: `python -m benchmarks.run --only sweep`). "
+        f"{data['members']} members: the "
+        "two-layer 16×16×16 linear network of (a) (target singular values 4, 3, 2, 1; the four "
+        "half-rise times are the transitions), init scale ε ∈ {"
+        + ", ".join(f"{e:.3g}" for e in data["eps"]) + "} × init seeds "
+        f"{data['seeds'][0]}–{data['seeds'][-1]}, each solved with {data['solver']} at rtol "
+        f"{data['rtol']:g} to t1 = {data['t1']:g} with its transitions located and only the "
+        "final state observed. 'Python loop' is "
+        "`[gflow.solve(make_flow(**p), t1, transitions=...) for p in points]`; the others are "
+        "one `gflow.sweep(make_flow, over, t1, batch=...)` call. The first call of each "
+        "compiles ('compile' as reported by gflow, 'first call' the whole first call); the "
+        "timed calls reuse the program. Wall time: minimum / median of the timed calls. "
+        f"Devices: {', '.join(data['devices'])}. Load average (1 min): "
+        f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end.",
+        "",
+        markdown_table(
+            ["method", "compile [s]", "first call [s]", "wall [s] min / median (calls)",
+             "CPU [s]", "in program [s]", "members / s", "speed-up vs Python loop",
+             "steps (all members)", "completed", "max |t − t_loop| over all transitions"],
+            [[r["method"], fmt(r["compile_seconds"]), fmt(r["first_call"]),
+              f"{fmt(r['wall'])} / {fmt(r['wall_median'])} ({r['runs']})", fmt(r["cpu"]),
+              fmt(r["in_program"]), fmt(data["members"] / r["wall"]),
+              f"{loop['wall'] / r['wall']:.2f}×", fmt(int(r["steps"])),
+              f"{r['completed']} / {data['members']}", fmt(r["max_difference"])]
+             for r in rows],
+        ),
+        "",
+        _sweep_summary(data),
+        "",
+        "Transition times reached: " + ", ".join(
+            f"{n} {fmt(a)}–{fmt(b)}" for n, (a, b) in data["transition_range"].items())
+        + f" ({data['reached']} of {data['members'] * len(data['transitions'])} reached).",
+        "",
+        "GPU: no GPU or TPU was available to this benchmark run (the session that wrote this "
+        "harness was not lent one), so `vmap` on an accelerator is not measured; on a machine "
+        "with one, `python -m benchmarks.run --only sweep` times the same rows there "
+        "(`batch=\"auto\"` picks `vmap` on GPU/TPU).",
+        "",
+    ]
+    return lines
+
+
 def write_report(path: Path, *, command: str, info: dict, loads: dict, sections: list,
-                 cli: list[dict] | None, quick: bool, seconds: float, cpu_seconds: float) -> None:
-    lines = ["# gflow benchmarks (issue 7, first reduced version)", ""]
+                 cli: list[dict] | None, memory_rows: list[dict] | None,
+                 sweep_data: dict | None, quick: bool, seconds: float,
+                 cpu_seconds: float) -> None:
+    lines = ["# gflow benchmarks (issues 7 and 6)", ""]
     if quick:
         lines += ["**Quick run** (`--quick`): few settings and a short horizon; a smoke test of "
                   "the harness, not the published numbers.", ""]
@@ -445,7 +685,8 @@ def write_report(path: Path, *, command: str, info: dict, loads: dict, sections:
         f"Reproduce: `{command}` from the repository root (took {seconds / 60:.1f} min wall, "
         f"{cpu_seconds / 60:.1f} min CPU in the benchmark process, here). "
         "Every number below comes from that one run; `results.json` next to this file holds "
-        "them all.",
+        "them all. torchdiffeq rows need `pip install -e '.[bench]'` (torch 2.13.0, "
+        "torchdiffeq 0.2.5; see the README's note on a CPU-only torch).",
         "",
         "## Machine",
         "",
@@ -464,9 +705,9 @@ def write_report(path: Path, *, command: str, info: dict, loads: dict, sections:
         ]),
         "",
         "The machine was shared with other jobs (a load average above the core count means "
-        "other processes competed for the CPU), so wall times are minima over repeated calls "
-        "and still carry noise of tens of percent; evaluation counts and errors are exact and "
-        "reproducible.",
+        "other processes competed for the CPU), so wall times are minima over repeated calls, "
+        "with medians beside them, and still carry noise of tens of percent; evaluation counts "
+        "and errors are exact and reproducible.",
         "",
         "## Issue 7's targets against what was measured",
         "",
@@ -478,10 +719,8 @@ def write_report(path: Path, *, command: str, info: dict, loads: dict, sections:
             rows.append([t["target"], t["measured"], verdict])
     measured = {name for name, *_ in sections}
     if "cooccurrence" not in measured:
-        rows.append(["targets on (b): GD, scipy DOP853 ≥3×, overhead",
+        rows.append(["targets on (b): GD, scipy DOP853 ≥3×, torchdiffeq ≥2×, overhead",
                      "(b) not measured in this run", "—"])
-    rows.append(["gflow ≥2× faster than torchdiffeq at equal tolerance (b)",
-                 "pending: torch and torchdiffeq are not installed here", "—"])
     if cli:
         cold, warm = cli[0], cli[-1]
         rows.append([
@@ -494,8 +733,7 @@ def write_report(path: Path, *, command: str, info: dict, loads: dict, sections:
     else:
         rows.append(["compile time of the default CLI run, cold and warm",
                      "not measured in this run", "—"])
-    rows.append(["peak memory of a solve with 1000 save times independent of the step count",
-                 "not yet measured", "—"])
+    rows.append(_memory_target(memory_rows))
     lines += [markdown_table(["target", "measured", "verdict"], rows), ""]
     lines += METHODS_TEXT
     for name, title, module, analysis, (data, figure) in sections:
@@ -514,19 +752,34 @@ def write_report(path: Path, *, command: str, info: dict, loads: dict, sections:
                              fmt(c["process_seconds"]), c["steps"]] for c in cli]),
             "",
         ]
+    if memory_rows:
+        lines += _memory_section(memory_rows, loads["memory"])
+    if sweep_data:
+        lines += _sweep_section(sweep_data, loads["sweep"], command)
     missing = []
-    if "cooccurrence" not in measured:
-        missing.append("- (b) the co-occurrence Transformer (`cooccurrence` preset): not "
-                       "measured in this run (`python -m benchmarks.run --only cooccurrence`).")
-    missing += [
-        "- (c) the `rank-collapse` preset: not yet measured.",
-        "- torchdiffeq `odeint` (dopri5) with the model in PyTorch: pending; torch and "
-        "torchdiffeq are not installed here (they belong in the `bench` extra).",
-        "- `optax.sgd` on (b): not run (a Python loop of tens of thousands of steps adds minutes "
-        "and nothing that (a) does not show).",
-        "- Peak memory against the number of steps at 1000 save times: pending.",
-    ]
-    lines += ["## Not yet measured", ""] + missing + [""]
+    for name, text in (
+        ("deep-linear", "(a) the deep linear network"),
+        ("cooccurrence", "(b) the co-occurrence Transformer (`cooccurrence` preset)"),
+        ("rank-collapse", "(c) the `rank-collapse` preset"),
+    ):
+        if name not in measured:
+            missing.append(f"- {text}: not measured in this run "
+                           f"(`python -m benchmarks.run --only {name}`).")
+    skipped = {d.get("torchdiffeq", {}).get("skipped") for _, _, _, _, (d, _) in sections}
+    skipped.discard(None)
+    missing += [f"- torchdiffeq: {why}." for why in sorted(skipped)]
+    if "rank-collapse" in measured:
+        missing.append("- torchdiffeq on (c): no PyTorch model of the attention + FFN network is "
+                       "written (issue 7 asks for torchdiffeq's target on (b)).")
+    missing.append("- `optax.sgd` on (b) and (c): not run (a Python loop of tens of thousands "
+                   "to millions of steps adds minutes and nothing that (a) does not show).")
+    if not memory_rows:
+        missing.append("- Peak memory against the number of steps: not measured in this run "
+                       "(`--only memory`).")
+    if not sweep_data:
+        missing.append("- Issue 6's sweep throughput: not measured in this run (`--only sweep`).")
+    missing.append("- Issue 6 on a GPU (`vmap`): no accelerator available here.")
+    lines += ["## Not measured", ""] + missing + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
@@ -556,10 +809,43 @@ def _gd_extrapolation(data: dict):
              steps * f["cpu_seconds_per_step"])]
 
 
+def _torchdiffeq_only(settings):
+    """The rows torchdiffeq is compared with: gflow tsit5 and dopri5 at its tolerances."""
+    keep = set(settings.torchdiffeq_rtols)
+    return dataclasses.replace(
+        settings,
+        gflow_runs=tuple(r for r in settings.gflow_runs
+                         if r[0] in ("tsit5", "dopri5") and r[1] in keep and not (r[2] or r[3])),
+        bare_runs=(), gd_etas=(), optax_etas=(), scipy_runs=(), cross_check_rtols=(),
+        count_evaluations=False,
+    )
+
+
+def _workloads(selected: list[str], quick: bool) -> list[tuple]:
+    """`(name, tag, module, problem, settings)` of the flow workloads to run."""
+    torch_only = selected == ["torchdiffeq"]
+    specs = []
+    if "deep-linear" in selected or torch_only:
+        settings = deep_linear.quick_settings() if quick else deep_linear.full_settings()
+        specs.append(("deep-linear", "(a)", deep_linear, lambda: deep_linear.build(quick),
+                      settings))
+    if "cooccurrence" in selected or (torch_only and not quick):
+        specs.append(("cooccurrence", "(b)", cooccurrence, cooccurrence.build,
+                      cooccurrence.full_settings()))
+    if "rank-collapse" in selected:
+        settings = rank_collapse.quick_settings() if quick else rank_collapse.full_settings()
+        specs.append(("rank-collapse", "(c)", rank_collapse, rank_collapse.build, settings))
+    if torch_only:
+        specs = [(n, t, m, b, _torchdiffeq_only(s)) for n, t, m, b, s in specs]
+    return specs
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.quick and args.only == "cooccurrence":
         _parser().error("the cooccurrence workload has no --quick variant")
+    if args.quick and args.only == "cli-compile":
+        _parser().error("cli-compile has no --quick variant")
     if args.out is not None:
         out = args.out
     elif args.quick:
@@ -575,18 +861,10 @@ def main(argv=None) -> int:
     info = machine()
     log(f"machine: {info['cpu']}, {info['usable_cores']} cores, load {loads['start']}")
 
-    selected = [args.only] if args.only else (["deep-linear"] if args.quick else list(WORKLOADS))
-    sections, cli = [], None
-    for name, tag, module in (("deep-linear", "(a)", deep_linear),
-                              ("cooccurrence", "(b)", cooccurrence)):
-        if name not in selected:
-            continue
-        if name == "deep-linear":
-            problem = deep_linear.build(args.quick)
-            settings = deep_linear.quick_settings() if args.quick else deep_linear.full_settings()
-        else:
-            problem, settings = cooccurrence.build(), cooccurrence.full_settings()
-        data = run_workload(problem, settings, log=log)
+    selected = [args.only] if args.only else list(QUICK if args.quick else WORKLOADS)
+    sections, cli, memory_rows, sweep_data = [], None, None, None
+    for name, tag, module, build, settings in _workloads(selected, args.quick):
+        data = run_workload(build(), settings, log=log)
         analysis = analyse(data, tag)
         figure = out.parent / f"{name}-work-precision.png"
         work_precision_figure(data["results"], figure,
@@ -595,6 +873,18 @@ def main(argv=None) -> int:
                               _gd_extrapolation(data), target_error=TARGET_ERROR)
         title = f"{tag} {name}: {data['problem']['parameters']:,} parameters"
         sections.append((name, title, module, analysis, (data, figure)))
+    if "memory" in selected:
+        log("memory:")
+        loads["memory"] = dict(start=load_average())
+        memory_rows = memory.run(
+            memory.quick_settings() if args.quick else memory.full_settings(), log)
+        loads["memory"]["end"] = load_average()
+    if "sweep" in selected:
+        loads["sweep"] = dict(start=load_average())
+        sweep_data = sweep_benchmark.run(
+            sweep_benchmark.quick_settings() if args.quick else sweep_benchmark.full_settings(),
+            log)
+        loads["sweep"]["end"] = load_average()
     if "cli-compile" in selected and not args.quick:
         log("cli-compile:")
         cli = cli_compile(log)
@@ -602,11 +892,14 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - start_cpu
     write_report(out, command=command, info=info, loads=loads, sections=sections, cli=cli,
-                 quick=args.quick, seconds=seconds, cpu_seconds=cpu_seconds)
+                 memory_rows=memory_rows, sweep_data=sweep_data, quick=args.quick,
+                 seconds=seconds, cpu_seconds=cpu_seconds)
     (out.parent / "results.json").write_text(json.dumps(_jsonable(dict(
         command=command, machine=info, load_average=loads, seconds=seconds,
         workloads={name: dict(data=d, analysis=a) for name, _, _, a, (d, _) in sections},
-        cli_compile=cli,
+        cli_compile=cli, memory=memory_rows,
+        memory_verdict=memory.verdict(memory_rows) if memory_rows else None,
+        sweep=sweep_data,
     )), indent=1))
     log(f"wrote {out} ({seconds:.0f} s)")
     return 0

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from ._errors import InputError
@@ -50,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--certify", action="store_true",
                    help="re-solve with 100x smaller tolerances and report error estimates "
                    "(solve.certify)")
+    p.add_argument("--x32", action="store_true",
+                   help="compute in float32 instead of float64 (solve.x32); needs rtol >= 1e-5")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoints, with its own "
+                   "config.toml; the result equals that of an uninterrupted run")
     return p
 
 
@@ -84,7 +90,7 @@ def _report(traj, problem, out: Path) -> str:
     lines = [
         f"status      {traj.status}" + (f" ({traj.message})" if traj.message else ""),
         f"time        t0={traj.t0:g} -> t_final={_format_time(traj.t_final)} (t1={traj.t1:g})",
-        f"solver      {traj.solver}, rtol={traj.rtol:g}, atol={traj.atol:.3g}",
+        f"solver      {traj.solver}, rtol={traj.rtol:g}, atol={traj.atol:.3g}, {s.get('dtype', 'float64')}",
         f"steps       {s['num_steps']} ({s['num_accepted_steps']} accepted, "
         f"{s['num_rejected_steps']} rejected) in {s['segments']} segment(s); "
         f"vector-field evaluations {s['vector_field_evaluations']}",
@@ -123,11 +129,23 @@ def _report(traj, problem, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except InputError as e:
-        print(f"gflow: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    # Warnings as one line each, like errors (not Python's file:line and source echo).
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        try:
+            return _run(args)
+        except InputError as e:
+            print(f"gflow: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"gflow: warning: {message}", file=sys.stderr)
+
+
+# What a run directory may hold besides its results: checkpoints to resume from.
+_CHECKPOINTS = "checkpoint-*.eqx"
 
 
 def _run(args) -> int:
@@ -151,31 +169,65 @@ def _run(args) -> int:
             overrides.append(f"solve.{flag}={value!r}" if flag == "solver" else f"solve.{flag}={value}")
     if args.certify:
         overrides.append("solve.certify=true")
-    source = args.config or presets.DEFAULT_PRESET
-    resolved = presets.resolve(source, overrides)
-    if args.show:
-        print(dumps_toml(resolved.config), end="")
-        return 0
-
-    if args.out:
-        out = Path(args.out)
+    if args.x32:
+        overrides.append("solve.x32=true")
+    if args.resume:
+        out = Path(args.resume)
+        given = [name for name, used in (("CONFIG", args.config), ("--out", args.out),
+                                         ("--show", args.show)) if used]
+        if not (out / "config.toml").is_file():
+            raise InputError(f"--resume {out}: not a gflow run directory (no config.toml)")
+        if given or overrides:
+            raise InputError(
+                f"--resume continues {out} with its own config.toml; drop "
+                f"{', '.join(given) or 'the overrides'}"
+            )
+        if not any(out.glob(_CHECKPOINTS)) and (out / "summary.json").is_file():
+            raise InputError(f"--resume {out}: the run has finished (no checkpoint left)")
+        resolved = presets.resolve(str(out / "config.toml"))
+        # A kill mid-write leaves its temporary file (never a partial file under a final name).
+        for leftover in out.glob(".*.tmp"):
+            leftover.unlink()
     else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = Path("runs") / f"{resolved.name}-{stamp}"
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
+        source = args.config or presets.DEFAULT_PRESET
+        resolved = presets.resolve(source, overrides)
+        if args.show:
+            print(dumps_toml(resolved.config), end="")
+            return 0
+        if args.out:
+            out = Path(args.out)
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = Path("runs") / f"{resolved.name}-{stamp}"
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
 
     _enable_compilation_cache()
-    problem, traj = presets.run(resolved, progress=args.progress)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    # The config first: an interrupted run directory is then resumable.
+    atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
+    try:
+        problem, traj = presets.run(
+            resolved, progress=args.progress, checkpoint_dir=out, resume=bool(args.resume)
+        )
+    except InputError:
+        if not args.resume:  # bad input writes nothing
+            (out / "config.toml").unlink()
+            if created:
+                out.rmdir()
+        raise
 
     from .plot import save_figures
 
     traj.save(out)
-    atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
     save_figures(
         traj, out / "figures", time_axis=resolved.plot.time_axis, labels=resolved.plot.labels,
         heatmaps=resolved.plot.heatmaps,
     )
+    # Results are complete: the checkpoints have served.
+    for checkpoint in out.glob(_CHECKPOINTS):
+        checkpoint.unlink()
     if not args.quiet:
         print(_report(traj, problem, out))
     return 0 if traj.status == "completed" else EXIT_RUN_FAILED

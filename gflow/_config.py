@@ -25,6 +25,11 @@ from ._grids import linear_grid, log_grid
 from ._solvers import SOLVER_NAMES
 
 
+# Below this, a float32 solve's error estimates are dominated by rounding: steps shrink until
+# dtmin or max_steps stops the run.
+_X32_MIN_RTOL = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
 class SolveSettings:
     """The `[solve]` table: how the flow is integrated and saved.
@@ -43,6 +48,10 @@ class SolveSettings:
         the first grid is resolved.
     - `certify`: also solve with 100× smaller tolerances and report the differences as error
         estimates of every transition and observable.
+    - `checkpoint_steps`: when run with checkpoints (`python -m gflow.solve` always is), also
+        checkpoint every this many steps, not only at transitions; 0 for transitions only.
+    - `x32`: compute in float32 instead of float64 (faster on some accelerators; tolerances
+        below ~1e-5 cannot be met).
     """
 
     t1: float
@@ -55,6 +64,8 @@ class SolveSettings:
     grid: str = "log"
     refine: bool = False
     certify: bool = False
+    checkpoint_steps: int = 0
+    x32: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)):
@@ -71,12 +82,26 @@ class SolveSettings:
             raise InputError(f"solve.atol must be positive, got {self.atol}")
         if self.max_steps < 1:
             raise InputError(f"solve.max_steps must be at least 1, got {self.max_steps}")
+        if self.checkpoint_steps < 0:
+            raise InputError(
+                f"solve.checkpoint_steps must be >= 0 (0: at transitions only), "
+                f"got {self.checkpoint_steps}"
+            )
         if self.save_points < 3:
             raise InputError(f"solve.save_points must be at least 3, got {self.save_points}")
         if self.grid not in ("log", "linear", "loglinear"):
             raise InputError(
                 f"solve.grid must be 'log', 'linear' or 'loglinear', got {self.grid!r}"
             )
+
+    def precision_warning(self) -> str | None:
+        """Why these tolerances cannot be met in the chosen precision, if they cannot."""
+        if self.x32 and self.rtol < _X32_MIN_RTOL:
+            return (
+                f"solve.x32 computes in float32 (resolution {np.finfo(np.float32).eps:.1e}): "
+                f"rtol={self.rtol:g} cannot be met; use rtol >= {_X32_MIN_RTOL:g}, or float64"
+            )
+        return None
 
     def save_times(self) -> np.ndarray:
         """The save grid: log-spaced, linear, or (`loglinear`) half of each, merged."""

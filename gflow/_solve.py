@@ -2,9 +2,12 @@
 
 import contextlib
 import dataclasses
+import functools
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import diffrax
@@ -16,9 +19,11 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, PyTree, Scalar
 
+from ._checkpoint import Carry, fingerprint, read_checkpoint, write_checkpoint
 from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
+from ._progress import FlowTimeBar, SegmentMeter
 from ._solvers import is_adaptive, make_solver, solver_name, vector_field_evaluations
 from ._trajectory import Trajectory, _flat_names
 
@@ -128,6 +133,12 @@ _DEFAULT_SAVE_POINTS = 200
 _DTMIN = 1e-12
 
 
+def _diverged_squared_norm(tree: PyTree) -> float:
+    """`_DIVERGED_SQUARED_NORM`, or less where the state's dtype (float32) overflows first."""
+    dtype = jnp.result_type(*jtu.tree_leaves(tree))
+    return min(_DIVERGED_SQUARED_NORM, float(jnp.finfo(dtype).max) / 16)
+
+
 def _squared_norm(tree: PyTree) -> Scalar:
     return sum(jnp.sum(jnp.square(leaf)) for leaf in jtu.tree_leaves(tree))
 
@@ -167,6 +178,20 @@ def _errors_as_nan():
         errors.EQX_ON_ERROR = previous
 
 
+def _observation(flow: GradientFlow, observers: dict) -> Callable:
+    """The function `SaveAt` evaluates at each save time: `{name: observer(model, data)}`."""
+
+    def observe(t, y, args):
+        del t, args
+        model = flow.combine(y)
+        values = {name: obs(model, flow.data) for name, obs in observers.items()}
+        # Floating outputs only: diffrax fills unreached save times with inf, and an integer
+        # observable (a count, a rank) would not fit that buffer.
+        return jtu.tree_map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x, float)), values)
+
+    return observe
+
+
 def _segment(
     flow: GradientFlow,
     observers: dict,
@@ -199,18 +224,12 @@ def _segment(
         del t, args
         return flow.velocity(y)
 
-    def observe(t, y, args):
-        del t, args
-        model = flow.combine(y)
-        values = {name: obs(model, flow.data) for name, obs in observers.items()}
-        # Floating outputs only: diffrax fills unreached save times with inf, and an integer
-        # observable (a count, a rank) would not fit that buffer.
-        return jtu.tree_map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x, float)), values)
+    observe = _observation(flow, observers)
 
     # Parameter names matter: diffrax calls these by keyword during root finding.
     def diverged(t, y, args, **kwargs):
         del t, args, kwargs
-        return jnp.logical_not(_squared_norm(y) < _DIVERGED_SQUARED_NORM)
+        return jnp.logical_not(_squared_norm(y) < _diverged_squared_norm(y))
 
     branches = [
         lambda m, c=c: jnp.asarray(c(m, flow.data), dtype=float) for c in conditions
@@ -327,7 +346,8 @@ def _initial_states(flow, solver, controller, y0, t0, t1) -> tuple[PyTree, PyTre
         _STATE_SHAPES[key] = jax.eval_shape(lambda y: solver.init(term, t0, t1, y, None), y0)
     solver_state = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), _STATE_SHAPES[key])
     if isinstance(controller, diffrax.PIDController):
-        one = jnp.asarray(1.0, dtype=jnp.float64)
+        # As diffrax's own init: in the state's real dtype (float32 under x32).
+        one = jnp.asarray(1.0, dtype=jnp.result_type(*jtu.tree_leaves(y0)))
         return solver_state, (one, one, jnp.asarray(False))
     return None, None
 
@@ -409,7 +429,7 @@ def _prepare(
         atol = _default_atol(y0, rtol)
     # Tolerances travel as arrays, not Python floats: floats are static to equinox's jit, and a
     # new init (hence a new default atol) or a new t1 would otherwise recompile the program.
-    as_array = lambda x: jnp.asarray(x, dtype=jnp.float64)
+    as_array = lambda x: jnp.asarray(x, dtype=float)
     if controller is None:
         if is_adaptive(solver):
             # A step below dtmin means the flow is singular there (finite-time blow-up): float64
@@ -426,7 +446,10 @@ def _prepare(
             controller = diffrax.ConstantStepSize()
     # Root finding on the dense output: well below the solver's own error, so the located time
     # carries the solver's accuracy and not the root finder's.
-    root_rtol = max(1e-3 * rtol, 1e-15)
+    # Never below a few units of roundoff of the state's dtype (float32 under `--x32`), or the
+    # bisection could not end.
+    dtype = jnp.result_type(*jtu.tree_leaves(y0)) if jtu.tree_leaves(y0) else float
+    root_rtol = max(1e-3 * rtol, 8 * float(jnp.finfo(dtype).eps))
     root_finder = _IntervalBisection(
         rtol=as_array(root_rtol), atol=as_array(root_rtol * max(abs(t1), abs(t0), 1.0))
     )
@@ -474,6 +497,9 @@ def solve(
     dt0: float | None = None,
     controller: diffrax.AbstractStepSizeController | None = None,
     certify: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_steps: int | None = None,
+    resume: bool = False,
 ) -> Trajectory:
     """Integrate the gradient flow from `t0` to `t1`.
 
@@ -499,6 +525,16 @@ def solve(
     - `certify`: solve again with the same solver at 100× smaller `rtol` and `atol` (the
         default controller), and record, as `Trajectory.errors`, twice the difference between
         the two runs: an error estimate for every transition time and every observable.
+    - `checkpoint`: a file to which the solve's state is written (atomically) at every segment
+        boundary: after each transition, every `checkpoint_steps` steps, and at the end. With
+        `certify`, the reference solve writes next to it (`<stem>-reference<suffix>`).
+    - `checkpoint_steps`: cut the solve into segments of at most this many steps, so that a
+        long run without transitions is checkpointed too. The cuts are part of the solve (they
+        restart the step-size controller's initial-step heuristic), so compare runs with the
+        same value. `max_steps` is then checked at the cuts.
+    - `resume`: continue from `checkpoint` if that file exists (it must come from this same
+        problem: init, data, save times and settings are checked). The result equals, bit for
+        bit, that of a run never interrupted; a checkpoint written at the end returns at once.
 
     **Returns:**
 
@@ -517,109 +553,65 @@ def solve(
     if certify and not is_adaptive(solver):
         raise InputError(f"certify needs an adaptive solver, not {solver_name(solver)!r}")
     ts = _resolve_ts(ts, t0, t1)
+    if checkpoint_steps is not None and not (
+        int(checkpoint_steps) == checkpoint_steps and checkpoint_steps >= 1
+    ):
+        raise InputError(f"checkpoint_steps must be a positive integer, got {checkpoint_steps!r}")
+    if resume and checkpoint is None:
+        raise InputError("resume needs the checkpoint file to resume from")
+    checkpoint = None if checkpoint is None else Path(checkpoint)
     y0, root_finder, directions = setup.y0, setup.root_finder, setup.directions
-    meter = diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
     conditions = tuple(tr.condition for tr in transitions)
 
-    ts_device = jnp.asarray(ts)
-    observables = None
-    found = {name: math.nan for name in names}
-    stats = dict(
-        num_steps=0,
-        num_accepted_steps=0,
-        num_rejected_steps=0,
-        segments=0,
-        compile_seconds=0.0,
-        run_seconds=0.0,
+    digests = None if checkpoint is None else _fingerprint(
+        flow, setup, ts, t0, t1, rtol, max_steps, checkpoint_steps
     )
-    y, t_start, index = y0, t0, 0
-    solver_state, controller_state = setup.solver_state, setup.controller_state
-    made_jump = True  # the first step evaluates the vector field afresh
-    while True:
-        args = (
-            flow,
-            observers,
-            conditions,
-            directions,
-            jnp.asarray(index),
-            y,
-            jnp.asarray(t_start),
-            jnp.asarray(t1),
-            jnp.clip(ts_device, t_start, t1),
-            None if dt0 is None else jnp.asarray(dt0),
-            solver,
-            controller,
-            root_finder,
-            int(max_steps),
-            meter,
-            solver_state,
-            controller_state,
-            jnp.asarray(made_jump),
+    carry = None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        carry = read_checkpoint(
+            checkpoint, digests, _checkpoint_like(flow, setup, observers, ts, t0, t1, dt0)
         )
-        compiled, compile_seconds = _compiled_segment(*args)
-        start = time.perf_counter()
-        out = compiled(*args)
-        jax.block_until_ready(out)
-        stats["run_seconds"] += time.perf_counter() - start
-        stats["compile_seconds"] += compile_seconds
-        stats["segments"] += 1
-        seg_stats = {k: int(v) for k, v in out["stats"].items() if k.startswith("num_")}
-        for k in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
-            stats[k] += seg_stats.get(k, 0)
-
-        t_end = float(out["t_end"])
-        # Float buffers, so that save times never reached can hold nan.
-        seg_obs = jtu.tree_map(lambda x: np.asarray(x, dtype=np.result_type(x.dtype, float)),
-                               out["observables"])
-        # Entries saved by this segment: save times it actually covered.
-        covered = (ts >= t_start) & (ts <= t_end)  # all False when t_end is nan
-        if observables is None:
-            observables = jtu.tree_map(lambda x: np.full_like(x, np.nan), seg_obs)
-        observables = jtu.tree_map(
-            lambda old, new: np.where(covered.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
-            observables,
-            seg_obs,
+    if carry is None:
+        carry = Carry(
+            t=t0, index=0, y=y0, solver_state=setup.solver_state,
+            controller_state=setup.controller_state,
+            made_jump=True,  # the first step evaluates the vector field afresh
+            observables=None, found={name: math.nan for name in names},
+            stats=dict(num_steps=0, num_accepted_steps=0, num_rejected_steps=0, segments=0,
+                       compile_seconds=0.0, run_seconds=0.0),
+            steps=0, status=None,
         )
-        reached = t_end
-
-        result = out["result"]
-        if bool(result == diffrax.RESULTS.event_occurred):
-            diverged_mask = out["event_mask"][0] if conditions else out["event_mask"]
-            if bool(diverged_mask):
-                status = "nonfinite"
-                break
-            found[names[index]] = t_end
-            index += 1
-            y, t_start = out["y_end"], t_end
-            solver_state, controller_state = out["solver_state"], out["controller_state"]
-            made_jump = True  # the event cut the step: the first-same-as-last stage is stale
-            if t_end >= t1:
-                status = "completed"
-                break
-            continue
-        if bool(result == diffrax.RESULTS.successful):
-            status = "completed"
-        elif bool(result == diffrax.RESULTS.max_steps_reached):
-            status = "max_steps"
-        elif bool(result == diffrax.RESULTS.dt_min_reached):
-            status = "dt_min"
-        else:
-            status = "failed"
-        break
-
-    stats["vector_field_evaluations"] = vector_field_evaluations(
-        solver, stats["num_steps"], stats["segments"], dt0 is not None
+    run = functools.partial(
+        _run_segment, flow=flow, observers=observers, conditions=conditions,
+        directions=directions, ts=ts, t1=t1, dt0=dt0, solver=solver, controller=controller,
+        root_finder=root_finder, max_steps=int(max_steps),
+        segment_steps=int(min(checkpoint_steps or max_steps, max_steps)), names=names,
     )
-    y_end = out["y_end"]
-    if status != "completed" and not float(_squared_norm(y_end)) < _DIVERGED_SQUARED_NORM:
-        status = "nonfinite"
+    bar = FlowTimeBar(t0, t1, desc=progress if isinstance(progress, str) else None)
+    with bar if progress else contextlib.nullcontext():
+        while carry.status is None:
+            if progress:
+                bar.segment(carry.t, names[carry.index] if carry.index < len(names) else "")
+            carry = run(carry, meter=SegmentMeter() if progress else diffrax.NoProgressMeter())
+            if checkpoint is not None:
+                write_checkpoint(checkpoint, carry, digests)
+        if progress:
+            bar.segment(carry.t)
+
+    stats = carry.stats | dict(
+        vector_field_evaluations=vector_field_evaluations(
+            solver, carry.stats["num_steps"], carry.stats["segments"], dt0 is not None
+        ),
+        dtype=str(jnp.result_type(*jtu.tree_leaves(y0))),
+    )
+    reached, status = carry.t, carry.status
     message = status_message(status, reached, max_steps)
     saved = (ts <= reached) if math.isfinite(reached) else np.zeros_like(ts, dtype=bool)
     traj = Trajectory(
         ts=ts[saved],
-        observables=jtu.tree_map(lambda x: x[saved], observables),
-        transitions=found,
-        final=flow.combine(y_end),
+        observables=jtu.tree_map(lambda x: x[saved], carry.observables),
+        transitions=dict(carry.found),
+        final=flow.combine(carry.y),
         t0=t0,
         t1=t1,
         t_final=reached,
@@ -638,10 +630,136 @@ def solve(
     reference = solve(
         flow, t1, t0=t0, solver=solver, rtol=max(rtol / _CERTIFY_FACTOR, 1e-14),
         atol=atol / _CERTIFY_FACTOR, ts=ts, observers=observers, transitions=transitions,
-        max_steps=max_steps, progress=progress, dt0=dt0,
+        max_steps=max_steps, progress=progress, dt0=dt0, checkpoint_steps=checkpoint_steps,
+        checkpoint=None if checkpoint is None
+        else checkpoint.with_name(f"{checkpoint.stem}-reference{checkpoint.suffix}"),
+        resume=resume,
     )
     errors = error_estimates(traj, reference) | {"reference_stats": reference.stats}
     return dataclasses.replace(traj, errors=errors)
+
+
+def _run_segment(
+    carry: Carry, *, flow, observers, conditions, directions, ts, t1, dt0, solver, controller,
+    root_finder, max_steps, segment_steps, names, meter,
+) -> Carry:
+    """Run one segment from `carry`: until `t1`, the next transition, a failure or
+    `segment_steps` steps, whichever comes first; returns where the solve then stands."""
+    args = (
+        flow,
+        observers,
+        conditions,
+        directions,
+        jnp.asarray(carry.index),
+        carry.y,
+        jnp.asarray(carry.t),
+        jnp.asarray(t1),
+        jnp.clip(jnp.asarray(ts), carry.t, t1),
+        None if dt0 is None else jnp.asarray(dt0),
+        solver,
+        controller,
+        root_finder,
+        segment_steps,
+        meter,
+        carry.solver_state,
+        carry.controller_state,
+        jnp.asarray(carry.made_jump),
+    )
+    compiled, compile_seconds = _compiled_segment(*args)
+    start = time.perf_counter()
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    stats = dict(carry.stats)
+    stats["run_seconds"] += time.perf_counter() - start
+    stats["compile_seconds"] += compile_seconds
+    stats["segments"] += 1
+    steps = int(out["stats"]["num_steps"])
+    for k in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+        stats[k] += int(out["stats"][k])
+
+    t_end = float(out["t_end"])
+    # Float buffers, so that save times never reached can hold nan.
+    seg_obs = jtu.tree_map(lambda x: np.asarray(x, dtype=np.result_type(x.dtype, float)),
+                           out["observables"])
+    # Entries saved by this segment: save times it actually covered.
+    covered = (ts >= carry.t) & (ts <= t_end)  # all False when t_end is nan
+    observables = carry.observables
+    if observables is None:
+        observables = jtu.tree_map(lambda x: np.full_like(x, np.nan), seg_obs)
+    observables = jtu.tree_map(
+        lambda old, new: np.where(covered.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+        observables,
+        seg_obs,
+    )
+    after = carry._replace(
+        t=t_end, y=out["y_end"], solver_state=out["solver_state"],
+        controller_state=out["controller_state"], made_jump=bool(out["made_jump"]),
+        observables=observables, stats=stats, steps=carry.steps + steps,
+    )
+
+    result = out["result"]
+    if bool(result == diffrax.RESULTS.event_occurred):
+        diverged = out["event_mask"][0] if conditions else out["event_mask"]
+        if bool(diverged):
+            return after._replace(status="nonfinite")
+        found = dict(carry.found)
+        found[names[carry.index]] = t_end
+        return after._replace(
+            index=carry.index + 1,
+            found=found,
+            steps=0,
+            # The event cut the step: the first-same-as-last stage is stale.
+            made_jump=True,
+            status="completed" if t_end >= t1 else None,
+        )
+    if bool(result == diffrax.RESULTS.successful):
+        status = "completed"
+    elif bool(result == diffrax.RESULTS.max_steps_reached):
+        # A checkpoint cut (segment_steps < max_steps) goes on from the last step's end.
+        status = "max_steps" if after.steps >= max_steps else None
+    elif bool(result == diffrax.RESULTS.dt_min_reached):
+        status = "dt_min"
+    else:
+        status = "failed"
+    if status not in (None, "completed") and not float(_squared_norm(after.y)) < _diverged_squared_norm(after.y):
+        status = "nonfinite"
+    return after._replace(status=status)
+
+
+def _fingerprint(flow, setup, ts, t0, t1, rtol, max_steps, checkpoint_steps) -> dict[str, str]:
+    """Digests of what determines a solve's result, to refuse resuming another problem."""
+    settings = dict(
+        t0=t0, t1=t1, rtol=float(rtol), atol=setup.atol, max_steps=int(max_steps),
+        checkpoint_steps=checkpoint_steps, solver=solver_name(setup.solver),
+        controller=type(setup.controller).__name__, transitions=setup.names,
+        directions=np.asarray(setup.directions), observers=sorted(setup.observers),
+    )
+    return fingerprint(
+        initial_state=setup.y0, data=flow.data, save_times=ts, settings=list(settings.items())
+    )
+
+
+def _checkpoint_like(flow, setup, observers, ts, t0, t1, dt0) -> dict[str, PyTree]:
+    """The structures a checkpoint of this solve holds, from abstract traces (no compiling)."""
+    term = diffrax.ODETerm(lambda t, y, args: flow.velocity(y))
+    solver_state, controller_state = setup.solver_state, setup.controller_state
+    if solver_state is None:
+        solver_state = jax.eval_shape(lambda y: setup.solver.init(term, t0, t1, y, None), setup.y0)
+    if controller_state is None:
+        _, controller_state = jax.eval_shape(
+            lambda y: setup.controller.init(
+                term, t0, t1, y, dt0, None, setup.solver.error_order(term), setup.solver.func
+            ),
+            setup.y0,
+        )
+    observed = jax.eval_shape(lambda y: _observation(flow, observers)(t0, y, None), setup.y0)
+    return dict(
+        y=setup.y0,
+        solver_state=solver_state,
+        controller_state=controller_state,
+        observables=jtu.tree_map(lambda s: jax.ShapeDtypeStruct((len(ts),) + s.shape, s.dtype),
+                                 observed),
+    )
 
 
 # `certify` re-solves with tolerances this many times smaller; the estimate is the difference

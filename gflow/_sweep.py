@@ -15,8 +15,8 @@ settings) and the shapes of their arrays. The array leaves of a group are stacke
 leading member axis and the group runs as ONE compiled program, under `lax.map` (members one
 after the other inside the program: each takes its own number of steps; the CPU default) or
 `jax.vmap` (members in lock-step: every member steps until the slowest is done; right for
-GPU/TPU, the default there). With more than one local device the member axis is sharded over
-them (`shard_map` over a one-axis `Mesh`; each device maps or vmaps its own shard). `"loop"`
+GPU/TPU, the default there). With more than one device the member axis is sharded over them
+(`shard_map` over a one-axis `Mesh`; each device maps or vmaps its own shard). `"loop"`
 runs the members of a group one by one in a Python loop through one compiled single-member
 program. Every member is truly batched under `"map"`/`"vmap"`; members of different structure
 form separate groups (one compiled program each).
@@ -29,10 +29,21 @@ over lifted to data, and groups members whose traced programs print identically.
 is traced after differentiation, so custom derivative rules cannot hide a difference; a jaxpr
 that prints an object address (a host callback, say) is never shared.
 
-Devices. Only the local devices of one process are used (`jax.local_devices()`); a sweep over
-several hosts (`jax.distributed.initialize`, each process taking its share of the points) is
-not implemented. On GPU/TPU `vmap` is the default: members step in lock-step, so group members
-of similar difficulty together (e.g. sweep seeds at one `eps`) for the best throughput.
+Devices and hosts. The members of a group are padded (by repeating the last one) to a multiple
+of the device count and sharded over a one-axis `Mesh` of `jax.devices()`: the local devices of
+this process or, after `jax.distributed.initialize` (`jax.process_count() > 1`), the devices of
+every process. No device talks to another while solving. Across processes every process runs
+the same Python code: it builds every member (so `make_flow` must build the same members on
+every process: different groups or array shapes are an `InputError` before anything is
+compiled; different values go unnoticed), assembles the global input arrays with
+`jax.make_array_from_callback` (each process places only the shards of its own devices), runs
+its shards, and gathers every output with `jax.experimental.multihost_utils.process_allgather`,
+so that EVERY process returns the same `Sweep` (write files from process 0 only, as
+`python -m gflow.sweep` does). In one process a group uses at most one device per member;
+across processes it uses every device (each process must hold a shard), so a group of fewer
+members than devices computes padding. `"loop"` and groups of one member run in every process,
+unsharded. On GPU/TPU `vmap` is the default: members step in lock-step, so group members of
+similar difficulty together (e.g. sweep seeds at one `eps`) for the best throughput.
 """
 
 import csv
@@ -42,6 +53,7 @@ import json
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.experimental import multihost_utils
 from jaxtyping import ArrayLike, Float, PyTree
 
 from ._errors import InputError
@@ -59,7 +72,7 @@ from ._flow import GradientFlow
 from ._grids import log_grid
 from ._solve import (
     _DEFAULT_SAVE_POINTS,
-    _DIVERGED_SQUARED_NORM,
+    _diverged_squared_norm,
     Transition,
     _errors_as_nan,
     _prepare as _solve_prepare,
@@ -220,7 +233,7 @@ def _member_solve(
     c = jax.lax.while_loop(lambda c: jnp.logical_not(c["done"]), body, carry)
     y_end = c["y"]
     # As gflow.solve: a run that stopped early with a huge or NaN state has diverged.
-    blew_up = jnp.logical_not(_squared_norm(y_end) < _DIVERGED_SQUARED_NORM)
+    blew_up = jnp.logical_not(_squared_norm(y_end) < _diverged_squared_norm(y_end))
     status = jnp.where((c["status"] != _COMPLETED) & blew_up, _NONFINITE, c["status"])
     return dict(
         observables=c["observables"],
@@ -385,11 +398,25 @@ def _program(static, treedef, batch: str, n_devices: int) -> Callable:
     batched = (lambda leaves: jax.lax.map(one, leaves)) if batch == "map" else jax.vmap(one)
     if n_devices == 1:
         return jax.jit(batched)
-    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:n_devices]), (_MEMBER_AXIS,))
     spec = jax.sharding.PartitionSpec(_MEMBER_AXIS)
     # Each device maps (or vmaps) its own shard: no cross-device synchronisation per step.
-    sharded = jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    sharded = jax.shard_map(
+        batched, mesh=_mesh(n_devices), in_specs=spec, out_specs=spec, check_vma=False
+    )
     return jax.jit(sharded)
+
+
+def _mesh(n_devices: int) -> jax.sharding.Mesh:
+    """The member axis over the first `n_devices` of `jax.devices()` (every process's)."""
+    return jax.sharding.Mesh(np.asarray(jax.devices()[:n_devices]), (_MEMBER_AXIS,))
+
+
+def _group_devices(n: int) -> int:
+    """How many devices a group of `n` members is sharded over."""
+    if jax.process_count() > 1:
+        # Every process runs the program and must hold a shard of it: all devices.
+        return jax.device_count()
+    return min(jax.device_count(), n)
 
 
 def _compiled(static, treedef, leaves, batch: str, n_devices: int) -> tuple[Callable, float]:
@@ -427,7 +454,8 @@ def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
         for args in all_args
     ]
     n = len(all_args)
-    info = dict(size=n, batch=batch, devices=1, compile_seconds=0.0, run_seconds=0.0)
+    info = dict(size=n, batch=batch, devices=1, processes=1, compile_seconds=0.0,
+                run_seconds=0.0)
     if batch == "loop" or n == 1:
         info["batch"] = "loop"  # a lone member needs no batching
         outputs = []
@@ -440,19 +468,26 @@ def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
             outputs.append(out)
         return outputs, info
 
-    n_devices = min(len(jax.local_devices()), n)
+    n_devices = _group_devices(n)
     padded = -n % n_devices
     # Pad to a multiple of the device count by repeating the last member; dropped afterwards.
     rows = member_leaves + [member_leaves[-1]] * padded
     stacked = [jnp.stack(column) for column in zip(*rows)]
     if n_devices > 1:
-        mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:n_devices]), (_MEMBER_AXIS,))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_MEMBER_AXIS))
-        stacked = [jax.device_put(x, sharding) for x in stacked]
+        sharding = jax.sharding.NamedSharding(
+            _mesh(n_devices), jax.sharding.PartitionSpec(_MEMBER_AXIS)
+        )
+        # Every process holds every member's inputs and places the shards of its own devices.
+        stacked = [
+            jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+            for x in stacked
+        ]
     compiled, seconds = _compiled(static, treedef, stacked, batch, n_devices)
     start = time.perf_counter()
-    out = jax.device_get(compiled(stacked))
-    info.update(devices=n_devices, compile_seconds=seconds, run_seconds=time.perf_counter() - start)
+    # Every process receives every shard (in one process: a plain copy to the host).
+    out = multihost_utils.process_allgather(compiled(stacked), tiled=True)
+    info.update(devices=n_devices, processes=jax.process_count(), compile_seconds=seconds,
+                run_seconds=time.perf_counter() - start)
     return [jtu.tree_map(lambda x, i=i: x[i], out) for i in range(n)], info
 
 
@@ -640,7 +675,8 @@ class Sweep(eqx.Module):
     - `mode`: `"grid"` or `"zip"`.
     - `members`: the `SweepMember`s.
     - `groups`: one dict per compiled program: `members` (indices), `size`, `batch`
-        (`"map"`, `"vmap"` or `"loop"`), `devices`, `compile_seconds`, `run_seconds`.
+        (`"map"`, `"vmap"` or `"loop"`), `devices` (over all processes), `processes`,
+        `compile_seconds`, `run_seconds`.
     - `t0`, `t1`, `solver`, `rtol`: the shared settings.
     """
 
@@ -996,7 +1032,8 @@ def sweep(
     - `mode`: `"grid"` (every combination) or `"zip"` (axes read in parallel).
     - `batch`: `"map"` (`lax.map` inside one program), `"vmap"` (lock-step), `"loop"` (one
         member at a time through one compiled program) or `"auto"` (`"map"` on CPU, `"vmap"`
-        on GPU/TPU). With several local devices, `"map"`/`"vmap"` shard the members over them.
+        on GPU/TPU). With several devices, `"map"`/`"vmap"` shard the members over them: the
+        local devices, or every process's after `jax.distributed.initialize` (module notes).
     - `t0`, `solver`, `rtol`, `atol`, `ts`, `max_steps`, `dt0`, `controller`: as
         `gflow.solve`, for every member (`atol=None` is scaled to each member's own init).
     - `observers`, `transitions`: added after the problem's own (if `make_flow` returns one).
@@ -1009,7 +1046,9 @@ def sweep(
     **Returns:**
 
     A `Sweep`. A member that fails (`max_steps`, a blow-up, a collapsed step) is reported
-    with its status and does not affect the others.
+    with its status and does not affect the others. Across several processes (after
+    `jax.distributed.initialize`) every process must make the same call, each computes its
+    shard of the members, and every process returns the same, complete `Sweep`.
     """
     if not callable(make_flow):
         raise InputError("make_flow must be callable as make_flow(**point)")
@@ -1040,6 +1079,8 @@ def sweep(
     if len(groups) > 1 and share_closures:
         all_args = [_canonical(args) for args in all_args]
         groups = _group(all_args)
+    if jax.process_count() > 1:
+        _check_same_groups(groups, all_args)
 
     members: list[SweepMember | None] = [None] * len(points)
     group_infos = []
@@ -1061,6 +1102,20 @@ def sweep(
         solver=solver_name(solver),
         rtol=float(rtol),
     )
+
+
+def _check_same_groups(groups: list[list[int]], all_args: list[tuple]) -> None:
+    """Every process must run the same programs on arrays of the same shapes, in the same
+    order, or the collectives of a multi-process sweep would hang: compare fingerprints."""
+    first = [jtu.tree_leaves(eqx.filter(all_args[g[0]], eqx.is_array)) for g in groups]
+    shapes = [[(np.shape(x), str(x.dtype)) for x in leaves] for leaves in first]
+    fingerprint = np.uint32(zlib.crc32(repr((groups, shapes)).encode()))
+    try:
+        multihost_utils.assert_equal(fingerprint)
+    except AssertionError:
+        raise InputError(
+            "make_flow built different members (groups or array shapes) on different processes"
+        ) from None
 
 
 def _member(point, info, out, group, ts, t0, t1, solver, rtol, max_steps, dt0,

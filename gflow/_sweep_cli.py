@@ -14,6 +14,13 @@ did not complete (the files are written all the same).
 
 Members record transitions and the observables at their final state only: the preset's save
 grid, `refine` and `certify` settings and its per-run predictions do not apply to a sweep.
+
+Several processes (hosts, or one process per accelerator): `--distributed` calls
+`jax.distributed.initialize` before JAX does anything else, with `--coordinator`,
+`--num-processes` and `--process-id` where given; JAX detects what is not (Cloud TPU, SLURM,
+Open MPI; `JAX_COORDINATOR_ADDRESS`). Every process runs the same command, builds every member,
+and solves its shard of them (`gflow.sweep` over every process's devices); only process 0
+prints and writes the sweep directory.
 """
 
 import argparse
@@ -70,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
                    help="run on this JAX platform (default: JAX's choice)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    d = p.add_argument_group(
+        "several processes",
+        "run the same command in every process; JAX detects on Cloud TPU, SLURM and Open MPI "
+        "what is not given",
+    )
+    d.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize and shard the members over the "
+                   "devices of every process; only process 0 prints and writes")
+    d.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0's coordinator (default: JAX_COORDINATOR_ADDRESS "
+                   "or detected)")
+    d.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    d.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0 .. N-1")
     return p
 
 
@@ -125,6 +145,42 @@ def _fit_axes(axes: dict, chosen: list[str]) -> list[str]:
     return [k for k, v in axes.items() if k != "seed" and all(numeric(x) for x in v)]
 
 
+def _initialize_distributed(args) -> None:
+    """`jax.distributed.initialize` as the flags ask, before JAX has done anything else."""
+    flags = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if not args.distributed:
+        for flag, value in flags.items():
+            if value is not None:
+                raise InputError(f"{flag} needs --distributed")
+        return
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(f"--coordinator expects HOST:PORT, got {args.coordinator!r}")
+    n, i = args.num_processes, args.process_id
+    if n is not None and n < 1:
+        raise InputError(f"--num-processes must be at least 1, got {n}")
+    if i is not None and (i < 0 or (n is not None and i >= n)):
+        bound = "" if n is None else f" and below --num-processes {n}"
+        raise InputError(f"--process-id must be at least 0{bound}, got {i}")
+    import jax
+
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=n,
+                                   process_id=i)
+    except (ValueError, TypeError, RuntimeError) as e:
+        # JAX's own reasons, e.g. nothing detected and nothing given, or a coordinator that
+        # cannot be reached: one line.
+        reason = " ".join(str(e).split()) or type(e).__name__
+        hint = ("" if isinstance(e, RuntimeError) else
+                " (outside Cloud TPU, SLURM and Open MPI give --coordinator, --num-processes "
+                "and --process-id)")
+        raise InputError(
+            f"--distributed: jax.distributed.initialize failed: {reason}{hint}"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -142,6 +198,7 @@ def _key(point: dict) -> tuple:
 def _run(args) -> int:
     import io
 
+    import jax
     import matplotlib.pyplot as plt
 
     from . import presets
@@ -149,10 +206,11 @@ def _run(args) -> int:
     from ._sweep import plot_fit, sweep, sweep_points
     from ._trajectory import atomic_write_bytes
 
-    if args.platform:
-        _select_platform(args.platform)
     if not args.over:
         raise InputError("nothing to sweep: give at least one --over FIELD=VALUES")
+    _initialize_distributed(args)
+    if args.platform:
+        _select_platform(args.platform)
     overrides = list(args.set)
     for flag in ("t1", "rtol", "atol", "solver"):
         value = getattr(args, flag)
@@ -185,12 +243,21 @@ def _run(args) -> int:
         out = Path(args.out)
     else:
         out = Path("runs") / f"{base.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
+    # Process 0 alone prints and writes; every process returns the same result.
+    lead = jax.process_index() == 0
+    bad_out = lead and out.exists() and not out.is_dir()
+    if jax.process_count() > 1:
+        # Process 0's verdict for all: a process that stopped alone would leave the others
+        # waiting in the sweep's collectives.
+        from jax.experimental import multihost_utils
+
+        bad_out = bool(multihost_utils.broadcast_one_to_all(bad_out))
+    if bad_out:
         raise InputError(f"--out {out} exists and is not a directory")
 
     settings = base.solve
     total = len(sweep_points(axes, mode))
-    quiet = args.quiet
+    quiet = args.quiet or not lead
 
     def progress(index: int, member) -> None:
         if quiet:
@@ -213,6 +280,9 @@ def _run(args) -> int:
         max_steps=settings.max_steps,
         callback=progress,
     )
+    failed = [m for m in result.members if not m.completed]
+    if not lead:  # every process holds the same result, hence the same exit status
+        return EXIT_RUN_FAILED if failed else 0
 
     fits, lines = [], []
     for transition in result.transition_names:
@@ -245,7 +315,6 @@ def _run(args) -> int:
         fits=[f.summary() for f in fits],
     ))
 
-    failed = [m for m in result.members if not m.completed]
     if not quiet:
         compile_s = sum(g["compile_seconds"] for g in result.groups)
         run_s = sum(g["run_seconds"] for g in result.groups)

@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _digest(COMMITTED) == before, "the quick run must not touch benchmarks/RESULTS.md"
     data = json.loads((out.parent / "results.json").read_text())
-    assert list(data["workloads"]) == ["deep-linear"]
+    assert list(data["workloads"]) == ["deep-linear", "rank-collapse"]
     workload = data["workloads"]["deep-linear"]["data"]
     return out, data | {"deep_linear": workload}, workload["results"]
 
@@ -45,14 +45,17 @@ def test_report_has_machine_targets_and_tables(quick_run):
     text = out.read_text()
     for heading in ("## Machine", "## Issue 7's targets", "## How it is measured",
                     "### Every method and setting", "### gflow against bare diffrax",
-                    "### Ratio to gflow at matched error", "## Not yet measured"):
+                    "### Ratio to gflow at matched error", "## (c) rank-collapse",
+                    "## Peak memory against the number of steps",
+                    "## Issue 6: throughput of a sweep on CPU", "## Not measured"):
         assert heading in text, heading
     for method in ("gflow tsit5", "bare diffrax tsit5", "GD (lax.scan)", "optax.sgd",
                    "scipy DOP853 (jax rhs)"):
         assert f"| {method}" in text, method
     assert "load average" in text and data["machine"]["logical_cores"] >= 1
-    figure = out.parent / "deep-linear-work-precision.png"
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+    for name in ("deep-linear", "rank-collapse"):
+        figure = out.parent / f"{name}-work-precision.png"
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
 
 
 def test_reference_agrees_with_scipy_dop853(quick_run):
@@ -106,3 +109,66 @@ def test_scipy_and_evaluation_counts(quick_run):
     for r in _rows(rows, "gflow tsit5"):
         # Tsit5 with first-same-as-last: 6 evaluations a step, plus the initial-step heuristic.
         assert 6 * r["steps"] <= r["evaluations"] <= 6 * r["steps"] + 3
+
+
+def test_torchdiffeq_model_matches_and_follows_tolerance(quick_run):
+    pytest.importorskip("torch")
+    pytest.importorskip("torchdiffeq")
+    _, data, rows = quick_run
+    info = data["deep_linear"]["torchdiffeq"]
+    assert info["skipped"] is None
+    # The PyTorch model's -∇L equals gflow's at the initial point and later reference states.
+    assert len(info["check"]) == 3
+    assert max(c["relative_difference"] for c in info["check"]) < 1e-12
+    torch_rows = [r for r in rows if r["family"].startswith("torchdiffeq dopri5")]
+    assert torch_rows and {r["family"] for r in torch_rows} <= {
+        "torchdiffeq dopri5, 1 thread", "torchdiffeq dopri5, 2 threads"}
+    gflow_dopri5 = _rows(rows, "gflow dopri5")[0]
+    for r in torch_rows:
+        assert r["knob"] == gflow_dopri5["knob"] == 1e-6
+        # Same method, same tolerances, same flow: errors of the same size (the two
+        # controllers differ in detail), each within a few hundred rtol of the reference.
+        assert r["traj_error"] < 300 * r["knob"]
+        assert 0.1 < r["traj_error"] / gflow_dopri5["traj_error"] < 10
+        # Dopri5: 6 evaluations per step (first same as last) plus the initial-step heuristic.
+        assert r["evaluations"] > 6 * 5
+
+
+def test_rank_collapse_transitions(quick_run):
+    _, data, _ = quick_run
+    workload = data["workloads"]["rank-collapse"]["data"]
+    ref = workload["reference"]["transitions"]
+    assert list(ref) == ["condensation", "stage2_onset", "kq_collapse"]
+    assert 0 < ref["condensation"] < ref["stage2_onset"] < ref["kq_collapse"] < 20_000
+    rows = {r["family"]: r for r in workload["results"]}
+    chained = rows["gflow tsit5 + transitions"]
+    gd = rows["GD (lax.scan)"]
+    # gflow locates all three; its times err far less than GD's at η = 0.5.
+    assert len(chained["transition_errors"]) == 3
+    assert max(chained["transition_errors"]) < 1e-2 * min(gd["transition_errors"])
+    assert chained["traj_error"] < 1e-2 * gd["traj_error"]
+
+
+def test_peak_memory_does_not_grow_with_steps(quick_run):
+    _, data, _ = quick_run
+    rows = data["memory"]
+    assert len(rows) == 2 and all(r["save_times"] == 1000 for r in rows)
+    (verdict,) = data["memory_verdict"]
+    # The quick settings span more than 10× in steps with one compiled program.
+    assert verdict["step_ratio"] >= 10 and verdict["same_program"]
+    # Nothing is kept per step: the longer solve needs no memory beyond its short warm-up's
+    # (beyond a tenth of one state per extra step).
+    assert verdict["independent"] is True
+
+
+def test_sweep_matches_single_solves(quick_run):
+    _, data, _ = quick_run
+    sweep = data["sweep"]
+    loop, *batched = sweep["rows"]
+    assert loop["method"] == "Python loop of gflow.solve" and batched
+    assert sweep["finite"]
+    for row in batched:
+        assert row["completed"] == sweep["members"]
+        assert row["steps"] == loop["steps"]
+        # The same segment program per member: the same transition times.
+        assert row["max_difference"] <= 10 * sweep["rtol"] * sweep["max_transition"]

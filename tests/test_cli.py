@@ -1,8 +1,11 @@
 """The command line, driven through `gflow._cli.main` and once as a real subprocess."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pytest
@@ -44,6 +47,8 @@ def _exit_code(argv) -> int:
         (["--set", "solve.grid='cubic'"], "solve.grid must be 'log', 'linear' or 'loglinear'"),
         (["--t1", "abc"], "argument --t1: invalid float value"),
         (["missing.toml"], "config file not found"),
+        (["--set", "solve.checkpoint_steps=-1"], "solve.checkpoint_steps must be >= 0"),
+        (["--resume", "no-such-run"], "--resume no-such-run: not a gflow run directory"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
@@ -147,3 +152,184 @@ def test_default_preset_shows_both_stages_in_order(tmp_path):
     assert np.all(np.abs(traj.observables["stable_rank"][-1, :2] - 1.0) < 0.05)
     assert traj.predictions["escape_time"]["holds"]
     assert traj.predictions["W_Q_direction_cosine"]["measured"] > 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupt and resume, atomic writes: real SIGKILLs of a real process, at chosen points.
+
+_DRIVER = """
+import os, signal, sys
+import gflow._solve
+from gflow._cli import main
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+after = int(os.environ.get("KILL_AFTER_CHECKPOINTS", "0"))
+if after:  # killed right after the n-th checkpoint is written
+    write, count = gflow._solve.write_checkpoint, [0]
+    def write_then_kill(*args):
+        write(*args)
+        count[0] += 1
+        if count[0] == after:
+            kill()
+    gflow._solve.write_checkpoint = write_then_kill
+
+target = os.environ.get("KILL_WRITING")
+if target:  # killed while writing `target`: its bytes are out, the rename not yet done
+    fsync = os.fsync
+    def fsync_or_kill(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("." + target):
+            kill()
+        fsync(fd)
+    os.fsync = fsync_or_kill
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+CHECKPOINTED = FAST + ["--set", "solve.checkpoint_steps=5", "--quiet"]
+
+
+def _killed_run(tmp_path, out, **env) -> None:
+    """Run the CLI in a subprocess that SIGKILLs itself at the point `env` names."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER] + CHECKPOINTED + ["--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+        env=os.environ | {"GFLOW_CACHE_DIR": str(tmp_path.parent / "jax-cache")} | env,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def _assert_same_run_directory(a, b):
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["status"] == sb["status"] == "completed"
+    assert sa["transitions"] == sb["transitions"] and sa["t_final"] == sb["t_final"]
+    counts = lambda s: {k: v for k, v in s["stats"].items() if not k.endswith("seconds")}
+    assert counts(sa) == counts(sb)
+    with np.load(a / "trajectory.npz") as x, np.load(b / "trajectory.npz") as y:
+        assert x.files == y.files
+        for name in x.files:
+            np.testing.assert_array_equal(x[name], y[name])
+    assert (a / "final.eqx").read_bytes() == (b / "final.eqx").read_bytes()
+    assert (a / "config.toml").read_text() == (b / "config.toml").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "whole"
+    assert main(CHECKPOINTED + ["--out", str(out)]) == 0
+    assert not list(out.glob("checkpoint-*"))  # removed once the results are written
+    return out
+
+
+def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
+    out = tmp_path / "cut"
+    _killed_run(tmp_path, out, KILL_AFTER_CHECKPOINTS="4")
+    assert (out / "config.toml").is_file() and (out / "checkpoint-first.eqx").is_file()
+    assert not (out / "summary.json").exists()
+    assert main(["--resume", str(out), "--quiet"]) == 0
+    _assert_same_run_directory(uninterrupted, out)
+    assert not list(out.glob("checkpoint-*"))
+    # A finished run has nothing left to resume.
+    assert main(["--resume", str(out)]) == EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize("target", ["checkpoint-first.eqx", "trajectory.npz", "summary.json"])
+def test_a_kill_while_writing_leaves_no_partial_file(uninterrupted, tmp_path, target):
+    out = tmp_path / "cut"
+    _killed_run(tmp_path, out, KILL_WRITING=target)
+    assert not (out / target).exists()
+    assert list(out.glob(f".{target}.*.tmp"))  # the unfinished write, under a temporary name
+    # Every file under a final name is complete.
+    tomllib.loads((out / "config.toml").read_text())
+    if (out / "trajectory.npz").exists():
+        np.load(out / "trajectory.npz")["t"]
+    assert main(["--resume", str(out), "--quiet"]) == 0
+    _assert_same_run_directory(uninterrupted, out)
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["deep-linear"], "drop CONFIG"), (["--set", "solve.t1=3"], "drop the overrides"),
+     (["--x32"], "drop the overrides"), (["--out", "elsewhere"], "drop --out")],
+)
+def test_resume_takes_everything_from_the_run_directory(tmp_path, capsys, extra, message):
+    (tmp_path / "config.toml").write_text("")
+    assert main(["--resume", str(tmp_path)] + extra) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"gflow: error: --resume continues {tmp_path} with its own config")
+    assert message in err and err.count("\n") == 1
+
+
+def test_x32_runs_in_float32_and_warns_about_tolerances(tmp_path, capsys):
+    out32, out64 = tmp_path / "x32", tmp_path / "x64"
+    assert main(FAST + ["--x32", "--rtol", "1e-5", "--out", str(out32), "--quiet"]) == 0
+    assert main(FAST + ["--rtol", "1e-5", "--out", str(out64), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    s32, s64 = (json.loads((d / "summary.json").read_text()) for d in (out32, out64))
+    assert s32["stats"]["dtype"] == "float32" and s64["stats"]["dtype"] == "float64"
+    assert "x32 = true" in (out32 / "config.toml").read_text()
+    # (float32 draws another random init, so each run is held to its own prediction.)
+    for name, p in s32["predictions"].items():
+        assert abs(p["rel_error"]) < 1e-3 + abs(s64["predictions"][name]["rel_error"]), name
+    # Tolerances float32 cannot meet: one warning line, and the run goes on.
+    main(FAST + ["--x32", "--set", "solve.max_steps=30", "--out", str(tmp_path / "tight")])
+    err = capsys.readouterr().err
+    assert err.startswith("gflow: warning: solve.x32 computes in float32")
+    assert "rtol=1e-08 cannot be met" in err and err.count("\n") == 1
+
+
+# Each preset at reduced size and horizon: the same builders, compiled programs of the same kind.
+_REDUCED = {
+    "cooccurrence": ["--set", "problem.n=12", "--set", "problem.d=12", "--set", "problem.m=8",
+                     "--set", "problem.m1=16", "--t1", "30", "--set", "solve.save_points=30"],
+    "anchor": ["--set", "problem.n_train=45", "--set", "problem.n_held_out=10",
+               "--set", "problem.d=8", "--set", "problem.m=8", "--t1", "20",
+               "--set", "solve.save_points=20"],
+    "text": ["--set", "problem.n=32", "--set", "problem.d=8", "--set", "problem.m=8",
+             "--t1", "20", "--set", "solve.save_points=20"],
+}
+_SUMMARY_KEYS = ("status", "t0", "t1", "t_final", "solver", "rtol", "atol", "stats",
+                 "transitions", "predictions", "config", "versions")
+
+
+def test_every_other_preset_end_to_end(tmp_path):
+    """deep-linear and rank-collapse run above; the others here, as concurrent processes
+    (compilation dominates and is mostly single-threaded)."""
+    from gflow import presets
+
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "gflow.solve", name, *args, "--out", str(tmp_path / name),
+             "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=os.environ | {"GFLOW_CACHE_DIR": str(tmp_path / "jax-cache")},
+        )
+        for name, args in _REDUCED.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, err)
+        assert err == "", (name, err)
+    for name, args in _REDUCED.items():
+        out = tmp_path / name
+        for file in ("config.toml", "summary.json", "trajectory.npz", "final.eqx",
+                     "figures/loss.png", "figures/loss.pdf"):
+            assert (out / file).is_file(), (name, file)
+        summary = json.loads((out / "summary.json").read_text())
+        assert all(key in summary for key in _SUMMARY_KEYS), name
+        assert summary["status"] == "completed" and summary["t_final"] == summary["t1"]
+        # config.toml is the exact resolved config, and reading it back resolves the same.
+        config = tomllib.loads((out / "config.toml").read_text())
+        assert config == summary["config"] == presets.resolve(str(out / "config.toml")).config
+        resolved = presets.resolve(name, [a for a in args if "=" in a] +
+                                   [f"solve.t1={args[args.index('--t1') + 1]}"])
+        assert config == resolved.config
+        problem = presets.build(resolved)
+        assert set(summary["transitions"]) == {tr.name for tr in problem.transitions}
+        # The recorded loss starts at the initial loss and decreases along the flow.
+        loss = gflow.load(out).observables["loss"]
+        initial = float(problem.flow.loss(problem.flow.model, problem.flow.data))
+        assert abs(loss[0] - initial) <= 1e-12 * abs(initial), name
+        assert np.all(np.diff(loss) <= 1e-9 * abs(initial)), name

@@ -283,3 +283,41 @@ def test_integer_observables_are_recorded_as_floats(random_flow):
     assert traj.observables["count"].dtype == np.float64
     assert np.all(traj.observables["count"] == np.round(traj.observables["count"]))
     assert set(np.unique(traj.observables["flag"])) <= {0.0, 1.0}
+
+
+# The observer's float64 constants (built with x64 on) are truncated in the float32 solve.
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+def test_float32_solve_matches_float64_within_its_tolerance(saxe_flow, saxe_target):
+    """With JAX's x64 off (what `--x32` does) the whole solve runs in float32."""
+    u = mode_strengths(saxe_target)
+    transitions = [
+        gflow.Transition(f"mode{k}", lambda m, d, k=k: u(m, d)[k] - SAXE_S[k] / 2, True)
+        for k in range(2)
+    ]
+    # The same float32-representable init and data in both precisions.
+    cast = lambda dtype: lambda tree: jtu.tree_map(
+        lambda x: np.asarray(np.asarray(x, np.float32), dtype), tree
+    )
+    flow = lambda dtype: gflow.GradientFlow(
+        cast(dtype)(saxe_flow.model), deep_linear_loss, cast(dtype)(saxe_target)
+    )
+    kw = dict(rtol=1e-5, transitions=transitions, observers={"modes": u})
+    reference = gflow.solve(flow(np.float64), 6.0, **kw)
+    with jax.enable_x64(False):
+        traj = gflow.solve(flow(np.float32), 6.0, **kw)
+        assert traj.final.weights[0].dtype == jnp.float32
+    assert traj.status == reference.status == "completed"
+    assert traj.stats["dtype"] == "float32" and reference.stats["dtype"] == "float64"
+    for name, t in reference.transitions.items():
+        assert abs(traj.transitions[name] - t) < 10 * 1e-5 * t
+    np.testing.assert_allclose(traj.observables["modes"], reference.observables["modes"],
+                               rtol=1e-4, atol=1e-4 * max(SAXE_S))
+
+
+def test_float32_overflow_is_reported_nonfinite():
+    # dx/dt = x overflows float32's squared norm (~3e38) near t = ln(1e19) ≈ 44.
+    with jax.enable_x64(False):
+        flow = gflow.GradientFlow(_Scalar(jnp.array(1.0)), lambda m, d: -(m.x**2) / 2, None)
+        traj = gflow.solve(flow, 100.0, rtol=1e-5, ts=gflow.linear_grid(0.0, 100.0, 101))
+    assert traj.status == "nonfinite"
+    assert 40.0 < traj.t_final < 45.0

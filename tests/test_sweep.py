@@ -4,6 +4,7 @@ sharding over devices; scaling fits; the command line."""
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -285,6 +286,19 @@ def _exit_code(argv) -> int:
         (["deep-linear", "--over", "eps=1e-3", "--against", "seed"], "--against seed"),
         (["deep-linear", "--over", "eps=1e-3", "--t1", "0"], "solve.t1 must be greater"),
         (["deep-linear", "--over", "eps=1e-3", "--batch", "pmap"], "argument --batch"),
+        (["deep-linear", "--over", "eps=1e-3", "--process-id", "1"],
+         "--process-id needs --distributed"),
+        (["deep-linear", "--over", "eps=1e-3", "--distributed", "--coordinator", "nohost"],
+         "--coordinator expects HOST:PORT"),
+        (["deep-linear", "--over", "eps=1e-3", "--distributed", "--num-processes", "0"],
+         "--num-processes must be at least 1"),
+        (["deep-linear", "--over", "eps=1e-3", "--distributed", "--num-processes", "2",
+          "--process-id", "2"], "--process-id must be at least 0 and below --num-processes 2"),
+        (["deep-linear", "--over", "eps=1e-3", "--num-processes", "two"],
+         "argument --num-processes"),
+        # This process has already used JAX: JAX's own refusal, in one line.
+        (["deep-linear", "--over", "eps=1e-3", "--distributed"],
+         "--distributed: jax.distributed.initialize failed"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
@@ -323,6 +337,56 @@ def test_cli_writes_members_json_and_scaling_figure(tmp_path, capsys):
         assert fits[name]["points"] == 4 and fits[name]["law"] == "log"
         figure = out / "figures" / f"{name}_vs_eps.png"
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_distributed_over_two_processes_equals_one_process(tmp_path):
+    """Two processes on localhost with two CPU devices each (gloo collectives): three members
+    over four devices (padded to four), against the same sweep in this one process."""
+    argv = CLI_FAST + ["--over", "eps=1e-2,1e-3,1e-4", "--quiet"]
+    assert sweep_main(argv + ["--out", str(tmp_path / "single")]) == 0
+    env = os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "GFLOW_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    coordinator = f"localhost:{_free_port()}"
+    argv = [a for a in argv if a != "--quiet"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gflow.sweep", *argv, "--out", str(tmp_path / f"p{i}"),
+             "--distributed", "--coordinator", coordinator, "--num-processes", "2",
+             "--process-id", str(i)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        done = [p.communicate(timeout=600) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (_, err) in zip(processes, done):
+        assert p.returncode == 0, err[-2000:]
+    # Process 0 alone reports (gloo's own connection lines go to both stdouts, interleaved).
+    for marker in ("[1/3] eps=0.01", "[3/3] eps=0.0001", "members     3", "written     "):
+        assert marker in done[0][0] and marker not in done[1][0]
+    assert not (tmp_path / "p1").exists()  # ... and writes
+    summary = json.loads((tmp_path / "p0" / "sweep.json").read_text())
+    group = summary["groups"][0]
+    assert (group["size"], group["devices"], group["processes"]) == (3, 4, 2)
+    single = json.loads((tmp_path / "single" / "sweep.json").read_text())
+    assert single["groups"][0]["processes"] == 1
+    for many, one in zip(summary["members"], single["members"], strict=True):
+        assert many["point"] == one["point"] and many["status"] == one["status"] == "completed"
+        for name, t in one["transitions"].items():
+            assert many["transitions"][name] == pytest.approx(t, rel=10 * RTOL)
+    assert (tmp_path / "p0" / "figures" / "mode1_learned_vs_eps.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ _ACTIVATIONS = ("tanh", "identity")
 _ATTENTIONS = ("exact", "linearized")
 
 
-def _as_float64(value) -> Float[Array, "..."]:
-    return jnp.asarray(value, dtype=jnp.float64)
+def _as_float(value) -> Float[Array, "..."]:
+    return jnp.asarray(value, dtype=float)
 
 
 def _is_concrete(value) -> bool:
@@ -55,8 +55,8 @@ class SequenceData(eqx.Module):
     y: Float[Array, " n"]
 
     def __init__(self, X, y):
-        self.X = _as_float64(X)
-        self.y = _as_float64(y)
+        self.X = _as_float(X)
+        self.y = _as_float(y)
 
     def __check_init__(self):
         if self.X.ndim != 3 or min(self.X.shape) < 1:
@@ -112,11 +112,11 @@ class AttentionFFN(eqx.Module):
     attention: Literal["exact", "linearized"] = eqx.field(static=True)
 
     def __init__(self, W_Q, W_K, W_V, W1, W2, *, activation="tanh", attention="exact"):
-        self.W_Q = _as_float64(W_Q)
-        self.W_K = _as_float64(W_K)
-        self.W_V = _as_float64(W_V)
-        self.W1 = _as_float64(W1)
-        self.W2 = _as_float64(W2)
+        self.W_Q = _as_float(W_Q)
+        self.W_K = _as_float(W_K)
+        self.W_V = _as_float(W_V)
+        self.W1 = _as_float(W1)
+        self.W2 = _as_float(W2)
         self.activation = activation
         self.attention = attention
 
@@ -173,13 +173,12 @@ class AttentionFFN(eqx.Module):
             raise InputError(f"AttentionFFN.init: eps must be finite and >= 0, got {eps}")
         d = int(d)
         kq, kk, kv, k1, k2 = jax.random.split(key, 5)
-        f64 = jnp.float64
         return cls(
-            W_Q=eps * jax.random.normal(kq, (d, d), f64),
-            W_K=eps * jax.random.normal(kk, (d, d), f64),
-            W_V=eps * jax.random.normal(kv, (d, d), f64),
-            W1=eps * jax.random.normal(k1, (d, d), f64),
-            W2=eps * jax.random.normal(k2, (d,), f64),
+            W_Q=eps * jax.random.normal(kq, (d, d), float),
+            W_K=eps * jax.random.normal(kk, (d, d), float),
+            W_V=eps * jax.random.normal(kv, (d, d), float),
+            W1=eps * jax.random.normal(k1, (d, d), float),
+            W2=eps * jax.random.normal(k2, (d,), float),
             activation=activation,
             attention=attention,
         )

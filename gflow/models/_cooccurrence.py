@@ -21,8 +21,8 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 from .._errors import InputError
 
 
-def _as_float64(value) -> Float[Array, "..."]:
-    return jnp.asarray(value, dtype=jnp.float64)
+def _as_float(value) -> Float[Array, "..."]:
+    return jnp.asarray(value, dtype=float)
 
 
 class CooccurrenceTransformer(eqx.Module):
@@ -49,11 +49,11 @@ class CooccurrenceTransformer(eqx.Module):
     a: Float[Array, " m1"]
 
     def __init__(self, W_Q, W_K, W_V, W, a):
-        self.W_Q = _as_float64(W_Q)
-        self.W_K = _as_float64(W_K)
-        self.W_V = _as_float64(W_V)
-        self.W = _as_float64(W)
-        self.a = _as_float64(a)
+        self.W_Q = _as_float(W_Q)
+        self.W_K = _as_float(W_K)
+        self.W_V = _as_float(W_V)
+        self.W = _as_float(W)
+        self.a = _as_float(a)
 
     def __check_init__(self):
         for name in ("W_Q", "W_K", "W_V", "W"):
@@ -124,13 +124,12 @@ class CooccurrenceTransformer(eqx.Module):
             raise InputError(f"CooccurrenceTransformer.init: sigma0, sigma1 must be finite and "
                              f">= 0, got {sigma0}, {sigma1}")
         kq, kk, kv, kw, ka = jax.random.split(key, 5)
-        f64 = jnp.float64
         return cls(
-            W_Q=sigma0 * jax.random.normal(kq, (m, d), f64),
-            W_K=sigma0 * jax.random.normal(kk, (m, d), f64),
-            W_V=sigma0 * jax.random.normal(kv, (m, d), f64),
-            W=sigma1 * jax.random.normal(kw, (m1, m), f64),
-            a=jax.random.rademacher(ka, (m1,), f64),
+            W_Q=sigma0 * jax.random.normal(kq, (m, d), float),
+            W_K=sigma0 * jax.random.normal(kk, (m, d), float),
+            W_V=sigma0 * jax.random.normal(kv, (m, d), float),
+            W=sigma1 * jax.random.normal(kw, (m1, m), float),
+            a=jax.random.rademacher(ka, (m1,), float),
         )
 
     @property

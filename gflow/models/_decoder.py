@@ -158,7 +158,7 @@ class Decoder(eqx.Module):
             s = scale(fan_in)
             if name in ("E", "P") and embedding_std is not None:
                 s = embedding_std
-            arrays[name] = s * jax.random.normal(k, shape, dtype=jnp.float64)
+            arrays[name] = s * jax.random.normal(k, shape, dtype=float)
         return cls(**arrays, activation=activation, train_embeddings=train_embeddings)
 
     def trainable_spec(self) -> "Decoder":
@@ -217,4 +217,4 @@ def accuracy(model: Decoder, data: TokenData, answers: Int[Array, " n"] | None =
     """Fraction of samples whose arg-max logit is `answers` (default: the targets)."""
     answers = data.targets if answers is None else jnp.asarray(answers)
     hits = jnp.argmax(model.logits(data.tokens), axis=1) == answers
-    return jnp.mean(hits.astype(jnp.float64))
+    return jnp.mean(hits.astype(float))

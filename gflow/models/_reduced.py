@@ -32,8 +32,8 @@ from .._flow import GradientFlow
 from ._attention import AttentionFFN, _inputs_and_labels
 
 
-def _as_float64(value) -> Float[Array, "..."]:
-    return jnp.asarray(value, dtype=jnp.float64)
+def _as_float(value) -> Float[Array, "..."]:
+    return jnp.asarray(value, dtype=float)
 
 
 def _safe_scale(norm: Scalar) -> Scalar:
@@ -67,7 +67,7 @@ def target_direction(
     `(v, ‖m‖)`: the unit row vector `v` of shape `(d,)` and the norm `‖m‖`. When `m = 0` (no
     stage-1 signal) `v` is the zero vector, not nan.
     """
-    X, y = _as_float64(X), _as_float64(y)
+    X, y = _as_float(X), _as_float(y)
     _check_data(X, y)
     m = jnp.einsum("i,isd->d", y, X)
     norm = jnp.linalg.norm(m)
@@ -75,7 +75,7 @@ def target_direction(
 
 
 def _time_scale(eps: float, X, y) -> Scalar:
-    X, y = _as_float64(X), _as_float64(y)
+    X, y = _as_float(X), _as_float(y)
     n, s, _ = X.shape
     _, norm = target_direction(X, y)
     return eps * norm / (n * s)
@@ -95,7 +95,7 @@ def rescaled_time(t: ArrayLike, eps: float, X: Float[Array, "n s d"],
 
     `t̄`, the shape of `t`.
     """
-    return _as_float64(t) * _time_scale(eps, X, y)
+    return _as_float(t) * _time_scale(eps, X, y)
 
 
 def real_time(t_bar: ArrayLike, eps: float, X: Float[Array, "n s d"],
@@ -111,7 +111,7 @@ def real_time(t_bar: ArrayLike, eps: float, X: Float[Array, "n s d"],
 
     Real time `t`, the shape of `t_bar`.
     """
-    return _as_float64(t_bar) / _time_scale(eps, X, y)
+    return _as_float(t_bar) / _time_scale(eps, X, y)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,9 +136,9 @@ class OuterParameters(eqx.Module):
     W2: Float[Array, " d"]
 
     def __init__(self, W_V, W1, W2):
-        self.W_V = _as_float64(W_V)
-        self.W1 = _as_float64(W1)
-        self.W2 = _as_float64(W2)
+        self.W_V = _as_float(W_V)
+        self.W1 = _as_float(W1)
+        self.W2 = _as_float(W2)
 
     def __check_init__(self):
         d = self.W2.shape[0] if self.W2.ndim == 1 else -1
@@ -236,8 +236,8 @@ class KeyQueryParameters(eqx.Module):
     W_K: Float[Array, "d d"]
 
     def __init__(self, W_Q, W_K):
-        self.W_Q = _as_float64(W_Q)
-        self.W_K = _as_float64(W_K)
+        self.W_Q = _as_float(W_Q)
+        self.W_K = _as_float(W_K)
 
     def __check_init__(self):
         if self.W_Q.ndim != 2 or self.W_K.ndim != 2 or self.W_Q.shape[1] != self.W_K.shape[1]:
@@ -306,7 +306,7 @@ def stage2_matrix(
     """
     if loss not in ("exponential", "logistic"):
         raise InputError(f"stage2_matrix: loss must be 'exponential' or 'logistic', got {loss!r}")
-    X, y = _as_float64(X), _as_float64(y)
+    X, y = _as_float(X), _as_float(y)
     _check_data(X, y)
     n, s, d = X.shape
     if d != model.d:

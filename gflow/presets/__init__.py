@@ -5,8 +5,12 @@ do the same: `gflow.presets.run(gflow.presets.resolve("deep-linear", ["solve.t1=
 """
 
 import dataclasses
+import os
+import warnings
 from importlib import resources
 from pathlib import Path
+
+import jax
 
 from .._config import (
     PlotSettings,
@@ -95,18 +99,43 @@ def build(resolved: Resolved) -> Problem:
     return PROBLEMS[resolved.problem_kind](**resolved.problem_args)
 
 
-def run(resolved: Resolved, *, progress: bool = False) -> tuple[Problem, Trajectory]:
+def run(
+    resolved: Resolved,
+    *,
+    progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> tuple[Problem, Trajectory]:
     """Build the problem and solve it as configured.
+
+    **Arguments:**
+
+    - `resolved`: from `resolve`.
+    - `progress`: show a progress bar over flow time.
+    - `checkpoint_dir`: write checkpoints there (`checkpoint-<pass>.eqx`), at every transition
+        and every `solve.checkpoint_steps` steps.
+    - `resume`: continue from the checkpoints in `checkpoint_dir`; the result equals that of
+        an uninterrupted run.
 
     **Returns:**
 
     The problem and its trajectory, whose `config` is the resolved configuration and whose
     `predictions` compare the run with the problem's theory.
     """
+    settings = resolved.solve
+    if settings.precision_warning():
+        warnings.warn(settings.precision_warning(), stacklevel=2)
+    # float32 on request, for this run only: the process keeps gflow's float64 default.
+    with jax.enable_x64(not settings.x32):
+        return _run(resolved, progress, checkpoint_dir, resume)
+
+
+def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajectory]:
     problem = build(resolved)
     settings = resolved.solve
 
-    def solve_on(ts):
+    def solve_on(ts, stage: str):
+        checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"checkpoint-{stage}.eqx"
         return solve(
             problem.flow,
             settings.t1,
@@ -120,13 +149,16 @@ def run(resolved: Resolved, *, progress: bool = False) -> tuple[Problem, Traject
             max_steps=settings.max_steps,
             progress=progress,
             certify=settings.certify,
+            checkpoint=checkpoint,
+            checkpoint_steps=settings.checkpoint_steps or None,
+            resume=resume,
         )
 
-    traj = solve_on(settings.save_times())
+    traj = solve_on(settings.save_times(), "first")
     refined = settings.refine and settings.refined_save_times(traj.transitions.values())
     if refined is not None and refined is not False:
         first = traj
-        traj = solve_on(refined)
+        traj = solve_on(refined, "refined")
         # Report the work of both passes.
         stats = {k: first.stats[k] + traj.stats[k] for k in traj.stats
                  if isinstance(traj.stats[k], (int, float)) and first.stats[k] is not None}

@@ -31,7 +31,7 @@ from .._flow import GradientFlow
 from .._solve import Transition
 from ..models._decoder import WEIGHTS, Decoder, accuracy, cross_entropy
 from ..tasks._anchor import NON_COMPOSITIONAL_SHIFT, VOCAB, anchor_task
-from ._problem import Problem
+from ._problem import Problem, scaled_init
 
 
 def _weights(m):
@@ -52,6 +52,7 @@ def anchor(
     activation: str,
     train_embeddings: bool,
     fit_threshold: float,
+    eps: float = 1.0,
 ) -> Problem:
     """The composite-shift task learned by a small decoder from init std `d_in^{−gamma}`.
 
@@ -67,6 +68,8 @@ def anchor(
     - `train_embeddings`: let the token and position embeddings evolve.
     - `fit_threshold`: the transition `train_fit` is when the training accuracy rises
         through this fraction.
+    - `eps`: a factor on the whole trainable init (on top of `gamma`), the scale a sweep
+        varies.
     """
     if not gamma > 0:
         raise InputError(f"problem.gamma must be positive, got {gamma}")
@@ -78,6 +81,7 @@ def anchor(
         key_model, vocab=VOCAB, length=length, d=d, m=m, layers=layers, gamma=gamma,
         activation=activation, train_embeddings=train_embeddings,
     )
+    model = scaled_init(model, model.trainable_spec(), eps)
     held_out = task.held_out
     memorized = task.held_out_keys + NON_COMPOSITIONAL_SHIFT
 

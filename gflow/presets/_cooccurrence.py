@@ -10,7 +10,7 @@ from .._solve import Transition
 from ..models import CooccurrenceTransformer, cooccurrence_loss
 from ..tasks import cooccurrence as cooccurrence_data, cooccurrence_observers, phase1_condition
 from ..theory import fit_inverse_loss
-from ._problem import Problem
+from ._problem import Problem, scaled_init
 
 # Phase 2's law holds "close to linearly": R² of the 1/L̂ line above this counts as holding.
 _LINEAR_R2 = 0.99
@@ -27,6 +27,7 @@ def cooccurrence(
     sigma1: float,
     seed: int,
     distinct_irrelevant: bool,
+    eps: float = 1.0,
 ) -> Problem:
     """The paper's co-occurrence task and model; the readout signs `a` are frozen.
 
@@ -40,6 +41,8 @@ def cooccurrence(
         holds; at 1 (Kaiming) the outputs start O(1) and that rise does not appear.
     - `seed`: seeds data and init.
     - `distinct_irrelevant`: irrelevant words of a sample all distinct.
+    - `eps`: a factor on the whole trainable init (`sigma0` and `sigma1` alike), the scale a
+        sweep varies.
     """
     if not (sigma0 >= 0 and sigma1 >= 0):
         raise InputError(f"problem.sigma0 and problem.sigma1 must be >= 0, got {sigma0}, {sigma1}")
@@ -48,6 +51,7 @@ def cooccurrence(
     model = CooccurrenceTransformer.init(
         d, m, m1, key_model, sigma0=sigma0 / math.sqrt(d), sigma1=sigma1 / math.sqrt(m)
     )
+    model = scaled_init(model, model.trainable_spec(), eps)
     flow = GradientFlow(model, cooccurrence_loss, data, trainable=model.trainable_spec())
     transitions = (Transition("phase1_end", phase1_condition(), direction=True),)
     criteria = {"phase1_end": "margin min_i y_i F(X_i) rises through 0 (all samples correct)"}

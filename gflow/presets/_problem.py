@@ -1,9 +1,13 @@
 """`Problem`: what a preset builds: a flow, what to observe, which transitions to locate."""
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax.tree_util as jtu
+
+from .._errors import InputError
 
 from .._flow import GradientFlow
 from .._solve import Transition
@@ -38,3 +42,19 @@ def comparison(predicted: float, measured: float) -> dict[str, float | None]:
         return dict(predicted=float(predicted), measured=None, rel_error=None)
     rel = abs(measured - predicted) / abs(predicted) if predicted else abs(measured - predicted)
     return dict(predicted=float(predicted), measured=float(measured), rel_error=float(rel))
+
+
+def scaled_init(model: Any, trainable: Any, eps: float) -> Any:
+    """`model` with its trainable leaves multiplied by `eps`: the init scale a sweep varies.
+
+    **Arguments:**
+
+    - `model`: the initialized model.
+    - `trainable`: the flow's filter spec; frozen leaves (fixed readouts, frozen embeddings)
+        are not scaled.
+    - `eps`: the factor (> 0).
+    """
+    if not (math.isfinite(eps) and eps > 0):
+        raise InputError(f"problem.eps must be positive, got {eps}")
+    params, static = eqx.partition(model, trainable)
+    return eqx.combine(jtu.tree_map(lambda x: eps * x, params), static)

@@ -146,7 +146,7 @@ def _generate(
     y = np.where(sample_type == 1, 1.0, -1.0)
     return CooccurrenceData(
         X=jnp.asarray(X),
-        y=jnp.asarray(y, dtype=jnp.float64),
+        y=jnp.asarray(y, dtype=float),
         type=jnp.asarray(sample_type, dtype=jnp.int32),
         tokens=jnp.asarray(tokens),
     )

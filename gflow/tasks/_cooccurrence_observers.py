@@ -24,7 +24,7 @@ def _check_words(owner: str, words: tuple[int, ...]) -> None:
 
 def _embedding(model: CooccurrenceTransformer, word: int) -> Float[Array, " d"]:
     # Word μ_k is the one-hot vector with its one at index k − 1.
-    return jax.nn.one_hot(word - 1, model.d, dtype=jnp.float64)
+    return jax.nn.one_hot(word - 1, model.d, dtype=float)
 
 
 class TypeLosses(eqx.Module):

@@ -73,7 +73,7 @@ def condensed_stage2_matrix(X: Float[Array, "n s d"], y: Float[Array, " n"]) -> 
 
     `F`, shape `(d, d)`.
     """
-    X, y = jnp.asarray(X, jnp.float64), jnp.asarray(y, jnp.float64)
+    X, y = jnp.asarray(X, float), jnp.asarray(y, float)
     n, s, d = X.shape
     v, _ = target_direction(X, y)
     centred = X - jnp.mean(X, axis=1, keepdims=True)
@@ -84,7 +84,7 @@ def condensed_stage2_matrix(X: Float[Array, "n s d"], y: Float[Array, " n"]) -> 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _sample(key: PRNGKeyArray, a: Float[Array, " d"], n: int, s: int):
     d = a.shape[0]
-    X = jax.random.normal(key, (n, s, d), jnp.float64)
+    X = jax.random.normal(key, (n, s, d), float)
     y = jnp.where(jnp.arange(n) < (n + 1) // 2, 1.0, -1.0)
     # Replace the last token's a-component by y|g|: the Gaussian conditioned on the label.
     along = X[:, -1, :] @ a

@@ -74,9 +74,11 @@ def two_layer_learning_times(
     `(times, s, u0)`: predicted half-rise times, singular values and effective initial
     strengths, one per non-zero singular value of `S`, largest first.
     """
+    # Singular values below the target's own rounding (float32 under --x32) are not modes.
+    resolution = max(1e-12, 10 * float(np.finfo(np.result_type(np.asarray(target), np.float32)).eps))
     W1, W2, S = (np.asarray(a, dtype=np.float64) for a in (W1, W2, target))
     U, s, Vt = np.linalg.svd(S, full_matrices=False)
-    keep = s > 1e-12 * s.max()
+    keep = s > resolution * s.max()
     U, s, V = U[:, keep], s[keep], Vt[keep].T
     u0 = 0.25 * np.sum(np.square(W1 @ V + W2.T @ U), axis=0)
     times = np.log(s / u0 - 1.0) / (2.0 * s)

@@ -19,8 +19,8 @@ from ..models._attention import AttentionFFN
 from ..models._reduced import OuterParameters, target_direction
 
 
-def _as_float64(value) -> Float[Array, "..."]:
-    return jnp.asarray(value, dtype=jnp.float64)
+def _as_float(value) -> Float[Array, "..."]:
+    return jnp.asarray(value, dtype=float)
 
 
 def _check_key_query(F, W_Q0, W_K0) -> None:
@@ -62,9 +62,9 @@ def key_query_solution(
 
     `(W_Q(t), W_K(t))`.
     """
-    F, W_Q0, W_K0 = _as_float64(F), _as_float64(W_Q0), _as_float64(W_K0)
+    F, W_Q0, W_K0 = _as_float(F), _as_float(W_Q0), _as_float(W_K0)
     _check_key_query(F, W_Q0, W_K0)
-    t = _as_float64(t)
+    t = _as_float(t)
     if t.ndim != 0:
         raise InputError(f"key_query_solution: t must be a scalar, got shape {t.shape}")
     p, q = F.shape
@@ -98,7 +98,7 @@ def key_query_limit_directions(
 
     `(D_Q, D_K)`, unit-Frobenius matrices of the shapes of `W_Q0`, `W_K0` (zero if `r = 0`).
     """
-    F, W_Q0, W_K0 = _as_float64(F), _as_float64(W_Q0), _as_float64(W_K0)
+    F, W_Q0, W_K0 = _as_float(F), _as_float(W_Q0), _as_float(W_K0)
     _check_key_query(F, W_Q0, W_K0)
     U, _, Vh = jnp.linalg.svd(F, full_matrices=False)
     u1, v1 = U[:, 0], Vh[0]
@@ -120,7 +120,7 @@ def key_query_rates(F: Float[Array, "p q"]) -> tuple[Scalar, Scalar]:
     `(σ1, σ1 − σ2)`: `‖W_Q‖, ‖W_K‖` grow like `e^{σ1 t}`; the second singular value of the
     normalized `W_Q` decays like `e^{−(σ1−σ2) t}` (`σ2 = 0` when `F` has rank one).
     """
-    sigma = jnp.linalg.svd(_as_float64(F), compute_uv=False)
+    sigma = jnp.linalg.svd(_as_float(F), compute_uv=False)
     second = sigma[1] if sigma.shape[0] > 1 else jnp.zeros(())
     return sigma[0], sigma[0] - second
 
@@ -142,7 +142,7 @@ def stage1_blowup_bound(E0: ArrayLike) -> Scalar:
     `E0^{-1/3}`, or `inf` when `E0 ≤ 0` (the bound only applies to a positive energy; a
     negative one first rises towards 0, see `stage1_energy_lower_bound`).
     """
-    E0 = _as_float64(E0)
+    E0 = _as_float(E0)
     safe = jnp.where(E0 > 0, E0, 1.0)
     return jnp.where(E0 > 0, safe ** (-1.0 / 3.0), jnp.inf)
 
@@ -163,7 +163,7 @@ def stage1_energy_lower_bound(E0: ArrayLike, t_bar: ArrayLike) -> Float[Array, "
 
     The bound, the shape of `t_bar`.
     """
-    E0, t_bar = _as_float64(E0), _as_float64(t_bar)
+    E0, t_bar = _as_float(E0), _as_float(t_bar)
     safe = jnp.where(E0 != 0, E0, 1.0)
     inverse_root = jnp.sign(safe) * jnp.abs(safe) ** (-1.0 / 3.0)  # 1/∛E0, real cube root
     gap = inverse_root - t_bar
@@ -193,7 +193,7 @@ def predicted_escape_time(model: AttentionFFN, X: Float[Array, "n s d"],
 
     The bound in real time; `inf` when `E(W(0)) ≤ 0` or `m = 0`.
     """
-    X, y = _as_float64(X), _as_float64(y)
+    X, y = _as_float(X), _as_float(y)
     n, s, _ = X.shape
     v, norm = target_direction(X, y)
     energy = OuterParameters.from_model(model).energy(v)

@@ -1,0 +1,100 @@
+"""One progress bar over flow time for a whole solve, across its segments.
+
+diffrax's `TqdmProgressMeter` draws one bar per `diffeqsolve`, from that solve's own `t0` to
+`t1`; a gflow solve is a chain of segments (one per transition, or per checkpoint), which would
+draw a new bar from 0% at every transition. Here the compiled program reports the segment's
+fraction done to a host-side bar that knows where the segment sits in `[t0, t1]`.
+"""
+
+import threading
+
+import diffrax
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+
+class FlowTimeBar:
+    """A tqdm bar over flow time `[t0, t1]`, advanced by the segments of one solve.
+
+    Use as a context manager; while it is active, `SegmentMeter` inside compiled segments
+    reports to it. `segment(t_start)` tells it where the next segment starts.
+    """
+
+    # The bar the running segment reports to. Segments run one at a time from a solve's
+    # Python loop, so one slot (behind a lock, for callbacks from XLA's threads) suffices.
+    _lock = threading.Lock()
+    _active: "FlowTimeBar | None" = None
+
+    def __init__(self, t0: float, t1: float, desc: str | None = None):
+        self.t0, self.t1 = float(t0), float(t1)
+        self.desc = desc
+        self.t_start = self.t0
+        self.label = ""
+        self.bar = None
+
+    def __enter__(self) -> "FlowTimeBar":
+        import tqdm
+
+        self.bar = tqdm.tqdm(
+            total=100.0,
+            desc=self.desc,
+            unit="%",
+            bar_format="{desc}{percentage:5.1f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+        )
+        with FlowTimeBar._lock:
+            FlowTimeBar._active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with FlowTimeBar._lock:
+            if FlowTimeBar._active is self:
+                FlowTimeBar._active = None
+        self.bar.close()
+
+    def segment(self, t_start: float, label: str = "") -> None:
+        """The next segment starts at flow time `t_start`, looking for `label`."""
+        self.t_start = float(t_start)
+        self.label = label
+        self._show(self.t_start)
+
+    def _show(self, t: float) -> None:
+        span = self.t1 - self.t0
+        self.bar.n = round(100.0 * min(max((t - self.t0) / span, 0.0), 1.0), 2)
+        self.bar.set_postfix_str(f"t={t:.4g}" + (f", next {self.label}" if self.label else ""),
+                                 refresh=False)
+        self.bar.refresh()
+
+    @classmethod
+    def _report(cls, fraction) -> None:
+        # Called from the compiled program with the running segment's fraction done.
+        with cls._lock:
+            bar = cls._active
+        if bar is not None:
+            bar._show(bar.t_start + float(fraction) * (bar.t1 - bar.t_start))
+
+
+class SegmentMeter(diffrax.AbstractProgressMeter):
+    """A diffrax progress meter that reports to the active `FlowTimeBar`.
+
+    It holds no host state itself, so the compiled program does not depend on which bar is
+    shown: one program serves every segment and every solve of the same structure.
+    """
+
+    refresh_steps: int = 20
+
+    def init(self) -> Int[Array, ""]:
+        return jnp.array(0)
+
+    def step(self, state: Int[Array, ""], progress) -> Int[Array, ""]:
+        # A host callback every `refresh_steps` steps keeps the overhead low.
+        jax.lax.cond(
+            state % self.refresh_steps == 0,
+            lambda p: jax.debug.callback(FlowTimeBar._report, p),
+            lambda p: None,
+            progress,
+        )
+        return state + 1
+
+    def close(self, state: Int[Array, ""]) -> None:
+        del state
