@@ -178,6 +178,10 @@ def _errors_as_nan():
         errors.EQX_ON_ERROR = previous
 
 
+# diffrax results a segment tells apart; any other is a failure ("failed", index 0).
+_OUTCOMES = ("failed", "successful", "event_occurred", "max_steps_reached", "dt_min_reached")
+
+
 def _observation(flow: GradientFlow, observers: dict) -> Callable:
     """The function `SaveAt` evaluates at each save time: `{name: observer(model, data)}`."""
 
@@ -276,11 +280,17 @@ def _segment(
         made_jump=made_jump,
     )
     observables, (t_end, y_end) = sol.ys[0], (sol.ts[1][0], sol.ys[1])
+    # The result as an index into _OUTCOMES, read on the host without equinox's (eager) `==`.
+    outcome = sum(
+        i * (sol.result == getattr(diffrax.RESULTS, name))
+        for i, name in enumerate(_OUTCOMES) if i > 0
+    )
     return dict(
         observables=observables,
         t_end=t_end,
         y_end=jtu.tree_map(lambda leaf: leaf[0], y_end),
         result=sol.result,
+        outcome=outcome,
         event_mask=sol.event_mask,
         stats=sol.stats,
         solver_state=sol.solver_state,
@@ -289,41 +299,47 @@ def _segment(
     )
 
 
-_segment_jit = eqx.filter_jit(_segment)
 _COMPILED: dict = {}
 
 
-def _compiled_segment(*args) -> tuple[Callable, float]:
-    """The compiled segment program for these arguments, and the seconds spent compiling it.
+def _compiled_segment(*args) -> tuple[Callable, list, float]:
+    """The compiled segment program for these arguments, its array inputs, and the seconds
+    spent compiling it (0 when cached).
 
     Programs are cached by everything that is not an array (functions, solver, settings) and by
     the shapes and dtypes of the arrays, so new data or a new init of the same structure reuses
-    the program: compile time is reported separately from run time.
+    the program: compile time is reported separately from run time. The program takes the
+    flat list of array inputs: calling it walks no pytree of modules (a millisecond a call).
     """
-    dynamic, static = eqx.partition(args, eqx.is_array)
-    static_leaves, static_def = jtu.tree_flatten(static)
-    key = (
-        static_def,
-        jtu.tree_structure(dynamic),
-        tuple(static_leaves),
-        tuple((x.shape, x.dtype) for x in jtu.tree_leaves(dynamic)),
-    )
+    # One flatten (not `eqx.partition`'s two tree maps): this runs once per segment.
+    all_leaves, treedef = jtu.tree_flatten(args)
+    is_array = [eqx.is_array(x) for x in all_leaves]
+    leaves = [x for x, a in zip(all_leaves, is_array) if a]
+    static = tuple(None if a else x for x, a in zip(all_leaves, is_array))
+    key = (treedef, static, tuple((x.shape, x.dtype) for x in leaves))
     try:
         hash(key)
     except TypeError:  # an unhashable static leaf: compile without caching
         key = None
     if key is not None and key in _COMPILED:
-        return _COMPILED[key], 0.0
+        return _COMPILED[key], leaves, 0.0
+
+    def program(leaves):
+        arrays = iter(leaves)
+        merged = [next(arrays) if a else x for x, a in zip(static, is_array)]
+        out = _segment(*jtu.tree_unflatten(treedef, merged))
+        return eqx.filter(out, eqx.is_array)  # e.g. diffrax's `max_steps` stat is a Python int
+
     start = time.perf_counter()
     with _errors_as_nan():
-        compiled = _segment_jit.lower(*args).compile()
+        compiled = jax.jit(program).lower(leaves).compile()
     seconds = time.perf_counter() - start
     if key is not None:
         _COMPILED[key] = compiled
-    return compiled, seconds
+    return compiled, leaves, seconds
 
 
-_STATE_SHAPES: dict = {}
+_INITIAL_STATES: dict = {}
 
 
 def _initial_states(flow, solver, controller, y0, t0, t1) -> tuple[PyTree, PyTree]:
@@ -337,19 +353,38 @@ def _initial_states(flow, solver, controller, y0, t0, t1) -> tuple[PyTree, PyTre
     """
     key = (
         solver,
+        isinstance(controller, diffrax.PIDController),
         jtu.tree_structure(y0),
         tuple((np.shape(x), jnp.result_type(x)) for x in jtu.tree_leaves(y0)),
     )
-    if key not in _STATE_SHAPES:
-        # Tracing the solver's init costs milliseconds: once per solver and state shape.
+    if key not in _INITIAL_STATES:
+        # Tracing the solver's init and building zeros cost milliseconds: once per solver and
+        # state shape (JAX arrays are immutable, so every solve can start from the same ones).
         term = diffrax.ODETerm(lambda t, y, args: flow.velocity(y))
-        _STATE_SHAPES[key] = jax.eval_shape(lambda y: solver.init(term, t0, t1, y, None), y0)
-    solver_state = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), _STATE_SHAPES[key])
-    if isinstance(controller, diffrax.PIDController):
-        # As diffrax's own init: in the state's real dtype (float32 under x32).
-        one = jnp.asarray(1.0, dtype=jnp.result_type(*jtu.tree_leaves(y0)))
-        return solver_state, (one, one, jnp.asarray(False))
-    return None, None
+        shapes = jax.eval_shape(lambda y: solver.init(term, t0, t1, y, None), y0)
+        solver_state = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if isinstance(controller, diffrax.PIDController):
+            # As diffrax's own init: in the state's real dtype (float32 under x32).
+            one = jnp.asarray(1.0, dtype=jnp.result_type(*jtu.tree_leaves(y0)))
+            _INITIAL_STATES[key] = solver_state, (one, one, jnp.asarray(False))
+        else:
+            _INITIAL_STATES[key] = None, None
+    return _INITIAL_STATES[key]
+
+
+def _host_array(x, dtype=float) -> np.ndarray:
+    """A host array in JAX's default dtype for `dtype` (float64 with gflow; float32 under x32).
+
+    Host arrays go into the compiled program with the call's other inputs: cheaper than an
+    eager `jnp.asarray` each, which dispatches a conversion per value (milliseconds per solve).
+    """
+    return np.asarray(x, dtype=_DEFAULT_DTYPES[bool(jax.config.jax_enable_x64)][dtype])
+
+
+_DEFAULT_DTYPES = {
+    True: {float: np.float64, int: np.int64, bool: np.bool_},
+    False: {float: np.float32, int: np.int32, bool: np.bool_},
+}
 
 
 def _check_finite(tree: PyTree, what: str) -> None:
@@ -429,7 +464,7 @@ def _prepare(
         atol = _default_atol(y0, rtol)
     # Tolerances travel as arrays, not Python floats: floats are static to equinox's jit, and a
     # new init (hence a new default atol) or a new t1 would otherwise recompile the program.
-    as_array = lambda x: jnp.asarray(x, dtype=float)
+    as_array = _host_array
     if controller is None:
         if is_adaptive(solver):
             # A step below dtmin means the flow is singular there (finite-time blow-up): float64
@@ -453,7 +488,7 @@ def _prepare(
     root_finder = _IntervalBisection(
         rtol=as_array(root_rtol), atol=as_array(root_rtol * max(abs(t1), abs(t0), 1.0))
     )
-    directions = jnp.asarray(
+    directions = _host_array(
         [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in transitions] + [0.0]
     )
     # Start every segment, the first included, with solver and controller states of one
@@ -607,9 +642,10 @@ def solve(
     reached, status = carry.t, carry.status
     message = status_message(status, reached, max_steps)
     saved = (ts <= reached) if math.isfinite(reached) else np.zeros_like(ts, dtype=bool)
+    keep = (lambda x: x) if saved.all() else (lambda x: x[saved])
     traj = Trajectory(
-        ts=ts[saved],
-        observables=jtu.tree_map(lambda x: x[saved], carry.observables),
+        ts=keep(ts),
+        observables=jtu.tree_map(keep, carry.observables),
         transitions=dict(carry.found),
         final=flow.combine(carry.y),
         t0=t0,
@@ -650,12 +686,12 @@ def _run_segment(
         observers,
         conditions,
         directions,
-        jnp.asarray(carry.index),
+        _host_array(carry.index, int),
         carry.y,
-        jnp.asarray(carry.t),
-        jnp.asarray(t1),
-        jnp.clip(jnp.asarray(ts), carry.t, t1),
-        None if dt0 is None else jnp.asarray(dt0),
+        _host_array(carry.t),
+        _host_array(t1),
+        _host_array(np.clip(ts, carry.t, t1)),
+        None if dt0 is None else _host_array(dt0),
         solver,
         controller,
         root_finder,
@@ -663,43 +699,48 @@ def _run_segment(
         meter,
         carry.solver_state,
         carry.controller_state,
-        jnp.asarray(carry.made_jump),
+        _host_array(carry.made_jump, bool),
     )
-    compiled, compile_seconds = _compiled_segment(*args)
+    compiled, leaves, compile_seconds = _compiled_segment(*args)
     start = time.perf_counter()
-    out = compiled(*args)
-    jax.block_until_ready(out)
+    out = compiled(leaves)
+    # What the host reads, in one transfer; the state and solver states stay on the device.
+    host = jax.device_get({k: out[k] for k in ("t_end", "outcome", "event_mask", "stats",
+                                               "made_jump", "observables")})
     stats = dict(carry.stats)
     stats["run_seconds"] += time.perf_counter() - start
     stats["compile_seconds"] += compile_seconds
     stats["segments"] += 1
-    steps = int(out["stats"]["num_steps"])
+    steps = int(host["stats"]["num_steps"])
     for k in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
-        stats[k] += int(out["stats"][k])
+        stats[k] += int(host["stats"][k])
 
-    t_end = float(out["t_end"])
+    t_end = float(host["t_end"])
     # Float buffers, so that save times never reached can hold nan.
     seg_obs = jtu.tree_map(lambda x: np.asarray(x, dtype=np.result_type(x.dtype, float)),
-                           out["observables"])
+                           host["observables"])
     # Entries saved by this segment: save times it actually covered.
     covered = (ts >= carry.t) & (ts <= t_end)  # all False when t_end is nan
     observables = carry.observables
-    if observables is None:
-        observables = jtu.tree_map(lambda x: np.full_like(x, np.nan), seg_obs)
-    observables = jtu.tree_map(
-        lambda old, new: np.where(covered.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
-        observables,
-        seg_obs,
-    )
+    if observables is None and covered.all():
+        observables = seg_obs  # one segment covered every save time: no copy
+    else:
+        if observables is None:
+            observables = jtu.tree_map(lambda x: np.full_like(x, np.nan), seg_obs)
+        observables = jtu.tree_map(
+            lambda old, new: np.where(covered.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+            observables,
+            seg_obs,
+        )
     after = carry._replace(
         t=t_end, y=out["y_end"], solver_state=out["solver_state"],
-        controller_state=out["controller_state"], made_jump=bool(out["made_jump"]),
+        controller_state=out["controller_state"], made_jump=bool(host["made_jump"]),
         observables=observables, stats=stats, steps=carry.steps + steps,
     )
 
-    result = out["result"]
-    if bool(result == diffrax.RESULTS.event_occurred):
-        diverged = out["event_mask"][0] if conditions else out["event_mask"]
+    outcome = _OUTCOMES[int(host["outcome"])]
+    if outcome == "event_occurred":
+        diverged = host["event_mask"][0] if conditions else host["event_mask"]
         if bool(diverged):
             return after._replace(status="nonfinite")
         found = dict(carry.found)
@@ -712,12 +753,12 @@ def _run_segment(
             made_jump=True,
             status="completed" if t_end >= t1 else None,
         )
-    if bool(result == diffrax.RESULTS.successful):
+    if outcome == "successful":
         status = "completed"
-    elif bool(result == diffrax.RESULTS.max_steps_reached):
+    elif outcome == "max_steps_reached":
         # A checkpoint cut (segment_steps < max_steps) goes on from the last step's end.
         status = "max_steps" if after.steps >= max_steps else None
-    elif bool(result == diffrax.RESULTS.dt_min_reached):
+    elif outcome == "dt_min_reached":
         status = "dt_min"
     else:
         status = "failed"
