@@ -286,6 +286,8 @@ def _exit_code(argv) -> int:
         (["deep-linear", "--over", "eps=1e-3", "--against", "seed"], "--against seed"),
         (["deep-linear", "--over", "eps=1e-3", "--t1", "0"], "solve.t1 must be greater"),
         (["deep-linear", "--over", "eps=1e-3", "--batch", "pmap"], "argument --batch"),
+        (["deep-linear", "--over", "eps=1e-3", "--set", "solve.x32=true"],
+         "solve.x32: sweeps run in float64 only"),
         (["deep-linear", "--over", "eps=1e-3", "--process-id", "1"],
          "--process-id needs --distributed"),
         (["deep-linear", "--over", "eps=1e-3", "--distributed", "--coordinator", "nohost"],

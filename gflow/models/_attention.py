@@ -43,8 +43,8 @@ class SequenceData(eqx.Module):
 
     **Fields:**
 
-    - `X`: the samples, shape `(n, s, d)`, tokens as rows, float64.
-    - `y`: the labels, shape `(n,)`, entries `±1`, float64.
+    - `X`: the samples, shape `(n, s, d)`, tokens as rows, default float dtype.
+    - `y`: the labels, shape `(n,)`, entries `±1`, default float dtype.
 
     The losses of this module also accept any mapping or object with these two fields (e.g. a
     plain `{"X": X, "y": y}` dict); this class only adds the shape (and, outside tracing, value)
@@ -164,7 +164,7 @@ class AttentionFFN(eqx.Module):
 
         **Returns:**
 
-        An `AttentionFFN` in float64.
+        An `AttentionFFN` in the default float dtype (float64 with gflow).
         """
         if int(d) != d or d < 1:
             raise InputError(f"AttentionFFN.init: d must be a positive integer, got {d!r}")

@@ -112,7 +112,7 @@ class CooccurrenceTransformer(eqx.Module):
 
         **Returns:**
 
-        A `CooccurrenceTransformer` in float64.
+        A `CooccurrenceTransformer` in the default float dtype (float64 with gflow).
         """
         for name, value in (("d", d), ("m", m), ("m1", m1)):
             if int(value) != value or value < 1:

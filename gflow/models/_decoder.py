@@ -60,7 +60,7 @@ class TokenData(eqx.Module):
 
 
 class Decoder(eqx.Module):
-    """The decoder of the module docstring (float64).
+    """The decoder of the module docstring (default float dtype: float64 with gflow).
 
     **Fields:** `E (V, d)`, `P (s, d)`, `W_Q, W_K, W_V (L, d, d)`, `W1 (d, m)`, `W2 (m, d)`,
     `W_out (d, V)`; `activation` (static): `"tanh"`, `"gelu"` or `"identity"`;

@@ -24,7 +24,7 @@ class CooccurrenceData(eqx.Module):
     **Fields:**
 
     - `X`: the samples, shape `(n, d, L)`, one one-hot token per column (the paper's layout).
-    - `y`: labels `±1`, shape `(n,)`, float64.
+    - `y`: labels `±1`, shape `(n,)`, default float dtype.
     - `type`: sample type `1..4`, shape `(n,)`, int.
     - `tokens`: token ids, shape `(n, L)`, int; id `k − 1` is word `μ_k`.
     """
