@@ -125,6 +125,27 @@ def flat_state_observer(flow: gflow.GradientFlow) -> Callable:
     return state
 
 
+def preset_problem(name: str, t1: float, ts: np.ndarray, extra=None) -> "Problem":
+    """The `Problem` of a gflow preset's flow and transitions, up to `t1` on save times `ts`.
+
+    `extra`: `extra(flow) -> {field: value}`, further `Problem` fields that need the preset's
+    flow (e.g. `torch_velocity`).
+    """
+    problem = gflow.presets.build(gflow.presets.resolve(name, [f"solve.t1={t1}"]))
+    flow = problem.flow
+    fields = {} if extra is None else extra(flow)
+    return Problem(
+        name=name,
+        flow=flow,
+        transitions=problem.transitions,
+        ts=ts,
+        t1=t1,
+        scale=initial_rms(flow.params),
+        state=flat_state_observer(flow),
+        **fields,
+    )
+
+
 def initial_rms(params) -> float:
     """RMS of the smallest non-zero leaf: gflow's default atol is rtol times this."""
     sizes = [float(np.sqrt(np.mean(np.square(np.asarray(x))))) for x in jtu.tree_leaves(params)]

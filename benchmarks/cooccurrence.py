@@ -9,11 +9,9 @@ import functools
 
 import numpy as np
 
-import gflow
-import gflow.presets
 
 from . import _torch
-from ._workload import Problem, Settings, flat_state_observer, initial_rms
+from ._workload import Problem, Settings, preset_problem
 
 T1 = 300.0
 GRID_UNIT = 0.04  # every save time is a multiple of every GD step used here
@@ -56,21 +54,12 @@ def _save_times() -> np.ndarray:
 
 
 def build() -> Problem:
-    resolved = gflow.presets.resolve("cooccurrence", [f"solve.t1={T1}"])
-    problem = gflow.presets.build(resolved)
-    flow = problem.flow
-    return Problem(
-        name="cooccurrence",
-        flow=flow,
-        transitions=problem.transitions,
-        ts=_save_times(),
-        t1=T1,
-        scale=initial_rms(flow.params),
-        state=flat_state_observer(flow),
-        torch_velocity=functools.partial(
+    return preset_problem(
+        "cooccurrence", T1, _save_times(),
+        extra=lambda flow: {"torch_velocity": functools.partial(
             _torch.cooccurrence, flow.data.X, flow.data.y, flow.model.a,
             flow.model.W_Q.shape[0], flow.model.W.shape[0],
-        ),
+        )},
     )
 
 

@@ -8,10 +8,8 @@ W_Q grows and W_Q, W_K collapse to rank one within less than one time unit.
 
 import numpy as np
 
-import gflow
-import gflow.presets
 
-from ._workload import Problem, Settings, flat_state_observer, initial_rms
+from ._workload import Problem, Settings, preset_problem
 
 T1 = 20_000.0
 GRID_UNIT = 0.5  # every save time is a multiple of every GD step used here
@@ -70,18 +68,7 @@ def _save_times() -> np.ndarray:
 
 
 def build() -> Problem:
-    resolved = gflow.presets.resolve("rank-collapse", [f"solve.t1={T1}"])
-    problem = gflow.presets.build(resolved)
-    flow = problem.flow
-    return Problem(
-        name="rank-collapse",
-        flow=flow,
-        transitions=problem.transitions,
-        ts=_save_times(),
-        t1=T1,
-        scale=initial_rms(flow.params),
-        state=flat_state_observer(flow),
-    )
+    return preset_problem("rank-collapse", T1, _save_times())
 
 
 DESCRIPTION = (
