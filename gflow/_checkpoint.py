@@ -114,7 +114,9 @@ def read_checkpoint(path: Path, digests: dict[str, str], like: dict[str, PyTree]
         saved = [arrays.get(f"{part}/{i}") for i in range(len(leaves))]
         extra = sum(name.startswith(f"{part}/") for name in arrays) - len(leaves)
         if any(s is None for s in saved) or extra:
-            raise InputError(f"checkpoint {path}: its {part.replace('_', ' ')} has another structure")
+            raise InputError(
+                f"checkpoint {path}: its {part.replace('_', ' ')} has another structure"
+            )
         if part != "observables":
             for s, leaf in zip(saved, leaves):
                 if s.shape != tuple(leaf.shape):

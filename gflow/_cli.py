@@ -90,7 +90,8 @@ def _report(traj, problem, out: Path) -> str:
     lines = [
         f"status      {traj.status}" + (f" ({traj.message})" if traj.message else ""),
         f"time        t0={traj.t0:g} -> t_final={_format_time(traj.t_final)} (t1={traj.t1:g})",
-        f"solver      {traj.solver}, rtol={traj.rtol:g}, atol={traj.atol:.3g}, {s.get('dtype', 'float64')}",
+        f"solver      {traj.solver}, rtol={traj.rtol:g}, atol={traj.atol:.3g}, "
+        f"{s.get('dtype', 'float64')}",
         f"steps       {s['num_steps']} ({s['num_accepted_steps']} accepted, "
         f"{s['num_rejected_steps']} rejected) in {s['segments']} segment(s); "
         f"vector-field evaluations {s['vector_field_evaluations']}",

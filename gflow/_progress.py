@@ -36,11 +36,12 @@ class FlowTimeBar:
     def __enter__(self) -> "FlowTimeBar":
         import tqdm
 
+        # The flow time and the awaited transition go in tqdm's `desc` field, placed after the
+        # bar: its `postfix` field would prefix them with a comma.
         self.bar = tqdm.tqdm(
             total=100.0,
-            desc=self.desc,
             unit="%",
-            bar_format="{desc}{percentage:5.1f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+            bar_format="{percentage:5.1f}%|{bar}| {desc} [{elapsed}<{remaining}]",
         )
         with FlowTimeBar._lock:
             FlowTimeBar._active = self
@@ -61,8 +62,9 @@ class FlowTimeBar:
     def _show(self, t: float) -> None:
         span = self.t1 - self.t0
         self.bar.n = round(100.0 * min(max((t - self.t0) / span, 0.0), 1.0), 2)
-        self.bar.set_postfix_str(f"t={t:.4g}" + (f", next {self.label}" if self.label else ""),
-                                 refresh=False)
+        prefix = f"{self.desc}: " if self.desc else ""
+        suffix = f", next {self.label}" if self.label else ""
+        self.bar.set_description_str(f"{prefix}t={t:.4g}{suffix}", refresh=False)
         self.bar.refresh()
 
     @classmethod

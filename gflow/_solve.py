@@ -762,8 +762,10 @@ def _run_segment(
         status = "dt_min"
     else:
         status = "failed"
-    if status not in (None, "completed") and not float(_squared_norm(after.y)) < _diverged_squared_norm(after.y):
-        status = "nonfinite"
+    if status not in (None, "completed"):
+        # A failure after the state left float range (e.g. steps collapsing on NaNs) is that.
+        if not float(_squared_norm(after.y)) < _diverged_squared_norm(after.y):
+            status = "nonfinite"
     return after._replace(status=status)
 
 

@@ -135,7 +135,9 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
     settings = resolved.solve
 
     def solve_on(ts, stage: str):
-        checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"checkpoint-{stage}.eqx"
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = Path(checkpoint_dir) / f"checkpoint-{stage}.eqx"
         return solve(
             problem.flow,
             settings.t1,
