@@ -528,7 +528,7 @@ def solve(
     observers: Mapping[str, Callable] | None = None,
     transitions: Sequence[Transition] = (),
     max_steps: int = 100_000,
-    progress: bool = False,
+    progress: bool | str = False,
     dt0: float | None = None,
     controller: diffrax.AbstractStepSizeController | None = None,
     certify: bool = False,
@@ -553,7 +553,8 @@ def solve(
         save time. The loss is always recorded as `"loss"` unless that name is taken.
     - `transitions`: `Transition`s, located in order by root finding.
     - `max_steps`: step limit (accepted plus rejected) of each segment between transitions.
-    - `progress`: show a progress bar over flow time.
+    - `progress`: show one progress bar over flow time for the whole solve (`True`, or a
+        label to show on it).
     - `dt0`: initial step; required for `"euler"`, otherwise chosen automatically.
     - `controller`: a diffrax step-size controller replacing the default
         `PIDController(rtol, atol)`.
@@ -666,7 +667,8 @@ def solve(
     reference = solve(
         flow, t1, t0=t0, solver=solver, rtol=max(rtol / _CERTIFY_FACTOR, 1e-14),
         atol=atol / _CERTIFY_FACTOR, ts=ts, observers=observers, transitions=transitions,
-        max_steps=max_steps, progress=progress, dt0=dt0, checkpoint_steps=checkpoint_steps,
+        max_steps=max_steps, progress="certify: reference" if progress else False, dt0=dt0,
+        checkpoint_steps=checkpoint_steps,
         checkpoint=None if checkpoint is None
         else checkpoint.with_name(f"{checkpoint.stem}-reference{checkpoint.suffix}"),
         resume=resume,

@@ -149,7 +149,8 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
             observers=problem.observers,
             transitions=problem.transitions,
             max_steps=settings.max_steps,
-            progress=progress,
+            # Passes after the first say which they are on their bar.
+            progress=progress and (True if stage == "first" else f"{stage} pass"),
             certify=settings.certify,
             checkpoint=checkpoint,
             checkpoint_steps=settings.checkpoint_steps or None,
