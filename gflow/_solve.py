@@ -342,6 +342,28 @@ def _compiled_segment(*args) -> tuple[Callable, list, float]:
 _INITIAL_STATES: dict = {}
 
 
+def _state_key(y0: PyTree) -> tuple:
+    return (
+        jtu.tree_structure(y0),
+        tuple((np.shape(x), jnp.result_type(x)) for x in jtu.tree_leaves(y0)),
+    )
+
+
+_SOLVER_STATE_SHAPES: dict = {}
+
+
+def _solver_state_shapes(flow, solver, y0, t0, t1) -> PyTree:
+    """The structure of `solver`'s state for states like `y0` (traced once per solver and
+    state shape: tracing costs milliseconds)."""
+    key = (solver, _state_key(y0))
+    if key not in _SOLVER_STATE_SHAPES:
+        term = diffrax.ODETerm(lambda t, y, args: flow.velocity(y))
+        _SOLVER_STATE_SHAPES[key] = jax.eval_shape(
+            lambda y: solver.init(term, t0, t1, y, None), y0
+        )
+    return _SOLVER_STATE_SHAPES[key]
+
+
 def _initial_states(flow, solver, controller, y0, t0, t1) -> tuple[PyTree, PyTree]:
     """Solver and controller states to start the first segment with.
 
@@ -351,17 +373,11 @@ def _initial_states(flow, solver, controller, y0, t0, t1) -> tuple[PyTree, PyTre
     of the right structure do. A PID controller's initial state is diffrax's constant
     `(1, 1, False)`; for other controllers gflow lets diffrax initialize.
     """
-    key = (
-        solver,
-        isinstance(controller, diffrax.PIDController),
-        jtu.tree_structure(y0),
-        tuple((np.shape(x), jnp.result_type(x)) for x in jtu.tree_leaves(y0)),
-    )
+    key = (solver, isinstance(controller, diffrax.PIDController), _state_key(y0))
     if key not in _INITIAL_STATES:
-        # Tracing the solver's init and building zeros cost milliseconds: once per solver and
-        # state shape (JAX arrays are immutable, so every solve can start from the same ones).
-        term = diffrax.ODETerm(lambda t, y, args: flow.velocity(y))
-        shapes = jax.eval_shape(lambda y: solver.init(term, t0, t1, y, None), y0)
+        # Building zeros costs milliseconds: once per solver and state shape (JAX arrays are
+        # immutable, so every solve can start from the same ones).
+        shapes = _solver_state_shapes(flow, solver, y0, t0, t1)
         solver_state = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         if isinstance(controller, diffrax.PIDController):
             # As diffrax's own init: in the state's real dtype (float32 under x32).
@@ -378,13 +394,7 @@ def _host_array(x, dtype=float) -> np.ndarray:
     Host arrays go into the compiled program with the call's other inputs: cheaper than an
     eager `jnp.asarray` each, which dispatches a conversion per value (milliseconds per solve).
     """
-    return np.asarray(x, dtype=_DEFAULT_DTYPES[bool(jax.config.jax_enable_x64)][dtype])
-
-
-_DEFAULT_DTYPES = {
-    True: {float: np.float64, int: np.int64, bool: np.bool_},
-    False: {float: np.float32, int: np.int32, bool: np.bool_},
-}
+    return np.asarray(x, dtype=jax.dtypes.canonicalize_dtype(dtype))
 
 
 def _check_finite(tree: PyTree, what: str) -> None:
@@ -457,11 +467,12 @@ def _prepare(
     if len(set(names)) != len(names):
         raise InputError(f"transition names must be unique, got {names}")
     y0 = flow.params
-    _check_finite(y0, "the initial state")
+    host_y0 = jax.device_get(y0)  # one transfer for the finite check and the default atol
+    _check_finite(host_y0, "the initial state")
     _check_finite(flow.data, "the data")
 
     if atol is None:
-        atol = _default_atol(y0, rtol)
+        atol = _default_atol(host_y0, rtol)
     # Tolerances travel as arrays, not Python floats: floats are static to equinox's jit, and a
     # new init (hence a new default atol) or a new t1 would otherwise recompile the program.
     as_array = _host_array
@@ -786,11 +797,11 @@ def _fingerprint(flow, setup, ts, t0, t1, rtol, max_steps, checkpoint_steps) -> 
 
 def _checkpoint_like(flow, setup, observers, ts, t0, t1, dt0) -> dict[str, PyTree]:
     """The structures a checkpoint of this solve holds, from abstract traces (no compiling)."""
-    term = diffrax.ODETerm(lambda t, y, args: flow.velocity(y))
     solver_state, controller_state = setup.solver_state, setup.controller_state
     if solver_state is None:
-        solver_state = jax.eval_shape(lambda y: setup.solver.init(term, t0, t1, y, None), setup.y0)
+        solver_state = _solver_state_shapes(flow, setup.solver, setup.y0, t0, t1)
     if controller_state is None:
+        term = diffrax.ODETerm(lambda t, y, args: flow.velocity(y))
         _, controller_state = jax.eval_shape(
             lambda y: setup.controller.init(
                 term, t0, t1, y, dt0, None, setup.solver.error_order(term), setup.solver.func

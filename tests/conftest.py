@@ -9,6 +9,17 @@ import gflow
 from gflow.models import DeepLinear, deep_linear_loss, whitened_target
 
 
+# The presets other than deep-linear and rank-collapse at sizes and horizons that run in seconds:
+# the same builders, compiled programs of the same kind.
+REDUCED_PRESETS = {
+    "cooccurrence": ["problem.n=12", "problem.d=12", "problem.m=8", "problem.m1=16",
+                     "solve.t1=30", "solve.save_points=30"],
+    "anchor": ["problem.n_train=45", "problem.n_held_out=10", "problem.d=8", "problem.m=8",
+               "solve.t1=20", "solve.save_points=20"],
+    "text": ["problem.n=32", "problem.d=8", "problem.m=8", "solve.t1=20",
+             "solve.save_points=20"],
+}
+
 SAXE_S = (3.0, 1.5)
 SAXE_U0 = 1e-3
 

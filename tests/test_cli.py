@@ -9,6 +9,7 @@ import tomllib
 
 import numpy as np
 import pytest
+from conftest import REDUCED_PRESETS
 
 import gflow
 from gflow._cli import EXIT_BAD_INPUT, main
@@ -281,16 +282,6 @@ def test_x32_runs_in_float32_and_warns_about_tolerances(tmp_path, capsys):
     assert "rtol=1e-08 cannot be met" in err and err.count("\n") == 1
 
 
-# Each preset at reduced size and horizon: the same builders, compiled programs of the same kind.
-_REDUCED = {
-    "cooccurrence": ["--set", "problem.n=12", "--set", "problem.d=12", "--set", "problem.m=8",
-                     "--set", "problem.m1=16", "--t1", "30", "--set", "solve.save_points=30"],
-    "anchor": ["--set", "problem.n_train=45", "--set", "problem.n_held_out=10",
-               "--set", "problem.d=8", "--set", "problem.m=8", "--t1", "20",
-               "--set", "solve.save_points=20"],
-    "text": ["--set", "problem.n=32", "--set", "problem.d=8", "--set", "problem.m=8",
-             "--t1", "20", "--set", "solve.save_points=20"],
-}
 _SUMMARY_KEYS = ("status", "t0", "t1", "t_final", "solver", "rtol", "atol", "stats",
                  "transitions", "predictions", "config", "versions")
 
@@ -302,18 +293,19 @@ def test_every_other_preset_end_to_end(tmp_path):
 
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "gflow.solve", name, *args, "--out", str(tmp_path / name),
-             "--quiet"],
+            [sys.executable, "-m", "gflow.solve", name,
+             *(arg for o in overrides for arg in ("--set", o)),
+             "--out", str(tmp_path / name), "--quiet"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=os.environ | {"GFLOW_CACHE_DIR": str(tmp_path / "jax-cache")},
         )
-        for name, args in _REDUCED.items()
+        for name, overrides in REDUCED_PRESETS.items()
     }
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (name, err)
         assert err == "", (name, err)
-    for name, args in _REDUCED.items():
+    for name, overrides in REDUCED_PRESETS.items():
         out = tmp_path / name
         for file in ("config.toml", "summary.json", "trajectory.npz", "final.eqx",
                      "figures/loss.png", "figures/loss.pdf"):
@@ -324,8 +316,7 @@ def test_every_other_preset_end_to_end(tmp_path):
         # config.toml is the exact resolved config, and reading it back resolves the same.
         config = tomllib.loads((out / "config.toml").read_text())
         assert config == summary["config"] == presets.resolve(str(out / "config.toml")).config
-        resolved = presets.resolve(name, [a for a in args if "=" in a] +
-                                   [f"solve.t1={args[args.index('--t1') + 1]}"])
+        resolved = presets.resolve(name, overrides)
         assert config == resolved.config
         problem = presets.build(resolved)
         assert set(summary["transitions"]) == {tr.name for tr in problem.transitions}

@@ -4,18 +4,13 @@ import equinox as eqx
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from conftest import REDUCED_PRESETS
 
 import gflow
 from gflow import presets
 
 # Small sizes: building a problem draws data and an init, nothing is compiled.
-_SMALL = {
-    "cooccurrence": ["problem.n=12", "problem.d=12", "problem.m=8", "problem.m1=16"],
-    "anchor": ["problem.n_train=45", "problem.n_held_out=10", "problem.d=8", "problem.m=8"],
-    "text": ["problem.n=32", "problem.d=8", "problem.m=8"],
-    "deep-linear": [],
-    "rank-collapse": [],
-}
+_SMALL = REDUCED_PRESETS | {"deep-linear": [], "rank-collapse": []}
 
 
 def test_every_preset_exposes_eps_and_seed():

@@ -123,8 +123,9 @@ def run(
     `predictions` compare the run with the problem's theory.
     """
     settings = resolved.solve
-    if settings.precision_warning():
-        warnings.warn(settings.precision_warning(), stacklevel=2)
+    warning = settings.precision_warning()
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     # float32 on request, for this run only: the process keeps gflow's float64 default.
     with jax.enable_x64(not settings.x32):
         return _run(resolved, progress, checkpoint_dir, resume)
