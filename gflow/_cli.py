@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from ._errors import InputError
+from ._prediction import render_predictions
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 3
@@ -110,19 +111,7 @@ def _report(traj, problem, out: Path) -> str:
             lines.append(f"  {name:<{width}}  {_format_time(t):>16}{pm}   {criterion}{flag}")
     if traj.predictions:
         lines.append("predictions")
-        width = max(len(n) for n in traj.predictions)
-        lines.append(f"  {'':<{width}}  {'predicted':>14}  {'measured':>24}  {'rel. error':>10}")
-        for name, p in traj.predictions.items():
-            if "bound" in p:
-                measured = "" if p.get("measured") is None else f"measured {p['measured']:.6g}, "
-                lines.append(f"  {name:<{width}}  {measured}bound {p['bound']:.6g}: "
-                             f"{'holds' if p['holds'] else 'VIOLATED'}")
-                continue
-            measured = "-" if p["measured"] is None else f"{p['measured']:.8g}"
-            if p.get("error") is not None:
-                measured += f" ± {p['error']:.1e}"
-            rel = "-" if p["rel_error"] is None else f"{p['rel_error']:.2e}"
-            lines.append(f"  {name:<{width}}  {p['predicted']:>14.8g}  {measured:>24}  {rel:>10}")
+        lines += render_predictions(traj.predictions)
     lines.append(f"written     {out}")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Float, PyTree
 
 from ._errors import InputError
+from ._prediction import Prediction
 
 
 TRAJECTORY_FILE = "trajectory.npz"
@@ -123,7 +124,7 @@ class Trajectory(eqx.Module):
         solvers), segments, compile and run seconds.
     - `solver`, `rtol`, `atol`: the settings used.
     - `config`: the configuration that produced the run (set by the command line), or `None`.
-    - `predictions`: `{name: {...}}` comparisons with theory, filled by presets.
+    - `predictions`: `{name: gflow.Prediction}` comparisons with theory, filled by presets.
     - `errors`: error estimates from `solve(..., certify=True)` (see `gflow.error_estimates`),
         else empty.
     """
@@ -142,7 +143,7 @@ class Trajectory(eqx.Module):
     rtol: float
     atol: float
     config: dict[str, Any] | None = None
-    predictions: dict[str, Any] = eqx.field(default_factory=dict)
+    predictions: dict[str, Prediction] = eqx.field(default_factory=dict)
     errors: dict[str, Any] = eqx.field(default_factory=dict)
 
     @property
@@ -163,7 +164,7 @@ class Trajectory(eqx.Module):
             atol=self.atol,
             stats=self.stats,
             transitions={k: _finite_or_none(v) for k, v in self.transitions.items()},
-            predictions=self.predictions,
+            predictions={k: p.to_json() for k, p in self.predictions.items()},
             errors=_json_ready(self.errors),
             config=self.config,
             versions=package_versions(),
@@ -241,6 +242,7 @@ def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
         rtol=summary["rtol"],
         atol=summary["atol"],
         config=summary.get("config"),
-        predictions=summary.get("predictions", {}),
+        predictions={k: Prediction.from_json(p)
+                     for k, p in summary.get("predictions", {}).items()},
         errors=summary.get("errors", {}),
     )

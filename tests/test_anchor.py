@@ -165,11 +165,13 @@ def test_anchor_short_flow_loss_decreases_and_predict_is_well_formed():
     final_acc = float(accuracy(traj.final, problem.flow.data))
     assert float(traj.observables["train_accuracy"][-1]) == pytest.approx(final_acc, abs=1e-12)
     preds = problem.predict(traj)
-    comp, mem = preds["held_out_compositional"], preds["held_out_memorized"]
+    pref = preds["held_out_preference"]
     held = np.asarray(traj.observables["held_out_accuracy"][-1])
-    assert comp["measured"] == pytest.approx(held[0]) and comp["bound"] == pytest.approx(held[1])
-    assert mem["measured"] == pytest.approx(held[1]) and comp["holds"] == (held[0] > held[1])
-    assert 0.0 <= comp["measured"] <= 1.0 and isinstance(comp["holds"], bool)
+    # gamma = 0.5 is large init in gflow's reading: the paper expects the memorized answer.
+    assert pref.kind == "qualitative" and pref.predicted == "memorized x-6"
+    preferred = ("compositional x-10" if held[0] > held[1]
+                 else "memorized x-6" if held[1] > held[0] else "neither")
+    assert pref.measured.startswith(preferred) and pref.holds == (preferred == "memorized x-6")
     # The two candidate answers' probabilities are probabilities.
     probs = np.asarray(traj.observables["held_out_probability"])
     assert np.all((probs > 0) & (probs < 1))

@@ -151,8 +151,8 @@ def test_default_preset_shows_both_stages_in_order(tmp_path):
     assert traj.observables["value_misalignment"][i_cond] < 1e-2
     # Key-query collapse: stable ranks of W_Q and W_K within 0.05 of 1 by the end.
     assert np.all(np.abs(traj.observables["stable_rank"][-1, :2] - 1.0) < 0.05)
-    assert traj.predictions["escape_time"]["holds"]
-    assert traj.predictions["W_Q_direction_cosine"]["measured"] > 0.9
+    assert traj.predictions["escape_time"].holds
+    assert traj.predictions["W_Q_direction_cosine"].measured > 0.9
 
 
 # ---------------------------------------------------------------------------------------------

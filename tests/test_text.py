@@ -60,7 +60,7 @@ def test_text_short_flow():
     preds = problem.predict(traj)
     entry = preds["attention_rank_below_outer"]
     ranks = traj.observables["effective_rank"][-1]
-    assert entry["measured"] == pytest.approx(np.mean(ranks[:2]))
-    assert entry["bound"] == pytest.approx(np.mean(ranks[2:]))
-    assert entry["holds"] == (entry["measured"] < entry["bound"])
-    assert preds["loss_below_unigram"]["measured"] == pytest.approx(loss[-1])
+    assert entry.measured == pytest.approx(np.mean(ranks[:2]))
+    assert entry.predicted == pytest.approx(np.mean(ranks[2:]))
+    assert entry.kind == "bound" and entry.holds == (entry.measured < entry.predicted)
+    assert preds["loss_below_unigram"].measured == pytest.approx(loss[-1])

@@ -169,8 +169,7 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
         traj = dataclasses.replace(traj, stats=traj.stats | stats | {"passes": 2})
     predictions = problem.predict(traj) if problem.predict is not None else {}
     # A prediction of a transition's time carries that transition's error estimate.
-    for name, entry in predictions.items():
-        error = traj.errors.get("transitions", {}).get(name)
-        if error is not None:
-            entry["error"] = error
+    errors = traj.errors.get("transitions", {})
+    predictions = {name: p.with_error(errors[name]) if errors.get(name) is not None else p
+                   for name, p in predictions.items()}
     return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions)

@@ -10,6 +10,7 @@ from .._solve import Transition
 from ..models import CooccurrenceTransformer, cooccurrence_loss
 from ..tasks import cooccurrence as cooccurrence_data, cooccurrence_observers, phase1_condition
 from ..theory import fit_inverse_loss
+from .._prediction import Prediction
 from ._problem import Problem, scaled_init
 
 # Phase 2's law holds "close to linearly": R² of the 1/L̂ line above this counts as holding.
@@ -62,14 +63,16 @@ def cooccurrence(
             return {}
         fit = fit_inverse_loss(traj.ts, traj.observables["loss"], t1)
         return {
-            "phase2_inverse_loss_linear": dict(
-                bound=_LINEAR_R2,
-                measured=fit.r2,
-                holds=bool(fit.r2 > _LINEAR_R2),
-                slope=fit.slope,
-                slope_stderr=fit.slope_stderr,
-                note="R² of the least-squares line 1/L̂(t) = c (t − T1) + b after Phase 1",
-            )
+            "phase2_inverse_loss_r2": Prediction.bound(
+                _LINEAR_R2, fit.r2, relation=">",
+                basis="R² of the least-squares line 1/L̂(t) = c (t − T1) + b after Phase 1 "
+                "(Yang et al.: 1/L̂ grows linearly in Phase 2)",
+            ),
+            "phase2_inverse_loss_slope": Prediction.qualitative(
+                "c > 0", f"c = {fit.slope:.4g} ± {fit.slope_stderr:.2g}",
+                holds=bool(fit.slope > 0),
+                basis="fitted Phase-2 slope c of 1/L̂(t) (± its standard error)",
+            ),
         }
 
     return Problem(flow, cooccurrence_observers(), transitions, criteria, predict)

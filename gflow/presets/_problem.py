@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 from .._errors import InputError
 
 from .._flow import GradientFlow
+from .._prediction import Prediction
 from .._solve import Transition
 
 
@@ -23,8 +24,8 @@ class Problem(eqx.Module):
     - `transitions`: the `Transition`s, in the order they are expected.
     - `criteria`: `{transition name: one-line criterion}` printed in the report and written to
         `summary.json`.
-    - `predict`: optional `predict(trajectory) -> {name: {...}}` comparing the run with theory:
-        each entry holds `predicted`, `measured` and `rel_error`, or `bound` and `holds`.
+    - `predict`: optional `predict(trajectory) -> {name: gflow.Prediction}` comparing the run
+        with theory.
     """
 
     flow: GradientFlow
@@ -34,14 +35,9 @@ class Problem(eqx.Module):
     predict: Callable[[Any], dict] | None = None
 
 
-def comparison(predicted: float, measured: float) -> dict[str, float | None]:
-    """`{predicted, measured, rel_error}` for the predictions table (`None` where unmeasured)."""
-    import math
-
-    if measured is None or not math.isfinite(measured):
-        return dict(predicted=float(predicted), measured=None, rel_error=None)
-    rel = abs(measured - predicted) / abs(predicted) if predicted else abs(measured - predicted)
-    return dict(predicted=float(predicted), measured=float(measured), rel_error=float(rel))
+def comparison(predicted: float, measured: float | None, basis: str = "") -> Prediction:
+    """A value prediction (`Prediction.value`); `None` or non-finite `measured` is unmeasured."""
+    return Prediction.value(predicted, measured, basis=basis)
 
 
 def scaled_init(model: Any, trainable: Any, eps: float) -> Any:

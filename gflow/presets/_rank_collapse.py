@@ -15,6 +15,7 @@ from ..models import AttentionFFN, OuterParameters, exponential_loss, logistic_l
 from ..models import target_direction
 from ..tasks import rank_collapse_task
 from ..theory import key_query_limit_directions, predicted_escape_time
+from .._prediction import Prediction
 from ._problem import Problem, comparison
 
 # Parameter groups, in the order every per-group observable lists them.
@@ -134,11 +135,10 @@ def rank_collapse(
         loss_curve = traj.observables["loss"]
         below = np.nonzero(loss_curve < 0.5 * loss_curve[0])[0]
         escape = float(traj.ts[below[0]]) if below.size else math.nan
-        out["escape_time"] = dict(
-            bound=escape_bound,
-            measured=escape if math.isfinite(escape) else None,
-            holds=bool(math.isfinite(escape) and escape <= escape_bound),
-            note="first save time with loss < L(0)/2, against the stage-1 blow-up bound",
+        out["escape_time"] = Prediction.bound(
+            escape_bound, escape, relation="<=",
+            basis="first save time with loss < L(0)/2 ≤ the stage-1 blow-up time bound "
+            "E(0)^(−1/3) (leading order in ε)",
         )
         t_k = traj.transitions["kq_collapse"]
         t_o = traj.transitions["stage2_onset"]
@@ -153,7 +153,9 @@ def rank_collapse(
             cosine = abs(np.sum(predicted * measured)) / (
                 np.linalg.norm(predicted) * np.linalg.norm(measured)
             )
-            out["W_Q_direction_cosine"] = comparison(1.0, float(cosine))
+            out["W_Q_direction_cosine"] = comparison(
+                1.0, float(cosine), "|cos| of W_Q with u1 rᵀ from F's SVD at the stage-2 onset "
+                "(linearised key-query flow)")
         return out
 
     flow = GradientFlow(model, loss_fn, data)

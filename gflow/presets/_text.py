@@ -26,6 +26,7 @@ from .._flow import GradientFlow
 from .._solve import Transition
 from ..models._decoder import WEIGHTS, Decoder, cross_entropy
 from ..tasks._text import text_task
+from .._prediction import Prediction
 from ._problem import Problem
 
 # Groups in the order every per-group observable lists them: attention (key-query), then the
@@ -110,19 +111,15 @@ def text(
         attention, outer = float(np.mean(ranks[list(_ATTENTION)])), float(np.mean(ranks[list(_OUTER)]))
         loss_end = float(np.asarray(traj.observables["loss"][-1]))
         return {
-            "attention_rank_below_outer": dict(
-                bound=outer,
-                measured=attention,
-                holds=bool(attention < outer),
-                note="final mean effective rank of W_Q, W_K (measured) against that of "
-                "W_V, W1, W2, W_out (bound): the paper's attention-collapses-first picture",
+            "attention_rank_below_outer": Prediction.bound(
+                outer, attention, relation="<",
+                basis="final mean effective rank of W_Q, W_K against that of W_V, W1, W2, W_out "
+                "(the bound): Chen & Luo's attention-collapses-first picture",
             ),
-            "loss_below_unigram": dict(
-                bound=unigram_entropy,
-                measured=loss_end,
-                holds=bool(loss_end < unigram_entropy),
-                note="final loss against the unigram entropy of the targets (what a "
-                "context-free model reaches); relative change per group at the end: "
+            "loss_below_unigram": Prediction.bound(
+                unigram_entropy, loss_end, relation="<",
+                basis="final loss against the unigram entropy of the targets (a context-free "
+                "model's loss); relative change per group at the end: "
                 + ", ".join(f"{g} {c:.3g}" for g, c in zip(GROUPS, change)),
             ),
         }
