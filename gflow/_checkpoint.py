@@ -97,6 +97,6 @@ def read_checkpoint(path: Path, digests: dict[str, str], like: PyTree) -> Carry:
             raise InputError(
                 f"checkpoint {path}: a carry array has shape {s.shape}, expected {np.shape(leaf)}"
             )
-    saved = [np.asarray(s, dtype=np.result_type(leaf)) for s, leaf in zip(saved, leaves)]
+    saved = [np.asarray(s, dtype=leaf.dtype) for s, leaf in zip(saved, leaves)]
     seconds = {k: float(v) for k, v in meta.get("seconds", {}).items()}
     return Carry(jtu.tree_unflatten(treedef, saved), seconds)

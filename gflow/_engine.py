@@ -198,12 +198,23 @@ def _segment(plan: Plan, c: dict) -> dict:
         )
     else:
         event = diffrax.Event(diverged)
+    # Save times before the segment's start are clipped to it (diffrax wants them within
+    # [t0, t1]) and would all be observed at its first step; they belong to earlier segments,
+    # so they are skipped (observed only in the first segment, where none precede t0).
+    first = c["segments"] == 0
+    struct = jax.eval_shape(lambda y: observe(flow, plan.observers, y), y0)
+
+    def save(t, y, args):
+        return jax.lax.cond(
+            (t > t0) | first,
+            lambda y: observe(flow, plan.observers, y),
+            lambda y: jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), struct),
+            y,
+        )
+
     saveat = diffrax.SaveAt(
         subs=[
-            diffrax.SubSaveAt(
-                ts=jnp.clip(plan.ts, t0, t1),
-                fn=lambda t, y, args: observe(flow, plan.observers, y),
-            ),
+            diffrax.SubSaveAt(ts=jnp.clip(plan.ts, t0, t1), fn=save),
             diffrax.SubSaveAt(t1=True),
         ],
         solver_state=True,
@@ -241,7 +252,7 @@ def _segment(plan: Plan, c: dict) -> dict:
     y_end = jtu.tree_map(lambda leaf: leaf[0], sol.ys[1])
 
     # Save times this segment covered (none when t_end is nan).
-    covered = (plan.ts >= t0) & (plan.ts <= t_end)
+    covered = ((plan.ts > t0) | (first & (plan.ts >= t0))) & (plan.ts <= t_end)
     observables = jtu.tree_map(
         lambda old, new: jnp.where(
             covered.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype), old
@@ -349,7 +360,7 @@ def split(tree: PyTree) -> tuple[list, Any, Hashable | None]:
     is_array = [eqx.is_array(x) for x in leaves]
     arrays = [x for x, a in zip(leaves, is_array) if a]
     static = tuple(None if a else x for x, a in zip(leaves, is_array))
-    key = (treedef, static, tuple((np.shape(x), np.result_type(x)) for x in arrays))
+    key = (treedef, static, tuple((np.shape(x), np.dtype(x.dtype)) for x in arrays))
     try:
         hash(key)
     except TypeError:  # an unhashable static leaf: compile without caching

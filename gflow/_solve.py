@@ -190,6 +190,15 @@ def _tightened(controller, factor: float):
     )
 
 
+def _controller_alias(stepsize_controller, controller):
+    """`stepsize_controller`, or `controller`, its alias (kept for older calls)."""
+    if controller is None:
+        return stepsize_controller
+    if stepsize_controller is not None:
+        raise InputError("give stepsize_controller or its alias controller, not both")
+    return controller
+
+
 class _Setup(NamedTuple):
     flow: GradientFlow  # with its trainable leaves in the solve's dtype
     plan: engine.Plan
@@ -392,10 +401,7 @@ def solve(
     """
     if not isinstance(flow, GradientFlow):
         raise InputError(f"solve expects a gflow.GradientFlow, got {type(flow).__name__}")
-    if controller is not None:
-        if stepsize_controller is not None:
-            raise InputError("give stepsize_controller or its alias controller, not both")
-        stepsize_controller = controller
+    stepsize_controller = _controller_alias(stepsize_controller, controller)
     if progress and progress_meter is not None:
         raise InputError("give progress or progress_meter, not both")
     if progress_meter is not None and not isinstance(

@@ -66,7 +66,13 @@ from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
 from . import _engine as engine
-from ._solve import _DEFAULT_SAVE_POINTS, Transition, _prepare as _solve_prepare, _resolve_ts
+from ._solve import (
+    _DEFAULT_SAVE_POINTS,
+    Transition,
+    _controller_alias,
+    _prepare as _solve_prepare,
+    _resolve_ts,
+)
 from ._solvers import make_solver, solver_name
 from ._stats import fit_line
 from ._trajectory import (
@@ -632,11 +638,11 @@ def sweep(
     rtol: float = 1e-8,
     atol: float | None = None,
     ts: ArrayLike | None = None,
-    observers: Mapping[str, Callable] | None = None,
-    transitions: Sequence[Transition] = (),
     max_steps: int = 100_000,
     dt0: float | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+    observers: Mapping[str, Callable] | None = None,
+    transitions: Sequence[Transition] = (),
     keep_trajectories: bool = False,
     callback: Callable[[int, SweepMember], None] | None = None,
     controller: diffrax.AbstractStepSizeController | None = None,
@@ -681,10 +687,7 @@ def sweep(
     ts = _resolve_ts(ts, t0, t1)
     batch = _default_batch() if batch == "auto" else batch
 
-    if controller is not None:
-        if stepsize_controller is not None:
-            raise InputError("give stepsize_controller or its alias controller, not both")
-        stepsize_controller = controller
+    stepsize_controller = _controller_alias(stepsize_controller, controller)
     all_args, infos = [], []
     for point in points:
         flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)

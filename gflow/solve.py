@@ -1,19 +1,6 @@
-"""`python -m gflow.solve`: the command line (its code lives in `gflow._cli`; also installed
-as the console script `gflow-solve`).
+"""`python -m gflow.solve` (or the console script `gflow-solve`): the command line of
+`gflow._cli`. Imported, this module is the library function `gflow.solve` (see `gflow._entry`)."""
 
-`gflow.solve` is the library function. Python binds a package's attribute to a submodule when
-the submodule is imported, so `import gflow.solve` would replace the function with this module;
-imported (rather than run), this module therefore puts the function itself in its place in
-`sys.modules`, and `gflow.solve` stays the function whatever is imported.
-"""
+from gflow._entry import command_or_function
 
-import sys
-
-if __name__ == "__main__":
-    from gflow._cli import main
-
-    sys.exit(main())
-else:
-    from gflow._solve import solve as _solve
-
-    sys.modules[__name__] = _solve
+command_or_function(__name__, "gflow._cli", "gflow._solve", "solve")

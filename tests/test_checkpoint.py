@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gflow
+# Private: the tests interrupt a solve by wrapping the checkpoint writer `solve` calls.
 import gflow._solve as solve_module
 from gflow.models import DeepLinear
 
