@@ -353,6 +353,11 @@ class _LRU:
 CACHE = _LRU(64)
 
 
+def compiled_programs() -> list:
+    """The compiled programs now in the cache (for memory analyses)."""
+    return [v for k, v in CACHE.entries.items() if not (isinstance(k, tuple) and k[0] == "template")]
+
+
 def split(tree: PyTree) -> tuple[list, Any, Hashable | None]:
     """`tree`'s array leaves, a function rebuilding `tree` from them, and a hashable key of
     everything but the arrays' values (`None` when a static part is unhashable)."""

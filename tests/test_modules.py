@@ -232,9 +232,14 @@ class Decaying(eqx.Module):
         return self.rate / (2 * self.power) * jnp.sum(self.w ** (2 * self.power))
 
 
+def decaying_loss(model, data):
+    return model.energy()
+
+
 def decaying_flow(rate):
     model = Decaying(jnp.asarray([1.0, -2.0]), jnp.asarray(rate, dtype=jnp.int32), power=1)
-    return gflow.GradientFlow(model, lambda m, d: m.energy(), None)
+    # A loss defined once (not a fresh lambda per member), so that members share a program.
+    return gflow.GradientFlow(model, decaying_loss, None)
 
 
 HALF = gflow.Transition("half", lambda m, d: m.w[0] - 0.5, direction=False)
