@@ -365,7 +365,7 @@ def split(tree: PyTree) -> tuple[list, Any, Hashable | None]:
     is_array = [eqx.is_array(x) for x in leaves]
     arrays = [x for x, a in zip(leaves, is_array) if a]
     static = tuple(None if a else x for x, a in zip(leaves, is_array))
-    key = (treedef, static, tuple((np.shape(x), np.dtype(x.dtype)) for x in arrays))
+    key = (treedef, static, tuple((x.shape, x.dtype) for x in arrays))
     try:
         hash(key)
     except TypeError:  # an unhashable static leaf: compile without caching

@@ -7,6 +7,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -199,6 +200,27 @@ def _controller_alias(stepsize_controller, controller):
     return controller
 
 
+# Equinox modules cost tens of microseconds to build; these are immutable, so a solve reuses
+# the ones an earlier solve with the same settings built (bounded caches).
+_NO_PROGRESS = diffrax.NoProgressMeter()
+
+
+@functools.lru_cache(maxsize=64)
+def _pid_controller(rtol: float, atol: float, dtmin: float, dtype) -> diffrax.PIDController:
+    # `dtype` (JAX's default float) is part of the key: the arrays are built in it.
+    # A step below dtmin means the flow is singular there (finite-time blow-up): float64 time
+    # cannot approach a blow-up time closer than ~1e-16 relative, so the state itself never
+    # overflows and only the step size tells.
+    return diffrax.PIDController(
+        rtol=_host_array(rtol), atol=_host_array(atol), dtmin=_host_array(dtmin)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _root_finder(rtol: float, atol: float, dtype) -> IntervalBisection:
+    return IntervalBisection(rtol=_host_array(rtol), atol=_host_array(atol))
+
+
 class _Setup(NamedTuple):
     flow: GradientFlow  # with its trainable leaves in the solve's dtype
     plan: engine.Plan
@@ -250,8 +272,11 @@ def _prepare(
     if len(set(names)) != len(names):
         raise InputError(f"transition names must be unique, got {names}")
     ts = _resolve_ts(ts, t0, t1)
-    flow = _promoted(flow)
     y0 = flow.params
+    target = jax.dtypes.canonicalize_dtype(jnp.float64)
+    if any(jnp.result_type(x) != target for x in jtu.tree_leaves(y0)):
+        flow = _promoted(flow)
+        y0 = flow.params
     host_y0 = jax.device_get(y0)  # one transfer for the finite check and the default atol
     _check_finite(host_y0, "the initial state")
     _check_finite(flow.data, "the data")
@@ -264,13 +289,7 @@ def _prepare(
     controller = stepsize_controller
     if controller is None:
         if is_adaptive(solver):
-            # A step below dtmin means the flow is singular there (finite-time blow-up): float64
-            # time cannot approach a blow-up time closer than ~1e-16 relative, so the state
-            # itself never overflows and only the step size tells.
-            controller = diffrax.PIDController(
-                rtol=_host_array(rtol), atol=_host_array(atol),
-                dtmin=_host_array(_DTMIN * (t1 - t0)),
-            )
+            controller = _pid_controller(float(rtol), float(atol), _DTMIN * (t1 - t0), target)
         elif dt0 is None:
             raise InputError(
                 f"solver {solver_name(solver)!r} has no error estimate: pass dt0 for a fixed step"
@@ -288,9 +307,7 @@ def _prepare(
     # roundoff of the state's dtype (float32 under `--x32`), or the bisection could not end.
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
     root_rtol = max(1e-3 * rtol, 8 * float(jnp.finfo(dtype).eps))
-    root_finder = IntervalBisection(
-        rtol=_host_array(root_rtol), atol=_host_array(root_rtol * max(abs(t1), abs(t0), 1.0))
-    )
+    root_finder = _root_finder(root_rtol, root_rtol * max(abs(t1), abs(t0), 1.0), target)
     directions = _host_array(
         [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in transitions] + [0.0]
     )
@@ -305,7 +322,7 @@ def _prepare(
         solver=solver,
         controller=controller,
         root_finder=root_finder,
-        meter=diffrax.NoProgressMeter() if meter is None else meter,
+        meter=_NO_PROGRESS if meter is None else meter,
         max_steps=int(max_steps),
         segment_steps=int(min(segment_steps or max_steps, max_steps)),
     )
