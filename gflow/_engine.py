@@ -106,9 +106,18 @@ def _term(flow: GradientFlow) -> diffrax.ODETerm:
 
 
 def _controller_init(plan: Plan, y: PyTree, t0) -> PyTree:
+    """The controller's initial state at `t0` (diffrax's own `init`).
+
+    Without a `dt0` it is asked for one step over the whole span: its first step itself is
+    chosen by diffrax in the segment (with a passed controller state, `diffeqsolve` runs the
+    initial-step heuristic for it), and a given step spares `init` that heuristic's two
+    vector-field evaluations; a PID controller's state does not depend on it, and a clipping
+    controller's depends on `t0` only.
+    """
     term = _term(plan.flow)
+    dt0 = plan.t1 - t0 if plan.dt0 is None else plan.dt0
     _, state = plan.controller.init(
-        term, t0, plan.t1, y, plan.dt0, None, plan.solver.func, plan.solver.error_order(term)
+        term, t0, plan.t1, y, dt0, None, plan.solver.func, plan.solver.error_order(term)
     )
     return state
 
@@ -127,20 +136,22 @@ def initial_carry(plan: Plan, y0: PyTree, t0) -> dict:
     are initialized by diffrax's own `init` in the first segment (see `_segment`).
     """
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
-    term = _term(plan.flow)
+    # `filter_eval_shape` traces the plan's arrays too: host (numpy) tolerances would not mix
+    # with diffrax's tree arithmetic outside a trace.
     solver_state = jtu.tree_map(
         lambda s: jnp.zeros(s.shape, s.dtype),
-        jax.eval_shape(lambda y: plan.solver.init(term, t0, plan.t1, y, None), y0),
+        eqx.filter_eval_shape(lambda p, y, t: p.solver.init(_term(p.flow), t, p.t1, y, None), plan, y0, t0),
     )
     if _pid_like(plan.controller):
         one = jnp.asarray(1.0, dtype=dtype)
         controller_state = (one, one, jnp.asarray(False))
     else:
+        # As arrays (a wrapping controller may hold Python bools): the carry holds arrays only.
         controller_state = jtu.tree_map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(lambda y: _controller_init(plan, y, t0), y0),
+            lambda s: jnp.zeros(jnp.shape(s), jnp.result_type(s)),
+            eqx.filter_eval_shape(lambda p, y, t: _controller_init(p, y, t), plan, y0, t0),
         )
-    struct = jax.eval_shape(lambda y: observe(plan.flow, plan.observers, y), y0)
+    struct = eqx.filter_eval_shape(lambda p, y: observe(p.flow, p.observers, y), plan, y0)
     n_ts = plan.ts.shape[0]
     int_ = jnp.asarray(0).dtype
     return dict(
@@ -225,7 +236,10 @@ def _segment(plan: Plan, c: dict) -> dict:
     if not _pid_like(plan.controller):
         controller_state = jax.lax.cond(
             c["segments"] == 0,
-            lambda: _controller_init(plan, y0, t0),
+            lambda: jtu.tree_map(
+                lambda new, old: jnp.asarray(new, dtype=old.dtype),
+                _controller_init(plan, y0, t0), controller_state,
+            ),
             lambda: controller_state,
         )
     meter = plan.meter
