@@ -74,7 +74,7 @@ def child(spec: dict) -> dict:
     import numpy as np
 
     import gflow
-    import gflow._solve
+    import gflow._engine
     import gflow.presets
 
     from ._workload import initial_rms
@@ -103,7 +103,7 @@ def child(spec: dict) -> dict:
     traj = solve(spec["rtol"])
     seconds = time.perf_counter() - start
     peak_rss = _peak_rss()
-    programs = list(getattr(gflow._solve, "_COMPILED", {}).values())
+    programs = gflow._engine.compiled_programs()
     analyses = [a for a in (_memory_analysis(c) for c in programs) if a is not None]
     return dict(
         spec,

@@ -2,7 +2,16 @@
 
 Importing gflow enables float64 in JAX (`jax_enable_x64`): solver tolerances of 1e-8 and below
 mean nothing in float32.
+
+Equinox's runtime errors default to NaN (`EQX_ON_ERROR=nan`, equinox's documented setting,
+read when equinox is first imported) unless the environment already sets it: gflow reports
+failure through each solve's `status`, and a raising check embeds a host callback that makes
+JAX's persistent compilation cache miss in every new process.
 """
+
+import os as _os
+
+_os.environ.setdefault("EQX_ON_ERROR", "nan")
 
 import jax as _jax
 

@@ -1,16 +1,16 @@
 """Checkpoints of a solve between its segments, and the fingerprint tying one to its problem.
 
 A solve is a chain of segments (one per transition, optionally cut every `checkpoint_steps`
-steps). Between segments everything needed to continue is a `Carry`: the state, the solver's
-and step-size controller's states, what has been recorded so far. Writing it at every segment
-boundary and continuing from it gives the same result, bit for bit, as never stopping: the
-continued run executes the same compiled program on the same inputs.
+steps), run by `gflow._engine.run`. Between segments everything needed to continue is the
+engine's carry: the state, the solver's and step-size controller's states, what has been
+recorded so far, as arrays. Writing it at every segment boundary and continuing from it gives
+the same result, bit for bit, as never stopping: the continued run executes the same compiled
+program on the same inputs.
 """
 
 import hashlib
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,24 +21,19 @@ from jaxtyping import PyTree
 from ._errors import InputError
 from ._trajectory import atomic_write_bytes
 
-_FORMAT = "gflow-checkpoint-1"
-_ARRAY_PARTS = ("y", "solver_state", "controller_state", "observables")
+_FORMAT = "gflow-checkpoint-2"
 
 
 class Carry(NamedTuple):
     """Where a solve stands between two segments."""
 
-    t: float  # flow time reached
-    index: int  # the transition looked for next
-    y: PyTree
-    solver_state: PyTree
-    controller_state: PyTree
-    made_jump: bool
-    observables: PyTree  # host arrays over all save times, nan where not yet saved
-    found: dict[str, float]  # transition times, nan until found
-    stats: dict[str, Any]
-    steps: int  # steps since the last transition: `max_steps` limits these
-    status: str | None  # None while the solve goes on
+    arrays: PyTree  # the engine's carry (host arrays)
+    seconds: dict[str, float]  # compile_seconds and run_seconds spent so far
+
+    @property
+    def t(self) -> float:
+        """The flow time reached."""
+        return float(self.arrays["t"])
 
 
 def fingerprint(**parts: Any) -> dict[str, str]:
@@ -61,22 +56,8 @@ def fingerprint(**parts: Any) -> dict[str, str]:
 
 def write_checkpoint(path: Path, carry: Carry, digests: dict[str, str]) -> None:
     """Write `carry` to `path` atomically (a kill never leaves a partial checkpoint)."""
-    arrays = {}
-    for part in _ARRAY_PARTS:
-        for i, leaf in enumerate(jtu.tree_leaves(getattr(carry, part))):
-            arrays[f"{part}/{i}"] = np.asarray(leaf)
-    meta = dict(
-        format=_FORMAT,
-        fingerprint=digests,
-        t=carry.t,
-        index=carry.index,
-        made_jump=bool(carry.made_jump),
-        found=carry.found,
-        stats=carry.stats,
-        steps=carry.steps,
-        status=carry.status,
-    )
-    # Python's float repr round-trips exactly, nan included (json's NaN extension).
+    arrays = {f"carry/{i}": np.asarray(leaf) for i, leaf in enumerate(jtu.tree_leaves(carry.arrays))}
+    meta = dict(format=_FORMAT, fingerprint=digests, seconds=carry.seconds)
     arrays["meta"] = np.asarray(json.dumps(meta))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -84,23 +65,22 @@ def write_checkpoint(path: Path, carry: Carry, digests: dict[str, str]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def read_checkpoint(path: Path, digests: dict[str, str], like: dict[str, PyTree]) -> Carry:
+def read_checkpoint(path: Path, digests: dict[str, str], like: PyTree) -> Carry:
     """The `Carry` saved at `path`, checked against this problem's fingerprint.
 
     **Arguments:**
 
     - `path`: a file written by `write_checkpoint`.
     - `digests`: this problem's `fingerprint`; every part must match the saved one.
-    - `like`: for each array part (`y`, `solver_state`, `controller_state`, `observables`),
-        a pytree of the structure to rebuild (leaves: arrays or `jax.ShapeDtypeStruct`s).
+    - `like`: a carry of this problem's structure (its leaves give shapes and dtypes).
     """
     try:
         with np.load(path) as npz:
             arrays = {name: npz[name] for name in npz.files}
         meta = json.loads(str(arrays.pop("meta")))
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{path} is not a readable gflow checkpoint ({e})") from None
-    if meta.get("format") != _FORMAT:
+        raise InputError(f"{path} is not a readable gflow checkpoint ({e})".splitlines()[0]) from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise InputError(f"{path} is not a gflow checkpoint of format {_FORMAT}")
     for name, digest in digests.items():
         if meta["fingerprint"].get(name) != digest:
@@ -108,35 +88,15 @@ def read_checkpoint(path: Path, digests: dict[str, str], like: dict[str, PyTree]
                 f"checkpoint {path} belongs to another problem: its {name.replace('_', ' ')} "
                 "differs from this run's"
             )
-    parts = {}
-    for part in _ARRAY_PARTS:
-        leaves, treedef = jtu.tree_flatten(like[part])
-        saved = [arrays.get(f"{part}/{i}") for i in range(len(leaves))]
-        extra = sum(name.startswith(f"{part}/") for name in arrays) - len(leaves)
-        if any(s is None for s in saved) or extra:
+    leaves, treedef = jtu.tree_flatten(like)
+    saved = [arrays.get(f"carry/{i}") for i in range(len(leaves))]
+    if any(s is None for s in saved) or len(arrays) != len(leaves):
+        raise InputError(f"checkpoint {path}: its carry has another structure")
+    for s, leaf in zip(saved, leaves):
+        if s.shape != np.shape(leaf):
             raise InputError(
-                f"checkpoint {path}: its {part.replace('_', ' ')} has another structure"
+                f"checkpoint {path}: a carry array has shape {s.shape}, expected {np.shape(leaf)}"
             )
-        if part != "observables":
-            for s, leaf in zip(saved, leaves):
-                if s.shape != tuple(leaf.shape):
-                    raise InputError(
-                        f"checkpoint {path}: its {part.replace('_', ' ')} has shape {s.shape}, "
-                        f"expected {tuple(leaf.shape)}"
-                    )
-            saved = [np.asarray(s, dtype=leaf.dtype) for s, leaf in zip(saved, leaves)]
-        parts[part] = jtu.tree_unflatten(treedef, saved)
-    found = {k: (math.nan if v is None else float(v)) for k, v in meta["found"].items()}
-    return Carry(
-        t=float(meta["t"]),
-        index=int(meta["index"]),
-        y=parts["y"],
-        solver_state=parts["solver_state"],
-        controller_state=parts["controller_state"],
-        made_jump=bool(meta["made_jump"]),
-        observables=parts["observables"],
-        found=found,
-        stats=meta["stats"],
-        steps=int(meta["steps"]),
-        status=meta["status"],
-    )
+    saved = [np.asarray(s, dtype=leaf.dtype) for s, leaf in zip(saved, leaves)]
+    seconds = {k: float(v) for k, v in meta.get("seconds", {}).items()}
+    return Carry(jtu.tree_unflatten(treedef, saved), seconds)

@@ -3,12 +3,13 @@
 diffrax's `TqdmProgressMeter` draws one bar per `diffeqsolve`, from that solve's own `t0` to
 `t1`; a gflow solve is a chain of segments (one per transition, or per checkpoint), which would
 draw a new bar from 0% at every transition. Here the compiled program reports the segment's
-fraction done to a host-side bar that knows where the segment sits in `[t0, t1]`.
+fraction done, its start time and the transition it looks for to a host-side bar over `[t0, t1]`.
 """
 
 import threading
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
@@ -18,7 +19,7 @@ class FlowTimeBar:
     """A tqdm bar over flow time `[t0, t1]`, advanced by the segments of one solve.
 
     Use as a context manager; while it is active, `SegmentMeter` inside compiled segments
-    reports to it. `segment(t_start)` tells it where the next segment starts.
+    reports to it. `names` are the transitions' names, shown as the one looked for next.
     """
 
     # The bar the running segment reports to. Segments run one at a time from a solve's
@@ -26,9 +27,10 @@ class FlowTimeBar:
     _lock = threading.Lock()
     _active: "FlowTimeBar | None" = None
 
-    def __init__(self, t0: float, t1: float, desc: str | None = None):
+    def __init__(self, t0: float, t1: float, desc: str | None = None, names=()):
         self.t0, self.t1 = float(t0), float(t1)
         self.desc = desc
+        self.names = tuple(names)
         self.t_start = self.t0
         self.label = ""
         self.bar = None
@@ -68,11 +70,15 @@ class FlowTimeBar:
         self.bar.refresh()
 
     @classmethod
-    def _report(cls, fraction) -> None:
-        # Called from the compiled program with the running segment's fraction done.
+    def _report(cls, fraction, t_start, index) -> None:
+        # Called from the compiled program with the running segment's fraction done, where
+        # that segment started and the index of the transition it looks for.
         with cls._lock:
             bar = cls._active
         if bar is not None:
+            index = int(index)
+            bar.t_start = float(t_start)
+            bar.label = bar.names[index] if index < len(bar.names) else ""
             bar._show(bar.t_start + float(fraction) * (bar.t1 - bar.t_start))
 
 
@@ -80,10 +86,16 @@ class SegmentMeter(diffrax.AbstractProgressMeter):
     """A diffrax progress meter that reports to the active `FlowTimeBar`.
 
     It holds no host state itself, so the compiled program does not depend on which bar is
-    shown: one program serves every segment and every solve of the same structure.
+    shown: one program serves every segment and every solve of the same structure. The engine
+    sets `t_start` and `index` (arrays) for each segment it runs.
     """
 
-    refresh_steps: int = 20
+    refresh_steps: int = eqx.field(static=True, default=20)
+    t_start: Array | None = None
+    index: Array | None = None
+
+    def at_segment(self, t_start, index) -> "SegmentMeter":
+        return SegmentMeter(self.refresh_steps, t_start, index)
 
     def init(self) -> Int[Array, ""]:
         return jnp.array(0)
@@ -92,9 +104,11 @@ class SegmentMeter(diffrax.AbstractProgressMeter):
         # A host callback every `refresh_steps` steps keeps the overhead low.
         jax.lax.cond(
             state % self.refresh_steps == 0,
-            lambda p: jax.debug.callback(FlowTimeBar._report, p),
-            lambda p: None,
+            lambda p, t, i: jax.debug.callback(FlowTimeBar._report, p, t, i),
+            lambda p, t, i: None,
             progress,
+            self.t_start,
+            self.index,
         )
         return state + 1
 

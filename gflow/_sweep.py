@@ -3,12 +3,10 @@
 How members are batched
 -----------------------
 Every member is prepared exactly as `gflow.solve` prepares a flow (same validation, default
-`atol`, controller, root finder and initial solver states). The whole solve of one member, all
-its event segments included, is then one pure JAX function (`_member_solve`): a
-`lax.while_loop` over `gflow._solve._segment`, the very segment program `gflow.solve` runs
-from its host loop, carrying the transition index, the state and the solver/controller states
-from one segment to the next. So transitions are located inside the batched program, per
-member, with the same root finding as `gflow.solve`.
+`atol`, controller, root finder and initial carry), and solved by the same engine
+(`gflow._engine.run`): one `lax.while_loop` over event segments inside the program. So
+transitions are located inside the batched program, per member, with the same root finding,
+step counts and results as `gflow.solve`.
 
 Members are grouped by structure: the non-array parts of their arguments (functions, solver,
 settings) and the shapes of their arrays. The array leaves of a group are stacked along a
@@ -21,13 +19,10 @@ runs the members of a group one by one in a Python loop through one compiled sin
 program. Every member is truly batched under `"map"`/`"vmap"`; members of different structure
 form separate groups (one compiled program each).
 
-Closures. Problem builders (e.g. the presets) create new closures for every member, and
-functions compare by identity, so members built by separate calls would never share a
-program. When members do not all share one structure, `sweep` traces each member's functions
-(the velocity `-P∇L`, observers, transition conditions) to jaxprs with the arrays they close
-over lifted to data, and groups members whose traced programs print identically. The velocity
-is traced after differentiation, so custom derivative rules cannot hide a difference; a jaxpr
-that prints an object address (a host callback, say) is never shared.
+Sharing a program. Functions compare by identity: members whose observers, conditions or
+losses are fresh closures per member form groups of their own. Write them as `eqx.Module`s
+with array fields (as `gflow.observers` and the presets do) or define them once, and members
+built by separate calls share one program.
 
 Devices and hosts. The members of a group are padded (by repeating the last one) to a multiple
 of the device count and sharded over a one-axis `Mesh` of `jax.devices()`: the local devices of
@@ -70,18 +65,16 @@ from jaxtyping import ArrayLike, Float, PyTree
 from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
+from . import _engine as engine
 from ._solve import (
     _DEFAULT_SAVE_POINTS,
-    _diverged_squared_norm,
     Transition,
-    _errors_as_nan,
+    _controller_alias,
     _prepare as _solve_prepare,
     _resolve_ts,
-    _segment,
-    _squared_norm,
-    status_message,
 )
-from ._solvers import make_solver, solver_name, vector_field_evaluations
+from ._solvers import make_solver, solver_name
+from ._stats import fit_line
 from ._trajectory import (
     Trajectory,
     _flat_names,
@@ -92,8 +85,6 @@ from ._trajectory import (
 )
 
 
-STATUSES = ("completed", "max_steps", "nonfinite", "dt_min", "failed")
-_COMPLETED, _MAX_STEPS, _NONFINITE, _DT_MIN, _FAILED = range(len(STATUSES))
 BATCH_MODES = ("auto", "map", "vmap", "loop")
 _MEMBER_AXIS = "members"
 SWEEP_FILE = "sweep.json"
@@ -103,270 +94,21 @@ _MAX_JSON_OBSERVABLE_SIZE = 64
 _RESERVED_AXES = ("status", "t_final", "steps")
 
 
-
-
 # --------------------------------------------------------------------------------------------
-# One member's whole solve as a pure function
+# One member's whole solve: the engine's `run`, then the observers at the final state
 
 
-def _member_solve(
-    flow,
-    observers: dict,
-    final_observers: dict,
-    conditions: tuple,
-    directions,
-    y0: PyTree,
-    t0,
-    t1,
-    ts,
-    dt0,
-    solver: diffrax.AbstractSolver,
-    controller: diffrax.AbstractStepSizeController,
-    root_finder,
-    max_steps: int,
-    solver_state: PyTree,
-    controller_state: PyTree,
-) -> dict:
-    """`gflow.solve`'s host loop over event segments, as one traceable function.
-
-    Each iteration runs `_segment` until `t1` or the next transition; a fired transition
-    records its time and the next segment resumes from the returned solver and controller
-    states, exactly as `gflow.solve` does. The status is an index into `STATUSES`.
-    """
-    n_conditions = len(conditions)
-    meter = diffrax.NoProgressMeter()
-
-    def observe(y, which):
-        model = flow.combine(y)
-        return {name: obs(model, flow.data) for name, obs in which.items()}
-
-    def blank(struct):
-        # Float buffers (as gflow.solve's), so that save times never reached hold nan.
-        return jnp.full(ts.shape + struct.shape, jnp.nan, jnp.result_type(struct.dtype, float))
-
-    observables = jtu.tree_map(blank, jax.eval_shape(lambda y: observe(y, observers), y0))
-    zero = jnp.asarray(0)
-    carry = dict(
-        index=zero,
-        y=y0,
-        t=jnp.asarray(t0, dtype=jnp.float64),
-        solver_state=solver_state,
-        controller_state=controller_state,
-        observables=observables,
-        found=jnp.full((n_conditions,), jnp.nan),
-        done=jnp.asarray(False),
-        status=jnp.asarray(_FAILED),
-        steps=jnp.zeros(3, dtype=jnp.int64),
-        segments=zero,
-    )
-
-    def body(c):
-        out = _segment(
-            flow,
-            observers,
-            conditions,
-            directions,
-            c["index"],
-            c["y"],
-            c["t"],
-            t1,
-            jnp.clip(ts, c["t"], t1),
-            dt0,
-            solver,
-            controller,
-            root_finder,
-            max_steps,
-            meter,
-            c["solver_state"],
-            c["controller_state"],
-            jnp.asarray(True),  # every segment starts afresh, as in gflow.solve
-        )
-        t_end = out["t_end"]
-        covered = (ts >= c["t"]) & (ts <= t_end)  # all False when t_end is nan
-        observables = jtu.tree_map(
-            lambda old, new: jnp.where(
-                covered.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype), old
-            ),
-            c["observables"],
-            out["observables"],
-        )
-        result = out["result"]
-        event = result == diffrax.RESULTS.event_occurred
-        mask = out["event_mask"]
-        diverged = event & (mask[0] if n_conditions else mask)
-        fired = event & jnp.logical_not(diverged)
-        found = jnp.where(
-            fired & (jnp.arange(n_conditions) == c["index"]), t_end, c["found"]
-        )
-        status = jnp.select(
-            [
-                diverged,
-                fired | (result == diffrax.RESULTS.successful),
-                result == diffrax.RESULTS.max_steps_reached,
-                result == diffrax.RESULTS.dt_min_reached,
-            ],
-            [_NONFINITE, _COMPLETED, _MAX_STEPS, _DT_MIN],
-            _FAILED,
-        )
-        seg = out["stats"]
-        steps = jnp.stack(
-            [seg["num_steps"], seg["num_accepted_steps"], seg["num_rejected_steps"]]
-        ).astype(jnp.int64)
-        return dict(
-            index=c["index"] + fired.astype(c["index"].dtype),
-            y=out["y_end"],
-            t=t_end,
-            solver_state=out["solver_state"],
-            controller_state=out["controller_state"],
-            observables=observables,
-            found=found,
-            done=jnp.logical_not(fired & (t_end < t1)),
-            status=status,
-            steps=c["steps"] + steps,
-            segments=c["segments"] + 1,
-        )
-
-    if solver_state is None:
-        # No explicit initial states (a controller other than PID): diffrax initializes them in
-        # the first segment, whose output states then fix the loop's carry structure.
-        carry = body(carry)
-    c = jax.lax.while_loop(lambda c: jnp.logical_not(c["done"]), body, carry)
-    y_end = c["y"]
-    # As gflow.solve: a run that stopped early with a huge or NaN state has diverged.
-    blew_up = jnp.logical_not(_squared_norm(y_end) < _diverged_squared_norm(y_end))
-    status = jnp.where((c["status"] != _COMPLETED) & blew_up, _NONFINITE, c["status"])
-    return dict(
-        observables=c["observables"],
-        final=observe(y_end, final_observers),
-        transitions=c["found"],
-        t_final=c["t"],
-        y_end=y_end,
-        status=status,
-        steps=c["steps"],
-        segments=c["segments"],
-    )
+def _member_solve(plan: engine.Plan, carry: dict, final_observers: dict) -> dict:
+    """`gflow.solve`'s engine run for one member, plus the observables at its end."""
+    c = engine.run(plan, carry, engine.ALL_SEGMENTS)
+    return dict(carry=c, final=engine.observe(plan.flow, final_observers, c["y"]))
 
 
-# --------------------------------------------------------------------------------------------
-# Canonical forms: closures traced to jaxprs, so that separately built members share a program
-
-
-class _Traced(eqx.Module):
-    """A function traced at example arguments: a jaxpr plus the arrays it closed over.
-
-    The jaxpr is interned by its printed text, so two closures that trace to the same program
-    hold the same jaxpr object and compare equal as static data, while their closed-over
-    arrays (`consts`) are ordinary array leaves that can be stacked and batched.
-    """
-
-    jaxpr: Any = eqx.field(static=True)
-    consts: list
-    out_treedef: Any = eqx.field(static=True)
-
-    def __call__(self, *args):
-        leaves = jtu.tree_leaves(eqx.filter(args, eqx.is_array))
-        out = jax.core.eval_jaxpr(self.jaxpr, self.consts, *leaves)
-        return jtu.tree_unflatten(self.out_treedef, out)
-
-
-_INTERNED: dict[str, Any] = {}
-_MAX_INTERNED = 1024
-
-
-def _trace(fn: Callable, *args) -> "_Traced | None":
-    """`fn` as a `_Traced` at example `args`, or `None` when it cannot be shared safely."""
-    dynamic, static = eqx.partition(args, eqx.is_array)
-    leaves, treedef = jtu.tree_flatten(dynamic)
-    out_treedef = []
-
-    def flat(*leaves):
-        out = fn(*eqx.combine(jtu.tree_unflatten(treedef, leaves), static))
-        out_leaves, out_def = jtu.tree_flatten(jtu.tree_map(jnp.asarray, out))
-        out_treedef.append(out_def)
-        return out_leaves
-
-    try:
-        closed = jax.make_jaxpr(flat)(*leaves)
-    except Exception:  # untraceable here: the member keeps its own function (and program)
-        return None
-    text = str(closed.jaxpr)
-    # An object address in the text (a host callback, an opaque parameter) means the text does
-    # not determine the program: never share such a jaxpr.
-    if "0x" in text:
-        return None
-    jaxpr = _INTERNED.get(text)
-    if jaxpr is None:
-        if len(_INTERNED) >= _MAX_INTERNED:
-            _INTERNED.clear()
-        jaxpr = _INTERNED[text] = closed.jaxpr
-    consts = [jnp.asarray(c) for c in closed.consts]
-    return _Traced(jaxpr, consts, out_treedef[0])
-
-
-class _CanonicalFlow(eqx.Module):
-    """What `_segment` needs of a `GradientFlow`, with the velocity as a traced program."""
-
-    velocity_fn: _Traced
-    frozen: PyTree
-    data: PyTree
-
-    def velocity(self, params):
-        return self.velocity_fn(params)
-
-    def combine(self, params):
-        return eqx.combine(params, self.frozen)
-
-
-def _canonical(args: tuple) -> tuple:
-    """`_member_solve` arguments with the flow, observers and conditions traced (where safe)."""
-    (flow, observers, final_observers, conditions, *rest) = args
-    model, data = flow.model, flow.data
-
-    def traced(fn):
-        out = _trace(fn, model, data)
-        return fn if out is None else out
-
-    velocity = _trace(flow.velocity, flow.params)
-    if velocity is not None:
-        canonical_flow = _CanonicalFlow(velocity, flow.frozen, data)
-    else:
-        canonical_flow = flow
-    cache: dict[int, Any] = {}
-
-    def shared(fn):  # one trace for an observer used both along the way and at the end
-        if id(fn) not in cache:
-            cache[id(fn)] = traced(fn)
-        return cache[id(fn)]
-
-    observers = {k: shared(v) for k, v in observers.items()}
-    final_observers = {k: shared(v) for k, v in final_observers.items()}
-    conditions = tuple(traced(c) for c in conditions)
-    return (canonical_flow, observers, final_observers, conditions, *rest)
-
-
-def _structure_key(args: tuple):
-    """Hashable key of everything but array values (as `gflow._solve._compiled_segment`)."""
-    dynamic, static = eqx.partition(args, eqx.is_array)
-    static_leaves, static_def = jtu.tree_flatten(static)
-    key = (
-        static_def,
-        jtu.tree_structure(dynamic),
-        tuple(static_leaves),
-        tuple((np.shape(x), x.dtype) for x in jtu.tree_leaves(dynamic)),
-    )
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
-def _group(all_args: list[tuple]) -> list[list[int]]:
+def _group(keys: list) -> list[list[int]]:
     """Indices of members sharing one structure, in order of first appearance."""
     groups: dict = {}
     order = []
-    for i, args in enumerate(all_args):
-        key = _structure_key(args)
+    for i, key in enumerate(keys):
         if key is None:  # unhashable static data: a group of its own
             key = ("unhashable", i)
         if key not in groups:
@@ -380,30 +122,25 @@ def _group(all_args: list[tuple]) -> list[list[int]]:
 # Compiled group programs
 
 
-_COMPILED: dict = {}
-
-
 def _default_batch() -> str:
     # On CPU lax.map wins (each member takes its own steps); on accelerators vmap does.
     return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
-def _program(static, treedef, batch: str, n_devices: int) -> Callable:
+def _program(rebuild: Callable, batch: str, n_devices: int) -> Callable:
     def one(leaves):
-        args = eqx.combine(jtu.tree_unflatten(treedef, leaves), static)
-        return _member_solve(*args)
+        return _member_solve(*rebuild(leaves))
 
     if batch == "loop":
-        return jax.jit(one)
+        return one
     batched = (lambda leaves: jax.lax.map(one, leaves)) if batch == "map" else jax.vmap(one)
     if n_devices == 1:
-        return jax.jit(batched)
+        return batched
     spec = jax.sharding.PartitionSpec(_MEMBER_AXIS)
     # Each device maps (or vmaps) its own shard: no cross-device synchronisation per step.
-    sharded = jax.shard_map(
+    return jax.shard_map(
         batched, mesh=_mesh(n_devices), in_specs=spec, out_specs=spec, check_vma=False
     )
-    return jax.jit(sharded)
 
 
 def _mesh(n_devices: int) -> jax.sharding.Mesh:
@@ -419,40 +156,9 @@ def _group_devices(n: int) -> int:
     return min(jax.device_count(), n)
 
 
-def _compiled(static, treedef, leaves, batch: str, n_devices: int) -> tuple[Callable, float]:
-    """The compiled program for a group (cached by structure), and the seconds compiling it."""
-    static_leaves, static_def = jtu.tree_flatten(static)
-    key = (
-        batch,
-        n_devices,
-        static_def,
-        treedef,
-        tuple(static_leaves),
-        tuple((x.shape, x.dtype) for x in leaves),
-    )
-    try:
-        hash(key)
-    except TypeError:
-        key = None
-    if key is not None and key in _COMPILED:
-        return _COMPILED[key], 0.0
-    start = time.perf_counter()
-    with _errors_as_nan():
-        compiled = _program(static, treedef, batch, n_devices).lower(leaves).compile()
-    seconds = time.perf_counter() - start
-    if key is not None:
-        _COMPILED[key] = compiled
-    return compiled, seconds
-
-
-def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
+def _run_group(all_args: list[tuple], key, rebuild, batch: str) -> tuple[list[dict], dict]:
     """Solve the members of one group; their outputs as numpy, and the group's timings."""
-    dynamic0, static = eqx.partition(all_args[0], eqx.is_array)
-    treedef = jtu.tree_structure(dynamic0)
-    member_leaves = [
-        [jnp.asarray(x) for x in jtu.tree_leaves(eqx.filter(args, eqx.is_array))]
-        for args in all_args
-    ]
+    member_leaves = [engine.split(args)[0] for args in all_args]
     n = len(all_args)
     info = dict(size=n, batch=batch, devices=1, processes=1, compile_seconds=0.0,
                 run_seconds=0.0)
@@ -460,7 +166,9 @@ def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
         info["batch"] = "loop"  # a lone member needs no batching
         outputs = []
         for leaves in member_leaves:
-            compiled, seconds = _compiled(static, treedef, leaves, "loop", 1)
+            compiled, seconds = engine.compiled(
+                ("sweep", "loop", 1, key), lambda: _program(rebuild, "loop", 1), leaves
+            )
             start = time.perf_counter()
             out = jax.device_get(compiled(leaves))
             info["run_seconds"] += time.perf_counter() - start
@@ -472,7 +180,7 @@ def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
     padded = -n % n_devices
     # Pad to a multiple of the device count by repeating the last member; dropped afterwards.
     rows = member_leaves + [member_leaves[-1]] * padded
-    stacked = [jnp.stack(column) for column in zip(*rows)]
+    stacked = [np.stack([np.asarray(x) for x in column]) for column in zip(*rows)]
     if n_devices > 1:
         sharding = jax.sharding.NamedSharding(
             _mesh(n_devices), jax.sharding.PartitionSpec(_MEMBER_AXIS)
@@ -482,7 +190,10 @@ def _run_group(all_args: list[tuple], batch: str) -> tuple[list[dict], dict]:
             jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
             for x in stacked
         ]
-    compiled, seconds = _compiled(static, treedef, stacked, batch, n_devices)
+    compiled, seconds = engine.compiled(
+        ("sweep", batch, n_devices, len(rows), key),
+        lambda: _program(rebuild, batch, n_devices), stacked,
+    )
     start = time.perf_counter()
     # Every process receives every shard (in one process: a plain copy to the host).
     out = multihost_utils.process_allgather(compiled(stacked), tiled=True)
@@ -525,57 +236,6 @@ class SweepMember(eqx.Module):
     @property
     def completed(self) -> bool:
         return self.status == "completed"
-
-
-def _t_quantile(p: float, dof: int) -> float:
-    """Quantile of Student's t distribution (bisection on its CDF; numpy only)."""
-
-    def betainc(a, b, x):
-        # Regularized incomplete beta by Lentz's continued fraction (Numerical Recipes 6.4).
-        if x <= 0.0 or x >= 1.0:
-            return float(x >= 1.0)
-        if x > (a + 1.0) / (a + b + 2.0):
-            return 1.0 - betainc(b, a, 1.0 - x)
-        log_front = (
-            math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-            + a * math.log(x) + b * math.log1p(-x)
-        )
-        tiny = 1e-300
-        c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        h = d
-        for m in range(1, 500):
-            for num in (
-                m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-            ):
-                d = 1.0 + num * d
-                d = 1.0 / (d if abs(d) > tiny else tiny)
-                c = 1.0 + num / c
-                c = c if abs(c) > tiny else tiny
-                h *= d * c
-            if abs(d * c - 1.0) < 1e-15:
-                break
-        return math.exp(log_front) * h / a
-
-    def cdf(t):
-        tail = 0.5 * betainc(dof / 2.0, 0.5, dof / (dof + t * t))
-        return 1.0 - tail if t > 0 else tail
-
-    lo, hi = -1e3, 1e3
-    while cdf(hi) < p:
-        hi *= 10
-    while cdf(lo) > p:
-        lo *= 10
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if cdf(mid) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-13 * max(1.0, abs(mid)):
-            break
-    return 0.5 * (lo + hi)
 
 
 class ScalingFit(eqx.Module):
@@ -647,23 +307,6 @@ class ScalingFit(eqx.Module):
             rel_error=finite(self.rel_error),
             agrees=self.agrees,
         )
-
-
-def _fit_line(u: np.ndarray, v: np.ndarray) -> tuple[float, float, float, tuple[float, float]]:
-    """OLS `v = a + b u`: `(b, a, stderr(b), 95% interval of b)`."""
-    n = u.size
-    u_mean, v_mean = u.mean(), v.mean()
-    suu = np.sum((u - u_mean) ** 2)
-    if not suu > 0:
-        raise InputError("a fit needs at least two distinct values of the swept parameter")
-    b = float(np.sum((u - u_mean) * (v - v_mean)) / suu)
-    a = float(v_mean - b * u_mean)
-    if n < 3:
-        return b, a, math.nan, (math.nan, math.nan)
-    residual = v - (a + b * u)
-    stderr = float(np.sqrt(np.sum(residual**2) / (n - 2) / suu))
-    half = _t_quantile(0.975, n - 2) * stderr
-    return b, a, stderr, (b - half, b + half)
 
 
 class Sweep(eqx.Module):
@@ -835,7 +478,7 @@ class Sweep(eqx.Module):
         else:
             u, v = np.log(1.0 / xs), np.asarray([np.mean(t) for t in times])
             y = v
-        slope, intercept, stderr, ci = _fit_line(u, v)
+        slope, intercept, stderr, ci = fit_line(u, v)
         return ScalingFit(
             transition=transition,
             against=against,
@@ -863,9 +506,6 @@ def plot_fit(fit: ScalingFit, sweep: "Sweep | None" = None):
 
     A `matplotlib.figure.Figure`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.6, 4.0), layout="constrained")
@@ -965,39 +605,25 @@ def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
         getattr(built, "transitions", None) or ()
     )
 
-
 def _prepare(
     flow, observers, transitions, *, t0, t1, solver, rtol, atol, ts, max_steps, dt0,
-    controller, keep_trajectories,
+    stepsize_controller, keep_trajectories,
 ) -> tuple[tuple, dict]:
     """`_member_solve`'s arguments for one member, prepared by `gflow.solve`'s own `_prepare`,
     and the host-side facts needed to report it."""
-    setup = _solve_prepare(
-        flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=observers,
-        transitions=transitions, max_steps=max_steps, dt0=dt0, controller=controller,
-    )
-    as_array = lambda x: jnp.asarray(x, dtype=jnp.float64)
+    all_observers = {"loss": flow.loss} | dict(observers or {})
     # Without trajectories only the final state is observed: the segments save the loss once.
-    saved = setup.observers if keep_trajectories else {"loss": setup.observers["loss"]}
-    args = (
-        flow,
-        saved,
-        setup.observers,
-        tuple(tr.condition for tr in setup.transitions),
-        setup.directions,
-        setup.y0,
-        as_array(t0),
-        as_array(t1),
-        jnp.asarray(ts),
-        None if dt0 is None else as_array(dt0),
-        setup.solver,
-        setup.controller,
-        setup.root_finder,
-        int(max_steps),
-        setup.solver_state,
-        setup.controller_state,
+    saved = all_observers if keep_trajectories else {"loss": all_observers["loss"]}
+    setup = _solve_prepare(
+        flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=saved,
+        transitions=transitions, max_steps=max_steps, dt0=dt0,
+        stepsize_controller=stepsize_controller, ts=ts,
     )
-    return args, dict(names=setup.names, atol=setup.atol, flow=flow)
+    final = {"loss": setup.flow.loss} | dict(observers or {})
+    _, _, plan_key = engine.split(setup.plan)
+    template = engine.carry_template(setup.plan, plan_key)
+    args = (setup.plan, engine.start(template, setup.y0, t0), final)
+    return args, dict(setup=setup)
 
 
 def sweep(
@@ -1012,14 +638,14 @@ def sweep(
     rtol: float = 1e-8,
     atol: float | None = None,
     ts: ArrayLike | None = None,
-    observers: Mapping[str, Callable] | None = None,
-    transitions: Sequence[Transition] = (),
     max_steps: int = 100_000,
     dt0: float | None = None,
-    controller: diffrax.AbstractStepSizeController | None = None,
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+    observers: Mapping[str, Callable] | None = None,
+    transitions: Sequence[Transition] = (),
     keep_trajectories: bool = False,
-    share_closures: bool = True,
     callback: Callable[[int, SweepMember], None] | None = None,
+    controller: diffrax.AbstractStepSizeController | None = None,
 ) -> Sweep:
     """Solve the gradient flows of many points at once and collect their stage times.
 
@@ -1034,13 +660,12 @@ def sweep(
         member at a time through one compiled program) or `"auto"` (`"map"` on CPU, `"vmap"`
         on GPU/TPU). With several devices, `"map"`/`"vmap"` shard the members over them: the
         local devices, or every process's after `jax.distributed.initialize` (module notes).
-    - `t0`, `solver`, `rtol`, `atol`, `ts`, `max_steps`, `dt0`, `controller`: as
-        `gflow.solve`, for every member (`atol=None` is scaled to each member's own init).
+    - `t0`, `solver`, `rtol`, `atol`, `ts`, `max_steps`, `dt0`, `stepsize_controller`: as
+        `gflow.solve`, for every member (`atol=None` is scaled to each member's own init);
+        `controller` is an alias of `stepsize_controller`.
     - `observers`, `transitions`: added after the problem's own (if `make_flow` returns one).
     - `keep_trajectories`: keep each member's full `Trajectory` (observables at the save times
         `ts`, default a 200-point log grid); otherwise only observables at the final state.
-    - `share_closures`: trace members' functions so that members built by separate calls to
-        `make_flow` (new closures each time) share a compiled program (see the module notes).
     - `callback`: `callback(index, member)` as each member's result is ready (progress).
 
     **Returns:**
@@ -1062,6 +687,7 @@ def sweep(
     ts = _resolve_ts(ts, t0, t1)
     batch = _default_batch() if batch == "auto" else batch
 
+    stepsize_controller = _controller_alias(stepsize_controller, controller)
     all_args, infos = [], []
     for point in points:
         flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
@@ -1070,26 +696,26 @@ def sweep(
             own_observers | dict(observers or {}),
             own_transitions + tuple(transitions),
             t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, ts=ts, max_steps=max_steps,
-            dt0=dt0, controller=controller, keep_trajectories=keep_trajectories,
+            dt0=dt0, stepsize_controller=stepsize_controller,
+            keep_trajectories=keep_trajectories,
         )
         all_args.append(args)
         infos.append(info)
 
-    groups = _group(all_args)
-    if len(groups) > 1 and share_closures:
-        all_args = [_canonical(args) for args in all_args]
-        groups = _group(all_args)
+    splits = [engine.split(args) for args in all_args]
+    groups = _group([key for _, _, key in splits])
     if jax.process_count() > 1:
         _check_same_groups(groups, all_args)
 
     members: list[SweepMember | None] = [None] * len(points)
     group_infos = []
     for g, indices in enumerate(groups):
-        outputs, info = _run_group([all_args[i] for i in indices], batch)
+        _, rebuild, key = splits[indices[0]]
+        outputs, info = _run_group([all_args[i] for i in indices], key, rebuild, batch)
         group_infos.append(dict(members=list(indices)) | info)
         for i, out in zip(indices, outputs):
-            members[i] = _member(points[i], infos[i], out, g, ts, t0, t1, solver, rtol,
-                                 max_steps, dt0, keep_trajectories)
+            members[i] = _member(points[i], infos[i], out, g, t0, t1, int(max_steps), dt0,
+                                 keep_trajectories)
             if callback is not None:
                 callback(i, members[i])
     return Sweep(
@@ -1102,7 +728,6 @@ def sweep(
         solver=solver_name(solver),
         rtol=float(rtol),
     )
-
 
 def _check_same_groups(groups: list[list[int]], all_args: list[tuple]) -> None:
     """Every process must run the same programs on arrays of the same shapes, in the same
@@ -1117,51 +742,26 @@ def _check_same_groups(groups: list[list[int]], all_args: list[tuple]) -> None:
             "make_flow built different members (groups or array shapes) on different processes"
         ) from None
 
-
-def _member(point, info, out, group, ts, t0, t1, solver, rtol, max_steps, dt0,
-            keep_trajectories) -> SweepMember:
+def _member(point, info, out, group, t0, t1, max_steps, dt0, keep_trajectories) -> SweepMember:
     """A `SweepMember` (and its `Trajectory`) from the program's outputs for one member."""
-    status = STATUSES[int(out["status"])]
-    t_final = float(out["t_final"])
-    steps = [int(s) for s in out["steps"]]
-    segments = int(out["segments"])
-    evaluations = vector_field_evaluations(solver, steps[0], segments, dt0 is not None)
-    stats = dict(
-        num_steps=steps[0],
-        num_accepted_steps=steps[1],
-        num_rejected_steps=steps[2],
-        vector_field_evaluations=evaluations,
-        segments=segments,
-    )
-    found = {name: float(t) for name, t in zip(info["names"], out["transitions"])}
-    message = status_message(status, t_final, max_steps)
-    final = jtu.tree_map(np.asarray, out["final"])
+    setup = info["setup"]
+    carry, solver = out["carry"], setup.plan.solver
+    done = engine.outcome(carry, setup.names, max_steps)
     trajectory = None
     if keep_trajectories:
-        saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
-        trajectory = Trajectory(
-            ts=ts[saved],
-            observables=jtu.tree_map(lambda x: np.asarray(x)[saved], out["observables"]),
-            transitions=found,
-            final=info["flow"].combine(jtu.tree_map(jnp.asarray, out["y_end"])),
-            t0=t0,
-            t1=t1,
-            t_final=t_final,
-            status=status,
-            message=message,
-            stats=stats,
-            solver=solver_name(solver),
-            rtol=float(rtol),
-            atol=info["atol"],
+        trajectory = engine.trajectory(
+            carry, flow=setup.flow, ts=setup.ts, names=setup.names, t0=t0, t1=t1,
+            solver=solver, rtol=setup.rtol, atol=setup.atol, max_steps=max_steps,
+            dt0_given=dt0 is not None,
         )
     return SweepMember(
         point=dict(point),
-        status=status,
-        message=message,
-        transitions=found,
-        final=final,
-        t_final=t_final,
-        stats=stats,
+        status=done["status"],
+        message=done["message"],
+        transitions=done["transitions"],
+        final=jtu.tree_map(np.asarray, out["final"]),
+        t_final=done["t_final"],
+        stats=engine.member_stats(done, solver, dt0 is not None),
         group=group,
         trajectory=trajectory,
     )

@@ -1,12 +1,6 @@
-"""`python -m gflow.solve`: the command line (its code lives in `gflow._cli`).
+"""`python -m gflow.solve` (or the console script `gflow-solve`): the command line of
+`gflow._cli`. Imported, this module is the library function `gflow.solve` (see `gflow._entry`)."""
 
-This module only runs the command line. Import the library function as `gflow.solve`; never
-import this module (`import gflow.solve` would rebind the package attribute to it).
-"""
+from gflow._entry import command_or_function
 
-if __name__ == "__main__":
-    import sys
-
-    from gflow._cli import main
-
-    sys.exit(main())
+command_or_function(__name__, "gflow._cli", "gflow._solve", "solve")

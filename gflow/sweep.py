@@ -1,12 +1,6 @@
-"""`python -m gflow.sweep`: the sweep command line (its code lives in `gflow._sweep_cli`).
+"""`python -m gflow.sweep` (or `gflow-sweep`): the sweep command line of `gflow._sweep_cli`.
+Imported, this module is the library function `gflow.sweep` (see `gflow._entry`)."""
 
-This module only runs the command line. Import the library function as `gflow.sweep`; never
-import this module (`import gflow.sweep` would rebind the package attribute to it).
-"""
+from gflow._entry import command_or_function
 
-if __name__ == "__main__":
-    import sys
-
-    from gflow._sweep_cli import main
-
-    sys.exit(main())
+command_or_function(__name__, "gflow._sweep_cli", "gflow._sweep", "sweep")

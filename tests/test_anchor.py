@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gflow
-from gflow._errors import InputError
+from gflow import InputError
 from gflow.models._decoder import Decoder, TokenData, accuracy, cross_entropy
 from gflow.presets._anchor import anchor
 from gflow.tasks._anchor import TRAIN_PAIRS, VOCAB, anchor_task, composite_shift

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gflow  # noqa: F401  (enables float64)
-from gflow._errors import InputError
+from gflow import InputError
 from gflow.models._attention import (
     AttentionFFN,
     SequenceData,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gflow
+# Private: the tests interrupt a solve by wrapping the checkpoint writer `solve` calls.
 import gflow._solve as solve_module
 from gflow.models import DeepLinear
 
@@ -139,7 +140,8 @@ def test_max_steps_is_enforced_across_cuts(saxe_flow, saxe_target):
 def test_resume_with_a_controller_gflow_does_not_initialize(saxe_flow, saxe_target, tmp_path,
                                                            monkeypatch):
     """Fixed-step Heun: diffrax builds the first states itself; a checkpoint still resumes."""
-    kw = dict(solver="heun", dt0=0.1, controller=diffrax.ConstantStepSize(), checkpoint_steps=9)
+    kw = dict(solver="heun", dt0=0.1, stepsize_controller=diffrax.ConstantStepSize(),
+              checkpoint_steps=9)
     whole = _solve(saxe_flow, saxe_target, None, **kw)
     path = tmp_path / "c.eqx"
     _interrupt_after(monkeypatch, 5)

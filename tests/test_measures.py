@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import gflow  # noqa: F401  (enables float64)
 from gflow import measures as M
-from gflow._errors import InputError
+from gflow import InputError
 
 RNG = np.random.default_rng(20251)
 RTOL = 1e-6

@@ -9,7 +9,7 @@ import pytest
 
 import gflow
 from gflow import measures as M, observers as O
-from gflow._errors import InputError
+from gflow import InputError
 
 RNG = np.random.default_rng(4)
 C_W = 0.7  # weight of the quadratic penalty on `w`

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gflow
-from gflow._errors import InputError
+from gflow import InputError
 from gflow.models._attention import AttentionFFN, SequenceData, exponential_loss, logistic_loss
 from gflow.models._reduced import (
     KeyQueryParameters,

@@ -18,10 +18,13 @@ import scipy.stats
 
 import gflow
 from gflow._cli import EXIT_BAD_INPUT
-from gflow._sweep import Sweep, SweepMember, _t_quantile, sweep, sweep_points
+# A private helper, tested directly: the fits' Student-t quantile against scipy's.
+from gflow._stats import t_quantile
 from gflow._sweep_cli import main as sweep_main
 from gflow.models import DeepLinear, deep_linear_loss, whitened_target
 from gflow.theory import saxe_half_rise_time
+
+Sweep, SweepMember, sweep, sweep_points = gflow.Sweep, gflow.SweepMember, gflow.sweep, gflow.sweep_points
 
 RTOL = 1e-8
 
@@ -170,7 +173,7 @@ _SHARDED = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import jax, test_sweep as t
-from gflow._sweep import sweep
+from gflow import sweep
 assert len(jax.devices()) == 4
 s = sweep(t.pair_flow, t.PAIR_POINTS, t.PAIR_T1, mode="zip", rtol=t.RTOL, transitions=[t.HALVED],
           max_steps=t.PAIR_MAX_STEPS, batch="vmap")
@@ -233,7 +236,7 @@ def test_power_fit_averages_seeds_and_matches_linregress():
 
 @pytest.mark.parametrize("dof", [1, 2, 3, 5, 10, 30, 200])
 def test_t_quantile_matches_scipy(dof):
-    assert _t_quantile(0.975, dof) == pytest.approx(scipy.stats.t.ppf(0.975, dof), rel=1e-10)
+    assert t_quantile(0.975, dof) == pytest.approx(scipy.stats.t.ppf(0.975, dof), rel=1e-10)
 
 
 def test_points_grid_and_zip_and_bad_arguments():

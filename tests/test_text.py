@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gflow
-from gflow._errors import InputError
+from gflow import InputError
 from gflow.presets._text import text
 from gflow.tasks._text import UNKNOWN, corpus_text, encode, text_task, tokenize, vocabulary
 

@@ -21,15 +21,17 @@ took ~4 min for `t = 150` at 22 % training accuracy); this preset shows the tren
 full effect. `γ = 0.3` is stiff after the fit: `--t1 100` suffices for it.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Scalar
 
 from .. import observers as obs
 from .._errors import InputError
 from .._flow import GradientFlow
 from .._solve import Transition
-from ..models._decoder import WEIGHTS, Decoder, accuracy, cross_entropy
+from ..models._decoder import WEIGHTS, Decoder, TokenData, accuracy, cross_entropy
 from ..tasks._anchor import NON_COMPOSITIONAL_SHIFT, VOCAB, anchor_task
 from .._prediction import Prediction
 from ._problem import Problem, scaled_init
@@ -38,6 +40,49 @@ from ._problem import Problem, scaled_init
 def _weights(m):
     return tuple(getattr(m, name) if name in ("W1", "W2", "W_out") else getattr(m, name)[0]
                  for name in WEIGHTS)
+
+
+# Observers and the transition condition as modules with array fields (no closures), so that
+# the members of a sweep over this preset share one compiled program.
+
+
+class _HeldOutAccuracy(eqx.Module):
+    """Accuracy on the held-out pair of the compositional and of the memorized answer."""
+
+    held_out: TokenData
+    memorized: Array
+
+    def __call__(self, model, data):
+        del data
+        return jnp.stack([accuracy(model, self.held_out), accuracy(model, self.held_out, self.memorized)])
+
+
+class _HeldOutProbability(eqx.Module):
+    """Mean probability of the two candidate answers on the held-out pair."""
+
+    held_out: TokenData
+    memorized: Array
+
+    def __call__(self, model, data):
+        del data
+        p = jax.nn.softmax(model.logits(self.held_out.tokens), axis=1)
+        rows = jnp.arange(p.shape[0])
+        return jnp.stack(
+            [jnp.mean(p[rows, self.held_out.targets]), jnp.mean(p[rows, self.memorized])]
+        )
+
+
+class _AccuracyRise(eqx.Module):
+    """Transition condition: training accuracy minus `threshold`."""
+
+    threshold: Array
+
+    def __call__(self, model, data) -> Scalar:
+        return accuracy(model, data) - self.threshold
+
+
+def _train_accuracy(model, data):
+    return accuracy(model, data)
 
 
 def anchor(
@@ -86,28 +131,16 @@ def anchor(
     held_out = task.held_out
     memorized = task.held_out_keys + NON_COMPOSITIONAL_SHIFT
 
-    def held_out_probabilities(model_, _):
-        # Mean probability of the two candidate answers on the held-out pair.
-        p = jax.nn.softmax(model_.logits(held_out.tokens), axis=1)
-        rows = jnp.arange(p.shape[0])
-        return jnp.stack([jnp.mean(p[rows, held_out.targets]), jnp.mean(p[rows, memorized])])
-
     observers = {
-        "train_accuracy": lambda m_, d_: accuracy(m_, d_),
-        "held_out_accuracy": lambda m_, _: jnp.stack(
-            [accuracy(m_, held_out), accuracy(m_, held_out, memorized)]
-        ),
-        "held_out_probability": held_out_probabilities,
+        "train_accuracy": _train_accuracy,
+        "held_out_accuracy": _HeldOutAccuracy(held_out, memorized),
+        "held_out_probability": _HeldOutProbability(held_out, memorized),
         "norm": obs.frobenius_norm(_weights),
         "relative_change": obs.relative_change(_weights, model),
         "stable_rank": obs.stable_rank(_weights),
     }
     transitions = (
-        Transition(
-            "train_fit",
-            lambda m_, d_: accuracy(m_, d_) - fit_threshold,
-            direction=True,
-        ),
+        Transition("train_fit", _AccuracyRise(jnp.asarray(float(fit_threshold))), direction=True),
     )
     criteria = {"train_fit": f"training accuracy rises through {fit_threshold:g}"}
 

@@ -1,8 +1,10 @@
 """Problem builder for deep linear networks (papers.md §5)."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Scalar
 
 from .. import observers as obs
 from .._errors import InputError
@@ -18,6 +20,34 @@ def _layer_imbalance(model: DeepLinear):
     return jnp.stack(
         [b.T @ b - a @ a.T for a, b in zip(model.weights[:-1], model.weights[1:])]
     )
+
+
+def _product(model: DeepLinear):
+    return model.product()
+
+
+def _weights(model: DeepLinear):
+    return model.weights
+
+
+def _imbalance(model: DeepLinear, data):
+    del data
+    return _layer_imbalance(model)
+
+
+class _SingularValueRise(eqx.Module):
+    """Transition condition: singular value `k` of `W_D⋯W_1` minus `level`.
+
+    A module with an array field rather than a closure: every member of a sweep builds an equal
+    one (the level is data), so all members share one compiled program.
+    """
+
+    k: int = eqx.field(static=True)
+    level: Array
+
+    def __call__(self, model: DeepLinear, data) -> Scalar:
+        del data
+        return jnp.linalg.svd(model.product(), compute_uv=False)[self.k] - self.level
 
 
 def deep_linear(
@@ -60,24 +90,17 @@ def deep_linear(
     else:
         model = DeepLinear.balanced_aligned(target, depth, eps, hidden=width)
 
-    def product(m):
-        return m.product()
-
+    # Module-level functions (not closures): observers equal across members of a sweep.
     observers = {
-        "singular_values": obs.singular_values(product),
-        "layer_norms": obs.frobenius_norm(lambda m: m.weights),
-        "imbalance_drift": obs.conserved(lambda m, d: _layer_imbalance(m), model),
+        "singular_values": obs.singular_values(_product),
+        "layer_norms": obs.frobenius_norm(_weights),
+        "imbalance_drift": obs.conserved(_imbalance, model),
     }
     transitions, criteria = [], {}
     for k, s_k in enumerate(s):
         name = f"mode{k + 1}_learned"
         transitions.append(
-            Transition(
-                name,
-                lambda m, d, k=k, half=s_k / 2: jnp.linalg.svd(m.product(), compute_uv=False)[k]
-                - half,
-                direction=True,
-            )
+            Transition(name, _SingularValueRise(k, jnp.asarray(s_k / 2)), direction=True)
         )
         criteria[name] = f"singular value {k + 1} of W_D⋯W_1 rises through s_{k + 1}/2 = {s_k / 2:g}"
 

@@ -1,0 +1,140 @@
+"""What locating transitions costs, and what `gflow.solve` costs over bare diffrax.
+
+The `deep-linear` preset's problem (a two-layer 16×16×16 linear network, four modes, t1 = 12,
+Tsit5 at rtol 1e-8, the default atol, 301 save times observing the loss), timed side by side
+in one process, calls alternating so that other jobs on the machine disturb all alike:
+
+- `gflow.solve` with the preset's four transitions (singular value k of `W2 W1` rising through
+  `s_k/2`: an SVD per evaluation), against the same call without them;
+- the same with four cheap conditions (the product projected on the target's singular pairs,
+  `u_kᵀ W2 W1 v_k` rising through `s_k/2`: two matrix-vector products), which separates what
+  locating transitions costs the solve loop from what evaluating the conditions costs;
+- `gflow.solve` without transitions, against bare `diffrax.diffeqsolve` (compiled ahead of
+  time) with the same solver, `PIDController` (rtol, atol, dtmin), save times and observer
+  (`SaveAt(ts=..., fn=...)`) and gflow's divergence guard as an `Event`.
+
+Run: `python -m benchmarks.transitions_overhead [--repeats N]`. Prints the minimum and median
+wall time and the minimum CPU time (this process) of each, and the ratios of minima. On a
+shared machine CPU time is the steadier measure: waiting for a core is not counted.
+"""
+
+import argparse
+import time
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+import gflow
+import gflow.presets
+
+RTOL = 1e-8
+T1 = 12.0
+
+
+def _problem():
+    resolved = gflow.presets.resolve("deep-linear", [f"solve.t1={T1}"])
+    return gflow.presets.build(resolved)
+
+
+class _ModeRise(eqx.Module):
+    """`u_kᵀ W2 W1 v_k − s_k/2`: a transition condition without an SVD."""
+
+    u: jax.Array
+    v: jax.Array
+    level: jax.Array
+
+    def __call__(self, model, data):
+        return self.u @ model.product() @ self.v - self.level
+
+
+def _cheap_transitions(flow):
+    u, s, vt = np.linalg.svd(np.asarray(flow.data))
+    return [
+        gflow.Transition(f"mode{k + 1}", _ModeRise(jnp.asarray(u[:, k]), jnp.asarray(vt[k]),
+                                                   jnp.asarray(s[k] / 2)), direction=True)
+        for k in range(4)
+    ]
+
+
+def _bare(flow, ts, atol):
+    """Bare diffrax with what gflow.solve does: same solver, controller, observer, guard."""
+    frozen = flow.frozen
+
+    def vector_field(t, y, args):
+        return flow.velocity(y)
+
+    def observe(t, y, args):
+        return {"loss": flow.loss(eqx.combine(y, frozen), flow.data)}
+
+    def diverged(t, y, args, **kwargs):
+        sq = sum(jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(y))
+        return jnp.logical_not(sq < 1e200)
+
+    def run(y0, ts, rtol, atol):
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(vector_field), diffrax.Tsit5(), 0.0, T1, None, y0,
+            saveat=diffrax.SaveAt(ts=ts, fn=observe),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, dtmin=1e-12 * T1),
+            event=diffrax.Event(diverged), max_steps=100_000, throw=False,
+        )
+
+    args = (flow.params, jnp.asarray(ts), jnp.asarray(RTOL), jnp.asarray(atol))
+    compiled = jax.jit(run).lower(*args).compile()
+
+    def call():
+        sol = compiled(*args)
+        return jax.device_get(sol.ys)
+
+    return call
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=40)
+    args = parser.parse_args(argv)
+    problem = _problem()
+    flow = problem.flow
+    ts = gflow.linear_grid(0.0, T1, 301)
+    plain = lambda: gflow.solve(flow, T1, rtol=RTOL, ts=ts)  # noqa: E731
+    with_transitions = lambda: gflow.solve(  # noqa: E731
+        flow, T1, rtol=RTOL, ts=ts, transitions=problem.transitions
+    )
+    cheap = _cheap_transitions(flow)
+    with_cheap = lambda: gflow.solve(flow, T1, rtol=RTOL, ts=ts, transitions=cheap)  # noqa: E731
+    first_plain, first_tr, first_cheap = plain(), with_transitions(), with_cheap()
+    bare = _bare(flow, ts, first_plain.atol)
+    bare()
+    calls = {"plain": plain, "transitions": with_transitions, "cheap": with_cheap, "bare": bare}
+    walls = {k: [] for k in calls}
+    cpus = {k: [] for k in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            call()
+            cpus[name].append(time.process_time() - start_cpu)
+            walls[name].append(time.perf_counter() - start)
+    best = {k: min(v) for k, v in walls.items()}
+    best_cpu = {k: min(v) for k, v in cpus.items()}
+    print(f"jax {jax.__version__}, diffrax {diffrax.__version__}, {jax.devices()[0].platform}, "
+          f"repeats {args.repeats}")
+    print(f"steps: plain {first_plain.stats['num_steps']}, with transitions "
+          f"{first_tr.stats['num_steps']} in {first_tr.stats['segments']} segments, with cheap "
+          f"conditions {first_cheap.stats['num_steps']} in {first_cheap.stats['segments']}")
+    with open("/proc/loadavg") as f:
+        print(f"load average after: {f.read().split()[0]}")
+    for name in calls:
+        print(f"{name:12s} wall min {1e3 * best[name]:8.2f} ms, median "
+              f"{1e3 * float(np.median(walls[name])):8.2f} ms; CPU min {1e3 * best_cpu[name]:8.2f} ms")
+    for label, a, b in (("transitions / plain", "transitions", "plain"),
+                        ("cheap-condition transitions / plain", "cheap", "plain"),
+                        ("gflow.solve / bare diffrax", "plain", "bare"),
+                        ("gflow.solve with transitions / bare diffrax", "transitions", "bare")):
+        print(f"{label}: wall {best[a] / best[b]:.3f}, CPU {best_cpu[a] / best_cpu[b]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""The one solve loop of gflow: every segment and every transition of a solve in one program.
+
+A solve is a chain of segments: a `diffrax.diffeqsolve` from where the previous one stopped
+until `t1`, the next transition (an `Event` whose condition is picked by `lax.switch` from the
+transition index), a failure, or a cut every `segment_steps` steps. `run` chains them in a
+`lax.while_loop`, each segment resumed from the previous one's solver and step-size controller
+states, so that the whole solve is one pure, traceable function of arrays:
+
+- `gflow.solve` compiles `run` once per problem structure and calls it once (or once per
+  segment, writing a checkpoint of the carry in between: the same program on the same inputs,
+  hence bit for bit the same result);
+- `gflow.sweep` maps (`lax.map`, `vmap`, `shard_map`) the same `run` over members;
+- `certify` calls the same compiled `run` again: tolerances are arrays in the `Plan`, not
+  static, so the tighter reference solve needs no new compilation.
+
+Only arrays cross `lax.switch`, the loop carry and the program boundary: the model is split
+into its trainable arrays (the state) and the rest, which the branches close over (an
+`eqx.nn.MLP`'s activation function, strings, Python ints stay static).
+
+After a transition the next segment starts from the dense-output state at the located time,
+not from a step end. That costs nothing measurable: the interpolant of the solvers used here
+is accurate to the order of the step's local error, which the controller holds below
+`rtol·|y| + atol`; one such error per transition is of the size of one more step's, against
+the hundreds of steps whose errors make up the global error (the deep-linear test flows
+agree with their closed forms to the same tolerance with and without transitions).
+"""
+
+import collections
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, PyTree, Scalar
+
+from ._flow import GradientFlow
+from ._progress import SegmentMeter
+from ._solvers import solver_name, vector_field_evaluations
+from ._trajectory import Trajectory
+
+
+# One status enumeration for solve and sweep. RUNNING marks a carry whose solve goes on.
+STATUSES = ("completed", "max_steps", "nonfinite", "dt_min", "failed")
+COMPLETED, MAX_STEPS, NONFINITE, DT_MIN, FAILED = range(len(STATUSES))
+RUNNING = -1
+
+# A state whose squared norm passes this (or is NaN) has diverged: float64 squares overflow at
+# ~1e154, and no gradient flow of interest lives out there.
+DIVERGED_SQUARED_NORM = 1e200
+
+# Segments a single call of `run` may take when the solve is not checkpointed: no limit.
+ALL_SEGMENTS = 2**30
+
+
+def squared_norm(tree: PyTree) -> Scalar:
+    return sum(jnp.sum(jnp.square(leaf)) for leaf in jtu.tree_leaves(tree))
+
+
+def diverged_squared_norm(tree: PyTree) -> float:
+    """`DIVERGED_SQUARED_NORM`, or less where the state's dtype (float32) overflows first."""
+    dtype = jnp.result_type(*jtu.tree_leaves(tree))
+    return min(DIVERGED_SQUARED_NORM, float(jnp.finfo(dtype).max) / 16)
+
+
+class Plan(eqx.Module):
+    """Everything a solve runs on, arrays and static parts together.
+
+    Partitioned by `eqx.is_array`, its arrays are the program's inputs and everything else
+    (functions, solver, settings) the program's identity.
+    """
+
+    flow: GradientFlow
+    observers: dict  # {name: observer(model, data)}, evaluated at the save times
+    conditions: tuple  # transition conditions, condition(model, data) -> scalar
+    directions: Array  # per condition (+1 up, -1 down, 0 either) and a trailing 0
+    ts: Array
+    t1: Array
+    dt0: Array | None
+    solver: diffrax.AbstractSolver
+    controller: diffrax.AbstractStepSizeController
+    root_finder: optx.AbstractRootFinder
+    meter: diffrax.AbstractProgressMeter
+    max_steps: int = eqx.field(static=True)
+    segment_steps: int = eqx.field(static=True)
+
+
+def observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
+    """`{name: observer(model, data)}` at state `y`, as floating arrays.
+
+    Floating outputs only: diffrax fills unreached save times with inf, and an integer
+    observable (a count, a rank) would not fit that buffer.
+    """
+    model = flow.combine(y)
+    values = {name: obs(model, flow.data) for name, obs in observers.items()}
+    return jtu.tree_map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x, float)), values)
+
+
+def _term(flow: GradientFlow) -> diffrax.ODETerm:
+    return diffrax.ODETerm(lambda t, y, args: flow.velocity(y))
+
+
+def _controller_init(plan: Plan, y: PyTree, t0) -> PyTree:
+    """The controller's initial state at `t0` (diffrax's own `init`).
+
+    Without a `dt0` it is asked for one step over the whole span: its first step itself is
+    chosen by diffrax in the segment (with a passed controller state, `diffeqsolve` runs the
+    initial-step heuristic for it), and a given step spares `init` that heuristic's two
+    vector-field evaluations; a PID controller's state does not depend on it, and a clipping
+    controller's depends on `t0` only.
+    """
+    term = _term(plan.flow)
+    dt0 = plan.t1 - t0 if plan.dt0 is None else plan.dt0
+    _, state = plan.controller.init(
+        term, t0, plan.t1, y, dt0, None, plan.solver.func, plan.solver.error_order(term)
+    )
+    return state
+
+
+def _pid_like(controller) -> bool:
+    # A plain PID controller's initial state is diffrax's constant (1, 1, False): no need to
+    # run its initial-step heuristic (two vector-field evaluations) in the program.
+    return type(controller) is diffrax.PIDController
+
+
+def initial_carry(plan: Plan, y0: PyTree, t0) -> dict:
+    """The carry a solve starts from (traceable; `carry_template` evaluates it once).
+
+    The solver's state only holds the first-same-as-last stage, which `made_jump=True`
+    recomputes, so zeros of the right structure do. Controllers other than a plain PID one
+    are initialized by diffrax's own `init` in the first segment (see `_segment`).
+    """
+    dtype = jnp.result_type(*jtu.tree_leaves(y0))
+    # `filter_eval_shape` traces the plan's arrays too: host (numpy) tolerances would not mix
+    # with diffrax's tree arithmetic outside a trace.
+    solver_state = jtu.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        eqx.filter_eval_shape(lambda p, y, t: p.solver.init(_term(p.flow), t, p.t1, y, None), plan, y0, t0),
+    )
+    if _pid_like(plan.controller):
+        one = jnp.asarray(1.0, dtype=dtype)
+        controller_state = (one, one, jnp.asarray(False))
+    else:
+        # As arrays (a wrapping controller may hold Python bools): the carry holds arrays only.
+        controller_state = jtu.tree_map(
+            lambda s: jnp.zeros(jnp.shape(s), jnp.result_type(s)),
+            eqx.filter_eval_shape(lambda p, y, t: _controller_init(p, y, t), plan, y0, t0),
+        )
+    struct = eqx.filter_eval_shape(lambda p, y: observe(p.flow, p.observers, y), plan, y0)
+    n_ts = plan.ts.shape[0]
+    int_ = jnp.asarray(0).dtype
+    return dict(
+        t=jnp.asarray(t0, dtype=plan.ts.dtype),
+        index=jnp.asarray(0, dtype=jnp.int32),
+        y=y0,
+        solver_state=solver_state,
+        controller_state=controller_state,
+        made_jump=jnp.asarray(True),  # the first step evaluates the vector field afresh
+        # nan where a save time was not (yet) reached.
+        observables=jtu.tree_map(lambda s: jnp.full((n_ts,) + s.shape, jnp.nan, s.dtype), struct),
+        found=jnp.full((len(plan.conditions),), jnp.nan, dtype=plan.ts.dtype),
+        status=jnp.asarray(RUNNING, dtype=jnp.int32),
+        steps=jnp.asarray(0, dtype=int_),  # since the last transition: max_steps limits these
+        counts=jnp.zeros(3, dtype=int_),  # steps, accepted, rejected
+        segments=jnp.asarray(0, dtype=int_),
+    )
+
+
+def _segment(plan: Plan, c: dict) -> dict:
+    """One diffrax solve from the carry `c` until `t1`, the next transition, a failure or
+    `segment_steps` steps; returns the carry after it."""
+    flow, index, y0, t0, t1 = plan.flow, c["index"], c["y"], c["t"], plan.t1
+    n = len(plan.conditions)
+    term = _term(flow)
+
+    # Parameter names matter: diffrax calls these by keyword during root finding.
+    def diverged(t, y, args, **kwargs):
+        del t, args, kwargs
+        return jnp.logical_not(squared_norm(y) < diverged_squared_norm(y))
+
+    # Only the state crosses lax.switch; the rest of the model (functions, static fields,
+    # frozen arrays) and the data are closed over.
+    branches = [
+        lambda y, cond=cond: jnp.asarray(cond(flow.combine(y), flow.data), dtype=float)
+        for cond in plan.conditions
+    ] + [lambda y: jnp.asarray(1.0, dtype=float)]
+
+    def condition(y):
+        return jax.lax.switch(index, branches, y)
+
+    direction = plan.directions[index]
+    # Either direction: the first change away from the sign at the segment's start. The
+    # wanted crossing is then always an upcrossing for diffrax.
+    sign = jnp.where(direction == 0, jnp.where(condition(y0) > 0, -1.0, 1.0), direction)
+
+    def transition(t, y, args, **kwargs):
+        del t, args, kwargs
+        return sign * condition(y)
+
+    if n:
+        # Tree order decides which event wins when both trigger on one step: divergence first.
+        event = diffrax.Event(
+            [diverged, transition], root_finder=plan.root_finder, direction=[None, True]
+        )
+    else:
+        event = diffrax.Event(diverged)
+    # Save times before the segment's start are clipped to it (diffrax wants them within
+    # [t0, t1]) and would all be observed at its first step; they belong to earlier segments,
+    # so they are skipped (observed only in the first segment, where none precede t0).
+    first = c["segments"] == 0
+    struct = jax.eval_shape(lambda y: observe(flow, plan.observers, y), y0)
+
+    def save(t, y, args):
+        return jax.lax.cond(
+            (t > t0) | first,
+            lambda y: observe(flow, plan.observers, y),
+            lambda y: jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), struct),
+            y,
+        )
+
+    saveat = diffrax.SaveAt(
+        subs=[
+            diffrax.SubSaveAt(ts=jnp.clip(plan.ts, t0, t1), fn=save),
+            diffrax.SubSaveAt(t1=True),
+        ],
+        solver_state=True,
+        controller_state=True,
+        made_jump=True,
+    )
+    controller_state = c["controller_state"]
+    if not _pid_like(plan.controller):
+        controller_state = jax.lax.cond(
+            c["segments"] == 0,
+            lambda: jtu.tree_map(
+                lambda new, old: jnp.asarray(new, dtype=old.dtype),
+                _controller_init(plan, y0, t0), controller_state,
+            ),
+            lambda: controller_state,
+        )
+    meter = plan.meter
+    if isinstance(meter, SegmentMeter):
+        meter = meter.at_segment(t0, index)
+    sol = diffrax.diffeqsolve(
+        term,
+        plan.solver,
+        t0,
+        t1,
+        plan.dt0,
+        y0,
+        saveat=saveat,
+        stepsize_controller=plan.controller,
+        event=event,
+        max_steps=plan.segment_steps,
+        throw=False,
+        progress_meter=meter,
+        solver_state=c["solver_state"],
+        controller_state=controller_state,
+        made_jump=c["made_jump"],
+    )
+    t_end = sol.ts[1][0].astype(c["t"].dtype)
+    y_end = jtu.tree_map(lambda leaf: leaf[0], sol.ys[1])
+
+    # Save times this segment covered (none when t_end is nan).
+    covered = ((plan.ts > t0) | (first & (plan.ts >= t0))) & (plan.ts <= t_end)
+    observables = jtu.tree_map(
+        lambda old, new: jnp.where(
+            covered.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype), old
+        ),
+        c["observables"],
+        sol.ys[0],
+    )
+    result, results = sol.result, diffrax.RESULTS
+    event_occurred = result == results.event_occurred
+    mask = sol.event_mask
+    blown = event_occurred & (mask[0] if n else mask)
+    fired = event_occurred & jnp.logical_not(blown)
+    seg_steps = jnp.asarray(sol.stats["num_steps"]).astype(c["steps"].dtype)
+    steps = c["steps"] + seg_steps
+    max_reached = result == results.max_steps_reached
+    status = jnp.select(
+        [
+            blown,
+            fired & (t_end >= t1),
+            fired,
+            result == results.successful,
+            # A cut every segment_steps steps goes on from the last step's end.
+            max_reached & (steps >= plan.max_steps),
+            max_reached,
+            result == results.dt_min_reached,
+        ],
+        [NONFINITE, COMPLETED, RUNNING, COMPLETED, MAX_STEPS, RUNNING, DT_MIN],
+        FAILED,
+    ).astype(c["status"].dtype)
+    # A failure after the state left float range (e.g. steps collapsing on NaNs) is that.
+    failed = (status != RUNNING) & (status != COMPLETED)
+    status = jnp.where(
+        failed & jnp.logical_not(squared_norm(y_end) < diverged_squared_norm(y_end)),
+        NONFINITE,
+        status,
+    ).astype(c["status"].dtype)
+    counts = jnp.stack(
+        [sol.stats["num_steps"], sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"]]
+    ).astype(c["counts"].dtype)
+    out = dict(
+        t=t_end,
+        index=c["index"] + fired.astype(c["index"].dtype),
+        y=y_end,
+        solver_state=sol.solver_state,
+        controller_state=sol.controller_state,
+        # The event cut the step: the first-same-as-last stage is stale.
+        made_jump=fired | sol.made_jump,
+        observables=observables,
+        found=jnp.where(fired & (jnp.arange(n) == index), t_end, c["found"]),
+        status=status,
+        steps=jnp.where(fired, 0, steps).astype(c["steps"].dtype),
+        counts=c["counts"] + counts,
+        segments=c["segments"] + 1,
+    )
+    # Exactly the carry's types, so the loop (and a resumed checkpoint) sees one structure.
+    return jtu.tree_map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), out, c)
+
+
+def run(plan: Plan, carry: dict, max_segments) -> dict:
+    """Run segments from `carry` until the solve ends or `max_segments` more have run."""
+    start = carry["segments"]
+
+    def going(c):
+        return (c["status"] == RUNNING) & (c["segments"] - start < max_segments)
+
+    return jax.lax.while_loop(going, lambda c: _segment(plan, c), carry)
+
+
+# --------------------------------------------------------------------------------------------
+# Programs: one bounded cache for solve's and sweep's compiled programs
+
+
+class _LRU:
+    """A bounded mapping that forgets the least recently used entry: compiled programs hold
+    the functions they were built from, so an unbounded cache would keep every function ever
+    passed alive."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        if key is None or key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        return self.entries[key]
+
+    def put(self, key, value):
+        if key is None:
+            return value
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+
+CACHE = _LRU(64)
+
+
+def compiled_programs() -> list:
+    """The compiled programs now in the cache (for memory analyses)."""
+    return [v for k, v in CACHE.entries.items() if not (isinstance(k, tuple) and k[0] == "template")]
+
+
+def split(tree: PyTree) -> tuple[list, Any, Hashable | None]:
+    """`tree`'s array leaves, a function rebuilding `tree` from them, and a hashable key of
+    everything but the arrays' values (`None` when a static part is unhashable)."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    is_array = [eqx.is_array(x) for x in leaves]
+    arrays = [x for x, a in zip(leaves, is_array) if a]
+    static = tuple(None if a else x for x, a in zip(leaves, is_array))
+    key = (treedef, static, tuple((x.shape, x.dtype) for x in arrays))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable static leaf: compile without caching
+        key = None
+
+    def rebuild(arrays):
+        it = iter(arrays)
+        return jtu.tree_unflatten(treedef, [next(it) if a else x for x, a in zip(static, is_array)])
+
+    return arrays, rebuild, key
+
+
+def carry_template(plan: Plan, key: Hashable | None) -> dict:
+    """`initial_carry` for `plan` as host arrays (built once per structure: it costs
+    milliseconds); `t` and `y` are placeholders, replaced by `start`."""
+    entry = CACHE.get(("template", key))
+    if entry is None:
+        entry = jtu.tree_map(np.asarray, initial_carry(plan, plan.flow.params, plan.t1))
+        entry = CACHE.put(("template", key), entry)
+    return entry
+
+
+def start(template: dict, y0: PyTree, t0) -> dict:
+    """The initial carry: `template` at state `y0` and time `t0`."""
+    return dict(template, t=np.asarray(t0, dtype=template["t"].dtype), y=y0)
+
+
+def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> tuple[Callable, float]:
+    """The compiled program cached under `key`, or `build()` compiled at `example` inputs;
+    and the seconds spent compiling (0 when cached).
+
+    Programs are compiled with equinox's runtime errors turned into NaNs (`EQX_ON_ERROR=nan`,
+    set by `gflow` at import unless the user set it): failure is reported through
+    `Solution.result` (`throw=False`), and a raising check would embed a host callback that
+    makes JAX's persistent compilation cache miss in every new process.
+    """
+    import time
+
+    entry = CACHE.get(key)
+    if entry is not None:
+        return entry, 0.0
+    begin = time.perf_counter()
+    program = jax.jit(build()).lower(*example).compile()
+    seconds = time.perf_counter() - begin
+    CACHE.put(key, program)
+    return program, seconds
+
+
+def solve_program(rebuild: Callable) -> Callable:
+    """`run` over a plan given as its array leaves."""
+
+    def program(plan_arrays, carry, max_segments):
+        return run(rebuild(plan_arrays), carry, max_segments)
+
+    return program
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: what a finished carry says
+
+
+def outcome(carry: dict, names: list[str], max_steps: int) -> dict[str, Any]:
+    """Status, message, transition times, end time and step counts of a host carry."""
+    from ._solve import status_message  # the message wording lives with solve's docs
+
+    status_index = int(carry["status"])
+    status = "failed" if status_index == RUNNING else STATUSES[status_index]
+    t_final = float(carry["t"])
+    counts = [int(x) for x in carry["counts"]]
+    return dict(
+        status=status,
+        message=status_message(status, t_final, max_steps),
+        transitions={name: float(t) for name, t in zip(names, np.asarray(carry["found"]))},
+        t_final=t_final,
+        stats=dict(
+            num_steps=counts[0],
+            num_accepted_steps=counts[1],
+            num_rejected_steps=counts[2],
+            segments=int(carry["segments"]),
+        ),
+    )
+
+
+def trajectory(
+    carry: dict, *, flow: GradientFlow, ts: np.ndarray, names: list[str], t0: float, t1: float,
+    solver: diffrax.AbstractSolver, rtol: float, atol: float, max_steps: int, dt0_given: bool,
+    stats: dict | None = None,
+) -> Trajectory:
+    """The `Trajectory` of a finished host carry (solve's, or a sweep member's)."""
+    done = outcome(carry, names, max_steps)
+    t_final = done["t_final"]
+    saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
+    keep = (lambda x: x) if saved.all() else (lambda x: x[saved])
+    return Trajectory(
+        ts=keep(ts),
+        observables=jtu.tree_map(lambda x: keep(np.asarray(x)), carry["observables"]),
+        transitions=done["transitions"],
+        final=flow.combine(jtu.tree_map(jnp.asarray, carry["y"])),
+        t0=t0,
+        t1=t1,
+        t_final=t_final,
+        status=done["status"],
+        message=done["message"],
+        stats=member_stats(done, solver, dt0_given) | dict(
+            dtype=str(jnp.result_type(*jtu.tree_leaves(carry["y"]))),
+        ) | dict(stats or {}),
+        solver=solver_name(solver),
+        rtol=float(rtol),
+        atol=float(atol),
+    )
+
+
+def member_stats(done: dict, solver: diffrax.AbstractSolver, dt0_given: bool) -> dict:
+    """Step counts, segments and vector-field evaluations of an `outcome`."""
+    stats = done["stats"]
+    return dict(stats) | dict(
+        vector_field_evaluations=vector_field_evaluations(
+            solver, stats["num_steps"], stats["segments"], dt0_given
+        )
+    )
