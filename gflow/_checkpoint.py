@@ -84,6 +84,43 @@ def write_checkpoint(path: Path, carry: Carry, digests: dict[str, str]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# What a checkpoint's metadata holds, and the types it must have.
+_META = dict(format=str, fingerprint=dict, t=(int, float), index=int, made_jump=bool,
+             found=dict, stats=dict, steps=int, status=(str, type(None)))
+
+
+def checked_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and metadata of the checkpoint file at `path`, or a one-line `InputError`
+    saying why it cannot be resumed from: not a file, unreadable or corrupt (empty, truncated,
+    altered bytes), metadata missing or mistyped, or a non-finite state."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt file
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"{path} is not a readable gflow checkpoint ({reason})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise InputError(f"{path} is not a gflow checkpoint of format {_FORMAT}")
+    for key, kind in _META.items():
+        if key not in meta or isinstance(meta[key], bool) and kind in (int, (int, float)) \
+                or not isinstance(meta[key], kind):
+            raise InputError(f"checkpoint {path} is damaged: its metadata lacks a valid {key!r}")
+    if not math.isfinite(meta["t"]) or meta["index"] < 0 or meta["steps"] < 0:
+        raise InputError(f"checkpoint {path} is damaged: t={meta['t']}, index={meta['index']}, "
+                         f"steps={meta['steps']}")
+    for name, arr in arrays.items():
+        # Observables hold nan at save times not reached yet; the state only once diverged.
+        if meta["status"] != "nonfinite" and not name.startswith("observables/") \
+                and np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+            raise InputError(f"checkpoint {path} holds non-finite values in {name}: refusing "
+                             "to resume from it")
+    return arrays, meta
+
+
 def read_checkpoint(path: Path, digests: dict[str, str], like: dict[str, PyTree]) -> Carry:
     """The `Carry` saved at `path`, checked against this problem's fingerprint.
 
@@ -94,14 +131,7 @@ def read_checkpoint(path: Path, digests: dict[str, str], like: dict[str, PyTree]
     - `like`: for each array part (`y`, `solver_state`, `controller_state`, `observables`),
         a pytree of the structure to rebuild (leaves: arrays or `jax.ShapeDtypeStruct`s).
     """
-    try:
-        with np.load(path) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{path} is not a readable gflow checkpoint ({e})") from None
-    if meta.get("format") != _FORMAT:
-        raise InputError(f"{path} is not a gflow checkpoint of format {_FORMAT}")
+    arrays, meta = checked_checkpoint(path)
     for name, digest in digests.items():
         if meta["fingerprint"].get(name) != digest:
             raise InputError(
