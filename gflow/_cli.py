@@ -370,6 +370,8 @@ def check_writable(out: Path, flag: str = "--out") -> None:
     ancestor = absolute
     while not os.path.lexists(ancestor):
         ancestor = ancestor.parent
+    if ancestor == absolute and not ancestor.is_dir():
+        raise InputError(f"{flag} {out} exists and is not a directory")
     if not ancestor.is_dir():
         raise InputError(f"{flag} {out}: {ancestor} is not a directory")
     try:
