@@ -97,7 +97,8 @@ def checked_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     if not path.is_file():
         raise InputError(f"checkpoint {path} is not a file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        # Opened here, so that a file np.load refuses is closed all the same.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
         meta = json.loads(str(arrays.pop("meta")))
     except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt file

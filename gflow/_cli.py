@@ -521,8 +521,9 @@ def _run(args, session: _Session) -> int:
                 with contextlib.suppress(OSError):
                     path.rmdir()
             raise
-        if args.overwrite:
-            _remove_run(out)
+        # With --overwrite the old run; else at most what a kill before the first config
+        # write left (checked above): the directory then holds this run alone.
+        _remove_run(out)
 
     session.run_dir, session.t0 = out, resolved.solve.t0
     _enable_compilation_cache()
