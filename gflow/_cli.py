@@ -179,33 +179,32 @@ def _exit_interrupted() -> None:
 # compiling (or inside a solver's Python) leaves native state half-built, and the process can
 # crash on the way out.
 _UNSAFE_MODULES = ("jax", "jaxlib", "equinox", "diffrax", "optimistix", "lineax", "mlir",
-                   "numpy", "matplotlib", "importlib", "tqdm")
+                   "matplotlib", "importlib", "tqdm")
 # Functions that finish what they write before an interrupt may stop them.
-_UNSAFE_FUNCTIONS = ("atomic_write_bytes", "write_checkpoint")
+_UNSAFE_FUNCTIONS = ("atomic_write_bytes", "write_checkpoint", "save", "save_figures")
 
 
 def _safe_to_interrupt(frame) -> bool:
-    """Whether raising KeyboardInterrupt at `frame` (the innermost) leaves nothing half-done:
-    the innermost frame is gflow's own code, and no frame on the stack is JAX's or a write."""
-    innermost = True
+    """Whether raising KeyboardInterrupt at `frame` leaves nothing half-done: it is gflow's own
+    code (or the script's), and no frame on the stack is JAX's or a write in progress."""
+    module = frame.f_globals.get("__name__", "") or ""
+    if not (module.startswith("gflow") or module == "__main__"):
+        return False
     while frame is not None:
         module = frame.f_globals.get("__name__", "") or ""
         if module.split(".")[0] in _UNSAFE_MODULES or frame.f_code.co_name in _UNSAFE_FUNCTIONS:
             return False
-        if innermost and not (module.startswith("gflow") or module == "__main__"):
-            return False
-        innermost = False
         frame = frame.f_back
     return True
 
 
 class _DeferredInterrupt:
-    """SIGINT raises KeyboardInterrupt only at a safe point (`_safe_to_interrupt`): when it
-    arrives elsewhere it is kept pending and retried every 50 ms (SIGALRM) until the program is
-    back in gflow's own code, e.g. after a compile or a compiled segment returns. A second
-    Ctrl-C while one is pending exits at once (status 130)."""
-
-    _RETRY_SECONDS = 0.05
+    """SIGINT raises KeyboardInterrupt only at a safe point (`_safe_to_interrupt`). When it
+    arrives elsewhere (JAX tracing or compiling, a file being written) it is kept pending, and
+    a trace function (`sys.settrace`, main thread only, while pending) raises it at the next
+    call of gflow's own code from a safe stack, e.g. the next segment of a solve. A compile or
+    a compiled segment in progress runs to its end first. A second Ctrl-C while one is pending
+    exits at once (status 130; the last checkpoint still resumes)."""
 
     def __init__(self):
         self.pending = False
@@ -218,14 +217,14 @@ class _DeferredInterrupt:
         self.active = threading.current_thread() is threading.main_thread()
         if self.active:
             self.previous = signal.signal(signal.SIGINT, self._on_interrupt)
-            self.previous_alarm = signal.signal(signal.SIGALRM, self._retry)
+            self.previous_trace = sys.gettrace()
         return self
 
     def __exit__(self, *exc):
         if self.active:
-            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGINT, self.previous)
-            signal.signal(signal.SIGALRM, self.previous_alarm)
+            if self.pending:
+                sys.settrace(self.previous_trace)
         return False
 
     def _on_interrupt(self, signum, frame):
@@ -233,16 +232,17 @@ class _DeferredInterrupt:
             print("gflow: interrupted twice; run directories keep their last checkpoint",
                   file=sys.stderr)
             _exit_interrupted()
-        self.pending = True
-        self._retry(signum, frame)
-
-    def _retry(self, signum, frame):
-        if not self.pending:
-            return
-        if _safe_to_interrupt(frame):
-            self.pending = False
+        if frame is not None and _safe_to_interrupt(frame):
             raise KeyboardInterrupt
-        signal.setitimer(signal.ITIMER_REAL, self._RETRY_SECONDS)
+        self.pending = True
+        sys.settrace(self._trace)
+
+    def _trace(self, frame, event, arg):
+        if event == "call" and _safe_to_interrupt(frame):
+            self.pending = False
+            sys.settrace(self.previous_trace)
+            raise KeyboardInterrupt
+        return None
 
 
 class _Session:

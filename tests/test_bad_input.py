@@ -642,20 +642,27 @@ def test_kill_during_the_first_config_write_is_explained(tmp_path, capsys):
     _assert_one_line(capsys.readouterr().err,
                      "stopped while writing its config.toml, before computing anything")
     assert _tree(out) == before
-    # Starting it again there is allowed: what the kill left is the run's own.
-    assert main(_fast("1") + ["--out", str(out), "--quiet"]) == 0
-    assert (out / "summary.json").is_file() and not list(out.glob(".*.tmp"))
+    # Starting it again there is allowed (what the kill left is the run's own): the directory
+    # passes, and a bad solver setting is what this (cheap, not computing) run is refused for.
+    assert main(FAST + ["--solver", "euler", "--out", str(out)]) == EXIT_BAD_INPUT
+    _assert_one_line(capsys.readouterr().err, "solver 'euler' has no error estimate")
+    assert _tree(out) == before
 
 
 def test_overwrite_replaces_a_run_wholly(finished, tmp_path):
+    """--overwrite into a run directory that also holds what a kill left: nothing of the old
+    run stays (a stale figure, a leftover temporary file, a checkpoint)."""
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     (out / "figures" / "stale.png").write_bytes(b"from the old run")
+    (out / ".summary.json.x1.tmp").write_bytes(b"left by a kill")
+    (out / "checkpoint-refined.eqx").write_bytes(b"an old pass")
     argv = _fast("1") + ["--out", str(out), "--quiet", "--overwrite"]
     assert main(argv) == 0
     assert not (out / "figures" / "stale.png").exists()
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("checkpoint-*"))
     assert json.loads((out / "summary.json").read_text())["t1"] == 1.0
 
 
