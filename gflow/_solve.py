@@ -514,6 +514,13 @@ def _prepare(
     )
 
 
+def _held_at_dtmin(controller_state) -> bool:
+    """Whether diffrax's PID controller had clipped the step to its `dtmin` (the last entry of
+    its state): a divergence then is not told by the flow alone."""
+    leaves = jtu.tree_leaves(controller_state)
+    return bool(leaves) and getattr(leaves[-1], "dtype", None) == bool and bool(leaves[-1])
+
+
 def status_message(status: str, t_final: float, max_steps: int) -> str:
     """The one-line explanation of a non-`"completed"` status (empty when completed)."""
     if status == "completed":
@@ -657,6 +664,10 @@ def solve(
     )
     reached, status = carry.t, carry.status
     message = status_message(status, reached, max_steps)
+    if status == "nonfinite" and _held_at_dtmin(carry.controller_state):
+        # Told apart from a divergence of the flow itself: the step could shrink no further.
+        message += (f"; steps were held at the smallest allowed, {_DTMIN:g}·(t1 - t0) = "
+                    f"{_DTMIN * (t1 - t0):.3g}: a blow-up, or a flow too stiff for that step")
     saved = (ts <= reached) if math.isfinite(reached) else np.zeros_like(ts, dtype=bool)
     keep = (lambda x: x) if saved.all() else (lambda x: x[saved])
     traj = Trajectory(

@@ -676,3 +676,16 @@ def test_corrupt_checkpoint_refused_by_the_real_command(checkpoint, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT
     _assert_one_line(proc.stderr, "is not a readable gflow checkpoint")
+
+
+def test_a_step_size_floor_is_told_apart_from_divergence():
+    """dx/dt = -50 x converges; over t1 = 1e12 the smallest step allowed (1e-12 of the
+    horizon) is 1, too long for it: the blow-up this forces says so. A true divergence
+    (dx/dt = x overflowing) does not."""
+    stiff = gflow.GradientFlow(_Scalar(jnp.array(1.0)), lambda m, d: 25.0 * m.x**2, None)
+    traj = gflow.solve(stiff, 1e12, ts=gflow.linear_grid(0.0, 1e12, 11))
+    assert traj.status == "nonfinite" and traj.t_final < 1e3
+    assert "steps were held at the smallest allowed" in traj.message
+    growing = gflow.GradientFlow(_Scalar(jnp.array(1.0)), lambda m, d: -0.5 * m.x**2, None)
+    traj = gflow.solve(growing, 1000.0, ts=gflow.linear_grid(0.0, 1000.0, 11))
+    assert traj.status == "nonfinite" and "held" not in traj.message
