@@ -11,6 +11,7 @@ program on the same inputs.
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
+from ._engine import NONFINITE
 from ._errors import InputError
 from ._trajectory import atomic_write_bytes
 
@@ -54,15 +56,71 @@ def fingerprint(**parts: Any) -> dict[str, str]:
     return digests
 
 
+def _names(tree: PyTree) -> list[str]:
+    """`carry/<key>/<key>...` for each leaf of the engine's carry, in leaf order."""
+
+    def part(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return ["/".join(["carry", *map(part, path)])
+            for path, _ in jtu.tree_flatten_with_path(tree)[0]]
+
+
+# Carry parts that hold nan by design (save times and transitions not reached yet); every
+# other part is finite unless the state diverged.
+_MAY_BE_NAN = ("carry/observables/", "carry/found")
+
+
 def write_checkpoint(path: Path, carry: Carry, digests: dict[str, str]) -> None:
     """Write `carry` to `path` atomically (a kill never leaves a partial checkpoint)."""
-    arrays = {f"carry/{i}": np.asarray(leaf) for i, leaf in enumerate(jtu.tree_leaves(carry.arrays))}
-    meta = dict(format=_FORMAT, fingerprint=digests, seconds=carry.seconds)
+    leaves = jtu.tree_leaves(carry.arrays)
+    arrays = {name: np.asarray(leaf) for name, leaf in zip(_names(carry.arrays), leaves)}
+    meta = dict(format=_FORMAT, fingerprint=digests, seconds=carry.seconds, t=carry.t,
+                nonfinite=int(carry.arrays["status"]) == NONFINITE)
     arrays["meta"] = np.asarray(json.dumps(meta))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# What a checkpoint's metadata holds, and the types it must have.
+_META = dict(format=str, fingerprint=dict, seconds=dict, t=(int, float), nonfinite=bool)
+
+
+def checked_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and metadata of the checkpoint file at `path`, or a one-line `InputError`
+    saying why it cannot be resumed from: not a file, unreadable or corrupt (empty, truncated,
+    altered bytes), metadata missing or mistyped, or a non-finite state."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} is not a file")
+    try:
+        # Opened here, so that a file np.load refuses is closed all the same.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt file
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"{path} is not a readable gflow checkpoint ({reason})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise InputError(f"{path} is not a gflow checkpoint of format {_FORMAT}")
+    for key, kind in _META.items():
+        if key not in meta or (isinstance(meta[key], bool) and kind == (int, float)) \
+                or not isinstance(meta[key], kind):
+            raise InputError(f"checkpoint {path} is damaged: its metadata lacks a valid {key!r}")
+    if not math.isfinite(meta["t"]):
+        raise InputError(f"checkpoint {path} is damaged: t={meta['t']}")
+    for name, arr in arrays.items():
+        if meta["nonfinite"] or name.startswith(_MAY_BE_NAN):
+            continue
+        if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+            raise InputError(f"checkpoint {path} holds non-finite values in {name}: refusing "
+                             "to resume from it")
+    return arrays, meta
 
 
 def read_checkpoint(path: Path, digests: dict[str, str], like: PyTree) -> Carry:
@@ -74,14 +132,7 @@ def read_checkpoint(path: Path, digests: dict[str, str], like: PyTree) -> Carry:
     - `digests`: this problem's `fingerprint`; every part must match the saved one.
     - `like`: a carry of this problem's structure (its leaves give shapes and dtypes).
     """
-    try:
-        with np.load(path) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{path} is not a readable gflow checkpoint ({e})".splitlines()[0]) from None
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise InputError(f"{path} is not a gflow checkpoint of format {_FORMAT}")
+    arrays, meta = checked_checkpoint(path)
     for name, digest in digests.items():
         if meta["fingerprint"].get(name) != digest:
             raise InputError(
@@ -89,7 +140,7 @@ def read_checkpoint(path: Path, digests: dict[str, str], like: PyTree) -> Carry:
                 "differs from this run's"
             )
     leaves, treedef = jtu.tree_flatten(like)
-    saved = [arrays.get(f"carry/{i}") for i in range(len(leaves))]
+    saved = [arrays.get(name) for name in _names(like)]
     if any(s is None for s in saved) or len(arrays) != len(leaves):
         raise InputError(f"checkpoint {path}: its carry has another structure")
     for s, leaf in zip(saved, leaves):

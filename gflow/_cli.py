@@ -5,8 +5,10 @@ before compilation, and bad input ends with one line on stderr and exit status 2
 """
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(solve.certify)")
     p.add_argument("--x32", action="store_true",
                    help="compute in float32 instead of float64 (solve.x32); needs rtol >= 1e-5")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (every file a run writes there); "
+                   "without it a new run goes only to a new or empty directory")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoints, with its own "
                    "config.toml; the result equals that of an uninterrupted run")
@@ -117,28 +122,331 @@ def _report(traj, problem, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    `argv=None` is the real command line (`python -m gflow.solve`): after Ctrl-C it exits the
+    process at once with status 130 (see `_exit_interrupted`).
+    """
     args = _parser().parse_args(argv)
+    session = _Session()
     # Warnings as one line each, like errors (not Python's file:line and source echo).
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _DeferredInterrupt():
         warnings.simplefilter("default")
         warnings.showwarning = _show_warning
         try:
-            return _run(args)
+            return _run(args, session)
         except InputError as e:
             print(f"gflow: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print(f"gflow: {session.interrupted_message()}", file=sys.stderr)
+            session.remove_unstarted()
+            if argv is None:
+                _exit_interrupted()
+            return EXIT_INTERRUPTED
+        finally:
+            session.release()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"gflow: warning: {message}", file=sys.stderr)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+def _exit_interrupted() -> None:
+    """Leave the process now: interpreter teardown after an interrupt can crash in XLA's
+    native threads (a compile still running), so output is flushed and the process exits
+    without it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+# Modules whose frames Ctrl-C must not interrupt: raising inside JAX's tracing, lowering or
+# compiling (or inside a solver's Python) leaves native state half-built, and the process can
+# crash on the way out.
+_UNSAFE_MODULES = ("jax", "jaxlib", "equinox", "diffrax", "optimistix", "lineax", "mlir",
+                   "matplotlib", "importlib", "tqdm")
+# Functions that finish what they write before an interrupt may stop them.
+_UNSAFE_FUNCTIONS = ("atomic_write_bytes", "write_checkpoint", "save", "save_figures")
+
+
+def _safe_to_interrupt(frame) -> bool:
+    """Whether raising KeyboardInterrupt at `frame` leaves nothing half-done: it is gflow's own
+    code (or the script's), and no frame on the stack is JAX's or a write in progress."""
+    module = frame.f_globals.get("__name__", "") or ""
+    if not (module.startswith("gflow") or module == "__main__"):
+        return False
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "") or ""
+        if module.split(".")[0] in _UNSAFE_MODULES or frame.f_code.co_name in _UNSAFE_FUNCTIONS:
+            return False
+        frame = frame.f_back
+    return True
+
+
+class _DeferredInterrupt:
+    """SIGINT raises KeyboardInterrupt only at a safe point (`_safe_to_interrupt`). When it
+    arrives elsewhere (JAX tracing or compiling, a file being written) it is kept pending, and
+    a trace function (`sys.settrace`, main thread only, while pending) raises it at the next
+    call of gflow's own code from a safe stack, e.g. the next segment of a solve. A compile or
+    a compiled segment in progress runs to its end first. A second Ctrl-C while one is pending
+    exits at once (status 130; the last checkpoint still resumes)."""
+
+    def __init__(self):
+        self.pending = False
+        self.active = False
+
+    def __enter__(self):
+        import threading
+
+        # Signal handlers belong to the main thread; elsewhere Python's default stays.
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._on_interrupt)
+            self.previous_trace = sys.gettrace()
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+            if self.pending:
+                sys.settrace(self.previous_trace)
+        return False
+
+    def _on_interrupt(self, signum, frame):
+        if self.pending:  # asked twice: do not wait for a safe point
+            print("gflow: interrupted twice; run directories keep their last checkpoint",
+                  file=sys.stderr)
+            _exit_interrupted()
+        if frame is not None and _safe_to_interrupt(frame):
+            raise KeyboardInterrupt
+        self.pending = True
+        sys.settrace(self._trace)
+
+    def _trace(self, frame, event, arg):
+        if event == "call" and _safe_to_interrupt(frame):
+            self.pending = False
+            sys.settrace(self.previous_trace)
+            raise KeyboardInterrupt
+        return None
+
+
+class _Session:
+    """What a command holds: the run directory's lock, and what to say if interrupted."""
+
+    def __init__(self):
+        self.run_dir: Path | None = None
+        self.t0: float | None = None
+        self.lock = None
+        self.created: list[Path] = []  # directories made for a new run, outermost first
+
+    def interrupted_message(self) -> str:
+        if self.run_dir is None or not (self.run_dir / "config.toml").is_file():
+            return "interrupted before the run started; nothing was written"
+        from ._checkpoint import checked_checkpoint
+
+        times = []
+        for path in self.run_dir.glob(_CHECKPOINTS):
+            try:
+                times.append((path.stat().st_mtime, checked_checkpoint(path)[1]["t"]))
+            except (InputError, OSError):
+                pass
+        t = max(times)[1] if times else self.t0
+        return (f"interrupted at t={t:.10g}; resume with python -m gflow.solve --resume "
+                f"{self.run_dir}")
+
+    def remove_unstarted(self) -> None:
+        """Remove what a new run made before its config.toml: the lock file and the
+        directories it created (nothing, once the run directory holds a config)."""
+        if self.run_dir is None or (self.run_dir / "config.toml").exists():
+            return
+        self.release()
+        with contextlib.suppress(OSError):
+            (self.run_dir / LOCK_FILE).unlink()
+        for path in reversed(self.created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+    def acquire(self, out: Path) -> None:
+        """Hold `out`'s lock file for the rest of the command, or refuse in one line."""
+        self.lock = _try_lock(out)
+        if self.lock is None:
+            raise InputError(f"--out {out} is in use by another gflow process (its lock "
+                             f"{out / LOCK_FILE} is held)")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the flock
+            self.lock = None
+
+
+# The lock file of a run directory: an exclusive flock on it marks the directory in use.
+LOCK_FILE = ".gflow.lock"
 # What a run directory may hold besides its results: checkpoints to resume from.
 _CHECKPOINTS = "checkpoint-*.eqx"
+# Everything a run writes into its directory (results, checkpoints, unfinished writes, lock).
+_RUN_ENTRIES = ("config.toml", "summary.json", "trajectory.npz", "final.eqx", "figures",
+                _CHECKPOINTS, ".*.tmp", LOCK_FILE)
 
 
-def _run(args) -> int:
+def _try_lock(out: Path, create: bool = True):
+    """An open lock file of `out` holding an exclusive flock, or None when another process
+    holds it (or, with `create=False`, when there is no lock file)."""
+    import fcntl
+
+    path = out / LOCK_FILE
+    if not create and not path.is_file():
+        return None
+    f = open(path, "a" if create else "r")  # "a": created if missing, never truncated
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _in_use(out: Path) -> bool:
+    """Whether another process holds `out`'s lock (checked without writing anything)."""
+    import fcntl
+
+    path = out / LOCK_FILE
+    if not path.is_file():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+
+
+def _run_entries(out: Path) -> tuple[list[Path], list[Path]]:
+    """`out`'s entries a run writes, and the others."""
+    entries = sorted(out.iterdir())
+    ours = {p for pattern in _RUN_ENTRIES for p in out.glob(pattern)}
+    return [p for p in entries if p in ours], [p for p in entries if p not in ours]
+
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """`out` can be a directory this process writes into: not a file, a path the file system
+    accepts, and (itself or its nearest existing parent) a directory where a directory can be
+    made. Checked by making and removing a temporary directory there: nothing is left."""
+    import errno
+    import tempfile
+
+    if str(out) == "":
+        raise InputError(f"{flag} is empty: give a directory")
+    if "\0" in str(out):
+        raise InputError(f"{flag} contains a NUL character")
+    absolute = Path(os.path.abspath(out))
+    try:
+        name_max = os.pathconf(os.getcwd(), "PC_NAME_MAX")
+        path_max = os.pathconf(os.getcwd(), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in absolute.parts:
+        if len(os.fsencode(part)) > name_max - 40:  # room for temporary-file names
+            raise InputError(f"{flag} {out}: a path component of {len(part)} characters is "
+                             f"longer than this file system allows (~{name_max - 40})")
+    # Room for the longest file a run writes below it (figures, temporary files).
+    if len(os.fsencode(str(absolute))) > path_max - 200:
+        raise InputError(f"{flag} {out}: the path ({len(str(absolute))} characters) is too "
+                         f"long for this file system (PATH_MAX {path_max})")
+    ancestor = absolute
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if ancestor == absolute and not ancestor.is_dir():
+        raise InputError(f"{flag} {out} exists and is not a directory")
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {out}: {ancestor} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(dir=ancestor, prefix=".gflow-probe-")
+        os.rmdir(probe)
+    except OSError as e:
+        reason = e.strerror or errno.errorcode.get(e.errno, str(e))
+        raise InputError(f"{flag} {out}: cannot create a directory in {ancestor} "
+                         f"({reason})") from None
+
+
+def _check_run_directory(out: Path, overwrite: bool) -> None:
+    """A new run may go to `out`: a new or empty directory (or one holding only what a run
+    killed before its config was written leaves), or, with --overwrite, a run directory;
+    never a directory another process is using."""
+    check_writable(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    if _in_use(out):
+        raise InputError(f"--out {out} is in use by another gflow process")
+    ours, others = _run_entries(out)
+    if others:
+        raise InputError(
+            f"--out {out} is a directory holding other files ({others[0].name}, ...): give a "
+            "new or empty directory"
+        )
+    if (out / "config.toml").exists() and not overwrite:
+        raise InputError(
+            f"--out {out} already holds a run: continue it with --resume {out}, replace it "
+            "with --overwrite, or give another directory"
+        )
+
+
+def _remove_run(out: Path) -> None:
+    """Remove every file a run wrote to `out` (for --overwrite; the lock file stays)."""
+    import shutil
+
+    ours, _ = _run_entries(out)
+    for path in ours:
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _created_parents(out: Path) -> list[Path]:
+    """The directories `out.mkdir(parents=True)` would create, outermost first."""
+    missing = []
+    path = Path(os.path.abspath(out))
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+def _check_resume(out: Path, given: list[str]) -> None:
+    """`out` is a run directory --resume can continue; one line saying why not otherwise."""
+    from ._checkpoint import checked_checkpoint
+
+    if not out.is_dir():
+        raise InputError(f"--resume {out}: not a gflow run directory (no such directory)")
+    if not (out / "config.toml").is_file():
+        if list(out.glob(".config.toml.*.tmp")):
+            raise InputError(
+                f"--resume {out}: the run was stopped while writing its config.toml, before "
+                f"computing anything; start it again with --out {out}"
+            )
+        raise InputError(f"--resume {out}: not a gflow run directory (no config.toml)")
+    if given:
+        raise InputError(
+            f"--resume continues {out} with its own config.toml; drop {', '.join(given)}"
+        )
+    checkpoints = sorted(out.glob(_CHECKPOINTS))
+    if not checkpoints and (out / "summary.json").is_file():
+        raise InputError(f"--resume {out}: the run has finished (no checkpoint left)")
+    if _in_use(out):
+        raise InputError(f"--resume {out}: the run is in use by another gflow process")
+    for path in checkpoints:
+        checked_checkpoint(path)
+
+
+def _run(args, session: _Session) -> int:
     from . import presets
     from ._config import dumps_toml
     from ._trajectory import atomic_write_bytes
@@ -163,18 +471,15 @@ def _run(args) -> int:
         overrides.append("solve.x32=true")
     if args.resume:
         out = Path(args.resume)
-        given = [name for name, used in (("CONFIG", args.config), ("--out", args.out),
-                                         ("--show", args.show)) if used]
-        if not (out / "config.toml").is_file():
-            raise InputError(f"--resume {out}: not a gflow run directory (no config.toml)")
-        if given or overrides:
-            raise InputError(
-                f"--resume continues {out} with its own config.toml; drop "
-                f"{', '.join(given) or 'the overrides'}"
-            )
-        if not any(out.glob(_CHECKPOINTS)) and (out / "summary.json").is_file():
-            raise InputError(f"--resume {out}: the run has finished (no checkpoint left)")
+        given = [name for name, used in (("CONFIG", args.config), ("--out", args.out is not None),
+                                         ("--show", args.show), ("--overwrite", args.overwrite))
+                 if used]
+        if overrides and not given:
+            given = ["the overrides"]
+        _check_resume(out, given)
         resolved = presets.resolve(str(out / "config.toml"))
+        problem = presets.check(resolved)
+        session.acquire(out)
         # A kill mid-write leaves its temporary file (never a partial file under a final name).
         for leftover in out.glob(".*.tmp"):
             leftover.unlink()
@@ -182,30 +487,47 @@ def _run(args) -> int:
         source = args.config or presets.DEFAULT_PRESET
         resolved = presets.resolve(source, overrides)
         if args.show:
+            presets.check(resolved)  # ranges a builder checks are bad input here too
             print(dumps_toml(resolved.config), end="")
             return 0
-        if args.out:
+        if args.out is not None:
             out = Path(args.out)
+            if not args.out:
+                raise InputError("--out is empty: give a directory")
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{resolved.name}-{stamp}"
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out} exists and is not a directory")
+        _check_run_directory(out, args.overwrite)
+        # Every check (gflow.solve's included) before anything is written.
+        problem = presets.check(resolved)
+        created = _created_parents(out)
+        out.mkdir(parents=True, exist_ok=True)
+        session.run_dir, session.created = out, created
+        try:
+            session.acquire(out)
+        except InputError:
+            for path in reversed(created):  # a race lost to another process: leave no dirs
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
+        # With --overwrite the old run; else at most what a kill before the first config
+        # write left (checked above): the directory then holds this run alone.
+        _remove_run(out)
 
+    session.run_dir, session.t0 = out, resolved.solve.t0
     _enable_compilation_cache()
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    # The config first: an interrupted run directory is then resumable.
-    atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
+    if not args.resume:
+        # The config first: an interrupted run directory is then resumable.
+        atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
     try:
         problem, traj = presets.run(
-            resolved, progress=args.progress, checkpoint_dir=out, resume=bool(args.resume)
+            resolved, progress=args.progress, checkpoint_dir=out, resume=bool(args.resume),
+            problem=problem,
         )
     except InputError:
-        if not args.resume:  # bad input writes nothing
-            (out / "config.toml").unlink()
-            if created:
-                out.rmdir()
+        if not args.resume:  # bad input found late still leaves nothing of a new run
+            _remove_run(out)
+            session.remove_unstarted()
         raise
 
     from .plot import save_figures

@@ -28,6 +28,19 @@ from ._solvers import SOLVER_NAMES
 # Below this, a float32 solve's error estimates are dominated by rounding: steps shrink until
 # dtmin or max_steps stops the run.
 _X32_MIN_RTOL = 1e-5
+# Below this, float64's own rounding (2.2e-16 relative) dominates a step's error estimate.
+_X64_MIN_RTOL = 1e-14
+# Integers of a config are 64-bit (TOML's own range); step and save counts are also bounded by
+# the int32 counters diffrax keeps and by memory.
+_INT64 = (-(2**63), 2**63 - 1)
+_MAX_STEPS_LIMIT = 2**31 - 1
+_MAX_SAVE_POINTS = 10**6
+# An absolute tolerance of 1 or more resolves nothing of a flow from small init: every preset's
+# state starts far below 1, so steps would be as long as the error estimate allows.
+_MAX_ATOL = 1.0
+# Flow times beyond this: the smallest step the solver may take (1e-12 of the horizon) is a unit
+# of flow time, and float64 resolves times near t1 only to ~1e-4.
+MAX_HORIZON = 1e12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +49,13 @@ class SolveSettings:
 
     **Fields:**
 
-    - `t1`, `t0`: the interval (`t1 > t0`).
+    - `t1`, `t0`: the interval (`t1 > t0`, both finite, `t1 - t0 <= 1e12`).
     - `solver`: a gflow solver name.
-    - `rtol`: relative tolerance (> 0); `atol`: absolute tolerance (> 0), or omitted for the
-        default scaled to the initial state.
-    - `max_steps`: step limit per segment.
-    - `save_points`: number of save times; `grid`: `"log"`, `"linear"` or `"loglinear"`
+    - `rtol`: relative tolerance, in (0, 1) (below 1e-14 a warning: float64 cannot meet it);
+        `atol`: absolute tolerance, in (0, 1), or omitted for the default scaled to the
+        initial state.
+    - `max_steps`: step limit per segment (at most 2**31 - 1).
+    - `save_points`: number of save times (3 to 10**6); `grid`: `"log"`, `"linear"` or `"loglinear"`
         (half log-spaced, half linear, merged) spacing.
     - `refine`: solve twice: the second solve (same compiled program) puts half of the save
         times evenly around the located transitions, so a fast stage between save times of
@@ -76,19 +90,36 @@ class SolveSettings:
             raise InputError(
                 f"solve.solver: unknown solver {self.solver!r}; known: {', '.join(SOLVER_NAMES)}"
             )
+        if not self.t1 - self.t0 <= MAX_HORIZON:
+            raise InputError(
+                f"solve.t1 - solve.t0 = {self.t1 - self.t0:g} is beyond {MAX_HORIZON:g}: the "
+                "solver's smallest step (1e-12 of it) would exceed the flow's own time scale"
+            )
         if not (self.rtol > 0 and math.isfinite(self.rtol)):
             raise InputError(f"solve.rtol must be positive, got {self.rtol}")
+        if not self.rtol < 1:
+            raise InputError(f"solve.rtol must be below 1 (a relative error), got {self.rtol:g}")
         if self.atol is not None and not (self.atol > 0 and math.isfinite(self.atol)):
             raise InputError(f"solve.atol must be positive, got {self.atol}")
-        if self.max_steps < 1:
-            raise InputError(f"solve.max_steps must be at least 1, got {self.max_steps}")
-        if self.checkpoint_steps < 0:
+        if self.atol is not None and not self.atol < _MAX_ATOL:
             raise InputError(
-                f"solve.checkpoint_steps must be >= 0 (0: at transitions only), "
-                f"got {self.checkpoint_steps}"
+                f"solve.atol must be below {_MAX_ATOL:g} (omit it for the default, scaled to "
+                f"the initial state), got {self.atol:g}"
             )
-        if self.save_points < 3:
-            raise InputError(f"solve.save_points must be at least 3, got {self.save_points}")
+        if not 1 <= self.max_steps <= _MAX_STEPS_LIMIT:
+            raise InputError(
+                f"solve.max_steps must be between 1 and {_MAX_STEPS_LIMIT}, got {self.max_steps}"
+            )
+        if not 0 <= self.checkpoint_steps <= _MAX_STEPS_LIMIT:
+            raise InputError(
+                f"solve.checkpoint_steps must be >= 0 (0: at transitions only) and at most "
+                f"{_MAX_STEPS_LIMIT}, got {self.checkpoint_steps}"
+            )
+        if not 3 <= self.save_points <= _MAX_SAVE_POINTS:
+            raise InputError(
+                f"solve.save_points must be between 3 and {_MAX_SAVE_POINTS}, "
+                f"got {self.save_points}"
+            )
         if self.grid not in ("log", "linear", "loglinear"):
             raise InputError(
                 f"solve.grid must be 'log', 'linear' or 'loglinear', got {self.grid!r}"
@@ -100,6 +131,11 @@ class SolveSettings:
             return (
                 f"solve.x32 computes in float32 (resolution {np.finfo(np.float32).eps:.1e}): "
                 f"rtol={self.rtol:g} cannot be met; use rtol >= {_X32_MIN_RTOL:g}, or float64"
+            )
+        if self.rtol < _X64_MIN_RTOL:
+            return (
+                f"solve.rtol={self.rtol:g} is below what float64 resolves "
+                f"({np.finfo(np.float64).eps:.1e}): steps may shrink until max_steps"
             )
         return None
 
@@ -196,10 +232,18 @@ def _check_value(field: str, value: Any, annotation) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{field} must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float64
+            raise InputError(f"{field} must be a finite number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise InputError(f"{field} must be a finite number, got {value!r}")
+        return number
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{field} must be an integer, got {value!r}")
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise InputError(f"{field} must be a 64-bit integer, got {value}")
         return value
     if annotation in (str, bool):
         if not isinstance(value, annotation):
@@ -240,6 +284,8 @@ def read_toml(path: str | Path) -> dict:
         raise InputError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"malformed config {path}: {e}".splitlines()[0]) from None
+    except OSError as e:  # a directory, no permission, a name too long
+        raise InputError(f"cannot read config {path}: {e.strerror or e}") from None
 
 
 def parse_value(text: str) -> Any:
@@ -252,8 +298,9 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """`config` with each `table.key=value` override applied (the key must already exist)."""
-    config = {table: dict(values) if isinstance(values, dict) else values
-              for table, values in config.items()}
+    check_tables(config)
+    config = {table: dict(values) for table, values in config.items()}
+    given: dict[str, tuple[str, Any]] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         table, dot, field = key.strip().partition(".")
@@ -263,8 +310,32 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             raise InputError(f"unknown config table {table!r} in --set {item!r}")
         if field == "kind":
             raise InputError("problem.kind cannot be overridden: choose another preset")
-        config.setdefault(table, {})[field] = parse_value(text.strip())
+        value = parse_value(text.strip())
+        name = f"{table}.{field.strip()}"
+        # The same key twice with different values: which one was meant is not ours to guess.
+        if name in given and given[name][1] != value:
+            raise InputError(f"{name} is given twice, as {given[name][0]!r} and {item!r}")
+        given[name] = (item, value)
+        config.setdefault(table, {})[field] = value
     return config
+
+
+TABLES = ("preset", "problem", "solve", "plot")
+
+
+def check_tables(config: dict) -> None:
+    """Each known table of `config` is a table (not a value or an array of tables), and no
+    other table is present."""
+    for table, values in config.items():
+        if table not in TABLES:
+            raise InputError(f"unknown config table {table!r}; known: {', '.join(TABLES)}")
+        if not isinstance(values, dict):
+            what = "an array of tables" if isinstance(values, list) else repr(values)
+            raise InputError(f"config [{table}] must be a table, got {what}")
+    for key in ("name", "description"):
+        value = config.get("preset", {}).get(key)
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"preset.{key} must be a string, got {value!r}")
 
 
 def dumps_toml(config: dict) -> str:

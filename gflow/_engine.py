@@ -441,6 +441,13 @@ def solve_program(rebuild: Callable) -> Callable:
 # Host side: what a finished carry says
 
 
+def _held_at_dtmin(controller_state) -> bool:
+    """Whether diffrax's PID controller had clipped the step to its `dtmin` (the last entry of
+    its state): a divergence then is not told by the flow alone."""
+    leaves = jtu.tree_leaves(controller_state)
+    return bool(leaves) and getattr(leaves[-1], "dtype", None) == bool and bool(leaves[-1])
+
+
 def outcome(carry: dict, names: list[str], max_steps: int) -> dict[str, Any]:
     """Status, message, transition times, end time and step counts of a host carry."""
     from ._solve import status_message  # the message wording lives with solve's docs
@@ -449,9 +456,14 @@ def outcome(carry: dict, names: list[str], max_steps: int) -> dict[str, Any]:
     status = "failed" if status_index == RUNNING else STATUSES[status_index]
     t_final = float(carry["t"])
     counts = [int(x) for x in carry["counts"]]
+    message = status_message(status, t_final, max_steps)
+    if status == "nonfinite" and _held_at_dtmin(carry["controller_state"]):
+        # Told apart from a divergence of the flow itself: the step could shrink no further.
+        message += ("; steps were held at the smallest allowed step: a blow-up, or a flow too "
+                    "stiff for that step")
     return dict(
         status=status,
-        message=status_message(status, t_final, max_steps),
+        message=message,
         transitions={name: float(t) for name, t in zip(names, np.asarray(carry["found"]))},
         t_final=t_final,
         stats=dict(

@@ -33,6 +33,7 @@ from ._progress import FlowTimeBar, SegmentMeter
 from ._root_find import IntervalBisection
 from ._solvers import is_adaptive, make_solver, solver_name
 from ._trajectory import Trajectory, _flat_names
+from ._validate import check_inputs, check_times
 
 
 class Transition(eqx.Module):
@@ -241,6 +242,8 @@ def _prepare(
 
     Every check here raises a one-line `InputError` before anything is compiled.
     """
+    check_inputs(flow, t0=t0, t1=t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0,
+                 observers=observers, transitions=transitions)
     if not (math.isfinite(t0) and math.isfinite(t1)):
         raise InputError(f"t0 and t1 must be finite, got t0={t0}, t1={t1}")
     if not t1 > t0:
@@ -418,6 +421,7 @@ def solve(
     """
     if not isinstance(flow, GradientFlow):
         raise InputError(f"solve expects a gflow.GradientFlow, got {type(flow).__name__}")
+    check_times(t0, t1)
     stepsize_controller = _controller_alias(stepsize_controller, controller)
     if progress and progress_meter is not None:
         raise InputError("give progress or progress_meter, not both")

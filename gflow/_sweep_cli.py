@@ -32,6 +32,10 @@ from pathlib import Path
 
 from ._cli import (
     EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    _DeferredInterrupt,
+    _exit_interrupted,
+    check_writable,
     EXIT_RUN_FAILED,
     _enable_compilation_cache,
     _format_time,
@@ -44,6 +48,9 @@ from ._errors import InputError
 _RANGE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
 # Fewer distinct values than this give no figure and no fit in the report.
 _MIN_FIT_VALUES = 3
+# More members than this are refused unless --force: every member is built (its arrays held in
+# memory) before anything is solved, and a typo such as seed=0:100000000 would run for days.
+MAX_MEMBERS = 10_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
                    help="run on this JAX platform (default: JAX's choice)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--force", action="store_true",
+                   help=f"run a sweep of more than {MAX_MEMBERS} members")
     d = p.add_argument_group(
         "several processes",
         "run the same command in every process; JAX detects on Cloud TPU, SLURM and Open MPI "
@@ -112,7 +121,7 @@ def _split_top_level(text: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def parse_over(item: str) -> tuple[str, list[str]]:
+def parse_over(item: str, force: bool = False) -> tuple[str, list[str]]:
     """`FIELD=VALUES` as `(field, [value literal, ...])`; `a:b` expands to `a, ..., b-1`."""
     name, sep, values = item.partition("=")
     name = name.strip()
@@ -125,6 +134,10 @@ def parse_over(item: str) -> tuple[str, list[str]]:
         start, stop = int(match[1]), int(match[2])
         if stop <= start:
             raise InputError(f"--over {name}: the range {values.strip()} is empty (a:b needs a < b)")
+        if stop - start > 10 * MAX_MEMBERS and not force:
+            # Refused before the list is made: a range of 10**9 would not fit in memory.
+            raise InputError(f"--over {name}: the range {values.strip()} has {stop - start} "
+                             f"values, beyond {MAX_MEMBERS} members (pass --force to run it)")
         return name, [str(v) for v in range(start, stop)]
     literals = _split_top_level(values)
     if not values.strip() or any(not v for v in literals):
@@ -184,11 +197,18 @@ def _initialize_distributed(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except InputError as e:
-        print(f"gflow: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with _DeferredInterrupt():
+        try:
+            return _run(args)
+        except InputError as e:
+            print(f"gflow: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            # A sweep writes its directory only at the end: there is nothing to resume.
+            print("gflow: interrupted; the sweep wrote nothing", file=sys.stderr)
+            if argv is None:
+                _exit_interrupted()
+            return EXIT_INTERRUPTED
 
 
 def _key(point: dict) -> tuple:
@@ -224,7 +244,7 @@ def _run(args) -> int:
     fields = set(base.config.get("problem", {})) - {"kind"}
     literals: dict[str, list[str]] = {}
     for item in args.over:
-        name, values = parse_over(item)
+        name, values = parse_over(item, args.force)
         if name not in fields:
             raise InputError(
                 f"--over {name}: not a field of [problem]; fields: {', '.join(sorted(fields))}"
@@ -234,6 +254,21 @@ def _run(args) -> int:
         literals[name] = values
     axes = {name: [parse_value(v) for v in values] for name, values in literals.items()}
     mode = "zip" if args.zip else "grid"
+    lengths = [len(v) for v in literals.values()]
+    count = lengths[0] if args.zip and len(set(lengths)) == 1 else math.prod(lengths)
+    if count > MAX_MEMBERS and not args.force:
+        raise InputError(f"the sweep has {count} members, beyond {MAX_MEMBERS}: pass --force "
+                         "to run it")
+    if args.out is not None and not args.out:
+        raise InputError("--out is empty: give a directory")
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"{base.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Before any member is built or solved: a sweep must not lose its results at the end.
+    if jax.process_index() == 0:
+        check_writable(out)
+    if not args.quiet and jax.process_index() == 0:
+        print(f"sweep       {count} member(s) of {base.name} over {', '.join(literals)}",
+              flush=True)
 
     # Resolve and build every point now: a bad value is bad input, before any compilation.
     problems = {}
@@ -243,10 +278,6 @@ def _run(args) -> int:
         problems[_key(point)] = presets.build(resolved)
     against = _fit_axes(axes, args.against)
 
-    if args.out:
-        out = Path(args.out)
-    else:
-        out = Path("runs") / f"{base.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     # Process 0 alone prints and writes; every process returns the same result.
     lead = jax.process_index() == 0
     bad_out = lead and out.exists() and not out.is_dir()

@@ -72,11 +72,15 @@ def _json_default(value):
 
 
 def _json_ready(tree):
-    """Floats as JSON allows them: nan and inf become null."""
+    """Floats as JSON allows them: nan and inf become null (numpy scalars and arrays too)."""
     if isinstance(tree, dict):
         return {k: _json_ready(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return [_json_ready(v) for v in tree]
+    if isinstance(tree, np.ndarray):
+        return _json_ready(tree.tolist())
+    if isinstance(tree, (np.floating, np.integer, np.bool_)):
+        tree = tree.item()
     if isinstance(tree, float):
         return _finite_or_none(tree)
     return tree
@@ -115,7 +119,8 @@ class Trajectory(eqx.Module):
     - `ts`: the save times actually reached, shape `(n,)`.
     - `observables`: `{name: array}` with leading axis `n` (observers returning pytrees keep
         their structure).
-    - `transitions`: `{name: time}`, `nan` for a transition never reached.
+    - `transitions`: `{name: time}`, `nan` for a transition never reached (`null` in
+        `summary.json`, which holds no NaN or infinity anywhere: see `summary`).
     - `final`: the model (frozen leaves included) at `t_final`.
     - `t0`, `t1`: the requested interval; `t_final`: where the solve stopped.
     - `status`: `"completed"`, `"max_steps"`, `"nonfinite"`, `"dt_min"` or `"failed"`;
@@ -152,8 +157,13 @@ class Trajectory(eqx.Module):
         return self.status == "completed"
 
     def summary(self) -> dict[str, Any]:
-        """The JSON-ready summary written to `summary.json`."""
-        return dict(
+        """The JSON-ready summary written to `summary.json`.
+
+        JSON has no NaN or infinity: every such number (a transition never reached, an error
+        estimate or prediction that could not be measured) is written as `null`, and `load`
+        reads a `null` time back as `nan`.
+        """
+        return _json_ready(dict(
             status=self.status,
             message=self.message,
             t0=self.t0,
@@ -168,7 +178,7 @@ class Trajectory(eqx.Module):
             errors=_json_ready(self.errors),
             config=self.config,
             versions=package_versions(),
-        )
+        ))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the run directory: `trajectory.npz`, `summary.json` and `final.eqx`.

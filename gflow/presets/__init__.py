@@ -20,7 +20,7 @@ from .._config import (
     read_toml,
 )
 from .._errors import InputError
-from .._solve import solve
+from .._solve import _prepare as _solve_prepare, solve
 from .._trajectory import Trajectory
 from ._anchor import anchor
 from ._cooccurrence import cooccurrence
@@ -75,28 +75,118 @@ def resolve(source: str, overrides: list[str] = ()) -> Resolved:
 
     Every check happens here, before anything is compiled.
     """
+    if not isinstance(source, str) or not source:
+        raise InputError(f"a config is a preset name or a TOML path, got {source!r}")
     path = Path(source)
+    if path.is_dir():
+        raise InputError(f"config {source} is a directory, not a TOML file")
     if source.endswith(".toml") or path.is_file():
         config = read_toml(path)
     else:
         config = preset_config(source)
-    unknown = set(config) - {"preset", "problem", "solve", "plot"}
-    if unknown:
-        raise InputError(f"unknown config table {sorted(unknown)[0]!r}")
     config = apply_overrides(config, list(overrides))
     problem = dict(config.get("problem", {}))
     kind = problem.pop("kind", None)
-    if kind not in PROBLEMS:
+    if not isinstance(kind, str) or kind not in PROBLEMS:
         raise InputError(f"problem.kind must be one of {', '.join(PROBLEMS)}, got {kind!r}")
     problem_args = check_arguments("problem", problem, PROBLEMS[kind])
+    _check_problem_ranges(problem_args)
     solve_settings = SolveSettings(**check_arguments("solve", config.get("solve", {}), SolveSettings))
     plot = PlotSettings(**check_arguments("plot", config.get("plot", {}), PlotSettings))
     return Resolved(config, kind, problem_args, solve_settings, plot)
 
 
+# Integer problem fields other than seeds are sizes and counts. XLA aborts the process (it does
+# not raise) when an allocation fails, so sizes whose arrays cannot fit are refused up front:
+# each size at most MAX_SIZE, and a square float64 matrix of the largest size within a quarter
+# of this machine's memory. (A best effort: a builder's 3-d arrays are not modelled.)
+MAX_SIZE = 2**16
+_EPS_RANGE = (1e-150, 1e50)
+
+
+def _memory_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 16e9
+
+
+def _check_problem_ranges(args: dict) -> None:
+    """Ranges every problem builder shares: sizes are non-negative and below `MAX_SIZE`,
+    seeds fit JAX's 64-bit keys, `eps` (the init scale) is positive. (Each builder checks its
+    own further ranges when it is built: `python -m gflow.solve --show` builds too.)"""
+    for name, value in args.items():
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or "seed" in name:
+                continue
+            if not 0 <= v <= MAX_SIZE:
+                raise InputError(f"problem.{name} must be between 0 and {MAX_SIZE}, got {v}")
+            if 8 * v * v > _memory_bytes() / 4:
+                raise InputError(
+                    f"problem.{name} = {v}: a {v}x{v} float64 matrix ({8 * v * v / 1e9:.3g} GB) "
+                    f"would not fit in this machine's memory ({_memory_bytes() / 1e9:.3g} GB)"
+                )
+    eps = args.get("eps")
+    if isinstance(eps, float) and not eps > 0:
+        raise InputError(f"problem.eps must be positive, got {eps}")
+    # Below, squares of the init underflow float64 (and XLA flushes subnormals to zero: the
+    # init would be exactly 0); above, the init's squared norm passes the divergence guard.
+    if isinstance(eps, float) and not _EPS_RANGE[0] <= eps <= _EPS_RANGE[1]:
+        raise InputError(
+            f"problem.eps must be between {_EPS_RANGE[0]:g} and {_EPS_RANGE[1]:g}, got {eps:g}"
+        )
+
+
 def build(resolved: Resolved) -> Problem:
-    """The `Problem` a resolved configuration describes."""
-    return PROBLEMS[resolved.problem_kind](**resolved.problem_args)
+    """The `Problem` a resolved configuration describes.
+
+    A builder that fails on its arguments (an allocation too large, an overflow) is bad input:
+    its error comes back as a one-line `InputError` naming the builder.
+    """
+    kind = resolved.problem_kind
+    try:
+        return PROBLEMS[kind](**resolved.problem_args)
+    except InputError:
+        raise
+    except (ArithmeticError, MemoryError, ValueError, TypeError, IndexError,
+            jax.errors.JaxRuntimeError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise InputError(f"problem: the {kind!r} builder failed: {reason}") from None
+
+
+def check(resolved: Resolved) -> Problem:
+    """Build the problem and run every check `run` would make before computing anything
+    (the `[plot]` names, `gflow.solve`'s own input checks), without compiling.
+
+    **Returns:**
+
+    The problem, to pass on to `run`.
+    """
+    settings = resolved.solve
+    with jax.enable_x64(not settings.x32):
+        problem = build(resolved)
+        names = {"loss", *problem.observers}
+        plot = resolved.plot
+        for field, given in (("heatmaps", plot.heatmaps), ("labels", tuple(plot.labels))):
+            for name in given:
+                if name.split("/")[0] not in names:
+                    raise InputError(
+                        f"plot.{field}: no observable {name!r} in this problem; observables: "
+                        f"{', '.join(sorted(names))}"
+                    )
+        # What gflow.solve validates before it compiles (the first pass's save times).
+        _solve_prepare(problem.flow, **_solve_arguments(problem, settings))
+    return problem
+
+
+def _solve_arguments(problem: Problem, settings: SolveSettings) -> dict:
+    """The arguments of `gflow.solve` (and of its validation) a config sets."""
+    return dict(
+        t0=settings.t0, t1=settings.t1, solver=settings.solver, rtol=settings.rtol,
+        atol=settings.atol, observers=problem.observers, transitions=problem.transitions,
+        max_steps=settings.max_steps, dt0=None, controller=None,
+    )
 
 
 def run(
@@ -105,6 +195,7 @@ def run(
     progress: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    problem: Problem | None = None,
 ) -> tuple[Problem, Trajectory]:
     """Build the problem and solve it as configured.
 
@@ -116,11 +207,13 @@ def run(
         and every `solve.checkpoint_steps` steps.
     - `resume`: continue from the checkpoints in `checkpoint_dir`; the result equals that of
         an uninterrupted run.
+    - `problem`: the problem `check(resolved)` built, if it was called (else built here).
 
     **Returns:**
 
     The problem and its trajectory, whose `config` is the resolved configuration and whose
-    `predictions` compare the run with the problem's theory.
+    `predictions` compare the run with the problem's theory. Theory starts its clock at the
+    initial state: predictions compare durations measured from `solve.t0`.
     """
     settings = resolved.solve
     warning = settings.precision_warning()
@@ -128,11 +221,11 @@ def run(
         warnings.warn(warning, stacklevel=2)
     # float32 on request, for this run only: the process keeps gflow's float64 default.
     with jax.enable_x64(not settings.x32):
-        return _run(resolved, progress, checkpoint_dir, resume)
+        return _run(resolved, progress, checkpoint_dir, resume, problem)
 
 
-def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajectory]:
-    problem = build(resolved)
+def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, Trajectory]:
+    problem = build(resolved) if problem is None else problem
     settings = resolved.solve
 
     def solve_on(ts, stage: str):
@@ -141,15 +234,8 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
             checkpoint = Path(checkpoint_dir) / f"checkpoint-{stage}.eqx"
         return solve(
             problem.flow,
-            settings.t1,
-            t0=settings.t0,
-            solver=settings.solver,
-            rtol=settings.rtol,
-            atol=settings.atol,
+            **_solve_arguments(problem, settings),
             ts=ts,
-            observers=problem.observers,
-            transitions=problem.transitions,
-            max_steps=settings.max_steps,
             # Passes after the first say which they are on their bar.
             progress=progress and (True if stage == "first" else f"{stage} pass"),
             certify=settings.certify,
@@ -167,7 +253,15 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
         stats = {k: first.stats[k] + traj.stats[k] for k in traj.stats
                  if isinstance(traj.stats[k], (int, float)) and first.stats[k] is not None}
         traj = dataclasses.replace(traj, stats=traj.stats | stats | {"passes": 2})
-    predictions = problem.predict(traj) if problem.predict is not None else {}
+    predictions = {}
+    if problem.predict is not None:
+        # Predicted times count from the init; a run starting at t0 != 0 is compared as such.
+        t0 = settings.t0
+        from_zero = traj if t0 == 0 else dataclasses.replace(
+            traj, ts=traj.ts - t0, t0=0.0, t1=traj.t1 - t0, t_final=traj.t_final - t0,
+            transitions={k: v - t0 for k, v in traj.transitions.items()},
+        )
+        predictions = problem.predict(from_zero)
     # A prediction of a transition's time carries that transition's error estimate.
     errors = traj.errors.get("transitions", {})
     predictions = {name: p.with_error(errors[name]) if errors.get(name) is not None else p
