@@ -176,7 +176,8 @@ def check(resolved: Resolved) -> Problem:
                         f"{', '.join(sorted(names))}"
                     )
         # What gflow.solve validates before it compiles (the first pass's save times).
-        _solve_prepare(problem.flow, **_solve_arguments(problem, settings))
+        _solve_prepare(problem.flow, **_solve_arguments(problem, settings),
+                       ts=settings.save_times())
     return problem
 
 
@@ -185,7 +186,7 @@ def _solve_arguments(problem: Problem, settings: SolveSettings) -> dict:
     return dict(
         t0=settings.t0, t1=settings.t1, solver=settings.solver, rtol=settings.rtol,
         atol=settings.atol, observers=problem.observers, transitions=problem.transitions,
-        max_steps=settings.max_steps, dt0=None, controller=None,
+        max_steps=settings.max_steps, dt0=None, stepsize_controller=None,
     )
 
 
