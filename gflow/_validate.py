@@ -91,6 +91,9 @@ def _traced(fn: Callable, what: str, *args):
 
 
 def _is_numeric(leaf) -> bool:
+    """An abstract array of numbers or bools, or a plain Python/numpy number (a constant)."""
+    if isinstance(leaf, (bool, int, float, np.number, np.bool_)):
+        return True
     return isinstance(leaf, jax.ShapeDtypeStruct) and (
         jnp.issubdtype(leaf.dtype, jnp.number) or jnp.issubdtype(leaf.dtype, jnp.bool_)
     )
@@ -101,7 +104,8 @@ def _scalar(out, what: str) -> None:
     leaves = jtu.tree_leaves(out)
     if len(leaves) != 1 or not _is_numeric(leaves[0]):
         raise InputError(f"{what} must return one real scalar, got {_describe(out)}")
-    leaf = leaves[0]
+    leaf = jax.eval_shape(lambda: jnp.asarray(leaves[0])) if not isinstance(
+        leaves[0], jax.ShapeDtypeStruct) else leaves[0]
     if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
         raise InputError(f"{what} must return a real scalar, got dtype {leaf.dtype}")
     if leaf.shape != ():
@@ -235,9 +239,10 @@ def _check_functions(flow, *, observers, transitions) -> None:
     model, data = flow.model, flow.data
     loss = _traced(flow.loss, "loss", model, data)
     _scalar(loss, f"the loss {_name(flow.loss)}")
-    if not jnp.issubdtype(jtu.tree_leaves(loss)[0].dtype, jnp.floating):
+    dtype = jnp.result_type(jtu.tree_leaves(loss)[0])
+    if not jnp.issubdtype(dtype, jnp.floating):
         raise InputError(f"the loss {_name(flow.loss)} must return a floating-point scalar, "
-                         f"got dtype {jtu.tree_leaves(loss)[0].dtype}")
+                         f"got dtype {dtype}")
     if flow.preconditioner is not None:
         grads = _traced(flow.velocity, "preconditioner", flow.params)
         if jtu.tree_structure(grads) != jtu.tree_structure(
