@@ -454,7 +454,7 @@ def _prepare(
         raise InputError(f"atol must be a positive number or None, got {atol!r}")
     if int(max_steps) != max_steps or max_steps < 1:
         raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
-    solver = make_solver(solver)
+    solver = make_solver(solver, rtol)
     observers = {"loss": flow.loss} | dict(observers or {})
     for name, obs in observers.items():
         if not isinstance(name, str) or not callable(obs):
@@ -532,7 +532,7 @@ def solve(
     t1: float,
     *,
     t0: float = 0.0,
-    solver: str | diffrax.AbstractSolver = "tsit5",
+    solver: str | diffrax.AbstractSolver = "auto",
     rtol: float = 1e-8,
     atol: float | None = None,
     ts: ArrayLike | None = None,
@@ -554,8 +554,9 @@ def solve(
     - `flow`: the `GradientFlow` to integrate.
     - `t1`: end time (`t1 > t0`).
     - `t0`: start time.
-    - `solver`: a solver name (`"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`,
-        `"euler"`, `"kvaerno5"`, ...) or any diffrax solver.
+    - `solver`: `"auto"` (Tsit5 or DOP853 by `rtol`, see `gflow.auto_solver`), a solver name
+        (`"tsit5"`, `"dop853"`, `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`, `"euler"`,
+        `"kvaerno5"`, ...) or any diffrax solver.
     - `rtol`: relative tolerance of the PID step-size controller.
     - `atol`: absolute tolerance; default `rtol` times the RMS size of the smallest non-zero
         trainable leaf at `t0`, so a small initialization is resolved relative to its own size.
