@@ -136,6 +136,7 @@ def test_dop853_evaluation_count_is_exact(saxe_flow, saxe_target):
     ]
     traj = gflow.solve(flow, 6.0, solver="dop853", rtol=1e-9, transitions=transitions,
                        observers={"loss": saxe_flow.loss})
+    jax.effects_barrier()
     assert traj.solver == "dop853"
     assert traj.stats["segments"] == 2
     assert traj.stats["vector_field_evaluations"] == len(calls)

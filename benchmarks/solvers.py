@@ -1,0 +1,392 @@
+"""Issue 14: `solver="auto"` (Tsit5 / DOP853) against scipy's DOP853 at matched trajectory error.
+
+    python -m benchmarks.solvers                     # (a), (b), (c); writes RESULTS.md's section
+    python -m benchmarks.solvers --only deep-linear  # one workload (the others' rows are kept)
+    python -m benchmarks.solvers --quick --out /tmp/solvers   # the smoke test's run
+
+On each workload of `benchmarks.run` (same problem, save grid, tolerances atol = rtol × scale,
+reference and error measure): gflow with `solver="auto"` over a range of rtol, gflow DOP853
+and Tsit5 beyond auto's switch (to locate the crossover), and scipy's DOP853 with a jitted JAX
+right-hand side, all in one process. Reported: gradient evaluations and wall time of each at
+matched error (interpolated log–log on the competitor's curve), the crossover, and the
+evaluations against an estimated physical limit (see `_limit`).
+
+Writes a block delimited by `BEGIN`/`END` markers into `RESULTS.md` (replacing the previous
+one; `python -m benchmarks.run` keeps it), `solvers.json` (every number) and one
+work–precision figure per workload next to it.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import gflow
+from gflow._solvers import AUTO_CROSSOVER_RTOL, AUTO_DOP853_ERROR_SCALE
+
+from . import cooccurrence, deep_linear, rank_collapse
+from ._harness import (
+    Result,
+    best_time,
+    fmt,
+    interpolate_cost,
+    load_average,
+    machine,
+    markdown_table,
+    work_precision_figure,
+)
+from ._workload import _Counted, _error, _jax_rhs, gflow_solve, reference, scipy_solve
+
+HERE = Path(__file__).resolve().parent
+BEGIN = "<!-- solvers:begin (python -m benchmarks.solvers) -->"
+END = "<!-- solvers:end -->"
+# Butcher's bound: an explicit Runge–Kutta method of order 8 has at least 11 stages.
+STAGES_OF_ORDER_8 = 11
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to run on one workload: `(family, solver, rtols)` of gflow, scipy DOP853's rtols."""
+
+    gflow: tuple[tuple[str, str, tuple[float, ...]], ...]
+    scipy_rtols: tuple[float, ...]
+    repeats: int
+    budget_s: float
+    reference_rtol: float = 1e-12
+
+
+def _plan(auto_rtols, tsit5_rtols, dop853_rtols, scipy_rtols, repeats, budget_s) -> Plan:
+    return Plan(
+        gflow=(("gflow auto", "auto", auto_rtols), ("gflow tsit5", "tsit5", tsit5_rtols),
+               ("gflow dop853", "dop853", dop853_rtols)),
+        scipy_rtols=scipy_rtols, repeats=repeats, budget_s=budget_s,
+    )
+
+
+def _workloads(quick: bool) -> dict[str, tuple]:
+    """`name: (tag, build, plan)`."""
+    if quick:
+        return {"deep-linear": ("(a)", lambda: deep_linear.build(True), _plan(
+            (1e-6, 1e-10), (1e-10,), (1e-6,), (1e-6, 1e-8, 1e-10), 2, 0.3))}
+    return {
+        "deep-linear": ("(a)", lambda: deep_linear.build(False), _plan(
+            (1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11),
+            (1e-9, 1e-10), (1e-5, 1e-6, 1e-7),
+            (1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12), 5, 1.0)),
+        "cooccurrence": ("(b)", cooccurrence.build, _plan(
+            (1e-4, 1e-6, 1e-8, 1e-9, 1e-10), (1e-9,), (1e-6, 1e-7),
+            (1e-4, 1e-6, 1e-8, 1e-9, 1e-10, 1e-11), 1, 5.0)),
+        "rank-collapse": ("(c)", rank_collapse.build, _plan(
+            (1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11), (1e-9, 1e-10), (1e-6, 1e-7),
+            (1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12), 3, 1.0)),
+    }
+
+
+def _run_gflow(p, ref_state, family, solver, rtol, plan) -> Result:
+    call = lambda: gflow_solve(p, solver, rtol, False)  # noqa: E731
+    first = call()
+    timing = best_time(call, repeats=plan.repeats, budget_s=plan.budget_s)
+    traj = timing.outputs[-1]
+    if traj.status != "completed":
+        raise RuntimeError(f"{family} rtol={rtol}: {traj.status} {traj.message}")
+    return Result(
+        family=family, setting=f"rtol={rtol:g}", knob=rtol, **timing.result_fields,
+        kernel_s=min(t.stats["run_seconds"] for t in timing.outputs),
+        compile_s=first.stats["compile_seconds"],
+        evaluations=traj.stats["vector_field_evaluations"], steps=traj.stats["num_steps"],
+        **_error(traj.observables["state"], ref_state, p.ts),
+        notes=f"{traj.solver}; {traj.stats['num_accepted_steps']} accepted, "
+        f"{traj.stats['num_rejected_steps']} rejected",
+    )
+
+
+def _run_scipy(p, ref_state, rhs, rtol, plan) -> Result:
+    def call():
+        counted = _Counted(rhs)
+        return scipy_solve(counted, p, "DOP853", rtol, p.atol(rtol)), counted.count
+
+    timing = best_time(call, repeats=plan.repeats, budget_s=plan.budget_s)
+    sol, count = timing.outputs[-1]
+    if not sol.success:
+        raise RuntimeError(f"scipy DOP853 rtol={rtol}: {sol.message}")
+    return Result(
+        family="scipy DOP853 (jax rhs)", setting=f"rtol={rtol:g}", knob=rtol,
+        **timing.result_fields, kernel_s=None, compile_s=None, evaluations=count, steps=None,
+        **_error(sol.y.T, ref_state, p.ts), notes="",
+    )
+
+
+def _accepted(r: Result) -> int:
+    return int(r.notes.split("; ")[1].split(" accepted")[0])
+
+
+def _dop853_rows(results):
+    """DOP853's curve: the raw `dop853` rows and auto's rows below the switch (the same method;
+    auto's error scale only moves along the curve)."""
+    return [r for r in results if r.family == "gflow dop853"
+            or (r.family == "gflow auto" and r.knob < AUTO_CROSSOVER_RTOL)]
+
+
+def _tsit5_rows(results):
+    return [r for r in results if r.family == "gflow tsit5"
+            or (r.family == "gflow auto" and r.knob >= AUTO_CROSSOVER_RTOL)]
+
+
+def _limit(results, error: float) -> float | None:
+    """Estimated fewest evaluations of an 8th-order method at trajectory error `error`.
+
+    DOP853's *accepted* steps at that error (interpolated log–log over its runs) stand for an
+    ideal step sequence: a step-size controller that equidistributes the local error is the
+    optimum for a given number of steps, so what an ideal sequence saves over DOP853's is its
+    rejected steps and its start from a 0.01 step, not its accepted ones. Each step then costs
+    the 11 stages that Butcher's bound requires of any explicit 8th-order Runge–Kutta method,
+    and values at save times come free (no dense-output stages): a lower bound for methods of
+    DOP853's accuracy per step, not for every conceivable method.
+    """
+    rows = _dop853_rows(results)
+    steps = interpolate_cost([r.traj_error for r in rows], [_accepted(r) for r in rows], error)
+    return None if steps is None else STAGES_OF_ORDER_8 * steps
+
+
+def _crossover(results) -> dict | None:
+    """The trajectory error below which DOP853 needs fewer evaluations than Tsit5."""
+    ts5, d8 = _tsit5_rows(results), _dop853_rows(results)
+    errors = np.geomspace(1e-3, 1e-13, 401)
+    diff = []
+    for e in errors:
+        a = interpolate_cost([r.traj_error for r in ts5], [r.evaluations for r in ts5], e)
+        b = interpolate_cost([r.traj_error for r in d8], [r.evaluations for r in d8], e)
+        diff.append(None if a is None or b is None else math.log(a / b))
+    known = [(e, d) for e, d in zip(errors, diff) if d is not None]
+    if not known:
+        return None
+    for (e0, d0), (e1, d1) in zip(known, known[1:]):
+        if d0 <= 0 < d1:
+            e = math.exp(math.log(e0) + (math.log(e1) - math.log(e0)) * (-d0) / (d1 - d0))
+            return dict(error=e, range=[known[0][0], known[-1][0]], kind="crossing")
+    kind = "Tsit5 cheaper throughout" if known[-1][1] <= 0 else (
+        "DOP853 cheaper throughout" if known[0][1] > 0 else "no single crossing")
+    return dict(error=None, range=[known[0][0], known[-1][0]], kind=kind)
+
+
+def analyse(results) -> dict:
+    scipy = [r for r in results if r.family == "scipy DOP853 (jax rhs)"]
+    rows = []
+    for r in sorted((r for r in results if r.family == "gflow auto"), key=lambda r: -r.knob):
+        e = r.traj_error
+        se = interpolate_cost([s.traj_error for s in scipy], [s.evaluations for s in scipy], e)
+        sw = interpolate_cost([s.traj_error for s in scipy], [s.wall_s for s in scipy], e)
+        sc = interpolate_cost([s.traj_error for s in scipy], [s.cpu_s for s in scipy], e)
+        limit = _limit(results, e)
+        rows.append(dict(
+            rtol=r.knob, solver=r.notes.split(";")[0], error=e, evaluations=r.evaluations,
+            wall_s=r.wall_s, cpu_s=r.cpu_s, scipy_evaluations=se, scipy_wall_s=sw,
+            evaluation_ratio=None if se is None else r.evaluations / se,
+            wall_speedup=None if sw is None else sw / r.wall_s,
+            cpu_speedup=None if sc is None else sc / r.cpu_s,
+            limit=limit, over_limit=None if limit is None else r.evaluations / limit,
+        ))
+    return dict(matched=rows, crossover=_crossover(results))
+
+
+def run_workload(name, tag, build, plan, log) -> dict:
+    p = build()
+    log(f"{name}: {p.size} parameters, {len(p.ts)} save times, t1={p.t1:g}")
+    load_start = load_average()
+    start = time.perf_counter()
+    ref = reference(p, plan.reference_rtol, separate_state=False)
+    log(f"  reference: {ref.steps} steps ({time.perf_counter() - start:.0f} s)")
+    results = []
+    rhs, _ = _jax_rhs(p)
+    # Interleaved by tolerance, so that gflow and scipy see about the same load.
+    for rtol in sorted({r for _, _, rs in plan.gflow for r in rs} | set(plan.scipy_rtols),
+                       reverse=True):
+        for family, solver, rtols in plan.gflow:
+            if rtol in rtols:
+                results.append(_run_gflow(p, ref.state, family, solver, rtol, plan))
+                log(f"  {family} rtol={rtol:g}: {results[-1].evaluations} evals, error "
+                    f"{results[-1].traj_error:.2e}, {results[-1].wall_s * 1e3:.1f} ms")
+        if rtol in plan.scipy_rtols:
+            results.append(_run_scipy(p, ref.state, rhs, rtol, plan))
+            log(f"  scipy rtol={rtol:g}: {results[-1].evaluations} evals, error "
+                f"{results[-1].traj_error:.2e}, {results[-1].wall_s * 1e3:.1f} ms")
+    return dict(name=name, tag=tag, parameters=p.size, save_times=len(p.ts), t1=p.t1,
+                atol_scale=p.scale, reference_steps=ref.steps, results=results,
+                analysis=analyse(results),
+                load_average=dict(start=load_start, end=load_average()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _section(workloads: dict, info: dict, command: str, seconds: float, figures_dir: Path) -> str:
+    lines = [
+        BEGIN,
+        "## Issue 14: `solver=\"auto\"` against scipy's DOP853 at matched error",
+        "",
+        f"Reproduce: `{command}` (took {seconds / 60:.1f} min wall here). Machine: "
+        f"{info['cpu']}, {info['usable_cores']} usable cores, JAX {info['jax_backend']}, "
+        f"{info['date']}, gflow commit {info['commit']}. **The machine was shared** with other "
+        "jobs during this run (load averages below, up to 5x the core count): wall times are "
+        "minima over repeated calls and still noisy; gradient-evaluation counts and errors are "
+        "exact and reproducible, and the claims below rest on them. No GPU or TPU was lent to "
+        "this session: the GPU recipe is `benchmarks/gpu.py`, not run.",
+        "",
+        f"`solver=\"auto\"` (the default of `gflow.solve`): Tsit5 at rtol ≥ "
+        f"{AUTO_CROSSOVER_RTOL:g}, below it DOP853 (Hairer's 8(5,3) pair with its 7th-order "
+        f"dense output, `gflow.DOP853`) with its error estimate scaled by "
+        f"{AUTO_DOP853_ERROR_SCALE:g}. Same problems, save grids, tolerances (atol = rtol × "
+        "scale), reference (Dopri8, a step at every save time, rtol 1e-12) and error measure "
+        "(largest relative state error over the save grid) as the sections above. gflow and "
+        "scipy rows are interleaved by tolerance in one process. 'scipy DOP853 at that error': "
+        "its evaluations and wall time interpolated log–log between its measured tolerances "
+        "('—' outside them).",
+        "",
+        "**Physical limit** (column 'limit'): the evaluations of an 8th-order method with an "
+        "ideal step sequence, estimated as DOP853's *accepted* steps at that error × 11 "
+        "(Butcher's bound: an explicit Runge–Kutta method of order 8 needs at least 11 "
+        "stages), with values at save times free. An error-per-step controller that "
+        "equidistributes the local error is the optimal sequence for a given number of steps, "
+        "so an ideal sequence saves DOP853's rejected steps and its 0.01 start-up step, not "
+        "its accepted steps; DOP853 itself pays 12 evaluations per step (11 new stages and the "
+        "first-same-as-last one) and 3 more for its dense output.",
+        "",
+    ]
+    for w in workloads.values():
+        lines += _workload_lines(w, figures_dir)
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def _workload_lines(w: dict, figures_dir: Path) -> list[str]:
+    a = w["analysis"]
+    lines = [
+        f"### {w['tag']} {w['name']}: {w['parameters']:,} parameters, {w['save_times']} save "
+        f"times, t1 = {w['t1']:g}",
+        "",
+        f"Load average (1, 5, 15 min): start {', '.join(f'{x:.2f}' for x in w['load_average']['start'])}; "
+        f"end {', '.join(f'{x:.2f}' for x in w['load_average']['end'])}.",
+        "",
+        markdown_table(
+            ["auto rtol", "picks", "traj. error", "evals", "scipy DOP853 evals at that error",
+             "evals ratio (target ≤ 0.7)", "limit", "evals / limit", "wall [ms]",
+             "scipy wall at that error [ms]", "wall speed-up (target ≥ 3)", "CPU speed-up"],
+            [[fmt(m["rtol"]), m["solver"], fmt(m["error"]), fmt(m["evaluations"]),
+              fmt(m["scipy_evaluations"]), fmt(m["evaluation_ratio"]), fmt(m["limit"]),
+              fmt(m["over_limit"]), fmt(m["wall_s"] * 1e3),
+              fmt(None if m["scipy_wall_s"] is None else m["scipy_wall_s"] * 1e3),
+              fmt(m["wall_speedup"]), fmt(m["cpu_speedup"])] for m in a["matched"]],
+        ),
+        "",
+    ]
+    c = a["crossover"]
+    if c is not None:
+        where = (f"at trajectory error {c['error']:.1e}" if c["error"] is not None
+                 else c["kind"])
+        lines += [f"Crossover of Tsit5 and DOP853 in evaluations at matched error: {where} "
+                  f"(compared over errors {c['range'][1]:.0e} … {c['range'][0]:.0e}).", ""]
+    lines += [
+        "<details><summary>every run</summary>",
+        "",
+        markdown_table(
+            ["method", "setting", "grad evals", "steps", "traj. error", "wall [ms] min / median "
+             "(calls)", "CPU [ms]", "compile [s]", "notes"],
+            [[r.family, r.setting, fmt(r.evaluations), fmt(r.steps), fmt(r.traj_error),
+              f"{fmt(r.wall_s * 1e3)} / {fmt(r.wall_median_s * 1e3)} ({r.runs})",
+              fmt(r.cpu_s * 1e3), fmt(r.compile_s), r.notes] for r in w["results"]],
+        ),
+        "",
+        "</details>",
+        "",
+        f"![work–precision with auto, {w['name']}]({w['name']}-solvers-work-precision.png)",
+        "",
+    ]
+    return lines
+
+
+def _result(d: dict) -> Result:
+    return Result(**d)
+
+
+def _jsonable(x):
+    if isinstance(x, Result):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_section(results_md: Path, section: str) -> None:
+    """Replace the block between the markers in `results_md` (or append it)."""
+    text = results_md.read_text() if results_md.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    results_md.write_text(text)
+
+
+def kept_section(results_md: Path) -> str | None:
+    """The block as it stands in `results_md`, for `benchmarks.run` to carry over."""
+    if not results_md.exists():
+        return None
+    text = results_md.read_text()
+    if BEGIN not in text or END not in text:
+        return None
+    return BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.solvers",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="(a) at t1 = 4, few settings")
+    parser.add_argument("--only", choices=("deep-linear", "cooccurrence", "rank-collapse"))
+    parser.add_argument("--out", type=Path, help="directory for RESULTS.md, solvers.json and "
+                        "figures (default: benchmarks/)")
+    args = parser.parse_args(argv)
+    out = (args.out or HERE).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.solvers" + (" --quick" if args.quick else "") + (
+        f" --only {args.only}" if args.only else "")
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    start = time.perf_counter()
+    info = machine()
+    json_path = out / "solvers.json"
+    previous = json.loads(json_path.read_text())["workloads"] if json_path.exists() else {}
+    workloads = {}
+    for name, (tag, build, plan) in _workloads(args.quick).items():
+        if args.only and name != args.only:
+            if name in previous and not args.quick:  # keep the other workloads' last rows
+                w = previous[name]
+                workloads[name] = w | dict(results=[_result(r) for r in w["results"]])
+            continue
+        workloads[name] = run_workload(name, tag, build, plan, log)
+        w = workloads[name]
+        work_precision_figure(
+            w["results"], out / f"{name}-solvers-work-precision.png",
+            f"{tag} {name}, {w['parameters']:,} parameters: auto against scipy DOP853",
+        )
+    seconds = time.perf_counter() - start
+    json_path.write_text(json.dumps(_jsonable(dict(
+        command=command, machine=info, seconds=seconds, workloads=workloads)), indent=1))
+    write_section(out / "RESULTS.md", _section(workloads, info, command, seconds, out))
+    log(f"wrote {out / 'RESULTS.md'} ({seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
