@@ -308,6 +308,13 @@ class DOP853(diffrax.AbstractAdaptiveSolver):
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
 
+    def _error_factor(self, err5, err3, y0, y1) -> Array:
+        """`‖err5‖ / √(‖err5‖² + 0.01 ‖err3‖²)`, 1 where both vanish."""
+        del y0, y1
+        n5, n3 = _squared_norm(err5), _squared_norm(err3)
+        denom = jnp.sqrt(n5 + 0.01 * n3)
+        return jnp.where(denom > 0, jnp.sqrt(n5) / jnp.where(denom > 0, denom, 1.0), 1.0)
+
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         first_step, f_stored = solver_state
         h = t1 - t0
@@ -339,10 +346,7 @@ class DOP853(diffrax.AbstractAdaptiveSolver):
         y1 = jtu.tree_map(lambda y, dy: y + dy, y0, terms.prod(_combine(tab["b"], ks), h))
         err5 = terms.prod(_combine(tab["e5"], ks), h)
         err3 = terms.prod(_combine(tab["e3"], ks), h)
-        n5, n3 = _squared_norm(err5), _squared_norm(err3)
-        denom = jnp.sqrt(n5 + 0.01 * n3)
-        factor = jnp.where(denom > 0, jnp.sqrt(n5) / jnp.where(denom > 0, denom, 1.0), 1.0)
-        factor = factor * self.error_scale
+        factor = self._error_factor(err5, err3, y0, y1) * self.error_scale
         y_error = jtu.tree_map(lambda e: e * factor.astype(e.dtype), err5)
 
         f1 = jtu.tree_map(lambda k: k[_STAGES], ks)

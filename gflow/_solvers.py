@@ -115,8 +115,11 @@ def vector_field_evaluations(
     Each segment of a first-same-as-last method pays one fresh first stage. diffrax's
     initial-step heuristic costs nothing: in diffrax 0.7 it only runs for a bare `ODETerm`,
     `diffeqsolve` hands the controller a wrapped term, and the first step is 0.01 (checked
-    against a host-callback counter in tests/test_solvers.py and benchmarks/RESULTS.md). `None`
-    for implicit solvers (see `evaluations_per_step`).
+    against a host-callback counter in tests/test_solvers.py and benchmarks/RESULTS.md). The
+    count is short by one for each rejected *first* attempt of a segment (diffrax keeps the
+    solver state of a rejected step, so the retry evaluates the first stage again; the stats do
+    not say how many there were): exact in most solves, at most a few short. `None` for
+    implicit solvers (see `evaluations_per_step`).
     """
     del dt0_given  # the same count with or without dt0 (see above)
     per_step = evaluations_per_step(solver)
