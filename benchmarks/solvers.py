@@ -199,6 +199,27 @@ def _torchdiffeq_previous(name: str) -> list[dict]:
     return [by_rtol[k] for k in sorted(by_rtol)]
 
 
+def _quiet_tsit5_speedups(name: str) -> list[float]:
+    """scipy DOP853's wall time over gflow Tsit5's at matched error in the committed (quieter)
+    run of `benchmarks.run`: auto at rtol >= the switch runs that very program."""
+    path = HERE / "results.json"
+    if not path.exists():
+        return []
+    workload = json.loads(path.read_text()).get("workloads", {}).get(name)
+    if workload is None:
+        return []
+    rows = workload["data"]["results"]
+    scipy = [r for r in rows if r["family"] == "scipy DOP853 (jax rhs)"]
+    out = []
+    for r in rows:
+        if r["family"] == "gflow tsit5" and r["knob"] >= AUTO_CROSSOVER_RTOL:
+            w = interpolate_cost([x["traj_error"] for x in scipy], [x["wall_s"] for x in scipy],
+                                 r["traj_error"])
+            if w is not None:
+                out.append(w / r["wall_s"])
+    return out
+
+
 def analyse(results, name: str = "") -> dict:
     scipy = [r for r in results if r.family == "scipy DOP853 (jax rhs)"]
     torch = _torchdiffeq_previous(name)
@@ -225,7 +246,8 @@ def analyse(results, name: str = "") -> dict:
                 torch_evaluation_ratio=None if te is None else r.evaluations / te,
                 torch_wall_speedup=None if tw is None else tw / r.wall_s,
             )
-    return dict(matched=rows, crossover=_crossover(results), torchdiffeq=torch)
+    return dict(matched=rows, crossover=_crossover(results), torchdiffeq=torch,
+                quiet_tsit5_speedups=_quiet_tsit5_speedups(name))
 
 
 def run_workload(name, tag, build, plan, log) -> dict:
@@ -294,10 +316,66 @@ def _section(workloads: dict, info: dict, command: str, seconds: float, figures_
         "first-same-as-last one) and 3 more for its dense output.",
         "",
     ]
+    lines += _summary(workloads)
     for w in workloads.values():
         lines += _workload_lines(w, figures_dir)
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def _span(values, digits: int = 2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
+    return fmt(lo, digits) if lo == hi else f"{fmt(lo, digits)}–{fmt(hi, digits)}"
+
+
+def _summary(workloads: dict) -> list[str]:
+    rows = []
+    for w in workloads.values():
+        m = w["analysis"]["matched"]
+        for pick in ("tsit5", "dop853"):
+            mm = [x for x in m if x["solver"] == pick]
+            if not mm:
+                continue
+            ratios = [x["evaluation_ratio"] for x in mm]
+            met = sum(r is not None and r <= 0.7 for r in ratios)
+            known = sum(r is not None for r in ratios)
+            rows.append([
+                f"{w['tag']} {w['name']}", pick, _span([x["error"] for x in mm]),
+                f"{_span(ratios)} ({met} of {known} ≤ 0.7)",
+                _span([x["over_limit"] for x in mm]),
+                _span([x["wall_speedup"] for x in mm]), _span([x["cpu_speedup"] for x in mm]),
+                _span(w["analysis"].get("quiet_tsit5_speedups", [])) if pick == "tsit5" else "—",
+                _span([x.get("torch_evaluation_ratio") for x in mm]),
+                _span([x.get("torch_wall_speedup") for x in mm]),
+            ])
+    return [
+        "### Targets against what was measured",
+        "",
+        markdown_table(
+            ["workload", "auto picks", "errors", "evals / scipy DOP853's (target ≤ 0.7)",
+             "evals / limit", "wall speed-up vs scipy, this run (target ≥ 3)",
+             "CPU speed-up vs scipy, this run",
+             "wall speed-up vs scipy, committed quiet run (same Tsit5 program)",
+             "evals / torchdiffeq's", "wall speed-up vs torchdiffeq (cross-run)"], rows),
+        "",
+        "- Evaluations: where auto runs Tsit5 it meets the 0.7 target only at loose tolerance "
+        "on (a) and on (b) (Tsit5's 6 evaluations a step against DOP853's 12 + 3, and on (b) "
+        "Tsit5 is far more accurate than its rtol). Where it runs DOP853 it is the same method "
+        "as scipy's and takes the same steps (the same rejected steps were counted on (a): 14, "
+        "16 and 21 at rtol 1e-8, 1e-10, 1e-11), so it cannot be 0.7x scipy's: it pays 3 more "
+        "evaluations on each *rejected* step (its dense-output stages are computed before the "
+        "controller decides) and on (c) 3 on every step without a save time, where scipy "
+        "computes its dense output only for steps that hold a save time. The limit column says "
+        "how far any 8th-order method could go: 1.4–2.2x below auto; the first lever is "
+        "dense-output stages only where a save time or an event needs them.",
+        "- Wall time: this run's machine was overloaded (load 10–15 on 2 cores), which slows "
+        "scipy's per-step Python and host transfers far more than gflow's compiled loop; the "
+        "quiet committed run is the fairer wall-time reading for the Tsit5 rows.",
+        "",
+    ]
 
 
 def _workload_lines(w: dict, figures_dir: Path) -> list[str]:
