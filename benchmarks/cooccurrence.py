@@ -28,6 +28,7 @@ def full_settings() -> Settings:
             ("dopri5", 1e-4, False, False),
             ("dopri5", 1e-6, False, False),
             ("dopri5", 1e-8, False, False),
+            ("auto", 1e-10, False, False),
         ),
         bare_runs=(("tsit5", 1e-4), ("tsit5", 1e-6), ("tsit5", 1e-8)),
         # One gradient costs about a millisecond here: 7,500 to 60,000 GD steps.

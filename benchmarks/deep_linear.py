@@ -27,6 +27,7 @@ def full_settings() -> Settings:
             + [("dopri8", r, True, False) for r in (1e-8, 1e-10)]
             + [("dopri8", r, False, True) for r in (1e-6, 1e-8)]
             + [("dopri5", r, False, False) for r in (1e-4, 1e-6, 1e-8, 1e-10)]
+            + [("auto", r, False, False) for r in (1e-4, 1e-6, 1e-8, 1e-10)]
         ),
         bare_runs=tuple(
             [("tsit5", r) for r in (1e-4, 1e-6, 1e-8, 1e-10)]

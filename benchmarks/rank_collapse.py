@@ -26,6 +26,7 @@ def full_settings() -> Settings:
             + tuple(("dopri8", r, False, False) for r in (1e-8, 1e-10))
             + tuple(("tsit5", r, True, False) for r in (1e-6, 1e-8, 1e-10))
             + (("dopri8", 1e-10, True, False),)
+            + tuple(("auto", r, False, False) for r in (1e-8, 1e-10))
         ),
         bare_runs=(("tsit5", 1e-6), ("tsit5", 1e-8), ("tsit5", 1e-10)),
         # About 15 µs a step here: 40,000 to 2,000,000 GD steps.

@@ -784,7 +784,11 @@ def write_report(path: Path, *, command: str, info: dict, loads: dict, sections:
     missing.append("- Issue 6 on a GPU (`vmap`): no accelerator available here.")
     lines += ["## Not measured", ""] + missing + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    # The section of `python -m benchmarks.solvers` (issue 14) is its own run: carry it over.
+    from .solvers import kept_section
+
+    kept = kept_section(path)
+    path.write_text("\n".join(lines) + ("\n\n" + kept if kept else ""))
 
 
 def _jsonable(x):

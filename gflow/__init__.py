@@ -19,8 +19,10 @@ _jax.config.update("jax_enable_x64", True)
 
 from ._errors import InputError as InputError
 from ._flow import GradientFlow as GradientFlow
+from ._dop853 import DOP853 as DOP853
 from ._grids import linear_grid as linear_grid, log_grid as log_grid
 from ._prediction import Prediction as Prediction
+from ._solvers import auto_solver as auto_solver
 from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
 from ._trajectory import Trajectory as Trajectory, load as load
 from ._sweep import (

@@ -262,7 +262,7 @@ def _prepare(
         raise InputError(
             f"stepsize_controller must be a diffrax step-size controller, got {stepsize_controller!r}"
         )
-    solver = make_solver(solver)
+    solver = make_solver(solver, rtol)
     observers = {"loss": flow.loss} | dict(observers or {})
     for name, obs in observers.items():
         if not isinstance(name, str) or not callable(obs):
@@ -353,7 +353,7 @@ def solve(
     t1: float,
     *,
     t0: float = 0.0,
-    solver: str | diffrax.AbstractSolver = "tsit5",
+    solver: str | diffrax.AbstractSolver = "auto",
     rtol: float = 1e-8,
     atol: float | None = None,
     ts: ArrayLike | None = None,
@@ -380,8 +380,9 @@ def solve(
         promoted, with a one-line warning.
     - `t1`: end time (`t1 > t0`).
     - `t0`: start time.
-    - `solver`: a solver name (`"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`,
-        `"euler"`, `"kvaerno5"`, ...) or any diffrax solver object.
+    - `solver`: `"auto"` (Tsit5 or DOP853 by `rtol`, see `gflow.auto_solver`), a solver name
+        (`"tsit5"`, `"dop853"`, `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`, `"euler"`,
+        `"kvaerno5"`, ...) or any diffrax solver.
     - `rtol`: relative tolerance of the default `PIDController`.
     - `atol`: its absolute tolerance; default `rtol` times the RMS size of the smallest
         non-zero trainable leaf at `t0`, so a small initialization is resolved relative to its

@@ -1,7 +1,8 @@
-"""Solver names, and what each solver costs per step."""
+"""Solver names, the `"auto"` choice of solver per tolerance, and what each solver costs per step."""
 
 import diffrax
 
+from ._dop853 import DOP853
 from ._errors import InputError
 
 
@@ -14,19 +15,55 @@ _SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "tsit5": diffrax.Tsit5,
     "dopri5": diffrax.Dopri5,
     "dopri8": diffrax.Dopri8,
+    "dop853": DOP853,
     "implicit_euler": diffrax.ImplicitEuler,
     "kvaerno3": diffrax.Kvaerno3,
     "kvaerno4": diffrax.Kvaerno4,
     "kvaerno5": diffrax.Kvaerno5,
 }
 
-SOLVER_NAMES: tuple[str, ...] = tuple(_SOLVERS)
+SOLVER_NAMES: tuple[str, ...] = ("auto",) + tuple(_SOLVERS)
+
+# `"auto"` takes DOP853 below this rtol and Tsit5 from it up. Measured (benchmarks/RESULTS.md,
+# "The auto solver's choice"): at matched trajectory error Tsit5 needs fewer gradient evaluations
+# than DOP853 down to errors of about 1e-8 on the deep-linear flow and 1e-10 on the co-occurrence
+# flow (where Tsit5 at rtol 1e-8 already reaches 4e-11); DOP853 needs fewer below.
+AUTO_CROSSOVER_RTOL = 1e-8
+
+# DOP853's global error is 10-100x its rtol on gflow's flows (Hairer's combined error estimate;
+# scipy's DOP853 alike), Tsit5's a few rtol: "auto" runs DOP853 with its error estimate scaled by
+# this (tolerances 10x tighter) so that one rtol means about one accuracy across the switch.
+AUTO_DOP853_ERROR_SCALE = 10.0
 
 
-def make_solver(solver: str | diffrax.AbstractSolver) -> diffrax.AbstractSolver:
-    """A diffrax solver from its gflow name (see `SOLVER_NAMES`), or `solver` itself."""
+def auto_solver(rtol: float) -> diffrax.AbstractSolver:
+    """The solver `"auto"` picks at relative tolerance `rtol`.
+
+    Tsit5 (5th order, 6 evaluations a step, a free 4th-order interpolant) at `rtol >=
+    AUTO_CROSSOVER_RTOL` (1e-8); below, DOP853 (8th order, 15 evaluations a step with its
+    7th-order dense output), whose higher order pays for its dearer steps there, with its error
+    estimate scaled by `AUTO_DOP853_ERROR_SCALE` (10) so that its error at save times is about
+    rtol, as Tsit5's is. Both keep the PID controller gflow builds from `rtol` and `atol`; with
+    either, values at save times come from an interpolant as accurate as the steps.
+    """
+    if rtol >= AUTO_CROSSOVER_RTOL:
+        return diffrax.Tsit5()
+    return DOP853(error_scale=AUTO_DOP853_ERROR_SCALE)
+
+
+def make_solver(
+    solver: str | diffrax.AbstractSolver, rtol: float | None = None
+) -> diffrax.AbstractSolver:
+    """A diffrax solver from its gflow name (see `SOLVER_NAMES`), or `solver` itself.
+
+    `"auto"` resolves through `auto_solver(rtol)`, so it needs `rtol`.
+    """
     if isinstance(solver, diffrax.AbstractSolver):
         return solver
+    if isinstance(solver, str) and solver.lower() == "auto":
+        if rtol is None:
+            raise InputError('solver "auto" is chosen per tolerance: give rtol')
+        return auto_solver(rtol)
     if isinstance(solver, str) and solver.lower() in _SOLVERS:
         return _SOLVERS[solver.lower()]()
     raise InputError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVER_NAMES)}")
@@ -58,6 +95,9 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | No
     """
     if isinstance(solver, diffrax.Euler):
         return 1, 0
+    if isinstance(solver, DOP853):
+        # 11 new stages, the last stage f(t1, y1) and 3 dense-output stages; first same as last.
+        return 15, 1
     tableau = getattr(solver, "tableau", None)
     if not isinstance(solver, diffrax.AbstractERK) or tableau is None:
         return None
@@ -72,13 +112,18 @@ def vector_field_evaluations(
 ) -> int | None:
     """Vector-field evaluations of a solve of `segments` segments taking `num_steps` steps.
 
-    Each segment starts with diffrax's initial-step heuristic (two evaluations, unless `dt0`
-    is given) and, for a first-same-as-last method, a fresh first stage. `None` for implicit
-    solvers (see `evaluations_per_step`).
+    Each segment of a first-same-as-last method pays one fresh first stage. diffrax's
+    initial-step heuristic costs nothing: in diffrax 0.7 it only runs for a bare `ODETerm`,
+    `diffeqsolve` hands the controller a wrapped term, and the first step is 0.01 (checked
+    against a host-callback counter in tests/test_solvers.py and benchmarks/RESULTS.md). The
+    count is short by one for each rejected *first* attempt of a segment (diffrax keeps the
+    solver state of a rejected step, so the retry evaluates the first stage again; the stats do
+    not say how many there were): exact in most solves, at most a few short. `None` for
+    implicit solvers (see `evaluations_per_step`).
     """
+    del dt0_given  # the same count with or without dt0 (see above)
     per_step = evaluations_per_step(solver)
     if per_step is None:
         return None
     evals, first_extra = per_step
-    start = (0 if dt0_given or not is_adaptive(solver) else 2) + first_extra
-    return segments * start + evals * num_steps
+    return segments * first_extra + evals * num_steps

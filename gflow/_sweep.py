@@ -634,7 +634,7 @@ def sweep(
     mode: str = "grid",
     batch: str = "auto",
     t0: float = 0.0,
-    solver: str | diffrax.AbstractSolver = "tsit5",
+    solver: str | diffrax.AbstractSolver = "auto",
     rtol: float = 1e-8,
     atol: float | None = None,
     ts: ArrayLike | None = None,
@@ -681,7 +681,7 @@ def sweep(
         raise InputError(f"batch must be one of {', '.join(BATCH_MODES)}, got {batch!r}")
     points = sweep_points(over, mode)
     t0, t1 = float(t0), float(t1)
-    solver = make_solver(solver)
+    solver = make_solver(solver, rtol)
     if ts is None:
         ts = log_grid(t0, t1, _DEFAULT_SAVE_POINTS) if keep_trajectories else np.asarray([t1])
     ts = _resolve_ts(ts, t0, t1)

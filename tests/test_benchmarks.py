@@ -172,3 +172,35 @@ def test_sweep_matches_single_solves(quick_run):
         assert row["steps"] == loop["steps"]
         # The same segment program per member: the same transition times.
         assert row["max_difference"] <= 10 * sweep["rtol"] * sweep["max_transition"]
+
+
+def test_solvers_section_is_replaced_and_carried_over(tmp_path):
+    # The issue-14 block of RESULTS.md is written by its own run (`benchmarks.solvers`) and must
+    # survive a rerun of `benchmarks.run`, which rewrites the rest of the file: private helpers,
+    # tested here because a whole run of either takes minutes.
+    from benchmarks.solvers import BEGIN, END, kept_section, write_section
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# report\n\nbody\n")
+    assert kept_section(path) is None
+    write_section(path, f"{BEGIN}\nfirst\n{END}\n")
+    write_section(path, f"{BEGIN}\nsecond\n{END}\n")
+    text = path.read_text()
+    assert text.startswith("# report\n\nbody\n") and "second" in text and "first" not in text
+    assert text.count(BEGIN) == 1 and kept_section(path) == f"{BEGIN}\nsecond\n{END}\n"
+
+
+@pytest.mark.slow
+def test_solvers_quick_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.solvers", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "solvers.json").read_text())["workloads"]["deep-linear"]
+    matched = {m["rtol"]: m for m in data["analysis"]["matched"]}
+    assert matched[1e-6]["solver"] == "tsit5" and matched[1e-10]["solver"] == "dop853"
+    for rtol, m in matched.items():
+        # auto's state at the save times against the Dopri8 reference (steps at save times).
+        assert m["error"] < 10 * rtol, (rtol, m["error"])
+    assert (tmp_path / "deep-linear-solvers-work-precision.png").read_bytes()[:4] == b"\x89PNG"

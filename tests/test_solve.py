@@ -216,9 +216,9 @@ def test_vector_field_evaluation_count_matches_actual_calls(random_flow):
         flow = gflow.GradientFlow(random_flow.model, counted_loss, random_flow.data)
         traj = gflow.solve(flow, 2.0, solver=solver, observers={"loss": deep_linear_loss})
         jax.effects_barrier()
-        # Counted from the tableau; the start-up heuristic's two evaluations may be merged
-        # by the compiler with the first stage, so the count may exceed the calls by up to 2.
-        assert 0 <= traj.stats["vector_field_evaluations"] - len(calls) <= 2, solver
+        # Counted from the tableau; a rejected first step evaluates its first stage again,
+        # which the stats cannot see, so the calls may exceed the count by one or two.
+        assert 0 <= len(calls) - traj.stats["vector_field_evaluations"] <= 2, solver
 
 
 def test_small_init_is_resolved_relative_to_its_size(saxe_target):
