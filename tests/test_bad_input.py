@@ -332,9 +332,18 @@ def test_library_resume_refuses_a_nan_checkpoint(checkpoint, tmp_path):
 
 
 def test_certify_without_a_transition_writes_null_and_resumes(tmp_path, capsys):
-    """`--certify` on a horizon too short for any transition: completed, JSON with null."""
+    """`--certify` on a horizon too short for any transition used to crash writing NaN into
+    summary.json, leaving a directory --resume could not finish. Here: that directory (config
+    and the final checkpoints of both passes, no results), resumed to a strict-JSON summary."""
     out = tmp_path / "run"
-    assert main(_fast("2") + ["--certify", "--out", str(out), "--quiet"]) == 0
+    out.mkdir()
+    overrides = [o.replace("solve.t1=6", "solve.t1=2") for o in FAST_OVERRIDES]
+    resolved = presets.resolve("deep-linear", overrides + ["solve.certify=true"])
+    presets.run(resolved, checkpoint_dir=out)
+    (out / "config.toml").write_text(dumps_toml(resolved.config))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint-first-reference.eqx", "checkpoint-first.eqx", "config.toml"]
+    assert main(["--resume", str(out), "--quiet"]) == 0
     text = (out / "summary.json").read_text()
     # Strict JSON: NaN and Infinity would fail here.
     summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
