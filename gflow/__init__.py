@@ -12,6 +12,7 @@ from ._errors import InputError as InputError
 from ._flow import GradientFlow as GradientFlow
 from ._grids import linear_grid as linear_grid, log_grid as log_grid
 from ._prediction import Prediction as Prediction
+from ._scaling import ScalingLaw as ScalingLaw
 from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
 from ._trajectory import Trajectory as Trajectory, load as load
 from ._sweep import (

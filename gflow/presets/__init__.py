@@ -135,7 +135,7 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
     problem = build(resolved)
     settings = resolved.solve
 
-    def solve_on(ts, stage: str):
+    def solve_on(ts, stage: str, certify: bool):
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = Path(checkpoint_dir) / f"checkpoint-{stage}.eqx"
@@ -152,17 +152,20 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
             max_steps=settings.max_steps,
             # Passes after the first say which they are on their bar.
             progress=progress and (True if stage == "first" else f"{stage} pass"),
-            certify=settings.certify,
+            certify=certify,
             checkpoint=checkpoint,
             checkpoint_steps=settings.checkpoint_steps or None,
             resume=resume,
         )
 
-    traj = solve_on(settings.save_times(), "first")
+    # Certify the pass that is reported: with `refine`, the refined one.
+    traj = solve_on(settings.save_times(), "first", settings.certify and not settings.refine)
     refined = settings.refine and settings.refined_save_times(traj.transitions.values())
+    if settings.refine and refined is None and settings.certify:
+        refined = settings.save_times()  # nothing reached to refine around: certify as is
     if refined is not None and refined is not False:
         first = traj
-        traj = solve_on(refined, "refined")
+        traj = solve_on(refined, "refined", settings.certify)
         # Report the work of both passes.
         stats = {k: first.stats[k] + traj.stats[k] for k in traj.stats
                  if isinstance(traj.stats[k], (int, float)) and first.stats[k] is not None}
@@ -172,4 +175,6 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
     errors = traj.errors.get("transitions", {})
     predictions = {name: p.with_error(errors[name]) if errors.get(name) is not None else p
                    for name, p in predictions.items()}
-    return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions)
+    return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions,
+                                        criteria=dict(problem.criteria),
+                                        references=dict(problem.references))
