@@ -31,3 +31,29 @@ from . import theory as theory
 from . import presets as presets
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GradientFlow",
+    "InputError",
+    "Prediction",
+    "ScalingFit",
+    "ScalingLaw",
+    "Sweep",
+    "SweepMember",
+    "Trajectory",
+    "Transition",
+    "error_estimates",
+    "linear_grid",
+    "load",
+    "log_grid",
+    "plot_fit",
+    "solve",
+    "sweep",
+    "sweep_points",
+    "measures",
+    "models",
+    "observers",
+    "presets",
+    "tasks",
+    "theory",
+]

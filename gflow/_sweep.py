@@ -525,6 +525,7 @@ class SweepMember(eqx.Module):
 
     @property
     def completed(self) -> bool:
+        """Whether the member's solve reached `t1`."""
         return self.status == "completed"
 
 
@@ -934,9 +935,13 @@ def plot_fit(fit: ScalingFit, sweep: "Sweep | None" = None):
         basis = f"\n({fit.basis})" if fit.basis else ""
         ax.plot(grid, expected, "--", color="tab:blue", lw=1.2,
                 label=f"theory: {what} {fit.expected:.4g}{basis}")
+    from .plot import _plain_log_ticks
+
     ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
     if fit.law == "power":
         ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
     ax.set_xlabel(f"{fit.against} (log scale)")
     ax.set_ylabel(f"time of {fit.transition}" + (" (log scale)" if fit.law == "power" else ""))
     law = "T = A x^k" if fit.law == "power" else "T = a + k ln(1/x)"

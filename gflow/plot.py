@@ -24,7 +24,20 @@ _MAX_LEGEND = 8
 # balanced pair of layers) both stay visible.
 _DASHES = ("-", "--", "-.", ":")
 _DPI = 110
+# Fixed layout of a time-series figure, in inches: axes width, margins for the tick labels and
+# axis label on the left and the title's overhang on the right, and the width of a character
+# of a 7-point legend entry (an upper bound, so that no entry is clipped).
+_AXES_WIDTH, _LEFT, _RIGHT, _CHAR_WIDTH = 5.0, 0.85, 0.2, 0.065
 FORMATS = ("png", "pdf", "svg")
+
+
+def _plain_log_ticks(axis) -> None:
+    """Decade labels as plain text (`1e-06`, `0.01`, `100`): matplotlib's default writes them
+    as mathtext, whose parsing is most of a simple figure's drawing time."""
+    from matplotlib import ticker
+
+    axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _time_axis(ts: np.ndarray, time_axis: str) -> tuple[np.ndarray, bool]:
@@ -104,14 +117,25 @@ def plot_observable(
     rows, log_t = _time_axis(np.asarray(traj.ts), time_axis)
     ts, values = np.asarray(traj.ts)[rows], values[rows]
 
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.add_subplot()
     title = name
     if values.shape[1] > _MAX_LINES:
         keep = np.sort(np.argsort(-np.nanmax(np.abs(values), axis=0))[:_MAX_LINES])
         title = f"{name} (largest {_MAX_LINES} of {values.shape[1]} components)"
         values, names = values[:, keep], [names[k] for k in keep]
     k = values.shape[1]
+    # A fixed layout (no layout engine, no tight box: each costs a second draw), with room on
+    # the right for the legend or colour bar, sized from the longest legend entry.
+    legend = 1 < k <= _MAX_LEGEND
+    side = 0.0
+    if legend:
+        side = 0.35 + _CHAR_WIDTH * max(len(n) for n in names)
+    elif k > _MAX_LEGEND:
+        side = 0.2
+    width = _AXES_WIDTH + _LEFT + _RIGHT + side
+    fig = Figure(figsize=(width, 4.0))
+    fig.subplots_adjust(left=_LEFT / width, right=1 - (_RIGHT + side) / width, bottom=0.12,
+                        top=0.92)
+    ax = fig.add_subplot()
     if k > _MAX_LEGEND:
         import matplotlib as mpl
 
@@ -119,7 +143,8 @@ def plot_observable(
         norm = mpl.colors.Normalize(0, k - 1)
         for j in range(k):
             ax.plot(ts, values[:, j], lw=1.2, color=cmap(norm(j)))
-        bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
+        bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02,
+                           fraction=0.06)
         bar.set_label("component" + (f" (0 = {names[0]}, {k - 1} = {names[-1]})"
                                      if names[0] != "[0]" else " index"))
     else:
@@ -132,8 +157,10 @@ def plot_observable(
     # exact zeros (e.g. the change at t0) are simply not drawn there.
     if positive.size and np.all(finite >= 0) and positive.max() / positive.min() > 1e3:
         ax.set_yscale("log", nonpositive="mask")
+        _plain_log_ticks(ax.yaxis)
     if log_t:
         ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
     for label, level in (references or {}).items():
         if math.isfinite(level):
             ax.axhline(level, color="0.45", ls=":", lw=1.0)
@@ -147,8 +174,8 @@ def plot_observable(
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("flow time t" + (" (log scale)" if log_t else ""))
     ax.set_ylabel(name)
-    if 1 < k <= _MAX_LEGEND:
-        # Outside the axes, so that it hides no curve; saved with a tight bounding box.
+    if legend:
+        # Outside the axes, so that it hides no curve, in the room left for it.
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     return fig
@@ -267,34 +294,42 @@ def save_figures(
     for name in figure_names(traj, tuple(heatmaps)):
         if name in flat and np.ndim(flat[name]) == 3:
             fig = plot_heatmaps(traj, name, labels=tuple(labels.get(name.split("/")[0], ())))
+            # Panels and colour bar of any count: a tight box (one more draw) clips nothing.
+            box = "tight"
         else:
             fig = plot_observable(traj, name, time_axis=time_axis,
                                   labels=tuple(labels.get(name, ())),
                                   references=references.get(name))
+            box = None  # laid out to fit
         for fmt in formats:
             buffer = io.BytesIO()
-            # A tight box: legends outside the axes and colour-bar labels are never clipped.
-            fig.savefig(buffer, format=fmt, dpi=_DPI, bbox_inches="tight", pad_inches=0.05)
+            fig.savefig(buffer, format=fmt, dpi=_DPI, bbox_inches=box, pad_inches=0.05)
             path = directory / (name.replace("/", "__") + "." + fmt)
             atomic_write_bytes(path, buffer.getvalue())
             written.append(path)
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gflow.plot RUN_DIR [--linear] [--formats png,pdf]`: redraw a saved run's
-    figures."""
+def _parser():
     import argparse
 
-    from ._trajectory import load
-
-    parser = argparse.ArgumentParser(prog="python -m gflow.plot", description=main.__doc__)
-    parser.add_argument("run_dir")
+    parser = argparse.ArgumentParser(
+        prog="python -m gflow.plot",
+        description="Redraw the figures of a saved run (RUN_DIR/figures) with its [plot] settings.")
+    parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--linear", action="store_true", help="linear time axis")
     parser.add_argument("--formats", metavar="LIST",
                         help="comma-separated figure formats, of png, pdf, svg "
                         "(default: the run's plot.formats, else png)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gflow.plot RUN_DIR [--linear] [--formats png,pdf]`: redraw a saved run's
+    figures; returns the exit status."""
+    from ._trajectory import load
+
+    args = _parser().parse_args(argv)
     try:
         traj = load(args.run_dir)
         plot = (traj.config or {}).get("plot", {})

@@ -107,3 +107,16 @@ def test_figures_need_neither_pyplot_nor_a_backend_switch(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "x.png").is_file()
+
+
+@pytest.mark.parametrize("labels", [("a", "b"), ("a long legend entry of forty characters!", "b")])
+def test_nothing_is_clipped(labels):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plot_observable(_trajectory(), "ranks", labels=labels)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    # Everything drawn (legend outside the axes included) lies inside the figure.
+    box = fig.get_tightbbox(renderer)
+    width, height = fig.get_size_inches()
+    assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, box

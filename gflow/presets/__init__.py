@@ -67,6 +67,7 @@ class Resolved:
 
     @property
     def name(self) -> str:
+        """The preset's name (`preset.name`), else the problem kind."""
         return self.config.get("preset", {}).get("name", self.problem_kind)
 
 
