@@ -208,28 +208,40 @@ def plot_heatmaps(traj: Trajectory, name: str, *, times=None, labels: tuple[str,
         times = [(ts[0], "t0")] + [(t, k) for t, k in reached] + [(ts[-1], "end")]
     else:
         times = [(t, f"t={t:.4g}") for t in times]
-    fig = Figure(figsize=(2.6 * len(times) + 0.8, 3.1))
+    # A fixed layout in inches (no layout engine, no tight box: each costs a second draw):
+    # square panels, then the colour bar and its label.
+    panel, gap, left, right, bottom, top = 2.1, 0.35, 0.55, 1.05, 0.5, 0.75
+    width = left + len(times) * panel + (len(times) - 1) * gap + right
+    height = bottom + panel + top
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                        top=1 - top / height, wspace=gap / panel)
     axes = fig.subplots(1, len(times), squeeze=False)[0]
     symmetric = np.nanmin(values) < 0
     rows, cols = values.shape[1:]
     for j, (ax, (t, label)) in enumerate(zip(axes, times)):
         i = max(int(np.searchsorted(ts, t, side="right")) - 1, 0)
         image = ax.imshow(values[i], cmap="RdBu_r" if symmetric else "viridis",
-                          vmin=-1 if symmetric else None, vmax=1 if symmetric else None)
+                          vmin=-1 if symmetric else None, vmax=1 if symmetric else None,
+                          interpolation="nearest")
         ax.set_title(f"{label}\n(t={ts[i]:.4g})", fontsize=8)
         ax.set_xlabel("column", fontsize=7)
         if j == 0:
             ax.set_ylabel("row", fontsize=7)
         for axis, n in ((ax.xaxis, cols), (ax.yaxis, rows)):
-            if len(labels) == n:
+            # Named rows get every tick; indices only the first and last (ticks are most of
+            # a heatmap's drawing time), row ticks only on the first panel.
+            if len(labels) == n and (axis is ax.xaxis or j == 0):
                 axis.set_ticks(range(n), labels, fontsize=6)
-            elif n <= 12:
-                axis.set_ticks(range(n), [str(v) for v in range(n)], fontsize=6)
+            elif axis is ax.xaxis or j == 0:
+                axis.set_ticks([0, n - 1], ["0", str(n - 1)], fontsize=6)
             else:
                 axis.set_ticks([])
-    bar = fig.colorbar(image, ax=list(axes), shrink=0.85)
+    cax = fig.add_axes([1 - (right - 0.15) / width, bottom / height, 0.12 / width,
+                        panel / height])
+    bar = fig.colorbar(image, cax=cax)
     bar.set_label(name, fontsize=8)
-    fig.suptitle(name, fontsize=9)
+    fig.suptitle(name, fontsize=9, y=1 - 0.12 / height)
     return fig
 
 
@@ -294,16 +306,13 @@ def save_figures(
     for name in figure_names(traj, tuple(heatmaps)):
         if name in flat and np.ndim(flat[name]) == 3:
             fig = plot_heatmaps(traj, name, labels=tuple(labels.get(name.split("/")[0], ())))
-            # Panels and colour bar of any count: a tight box (one more draw) clips nothing.
-            box = "tight"
         else:
             fig = plot_observable(traj, name, time_axis=time_axis,
                                   labels=tuple(labels.get(name, ())),
                                   references=references.get(name))
-            box = None  # laid out to fit
         for fmt in formats:
             buffer = io.BytesIO()
-            fig.savefig(buffer, format=fmt, dpi=_DPI, bbox_inches=box, pad_inches=0.05)
+            fig.savefig(buffer, format=fmt, dpi=_DPI)  # laid out to fit: no tight box
             path = directory / (name.replace("/", "__") + "." + fmt)
             atomic_write_bytes(path, buffer.getvalue())
             written.append(path)

@@ -109,11 +109,17 @@ def test_figures_need_neither_pyplot_nor_a_backend_switch(tmp_path):
     assert (tmp_path / "x.png").is_file()
 
 
-@pytest.mark.parametrize("labels", [("a", "b"), ("a long legend entry of forty characters!", "b")])
-def test_nothing_is_clipped(labels):
+@pytest.mark.parametrize("draw", [
+    lambda t: plot_observable(t, "ranks", labels=("a", "b")),
+    lambda t: plot_observable(t, "ranks", labels=("a long legend entry of forty characters!", "b")),
+    lambda t: plot_observable(t, "spectrum"),
+    lambda t: plot_heatmaps(t, "cos"),
+    lambda t: plot_heatmaps(t, "cos", labels=("mu_1", "mu_2", "mu_3")),
+])
+def test_nothing_is_clipped(draw):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = plot_observable(_trajectory(), "ranks", labels=labels)
+    fig = draw(_trajectory())
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
     # Everything drawn (legend outside the axes included) lies inside the figure.
