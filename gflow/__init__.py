@@ -23,6 +23,7 @@ from ._dop853 import DOP853 as DOP853
 from ._grids import linear_grid as linear_grid, log_grid as log_grid
 from ._prediction import Prediction as Prediction
 from ._solvers import auto_solver as auto_solver
+from ._scaling import ScalingLaw as ScalingLaw
 from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
 from ._trajectory import Trajectory as Trajectory, load as load
 from ._sweep import (
@@ -41,3 +42,29 @@ from . import theory as theory
 from . import presets as presets
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GradientFlow",
+    "InputError",
+    "Prediction",
+    "ScalingFit",
+    "ScalingLaw",
+    "Sweep",
+    "SweepMember",
+    "Trajectory",
+    "Transition",
+    "error_estimates",
+    "linear_grid",
+    "load",
+    "log_grid",
+    "plot_fit",
+    "solve",
+    "sweep",
+    "sweep_points",
+    "measures",
+    "models",
+    "observers",
+    "presets",
+    "tasks",
+    "theory",
+]

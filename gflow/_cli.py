@@ -51,9 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show a progress bar over flow time")
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
                    help="run on this JAX platform (default: JAX's choice)")
-    p.add_argument("--certify", action="store_true",
+    p.add_argument("--certify", action=argparse.BooleanOptionalAction, default=None,
                    help="re-solve with 100x smaller tolerances and report error estimates "
-                   "(solve.certify)")
+                   "(solve.certify; default on with an adaptive solver, unless the config "
+                   "sets it)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write no figures (python -m gflow.plot RUN_DIR draws them later)")
     p.add_argument("--x32", action="store_true",
                    help="compute in float32 instead of float64 (solve.x32); needs rtol >= 1e-5")
     p.add_argument("--overwrite", action="store_true",
@@ -446,6 +449,15 @@ def _check_resume(out: Path, given: list[str]) -> None:
         checked_checkpoint(path)
 
 
+def _certify_by_default(resolved) -> bool:
+    """Error bars by default on the command line: certify unless the config (or
+    --no-certify) says otherwise, or the solver has no error estimate to tighten."""
+    from ._solvers import is_adaptive, make_solver
+
+    return "certify" not in resolved.config.get("solve", {}) and is_adaptive(
+        make_solver(resolved.solve.solver, resolved.solve.rtol))
+
+
 def _run(args, session: _Session) -> int:
     from . import presets
     from ._config import dumps_toml
@@ -465,8 +477,8 @@ def _run(args, session: _Session) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"solve.{flag}={value!r}" if flag == "solver" else f"solve.{flag}={value}")
-    if args.certify:
-        overrides.append("solve.certify=true")
+    if args.certify is not None:
+        overrides.append(f"solve.certify={str(args.certify).lower()}")
     if args.x32:
         overrides.append("solve.x32=true")
     if args.resume:
@@ -486,6 +498,8 @@ def _run(args, session: _Session) -> int:
     else:
         source = args.config or presets.DEFAULT_PRESET
         resolved = presets.resolve(source, overrides)
+        if _certify_by_default(resolved):
+            resolved = presets.resolve(source, overrides + ["solve.certify=true"])
         if args.show:
             presets.check(resolved)  # ranges a builder checks are bad input here too
             print(dumps_toml(resolved.config), end="")
@@ -530,16 +544,17 @@ def _run(args, session: _Session) -> int:
             session.remove_unstarted()
         raise
 
-    from .plot import save_figures
-
+    # Results first (summary.json, trajectory.npz), figures after: they are redrawable.
     traj.save(out)
-    save_figures(
-        traj, out / "figures", time_axis=resolved.plot.time_axis, labels=resolved.plot.labels,
-        heatmaps=resolved.plot.heatmaps,
-    )
     # Results are complete: the checkpoints have served.
     for checkpoint in out.glob(_CHECKPOINTS):
         checkpoint.unlink()
+    if not args.no_figures:
+        from .plot import save_figures
+
+        plot = resolved.plot
+        save_figures(traj, out / "figures", time_axis=plot.time_axis, labels=plot.labels,
+                     heatmaps=plot.heatmaps, formats=plot.formats)
     if not args.quiet:
         print(_report(traj, problem, out))
     return 0 if traj.status == "completed" else EXIT_RUN_FAILED

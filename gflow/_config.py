@@ -184,15 +184,21 @@ class PlotSettings:
         `stable_rank = ["W_Q", "W_K", "W_V", "W1"]`.
     - `heatmaps`: matrix-valued observables drawn as heatmaps at t0, each transition and the
         end (e.g. `["cosine"]`).
+    - `formats`: figure file formats, of `"png"`, `"pdf"`, `"svg"`; default PNG only (PDF is
+        opt-in: it costs as much again).
     """
 
     time_axis: str = "log"
     labels: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     heatmaps: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ("png",)
 
     def __post_init__(self):
         if self.time_axis not in ("log", "linear"):
             raise InputError(f"plot.time_axis must be 'log' or 'linear', got {self.time_axis!r}")
+        if not self.formats or any(f not in ("png", "pdf", "svg") for f in self.formats):
+            raise InputError(
+                f"plot.formats must list formats among png, pdf, svg, got {list(self.formats)}")
 
 
 def _type_name(annotation) -> str:

@@ -73,6 +73,7 @@ from ._solve import (
     _prepare as _solve_prepare,
     _resolve_ts,
 )
+from ._scaling import ScalingLaw
 from ._solvers import make_solver, solver_name
 from ._stats import fit_line
 from ._trajectory import (
@@ -235,6 +236,7 @@ class SweepMember(eqx.Module):
 
     @property
     def completed(self) -> bool:
+        """Whether the member's solve reached `t1`."""
         return self.status == "completed"
 
 
@@ -253,7 +255,7 @@ class ScalingFit(eqx.Module):
     **Fields:** `transition`, `against`, `law`, `slope`, `intercept`, `stderr`, `ci95`,
     `x` (distinct values), `y` (their mean times, in time units), `counts` (members averaged
     per value), `excluded` (members without a finite time),
-    `expected` (the theory's slope, if given).
+    `expected` (the theory's slope, if given), `basis` (where that slope comes from).
     """
 
     transition: str
@@ -268,6 +270,7 @@ class ScalingFit(eqx.Module):
     counts: np.ndarray
     excluded: int
     expected: float | None = None
+    basis: str = ""
 
     def predict(self, x: Float[ArrayLike, "..."]) -> Float[np.ndarray, "..."]:
         """The fitted transition time at `x`."""
@@ -304,9 +307,24 @@ class ScalingFit(eqx.Module):
             points=len(self.x),
             excluded=self.excluded,
             expected=self.expected,
+            basis=self.basis,
             rel_error=finite(self.rel_error),
             agrees=self.agrees,
         )
+
+    @property
+    def description(self) -> str:
+        """One line: the fitted slope with its interval, and the theory's beside it."""
+        what = "exponent" if self.law == "power" else "slope vs ln(1/x)"
+        low, high = self.ci95
+        interval = f" (95%: {low:.4g} .. {high:.4g})" if math.isfinite(low) else ""
+        line = f"{what} {self.slope:.6g}{interval}"
+        if self.expected is not None:
+            verdict = {True: "inside", False: "outside", None: "no"}[self.agrees]
+            line += f"; theory {self.expected:.6g} ({verdict} the interval)"
+            if self.basis:
+                line += f" from {self.basis}"
+        return line
 
 
 class Sweep(eqx.Module):
@@ -397,13 +415,23 @@ class Sweep(eqx.Module):
             )
         )
 
-    def save(self, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-        """Write `sweep.json` (`summary()`, updated with `extra`) and `members.csv` (`table()`).
+    def save(
+        self,
+        path: str | os.PathLike,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        fits: Sequence["ScalingFit"] = (),
+    ) -> Path:
+        """Write `sweep.json` (`summary()`, updated with `extra` and the `fits`), `members.csv`
+        (`table()`) and, for each fit, its figure `figures/<transition>_vs_<against>.png`
+        (`plot_fit`).
 
         **Arguments:**
 
         - `path`: the directory (created if missing).
-        - `extra`: more JSON-ready entries for `sweep.json` (e.g. the config, fits).
+        - `extra`: more JSON-ready entries for `sweep.json` (e.g. the config).
+        - `fits`: `ScalingFit`s of this sweep (from `Sweep.fit`), written to `sweep.json`
+            under `fits` and drawn.
 
         **Returns:**
 
@@ -411,7 +439,8 @@ class Sweep(eqx.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        summary = self.summary() | _json_ready(dict(extra or {}))
+        extra = dict(extra or {}) | ({"fits": [f.summary() for f in fits]} if fits else {})
+        summary = self.summary() | _json_ready(extra)
         text = json.dumps(summary, indent=2, default=_json_default, allow_nan=False)
         atomic_write_bytes(path / SWEEP_FILE, (text + "\n").encode())
         rows = self.table()
@@ -421,13 +450,19 @@ class Sweep(eqx.Module):
         for row in rows:
             writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
         atomic_write_bytes(path / MEMBERS_FILE, buffer.getvalue().encode())
+        for fit in fits:
+            (path / "figures").mkdir(exist_ok=True)
+            buffer = io.BytesIO()
+            plot_fit(fit, self).savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+            name = f"{fit.transition}_vs_{fit.against}".replace("/", "__")
+            atomic_write_bytes(path / "figures" / f"{name}.png", buffer.getvalue())
         return path
 
     def fit(
         self,
         transition: str,
         against: str = "eps",
-        law: str = "power",
+        law: "str | ScalingLaw" = "power",
         *,
         expected: float | None = None,
     ) -> ScalingFit:
@@ -437,14 +472,18 @@ class Sweep(eqx.Module):
 
         - `transition`: a transition name.
         - `against`: a swept axis with positive numeric values.
-        - `law`: `"power"` (slope of `ln T` against `ln x`: the exponent) or `"log"` (slope of
-            `T` against `ln(1/x)`).
+        - `law`: `"power"` (slope of `ln T` against `ln x`: the exponent), `"log"` (slope of
+            `T` against `ln(1/x)`), or a `gflow.ScalingLaw` (theory's law: fitted, with its
+            slope as `expected` and its basis).
         - `expected`: the theory's slope, to compare with (`ScalingFit.agrees`, `rel_error`).
 
         **Returns:**
 
         A `ScalingFit`; members that never reached the transition are left out.
         """
+        basis = ""
+        if isinstance(law, ScalingLaw):
+            law, expected, basis = law.law, law.slope if expected is None else expected, law.basis
         if law not in ("power", "log"):
             raise InputError(f"law must be 'power' or 'log', got {law!r}")
         if against not in self.axes:
@@ -492,23 +531,27 @@ class Sweep(eqx.Module):
             counts=np.asarray([t.size for t in times]),
             excluded=excluded,
             expected=None if expected is None else float(expected),
+            basis=basis,
         )
 
 
 def plot_fit(fit: ScalingFit, sweep: "Sweep | None" = None):
-    """A figure of a scaling fit: transition time against the swept parameter, log axes.
+    """A figure of a scaling fit: transition time against the swept parameter.
 
     Each member is a small grey dot (when `sweep` is given), the per-value means black
-    dots, the fitted law a line labelled with its slope and 95% interval, and the expected law
-    (if the fit has one) a dashed line through the data's centre.
+    dots, the fitted law a line labelled with its slope and 95% interval, and the theory's
+    law (if the fit has an expected slope) a dashed line of that slope through the data's
+    centre, labelled with its slope. Log-log axes for a power law; time against `ln(1/x)`
+    (log x axis) for a log law.
 
     **Returns:**
 
-    A `matplotlib.figure.Figure`.
+    A `matplotlib.figure.Figure` (no pyplot: nothing global changes).
     """
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(5.6, 4.0), layout="constrained")
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
     if sweep is not None:
         points = [
             (m.point[fit.against], m.transitions.get(fit.transition, math.nan))
@@ -532,15 +575,21 @@ def plot_fit(fit: ScalingFit, sweep: "Sweep | None" = None):
         else:
             centre = np.mean(fit.y) - fit.expected * np.mean(np.log(1.0 / fit.x))
             expected = centre + fit.expected * np.log(1.0 / grid)
+        basis = f"\n({fit.basis})" if fit.basis else ""
         ax.plot(grid, expected, "--", color="tab:blue", lw=1.2,
-                label=f"expected {what} {fit.expected:.4g}")
+                label=f"theory: {what} {fit.expected:.4g}{basis}")
+    from .plot import _plain_log_ticks
+
     ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
     if fit.law == "power":
         ax.set_yscale("log")
-    ax.set_xlabel(fit.against)
-    ax.set_ylabel(f"time of {fit.transition}")
-    ax.set_title(f"{fit.transition} against {fit.against} ({fit.law} law)", fontsize=9)
-    ax.legend(fontsize=7)
+        _plain_log_ticks(ax.yaxis)
+    ax.set_xlabel(f"{fit.against} (log scale)")
+    ax.set_ylabel(f"time of {fit.transition}" + (" (log scale)" if fit.law == "power" else ""))
+    law = "T = A x^k" if fit.law == "power" else "T = a + k ln(1/x)"
+    ax.set_title(f"{fit.transition} against {fit.against}: {law}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3, which="both")
     return fig
 

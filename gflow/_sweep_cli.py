@@ -75,9 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", choices=("auto", "map", "vmap", "loop"), default="auto",
                    help="lax.map, vmap or a loop over one compiled program (default: map on "
                    "CPU, vmap on GPU/TPU)")
-    p.add_argument("--law", choices=("power", "log"), default="power",
+    p.add_argument("--law", choices=("power", "log"), default=None,
                    help="scaling law fitted to each transition: power (T ∝ x^k) or log "
-                   "(T = a + k ln(1/x)); default power")
+                   "(T = a + k ln(1/x)); default: against eps the law theory gives for the "
+                   "preset's transition (with its slope), else power")
     p.add_argument("--against", action="append", default=[], metavar="AXIS",
                    help="axis to fit against (repeatable; default every swept axis but seed "
                    "with positive numeric values)")
@@ -216,15 +217,11 @@ def _key(point: dict) -> tuple:
 
 
 def _run(args) -> int:
-    import io
-
     import jax
-    import matplotlib.pyplot as plt
 
     from . import presets
     from ._config import parse_value
-    from ._sweep import plot_fit, sweep, sweep_points
-    from ._trajectory import atomic_write_bytes
+    from ._sweep import sweep, sweep_points
 
     if not args.over:
         raise InputError("nothing to sweep: give at least one --over FIELD=VALUES")
@@ -319,6 +316,13 @@ def _run(args) -> int:
     if not lead:  # every process holds the same result, hence the same exit status
         return EXIT_RUN_FAILED if failed else 0
 
+    # Theory's law of each transition in eps (the preset's `scaling`), where every member's
+    # problem gives the same one.
+    laws = {}
+    for transition in result.transition_names:
+        given = {problem.scaling.get(transition) for problem in problems.values()}
+        if len(given) == 1 and None not in given:
+            laws[transition] = given.pop()
     fits, lines = [], []
     for transition in result.transition_names:
         for axis in against:
@@ -329,26 +333,16 @@ def _run(args) -> int:
             }
             if len(reached) < _MIN_FIT_VALUES:
                 continue
-            fit = result.fit(transition, against=axis, law=args.law)
+            theory = laws.get(transition) if axis == "eps" else None
+            if theory is not None and args.law in (None, theory.law):
+                fit = result.fit(transition, against=axis, law=theory)
+            else:
+                fit = result.fit(transition, against=axis, law=args.law or "power")
             fits.append(fit)
-            name = f"{transition}_vs_{axis}".replace("/", "__")
-            fig = plot_fit(fit, result)
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=110)
-            plt.close(fig)
-            (out / "figures").mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out / "figures" / f"{name}.png", buffer.getvalue())
-            low, high = fit.ci95
-            interval = f" (95%: {low:.4g} .. {high:.4g})" if math.isfinite(low) else ""
-            what = "exponent" if fit.law == "power" else "slope vs ln(1/x)"
-            lines.append(f"  {transition} vs {axis}: {what} {fit.slope:.6g}{interval}, "
+            lines.append(f"  {transition} vs {axis} ({fit.law} law): {fit.description}; "
                          f"{len(fit.x)} values, {fit.excluded} member(s) excluded")
-    result.save(out, extra=dict(
-        preset=base.name,
-        config=base.config,
-        batch=args.batch,
-        fits=[f.summary() for f in fits],
-    ))
+    result.save(out, extra=dict(preset=base.name, config=base.config, batch=args.batch),
+                fits=fits)
 
     if not quiet:
         compile_s = sum(g["compile_seconds"] for g in result.groups)
@@ -357,8 +351,7 @@ def _run(args) -> int:
               f"{len(result.groups)} compiled program(s), batch {result.groups[0]['batch']}")
         print(f"seconds     compile {compile_s:.2f}, run {run_s:.2f}")
         if lines:
-            print("fits (" + ("ln T = a + k ln x" if args.law == "power" else "T = a + k ln(1/x)")
-                  + ")")
+            print("fits (power law: ln T = a + k ln x; log law: T = a + k ln(1/x))")
             print("\n".join(lines))
         print(f"written     {out}")
     return EXIT_RUN_FAILED if failed else 0

@@ -132,6 +132,9 @@ class Trajectory(eqx.Module):
     - `predictions`: `{name: gflow.Prediction}` comparisons with theory, filled by presets.
     - `errors`: error estimates from `solve(..., certify=True)` (see `gflow.error_estimates`),
         else empty.
+    - `criteria`: `{transition name: one-line criterion}`, filled by presets.
+    - `references`: `{observable: {label: level}}`: levels theory gives for an observable
+        (e.g. a target's singular values), drawn as horizontal lines; filled by presets.
     """
 
     ts: Float[np.ndarray, " n"]
@@ -150,6 +153,8 @@ class Trajectory(eqx.Module):
     config: dict[str, Any] | None = None
     predictions: dict[str, Prediction] = eqx.field(default_factory=dict)
     errors: dict[str, Any] = eqx.field(default_factory=dict)
+    criteria: dict[str, str] = eqx.field(default_factory=dict)
+    references: dict[str, dict[str, float]] = eqx.field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -174,6 +179,8 @@ class Trajectory(eqx.Module):
             atol=self.atol,
             stats=self.stats,
             transitions={k: _finite_or_none(v) for k, v in self.transitions.items()},
+            criteria=self.criteria,
+            references=_json_ready(self.references),
             predictions={k: p.to_json() for k, p in self.predictions.items()},
             errors=_json_ready(self.errors),
             config=self.config,
@@ -255,4 +262,7 @@ def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
         predictions={k: Prediction.from_json(p)
                      for k, p in summary.get("predictions", {}).items()},
         errors=summary.get("errors", {}),
+        criteria=summary.get("criteria", {}),
+        references={k: {label: nan_if_none(v) for label, v in levels.items()}
+                    for k, levels in summary.get("references", {}).items()},
     )

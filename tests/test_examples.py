@@ -163,9 +163,9 @@ def test_escape_scaling(runs):
         rf"exponent of t_escape vs eps: ({FLOAT}) \(95% interval \[({FLOAT}), ({FLOAT})\]", stdout)
     assert abs(exponent + 1) < 0.1 and low < exponent < high
     fits = numbers(rf"mode\d \(s = ({FLOAT})\): slope of t vs ln\(1/eps\): ({FLOAT}) \(95% "
-                   rf"interval \[({FLOAT}), ({FLOAT})\]\), predicted 1/\(2 s\) = ({FLOAT})", stdout)
+                   rf"interval \[({FLOAT}), ({FLOAT})\]\), predicted 1/s = ({FLOAT})", stdout)
     assert len(fits) == 2
     for s, slope, low, high, predicted in fits:
-        assert predicted == pytest.approx(1 / (2 * s), rel=1e-4)
-        # ln(s/ε − 1) is a line in ln(1/ε) only as ε → 0: a 2% band, not the interval.
+        assert predicted == pytest.approx(1 / s, rel=1e-4)  # eps scales each factor: u0 = eps²
+        # ln(s/ε² − 1) is a line in ln(1/ε) only as ε → 0: a 2% band, not the interval.
         assert abs(slope - predicted) < 0.02 * predicted and low < slope < high

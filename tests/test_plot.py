@@ -1,9 +1,14 @@
-"""Figures: written for every observable, heatmaps at t0/transitions/end, redrawn from disk."""
+"""Figures: written for every observable, labelled, grouped, heatmaps at t0/transitions/end,
+redrawn from disk, drawn without pyplot."""
+
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 import gflow
-from gflow.plot import main as plot_main, plot_heatmaps, save_figures
+from gflow.plot import main as plot_main, plot_heatmaps, plot_observable, save_figures
 
 
 def _trajectory():
@@ -14,29 +19,110 @@ def _trajectory():
             "loss": np.exp(-ts),
             "ranks": np.stack([1 + ts, 2 + ts], axis=1),
             "cos": np.stack([np.eye(3) * (1 - t) + t for t in ts / 2]),
+            "type_losses": {f"type{k}": np.exp(-k * ts) for k in (1, 2, 3)},
+            "spectrum": np.exp(-np.outer(ts, np.arange(12.0))),
         },
         transitions={"half": 1.0, "never": float("nan")},
         final=None, t0=0.0, t1=2.0, t_final=2.0, status="completed", message="",
         stats={}, solver="tsit5", rtol=1e-8, atol=1e-10,
+        references={"spectrum": {"s_1": 1.0, "s_1/2": 0.5}},
     )
 
 
-def test_save_figures_and_heatmap_panels(tmp_path):
+def _labelled(fig) -> None:
+    """Every axes with data has both axis labels; every colour bar has a label."""
+    for ax in fig.axes:
+        if ax.lines or ax.images:
+            assert ax.get_xlabel() and ax.get_ylabel() or ax.images, ax.get_title()
+            assert ax.get_xlabel(), ax.get_title()
+        else:  # a colour bar
+            assert ax.get_ylabel() or ax.get_xlabel()
+
+
+def test_save_figures_png_by_default_and_heatmap_panels(tmp_path):
     traj = _trajectory()
     paths = save_figures(traj, tmp_path, labels={"ranks": ["a", "b"]}, heatmaps=("cos",))
     names = sorted(p.name for p in paths)
-    assert names == sorted(f"{n}.{f}" for n in ("loss", "ranks", "cos") for f in ("png", "pdf"))
-    assert all(p.stat().st_size > 1000 for p in paths)
+    # The per-type losses are one figure; PNG only unless asked.
+    assert names == sorted(f"{n}.png" for n in ("loss", "ranks", "cos", "type_losses",
+                                                 "spectrum"))
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
     fig = plot_heatmaps(traj, "cos")
     panels = [ax for ax in fig.axes if ax.images]
     # t0, the one reached transition, and the end; each shows its own save.
     assert [ax.get_title().split("\n")[0] for ax in panels] == ["t0", "half", "end"]
     np.testing.assert_array_equal(panels[1].images[0].get_array(), traj.observables["cos"][10])
+    _labelled(fig)
+    paths = save_figures(traj, tmp_path / "pdf", formats=("png", "pdf"))
+    assert {p.suffix for p in paths} == {".png", ".pdf"}
+    assert all(p.read_bytes()[:4] == b"%PDF" for p in paths if p.suffix == ".pdf")
+    with pytest.raises(gflow.InputError, match="formats"):
+        save_figures(traj, tmp_path, formats=("gif",))
+
+
+def test_figures_are_labelled_grouped_and_carry_references():
+    traj = _trajectory()
+    groups = plot_observable(traj, "type_losses")
+    (ax,) = groups.axes
+    assert [line.get_label() for line in ax.lines[:3]] == ["type1", "type2", "type3"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["type1", "type2", "type3"]
+    _labelled(groups)
+    # Two lines that coincide stay distinguishable: different dash patterns.
+    ranks = plot_observable(traj, "ranks", labels=("a", "b"))
+    assert len({line.get_linestyle() for line in ranks.axes[0].lines[:2]}) == 2
+    # Many lines: a colour map and a labelled colour bar instead of a legend.
+    spectrum = plot_observable(traj, "spectrum", references=traj.references["spectrum"])
+    main, bar = spectrum.axes
+    assert main.get_legend() is None and bar.get_ylabel().startswith("component")
+    _labelled(spectrum)
+    levels = sorted(line.get_ydata()[0] for line in main.lines if line.get_linestyle() == ":")
+    assert levels == [0.5, 1.0]
+    assert {t.get_text() for t in main.texts} >= {"s_1", "s_1/2", "half"}
 
 
 def test_redraw_from_a_run_directory(tmp_path, capsys):
     _trajectory().save(tmp_path)
+    assert gflow.load(tmp_path).references == {"spectrum": {"s_1": 1.0, "s_1/2": 0.5}}
     assert plot_main([str(tmp_path)]) == 0
     assert (tmp_path / "figures" / "loss.png").is_file()
+    assert not (tmp_path / "figures" / "loss.pdf").exists()
+    assert plot_main([str(tmp_path), "--formats", "pdf,png"]) == 0
+    assert (tmp_path / "figures" / "loss.pdf").is_file()
+    assert plot_main([str(tmp_path), "--formats", "gif"]) == 2
     assert plot_main([str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("gflow.plot: error:")
+
+
+def test_figures_need_neither_pyplot_nor_a_backend_switch(tmp_path):
+    # In a fresh process: pytest or another test may have imported pyplot here.
+    code = (
+        "import sys, numpy as np, gflow; from gflow.plot import save_figures; "
+        "import matplotlib; backend = dict.__getitem__(matplotlib.rcParams, 'backend'); "
+        "t = gflow.Trajectory(ts=np.linspace(0, 1, 5), observables={'x': np.arange(5.0)}, "
+        "transitions={}, final=None, t0=0.0, t1=1.0, t_final=1.0, status='completed', "
+        "message='', stats={}, solver='tsit5', rtol=1e-8, atol=1e-10); "
+        f"save_figures(t, {str(tmp_path)!r}); "
+        "assert 'matplotlib.pyplot' not in sys.modules; "
+        "assert dict.__getitem__(matplotlib.rcParams, 'backend') == backend"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "x.png").is_file()
+
+
+@pytest.mark.parametrize("draw", [
+    lambda t: plot_observable(t, "ranks", labels=("a", "b")),
+    lambda t: plot_observable(t, "ranks", labels=("a long legend entry of forty characters!", "b")),
+    lambda t: plot_observable(t, "spectrum"),
+    lambda t: plot_heatmaps(t, "cos"),
+    lambda t: plot_heatmaps(t, "cos", labels=("mu_1", "mu_2", "mu_3")),
+])
+def test_nothing_is_clipped(draw):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = draw(_trajectory())
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    # Everything drawn (legend outside the axes included) lies inside the figure.
+    box = fig.get_tightbbox(renderer)
+    width, height = fig.get_size_inches()
+    assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, box

@@ -317,8 +317,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
 def test_cli_writes_members_json_and_scaling_figure(tmp_path, capsys):
     out = tmp_path / "sweep"
     eps = [1e-2, 1e-3, 1e-4, 1e-5]
+    # No --law: the preset's theory gives a log law for two factors.
     argv = CLI_FAST + ["--over", "eps=" + ",".join(map(str, eps)), "--over", "seed=0:2",
-                       "--law", "log", "--out", str(out)]
+                       "--out", str(out)]
     assert sweep_main(argv) == 0
     report = capsys.readouterr().out
     assert "[8/8]" in report and "1 compiled program(s)" in report
@@ -329,7 +330,7 @@ def test_cli_writes_members_json_and_scaling_figure(tmp_path, capsys):
     assert len(rows) == 8 and set(rows["status"]) == {"completed"}
     for row in rows:
         for k, s in enumerate((2.0, 1.0)):
-            exact = saxe_half_rise_time(s, row["eps"])
+            exact = saxe_half_rise_time(s, row["eps"] ** 2)  # each factor carries eps
             assert row[f"mode{k + 1}_learned"] == pytest.approx(exact, rel=10 * RTOL)
     summary = json.loads((out / "sweep.json").read_text())
     # Each member was built by its own call of the preset's builder (new closures), yet all
@@ -338,8 +339,10 @@ def test_cli_writes_members_json_and_scaling_figure(tmp_path, capsys):
     assert summary["preset"] == "deep-linear" and summary["axes"]["eps"] == eps
     fits = {f["transition"]: f for f in summary["fits"]}
     for name, s in (("mode1_learned", 2.0), ("mode2_learned", 1.0)):
-        assert fits[name]["slope"] == pytest.approx(1 / (2 * s), rel=0.02)
+        assert fits[name]["slope"] == pytest.approx(1 / s, rel=0.02)
         assert fits[name]["points"] == 4 and fits[name]["law"] == "log"
+        assert fits[name]["expected"] == pytest.approx(1 / s) and fits[name]["agrees"] is not None
+        assert f"{name} vs eps (log law): slope vs ln(1/x)" in report and "theory " in report
         figure = out / "figures" / f"{name}_vs_eps.png"
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

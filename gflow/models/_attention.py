@@ -185,6 +185,7 @@ class AttentionFFN(eqx.Module):
 
     @property
     def d(self) -> int:
+        """The model width `d`."""
         return self.W_Q.shape[0]
 
     def _check_sample(self, X) -> None:

@@ -134,14 +134,17 @@ class CooccurrenceTransformer(eqx.Module):
 
     @property
     def d(self) -> int:
+        """The vocabulary size `d`."""
         return self.W_Q.shape[1]
 
     @property
     def m(self) -> int:
+        """The attention width `m`."""
         return self.W_Q.shape[0]
 
     @property
     def m1(self) -> int:
+        """The number of MLP neurons `m1`."""
         return self.W.shape[0]
 
     def trainable_spec(self) -> PyTree[bool]:

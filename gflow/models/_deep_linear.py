@@ -41,6 +41,7 @@ class DeepLinear(eqx.Module):
 
     @property
     def depth(self) -> int:
+        """The number of weight matrices `D`."""
         return len(self.weights)
 
     @property

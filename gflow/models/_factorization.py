@@ -23,6 +23,7 @@ class SymmetricFactorization(eqx.Module):
             raise InputError(f"SymmetricFactorization: U must be a matrix, got shape {jnp.shape(self.U)}")
 
     def product(self) -> Float[Array, "n n"]:
+        """The matrix `U Uᵀ`."""
         return self.U @ self.U.T
 
     @classmethod
@@ -50,6 +51,7 @@ class LowRankFactorization(eqx.Module):
             )
 
     def product(self) -> Float[Array, "m n"]:
+        """The matrix `L Rᵀ`."""
         return self.L @ self.R.T
 
     @classmethod

@@ -67,6 +67,7 @@ class Resolved:
 
     @property
     def name(self) -> str:
+        """The preset's name (`preset.name`), else the problem kind."""
         return self.config.get("preset", {}).get("name", self.problem_kind)
 
 
@@ -229,7 +230,7 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
     problem = build(resolved) if problem is None else problem
     settings = resolved.solve
 
-    def solve_on(ts, stage: str):
+    def solve_on(ts, stage: str, certify: bool):
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = Path(checkpoint_dir) / f"checkpoint-{stage}.eqx"
@@ -239,17 +240,20 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
             ts=ts,
             # Passes after the first say which they are on their bar.
             progress=progress and (True if stage == "first" else f"{stage} pass"),
-            certify=settings.certify,
+            certify=certify,
             checkpoint=checkpoint,
             checkpoint_steps=settings.checkpoint_steps or None,
             resume=resume,
         )
 
-    traj = solve_on(settings.save_times(), "first")
+    # Certify the pass that is reported: with `refine`, the refined one.
+    traj = solve_on(settings.save_times(), "first", settings.certify and not settings.refine)
     refined = settings.refine and settings.refined_save_times(traj.transitions.values())
+    if settings.refine and refined is None and settings.certify:
+        refined = settings.save_times()  # nothing reached to refine around: certify as is
     if refined is not None and refined is not False:
         first = traj
-        traj = solve_on(refined, "refined")
+        traj = solve_on(refined, "refined", settings.certify)
         # Report the work of both passes.
         stats = {k: first.stats[k] + traj.stats[k] for k in traj.stats
                  if isinstance(traj.stats[k], (int, float)) and first.stats[k] is not None}
@@ -267,4 +271,6 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
     errors = traj.errors.get("transitions", {})
     predictions = {name: p.with_error(errors[name]) if errors.get(name) is not None else p
                    for name, p in predictions.items()}
-    return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions)
+    return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions,
+                                        criteria=dict(problem.criteria),
+                                        references=dict(problem.references))

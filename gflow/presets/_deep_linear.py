@@ -9,6 +9,7 @@ from jaxtyping import Array, Scalar
 from .. import observers as obs
 from .._errors import InputError
 from .._flow import GradientFlow
+from .._scaling import ScalingLaw
 from .._solve import Transition
 from ..models import DeepLinear, deep_linear_loss, whitened_target
 from ..theory import saxe_half_rise_time, two_layer_learning_times
@@ -67,9 +68,10 @@ def deep_linear(
     - `depth`: number of weight matrices (≥ 2).
     - `width`: input, hidden and output width.
     - `singular_values`: the target's non-zero singular values, distinct and positive.
-    - `init`: `"random"` (entries N(0, eps²)) or `"aligned"` (balanced, SVD-aligned, each mode
-        starting at strength `eps`; Saxe's closed form holds exactly for depth 2).
-    - `eps`: the init scale.
+    - `init`: `"random"` (entries N(0, eps²)) or `"aligned"` (balanced, SVD-aligned, every
+        factor carrying `eps` of each mode, which starts at strength `eps^depth`; Saxe's closed
+        form holds exactly for depth 2).
+    - `eps`: the init scale of every weight (gflow's one convention, see `gflow.ScalingLaw`).
     - `seed`: seeds the target's singular vectors and the init.
     """
     s = np.asarray(singular_values, dtype=np.float64)
@@ -88,7 +90,7 @@ def deep_linear(
     if init == "random":
         model = DeepLinear.random((width,) * (depth + 1), eps, key_init)
     else:
-        model = DeepLinear.balanced_aligned(target, depth, eps, hidden=width)
+        model = DeepLinear.balanced_aligned(target, depth, eps**depth, hidden=width)
 
     # Module-level functions (not closures): observers equal across members of a sweep.
     observers = {
@@ -108,7 +110,7 @@ def deep_linear(
         if depth != 2:
             return {}
         if init == "aligned":
-            times = [saxe_half_rise_time(s_k, eps) for s_k in s]
+            times = [saxe_half_rise_time(s_k, eps**depth) for s_k in s]
             basis = "Saxe et al.'s closed form t½ = ln(s/u0 − 1)/(2s), exact on this manifold"
         else:
             times = two_layer_learning_times(*model.weights, target)[0]
@@ -119,5 +121,18 @@ def deep_linear(
             for k in range(s.size)
         }
 
+    # The target's singular values and the half-rise levels, in singular_values' figure.
+    references = {"singular_values": {f"s_{k + 1}": s_k for k, s_k in enumerate(s)}
+                  | {f"s_{k + 1}/2": s_k / 2 for k, s_k in enumerate(s)}}
+    # Each factor grows like e^{s t} from eps: log law of slope 1/s for two factors, power
+    # law of exponent -(depth - 2) for more.
+    scaling = {
+        f"mode{k + 1}_learned": ScalingLaw.of_factors(
+            depth, rate=s_k,
+            basis=f"ln(1/eps)/s_{k + 1} as eps -> 0 (Saxe, u0 ∝ eps²)" if depth == 2
+            else f"eps^-{depth - 2} as eps -> 0 (du/dt = D u^(2-2/D)(s - u), u0 ∝ eps^D)")
+        for k, s_k in enumerate(s)
+    }
     flow = GradientFlow(model, deep_linear_loss, target)
-    return Problem(flow, observers, tuple(transitions), criteria, predict)
+    return Problem(flow, observers, tuple(transitions), criteria, predict,
+                   references=references, scaling=scaling)

@@ -26,6 +26,11 @@ class Problem(eqx.Module):
         `summary.json`.
     - `predict`: optional `predict(trajectory) -> {name: gflow.Prediction}` comparing the run
         with theory.
+    - `references`: `{observable: {label: level}}`: levels theory gives for an observable,
+        drawn as horizontal lines in its figure (e.g. `{"singular_values": {"s_1": 4.0}}`).
+    - `scaling`: `{transition name: gflow.ScalingLaw}`: how theory says the transition's time
+        scales with the init scale `eps`; a sweep over `eps` fits that law and draws its
+        slope.
     """
 
     flow: GradientFlow
@@ -33,6 +38,8 @@ class Problem(eqx.Module):
     transitions: tuple[Transition, ...] = ()
     criteria: dict[str, str] = eqx.field(default_factory=dict)
     predict: Callable[[Any], dict] | None = None
+    references: dict[str, dict[str, float]] = eqx.field(default_factory=dict)
+    scaling: dict[str, Any] = eqx.field(default_factory=dict)
 
 
 def comparison(predicted: float, measured: float | None, basis: str = "") -> Prediction:
