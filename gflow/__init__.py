@@ -13,6 +13,8 @@ from ._flow import GradientFlow as GradientFlow
 from ._grids import linear_grid as linear_grid, log_grid as log_grid
 from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
 from ._trajectory import Trajectory as Trajectory, load as load
+from ._critical import CriticalPoint as CriticalPoint, critical_points as critical_points
+from ._sensitivity import Sensitivity as Sensitivity, sensitivity as sensitivity
 from ._sweep import (
     ScalingFit as ScalingFit,
     Sweep as Sweep,
