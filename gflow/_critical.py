@@ -242,13 +242,21 @@ def _dense_hessian(objective, x):
     return jnp.linalg.eigh(0.5 * (hessian + hessian.T))
 
 
-def _lobpcg(objective, x, k, sign, key):
-    """The `k` largest eigenpairs of `sign·H` by LOBPCG on HVPs."""
+@eqx.filter_jit
+def _lobpcg_block(objective, x, X, sign):
+    # One compiled program per objective and block size, for every point (LOBPCG's own jit
+    # would recompile for each new closure).
     _, hvp = jax.linearize(objective.grad, x)
     block_hvp = jax.vmap(hvp, in_axes=1, out_axes=1)
-    X = jax.random.normal(key, (x.size, k), dtype=x.dtype)
     theta, U, _ = lobpcg_standard(lambda V: sign * block_hvp(V), X, m=500)
-    return sign * np.asarray(theta), np.asarray(U)
+    return sign * theta, U
+
+
+def _lobpcg(objective, x, k, sign, key):
+    """The `k` largest eigenpairs of `sign·H` by LOBPCG on HVPs."""
+    X = jax.random.normal(key, (x.size, k), dtype=x.dtype)
+    theta, U = _lobpcg_block(objective, x, X, jnp.asarray(sign, dtype=x.dtype))
+    return np.asarray(theta), np.asarray(U)
 
 
 def _spectrum(objective, x, n_eigenvalues, dense_below):
@@ -400,7 +408,7 @@ def critical_points(
             t=t, model=flow.combine(unravel(x)), loss=loss, grad_norm=g, converged=g <= tol,
             distance=float(jnp.linalg.norm(x - x_seed)), seed_grad_norm=seed_g,
             eigenvalues=shown, index=int(negative.sum()), index_tol=index_tol,
-            index_exact=complete or not bool(negative.all()), method=method,
+            index_exact=complete, method=method,
             unstable_eigenvalue=lam, unstable_amplitude=amplitude, predicted_exit=predicted,
             measured_exit=measured,
         ))
