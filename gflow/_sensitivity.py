@@ -112,9 +112,9 @@ def _construction_tangent(make_flow, p: float, flow: GradientFlow) -> tuple[PyTr
         _, tangent = jax.jvp(arrays, (jnp.asarray(p, dtype=float),), (jnp.ones((), float),))
         if jtu.tree_structure(tangent) == jtu.tree_structure(dynamic):
             return tangent, "jvp"
-    except InputError:
-        raise
-    except Exception:  # a builder that does not trace (Python checks, numpy): difference it
+    except Exception:
+        # A builder that does not trace (checks in Python, numpy, a config parser refusing a
+        # tracer): difference it. A genuine error shows again when it is called at p ± h.
         pass
     h = _CONSTRUCTION_STEP * (abs(p) if p != 0 else 1.0)
     plus, minus = arrays(p + h), arrays(p - h)
