@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoints, with its own "
                    "config.toml; the result equals that of an uninterrupted run")
+    p.add_argument("--critical-points", action="store_true",
+                   help="refine the critical points at the run's plateaus and report their loss, "
+                   "Hessian index and eigenvalues, and linearised exit times (summary.json too)")
+    p.add_argument("--sensitivity", metavar="FIELD",
+                   help="derivatives of the transition times with respect to the float problem "
+                   "field FIELD (e.g. eps), by forward mode (summary.json too)")
     return p
 
 
@@ -203,6 +209,9 @@ def _run(args) -> int:
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out} exists and is not a directory")
 
+    from . import _cli_instruments
+
+    _cli_instruments.check(args, resolved)
     _enable_compilation_cache()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +238,7 @@ def _run(args) -> int:
     # Results are complete: the checkpoints have served.
     for checkpoint in out.glob(_CHECKPOINTS):
         checkpoint.unlink()
+    instruments = _cli_instruments.run(args, resolved, problem, traj, out)
     if not args.quiet:
-        print(_report(traj, problem, out))
+        print("\n".join([_report(traj, problem, out)] + instruments))
     return 0 if traj.status == "completed" else EXIT_RUN_FAILED
