@@ -92,3 +92,36 @@ def test_bad_input(saxe_flow, saxe_target):
         gflow.sensitivity(lambda u: None, 1.0, 1.0, transitions=_half_rises(saxe_target))
     with pytest.raises(gflow.InputError, match="at least one transition"):
         gflow.sensitivity(lambda u: saxe_flow, 1.0, 1.0, transitions=[])
+
+
+def _rank_collapse_name():
+    # The binary rank-collapse preset is being renamed; accept either name.
+    names = gflow.presets.preset_names()
+    return "rank-collapse-binary" if "rank-collapse-binary" in names else "rank-collapse"
+
+
+@pytest.mark.slow
+def test_rank_collapse_escape_exponent_agrees_with_sweep():
+    """The escape from the small-init plateau of the attention model takes a time ∝ 1/ε
+    (papers.md §1, §3): the local exponent d ln t/d ln ε at one ε is ≈ −1, and equals the
+    slope that `gflow.sweep` fits to solves at ε/2 … 2ε."""
+    from gflow.models import exponential_loss
+
+    name, eps0 = _rank_collapse_name(), 3e-3
+    t1 = 4 / eps0  # the escape comes near 1.7/ε
+
+    def make_flow(eps):  # the name `gflow.sweep` passes the point by
+        overrides = [f"problem.eps={eps!r}", "solve.refine=false"]
+        return gflow.presets.build(gflow.presets.resolve(name, overrides)).flow
+
+    escape = gflow.Transition("escape", lambda m, d: exponential_loss(m, d) - 0.5,
+                              direction=False)
+    result = gflow.sensitivity(make_flow, eps0, t1, transitions=[escape])
+    local = result.exponents["escape"]
+    sweep = gflow.sweep(make_flow, over={"eps": list(np.geomspace(eps0 / 2, 2 * eps0, 5))},
+                        t1=2 * t1, transitions=[escape])
+    fit = sweep.fit("escape", against="eps", law="power", expected=-1.0)
+    print(f"local exponent {local:.5f}, sweep's fitted exponent {fit.slope:.5f} "
+          f"(95% [{fit.ci95[0]:.5f}, {fit.ci95[1]:.5f}])")
+    assert abs(local + 1) < 0.1
+    assert abs(local - fit.slope) < 0.02
