@@ -210,17 +210,13 @@ def sensitivity(
     )
 
 
-def _implicit(flow, tangent, reached, times, t0, traj, solve_options) -> dict[str, tuple]:
-    """`{name: (N, D, θ(t*))}` at each reached transition: the numerator
-    `N = ∂c/∂θ·∂θ(t*)/∂p + ∂c/∂P·∂P/∂p` at fixed time (forward mode through the solve) and the
-    denominator `D = ∇c·θ̇`."""
-    solver, controller, max_steps, dt0 = _options(traj, solve_options)
-    order = sorted(range(len(reached)), key=lambda k: times[reached[k].name])
-    save = np.array([times[reached[k].name] for k in order])
-    dynamic, static = eqx.partition(flow, eqx.is_inexact_array)
-    conditions = [reached[k].condition for k in order]
+@eqx.filter_jit
+def _tangent_solve(dynamic, tangent, static, conditions, save, t0, solver, controller, max_steps,
+                   dt0):
+    """Conditions at the located times and their derivatives along `tangent`, by `jax.jvp`
+    through `diffeqsolve` (forward mode). Module-level and `filter_jit`ted, so a problem whose
+    functions are the same objects reuses the compiled program."""
 
-    @jax.jit
     def conditions_at_times(dynamic):
         f = eqx.combine(dynamic, static)
         sol = diffrax.diffeqsolve(
@@ -228,27 +224,40 @@ def _implicit(flow, tangent, reached, times, t0, traj, solve_options) -> dict[st
             f.params, saveat=diffrax.SaveAt(ts=save), stepsize_controller=controller,
             adjoint=diffrax.ForwardMode(), max_steps=max_steps, throw=False,
         )
-        states = [jtu.tree_map(lambda leaf, k=k: leaf[k], sol.ys) for k in range(len(save))]
+        states = [jtu.tree_map(lambda leaf, k=k: leaf[k], sol.ys) for k in range(len(conditions))]
         values = jnp.stack([jnp.asarray(c(f.combine(y), f.data), dtype=float)
                             for c, y in zip(conditions, states)])
         failed = jnp.asarray(sol.result != diffrax.RESULTS.successful, dtype=float)
         return values, states, failed
 
-    (_, states, failed), (numerators, _, _) = jax.jvp(
-        conditions_at_times, (dynamic,), (tangent,))
+    (_, states, failed), (numerators, _, _) = jax.jvp(conditions_at_times, (dynamic,), (tangent,))
+    return numerators, states, failed
+
+
+@eqx.filter_jit
+def _transversality(flow, conditions, states):
+    """`∇c · θ̇` at each located time, at fixed problem arrays."""
+    return jnp.stack([
+        jax.jvp(lambda z, c=c: jnp.asarray(c(flow.combine(z), flow.data), dtype=float),
+                (y,), (flow.velocity(y),))[1]
+        for c, y in zip(conditions, states)
+    ])
+
+
+def _implicit(flow, tangent, reached, times, t0, traj, solve_options) -> dict[str, tuple]:
+    """`{name: (N, D, θ(t*))}` at each reached transition: the numerator
+    `N = ∂c/∂θ·∂θ(t*)/∂p + ∂c/∂P·∂P/∂p` at fixed time (forward mode through the solve) and the
+    denominator `D = ∇c·θ̇`."""
+    solver, controller, max_steps, dt0 = _options(traj, solve_options)
+    order = sorted(range(len(reached)), key=lambda k: times[reached[k].name])
+    save = jnp.asarray([times[reached[k].name] for k in order], dtype=float)
+    dynamic, static = eqx.partition(flow, eqx.is_inexact_array)
+    conditions = tuple(reached[k].condition for k in order)
+    numerators, states, failed = _tangent_solve(
+        dynamic, tangent, static, conditions, save, t0, solver, controller, max_steps, dt0)
     if float(failed):
         raise InputError("the forward-mode solve to the transition times failed")
-
-    @jax.jit
-    def transversality(states):
-        # ∇c · θ̇ at each located time, at fixed problem arrays.
-        return jnp.stack([
-            jax.jvp(lambda z, c=c: jnp.asarray(c(flow.combine(z), flow.data), dtype=float),
-                    (y,), (flow.velocity(y),))[1]
-            for c, y in zip(conditions, states)
-        ])
-
-    rates = np.asarray(transversality(states))
+    rates = np.asarray(_transversality(flow, conditions, states))
     numerators = np.asarray(numerators)
     return {reached[k].name: (float(numerators[j]), float(rates[j]), states[j])
             for j, k in enumerate(order)}
