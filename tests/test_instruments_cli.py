@@ -12,6 +12,7 @@ SMALL = ["deep-linear", "--set", "problem.width=4", "--set", "problem.singular_v
          "--set", "problem.eps=1e-6", "--t1", "20"]
 
 
+@pytest.mark.slow  # a whole CLI run with both instruments: about a minute and a half here
 def test_critical_points_and_sensitivity_in_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(SMALL + ["--out", str(out), "--critical-points", "--sensitivity", "eps"]) == 0

@@ -22,7 +22,9 @@ def _half_rises(target):
                              direction=True) for k in range(len(SAXE_S))]
 
 
-@pytest.mark.parametrize("construction", ["central-difference", "jvp"])
+# Each construction compiles its own solve and forward-mode programs: the second runs with -m slow.
+@pytest.mark.parametrize("construction", ["central-difference",
+                                          pytest.param("jvp", marks=pytest.mark.slow)])
 def test_saxe_half_rise_derivative(saxe_target, construction):
     """t½ = ln(s/u0 − 1)/(2s), so dt½/du0 = −1/(2 u0 (s − u0))."""
     if construction == "jvp":
@@ -60,7 +62,9 @@ def _preset(name, overrides, p):
 
 @pytest.mark.parametrize("name, overrides, p, rtol", [
     ("deep-linear", ["problem.width=8"], 1e-3, 1e-11),
-    ("cooccurrence", REDUCED_PRESETS["cooccurrence"], 1.0, 1e-11),
+    # A second preset of another kind (attention, a margin condition); slower to compile.
+    pytest.param("cooccurrence", REDUCED_PRESETS["cooccurrence"], 1.0, 1e-11,
+                 marks=pytest.mark.slow),
 ])
 def test_preset_derivatives_match_central_differences(name, overrides, p, rtol):
     t1 = gflow.presets.resolve(name, overrides).solve.t1
