@@ -354,7 +354,10 @@ def critical_points(
     observe_state = x_init.size * grid.size <= _STATE_BUDGET
 
     def grad_norm(model, data):
-        return jnp.linalg.norm(ravel_pytree(jax.grad(flow.loss)(model, data))[0])
+        # The gradient over the trainable leaves only (frozen ones do not move).
+        del data
+        grad = jax.grad(flow.loss_at)(eqx.filter(model, flow.trainable))
+        return jnp.linalg.norm(ravel_pytree(grad)[0])
 
     def state(model, data):
         return ravel_pytree(eqx.filter(model, flow.trainable))[0]
