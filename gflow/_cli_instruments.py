@@ -51,8 +51,8 @@ def run(args, resolved, problem, traj, out: Path) -> list[str]:
             lines.append(f"critical points  failed: {e}")
         else:
             extra["critical_points"] = [p.summary() for p in points]
-            lines.append(f"critical points  (index: eigenvalues below -{INDEX_RTOL:g} max|λ|; "
-                         "exit: linearised along the unstable direction / measured)")
+            lines.append(f"critical points  (index: eigenvalues below -max({INDEX_RTOL:g} max|λ|, "
+                         "1e-10); exit: linearised along the unstable direction / measured)")
             lines.append(f"  {'t':>12} {'loss':>12} {'|∇L|':>9} {'distance':>9} {'index':>6} "
                          f"{'λ_min':>10} {'λ_max':>10} {'exit pred.':>11} {'measured':>11}")
             for p in points:

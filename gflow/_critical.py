@@ -67,8 +67,8 @@ PLATEAU_PROMINENCE = 2.0
 # numbers (8 bytes each); a second solve to the seed times otherwise.
 _STATE_BUDGET = 4_000_000
 
-# Eigenvalues below −INDEX_RTOL·max|λ| count as negative: the flat directions that the
-# model's symmetries give are zero only to roundoff and to the residual gradient.
+# Eigenvalues below −max(INDEX_RTOL·max|λ|, tol) count as negative: the flat directions that
+# the model's symmetries give are zero only to roundoff and to the residual gradient.
 INDEX_RTOL = 1e-8
 
 
@@ -86,7 +86,7 @@ class CriticalPoint(eqx.Module):
     - `eigenvalues`: Hessian eigenvalues at the point, ascending: the most negative and the most
         positive `n_eigenvalues` each (all of them when there are no more).
     - `index`: the number of negative eigenvalues (below `−index_tol`).
-    - `index_tol`: `INDEX_RTOL` times the largest `|λ|`.
+    - `index_tol`: `INDEX_RTOL` times the largest `|λ|`, and at least `tol`.
     - `index_exact`: `False` when LOBPCG found only negative eigenvalues in its widest block
         (then `index` is a lower bound).
     - `method`: `"eigh"` (dense Hessian) or `"lobpcg"` (Hessian-vector products).
@@ -389,7 +389,10 @@ def critical_points(
     points = []
     for k, (t, x_seed, x, loss, g) in enumerate(refined):
         w, V, method, complete = _spectrum(objective, x, int(n_eigenvalues), dense_below)
-        index_tol = INDEX_RTOL * float(np.max(np.abs(w)))
+        # Relative to the spectrum, and never below `tol`: where the whole Hessian vanishes (the
+        # degenerate saddle at the origin of a model homogeneous of degree ≥ 3, the zero-loss
+        # asymptote of a separable classifier) the index is 0, not a count of roundoff.
+        index_tol = max(INDEX_RTOL * float(np.max(np.abs(w))), tol)
         negative = w < -index_tol
         shown = w if w.size <= 2 * n_eigenvalues else np.concatenate(
             [w[:n_eigenvalues], w[-n_eigenvalues:]])
