@@ -96,7 +96,8 @@ class GradientFlow(eqx.Module):
         return self.loss(self.combine(params), self.data)
 
     def velocity(self, params: PyTree) -> PyTree:
-        """`dθ/dt` at trainable state `params`: `-∇L`, or `-P(θ)∇L` with a preconditioner."""
+        """`dθ/dt` at trainable state `params`: `-∇L`, `-P(θ)∇L` with a preconditioner, or
+        `-(∇L + (η/2)∇²L∇L)` with `gd_step=η`."""
         if self.gd_step:
             # ∇(L + (η/4)‖∇L‖²) = ∇L + (η/2) H∇L, with H∇L by forward-over-reverse.
             grads, hvp_of = jax.linearize(jax.grad(self.loss_at), params)
