@@ -26,6 +26,8 @@ from ._solvers import auto_solver as auto_solver
 from ._scaling import ScalingLaw as ScalingLaw
 from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
 from ._trajectory import Trajectory as Trajectory, load as load
+from ._critical import CriticalPoint as CriticalPoint, critical_points as critical_points
+from ._sensitivity import Sensitivity as Sensitivity, sensitivity as sensitivity
 from ._sweep import (
     ScalingFit as ScalingFit,
     Sweep as Sweep,

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoints, with its own "
                    "config.toml; the result equals that of an uninterrupted run")
+    p.add_argument("--critical-points", action="store_true",
+                   help="refine the critical points at the run's plateaus and report their loss, "
+                   "Hessian index and eigenvalues, and linearised exit times (summary.json too)")
+    p.add_argument("--sensitivity", metavar="FIELD",
+                   help="derivatives of the transition times with respect to the float problem "
+                   "field FIELD (e.g. eps), by forward mode (summary.json too)")
     return p
 
 
@@ -459,7 +465,7 @@ def _certify_by_default(resolved) -> bool:
 
 
 def _run(args, session: _Session) -> int:
-    from . import presets
+    from . import _cli_instruments, presets
     from ._config import dumps_toml
     from ._trajectory import atomic_write_bytes
 
@@ -491,6 +497,7 @@ def _run(args, session: _Session) -> int:
         _check_resume(out, given)
         resolved = presets.resolve(str(out / "config.toml"))
         problem = presets.check(resolved)
+        _cli_instruments.check(args, resolved)
         session.acquire(out)
         # A kill mid-write leaves its temporary file (never a partial file under a final name).
         for leftover in out.glob(".*.tmp"):
@@ -514,6 +521,7 @@ def _run(args, session: _Session) -> int:
         _check_run_directory(out, args.overwrite)
         # Every check (gflow.solve's included) before anything is written.
         problem = presets.check(resolved)
+        _cli_instruments.check(args, resolved)
         created = _created_parents(out)
         out.mkdir(parents=True, exist_ok=True)
         session.run_dir, session.created = out, created
@@ -549,6 +557,7 @@ def _run(args, session: _Session) -> int:
     # Results are complete: the checkpoints have served.
     for checkpoint in out.glob(_CHECKPOINTS):
         checkpoint.unlink()
+    instruments = _cli_instruments.run(args, resolved, problem, traj, out)
     if not args.no_figures:
         from .plot import save_figures
 
@@ -556,5 +565,5 @@ def _run(args, session: _Session) -> int:
         save_figures(traj, out / "figures", time_axis=plot.time_axis, labels=plot.labels,
                      heatmaps=plot.heatmaps, formats=plot.formats)
     if not args.quiet:
-        print(_report(traj, problem, out))
+        print("\n".join([_report(traj, problem, out)] + instruments))
     return 0 if traj.status == "completed" else EXIT_RUN_FAILED

@@ -104,6 +104,9 @@ def test_gd_vs_flow(runs):
     stdout, _ = output(runs, "gd_vs_flow")
     (slope,), = numbers(rf"log\(trajectory deviation\) vs log\(eta\): ({FLOAT})", stdout)
     assert 0.8 <= slope <= 1.2
+    (modified,), = numbers(rf"deviation from the modified flow, gd_step = eta\) vs log\(eta\): "
+                           rf"({FLOAT})", stdout)
+    assert abs(modified - 2) <= 0.15  # GD follows its modified flow to second order
     slopes = numbers(rf"mode \d: ({FLOAT})", stdout)
     assert len(slopes) == 4 and all(0.8 <= s <= 1.2 for (s,) in slopes)
     rows = numbers(rf"\n\s*({FLOAT})\s+\d+\s+({FLOAT})\s", stdout)

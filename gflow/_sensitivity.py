@@ -1,0 +1,279 @@
+"""`sensitivity`: derivatives of transition times with respect to a scalar of the problem.
+
+How it works
+------------
+For a problem `make_flow(p)` and a transition located at `t*(p)` by `c(θ(t*), p) = 0`, the
+implicit-function theorem gives
+
+    dt*/dp = −(∂c/∂θ · ∂θ(t*)/∂p + ∂c/∂p) / (∇c · θ̇(t*)).
+
+1. `gflow.solve` locates every `t*` (root finding on the dense output, as always).
+2. The tangent of the problem's arrays (initial state, frozen leaves, data) with respect to
+   `p`: `jax.jvp` through `make_flow` when it traces (a builder written in `jax.numpy`), and
+   otherwise central differences of the arrays that two calls of `make_flow` build (builders
+   that check their arguments in Python, or use numpy, do not trace). No solve is differenced:
+   only the construction, which is cheap and smooth (for an init scale it is linear, and the
+   difference exact to roundoff). `Sensitivity.construction` says which was used.
+3. Forward mode through the solve: `jax.jvp` of `diffrax.diffeqsolve` (`adjoint=
+   diffrax.ForwardMode()`, the same solver, `rtol`, `atol` and step limit as the solve) from
+   `t0` to the located times, saving `θ(t*)` and `∂θ(t*)/∂p` at each, pushed through the
+   conditions in the same `jvp`: that gives the numerator at fixed time.
+4. The denominator `∇c · θ̇` is one more `jvp` of the condition along the velocity at `θ(t*)`.
+
+A transition's condition may close over arrays built from `p` (a threshold relative to the
+init, say): pass `transitions` as a function `p -> transitions`, and the closures' share of
+`∂c/∂p` is taken by central differences of the conditions built at `p ± h`, evaluated at the
+same `θ(t*)`.
+
+The cost is one solve plus one forward-mode solve (a Jacobian-vector product per stage: about
+two to three gradients), against two solves for a central difference (see
+benchmarks/RESULTS.md).
+"""
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import PyTree
+
+from ._errors import InputError
+from ._flow import GradientFlow
+from ._solve import Transition, solve
+from ._solvers import make_solver
+from ._trajectory import Trajectory, _finite_or_none
+
+# Relative step of the central differences of the construction: ∛(float64 eps), the step that
+# balances truncation (h²) against roundoff (eps/h).
+_CONSTRUCTION_STEP = 6e-6
+
+
+class Sensitivity(eqx.Module):
+    """Transition times and their derivatives with respect to a scalar `p`.
+
+    **Fields:**
+
+    - `p`: the point of differentiation.
+    - `times`: `{name: t*}` (`nan` for a transition not reached).
+    - `derivatives`: `{name: dt*/dp}` (`nan` where not reached or not transversal).
+    - `exponents`: `{name: d ln t*/d ln p = (p/t*) dt*/dp}`, the local scaling exponent.
+    - `construction`: `"jvp"` or `"central-difference"`: how the problem's arrays were
+        differentiated with respect to `p` (module docstring).
+    - `trajectory`: the solve that located the times.
+    - `seconds`: `{"solve": ..., "tangent": ...}` wall seconds (compile included).
+    """
+
+    p: float
+    times: dict[str, float]
+    derivatives: dict[str, float]
+    exponents: dict[str, float]
+    construction: str
+    trajectory: Trajectory
+    seconds: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready record (no NaN or inf: those become `None`)."""
+        clean = lambda d: {k: _finite_or_none(v) for k, v in d.items()}
+        return dict(p=_finite_or_none(self.p), times=clean(self.times),
+                    derivatives=clean(self.derivatives), exponents=clean(self.exponents),
+                    construction=self.construction, seconds=dict(self.seconds))
+
+
+def _checked_flow(make_flow, p) -> GradientFlow:
+    flow = make_flow(p)
+    if not isinstance(flow, GradientFlow):
+        raise InputError(f"make_flow must return a gflow.GradientFlow, got {type(flow).__name__}")
+    return flow
+
+
+def _checked_transitions(transitions, p) -> tuple[Transition, ...]:
+    found = tuple(transitions(p) if callable(transitions) else transitions)
+    for tr in found:
+        if not isinstance(tr, Transition):
+            raise InputError(f"transitions must be gflow.Transition objects, got {tr!r}")
+    return found
+
+
+def _construction_tangent(make_flow, p: float, flow: GradientFlow) -> tuple[PyTree, str]:
+    """`d(floating arrays of make_flow(p))/dp`, by `jax.jvp` if `make_flow` traces, else
+    central differences."""
+    dynamic, _ = eqx.partition(flow, eqx.is_inexact_array)
+
+    def arrays(q):
+        return eqx.filter(_checked_flow(make_flow, q), eqx.is_inexact_array)
+
+    try:
+        _, tangent = jax.jvp(arrays, (jnp.asarray(p, dtype=float),), (jnp.ones((), float),))
+        if jtu.tree_structure(tangent) == jtu.tree_structure(dynamic):
+            return tangent, "jvp"
+    except Exception:
+        # A builder that does not trace (checks in Python, numpy, a config parser refusing a
+        # tracer): difference it. A genuine error shows again when it is called at p ± h.
+        pass
+    h = _CONSTRUCTION_STEP * (abs(p) if p != 0 else 1.0)
+    plus, minus = arrays(p + h), arrays(p - h)
+    if not (jtu.tree_structure(plus) == jtu.tree_structure(minus)
+            == jtu.tree_structure(dynamic)):
+        raise InputError("make_flow(p) builds arrays of another structure at a nearby p")
+    for a, b in zip(jtu.tree_leaves(plus), jtu.tree_leaves(dynamic)):
+        if np.shape(a) != np.shape(b):
+            raise InputError("make_flow(p) builds arrays of another shape at a nearby p")
+    tangent = jtu.tree_map(lambda a, b: (a - b) / (2 * h), plus, minus)
+    return tangent, "central-difference"
+
+
+def _options(traj: Trajectory, solve_options: dict) -> tuple:
+    solver = make_solver(solve_options.get("solver", "tsit5"))
+    controller = solve_options.get("controller")
+    if controller is None:
+        controller = diffrax.PIDController(rtol=traj.rtol, atol=traj.atol)
+    return solver, controller, int(solve_options.get("max_steps", 100_000)), solve_options.get("dt0")
+
+
+def sensitivity(
+    make_flow: Callable[[float], GradientFlow],
+    p: float,
+    t1: float,
+    *,
+    transitions: Sequence[Transition] | Callable[[float], Sequence[Transition]],
+    **solve_options,
+) -> Sensitivity:
+    """Transition times of `make_flow(p)` and their derivatives with respect to `p`.
+
+    See the module docstring for the method (forward mode through the solve and the
+    implicit-function theorem at each transition).
+
+    **Arguments:**
+
+    - `make_flow`: `make_flow(p) -> GradientFlow`; `p` a scalar of the init or the data.
+    - `p`: where to differentiate.
+    - `t1`: end time of the solve.
+    - `transitions`: the `Transition`s, or a function `p -> transitions` when their conditions
+        depend on `p` through what they close over.
+    - `**solve_options`: passed to `gflow.solve` (`t0`, `solver`, `rtol`, `atol`, `max_steps`,
+        `ts`, `observers`, `dt0`, `controller`, ...); the forward-mode solve uses the same
+        solver, controller and tolerances.
+
+    **Returns:**
+
+    A `Sensitivity`.
+    """
+    if not callable(make_flow):
+        raise InputError("make_flow must be callable as make_flow(p) -> GradientFlow")
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(p):
+        raise InputError(f"p must be a finite number, got {p!r}")
+    p = float(p)
+    flow = _checked_flow(make_flow, p)
+    found = _checked_transitions(transitions, p)
+    if not found:
+        raise InputError("sensitivity needs at least one transition")
+    for key in ("transitions", "certify", "checkpoint", "resume", "checkpoint_steps"):
+        if key in solve_options:
+            raise InputError(f"sensitivity does not take the solve option {key!r}")
+    t0 = float(solve_options.get("t0", 0.0))
+    solve_options = dict(solve_options)
+    solve_options.setdefault("ts", [t1])  # only the times are needed, not a curve
+
+    start = time.perf_counter()
+    traj = solve(flow, t1, transitions=found, **solve_options)
+    solve_seconds = time.perf_counter() - start
+
+    times = {tr.name: float(traj.transitions[tr.name]) for tr in found}
+    reached = [tr for tr in found if math.isfinite(times[tr.name]) and times[tr.name] > t0]
+    derivatives = {name: math.nan for name in times}
+    start = time.perf_counter()
+    construction = "none"
+    if reached:
+        tangent, construction = _construction_tangent(make_flow, p, flow)
+        parts = _implicit(flow, tangent, reached, times, t0, traj, solve_options)
+        closure = _closure_terms(transitions, p, flow, parts) if callable(transitions) else {}
+        for name, (numerator, rate, _) in parts.items():
+            numerator += closure.get(name, 0.0)
+            # A transition the flow only touches (∇c·θ̇ = 0) has no derivative.
+            derivatives[name] = -numerator / rate if rate != 0 else math.nan
+    tangent_seconds = time.perf_counter() - start
+    exponents = {
+        name: (p / times[name]) * d if math.isfinite(d) and times[name] != 0 else math.nan
+        for name, d in derivatives.items()
+    }
+    return Sensitivity(
+        p=p, times=times, derivatives=derivatives, exponents=exponents,
+        construction=construction, trajectory=traj,
+        seconds=dict(solve=solve_seconds, tangent=tangent_seconds),
+    )
+
+
+@eqx.filter_jit
+def _tangent_solve(dynamic, tangent, static, conditions, save, t0, solver, controller, max_steps,
+                   dt0):
+    """Conditions at the located times and their derivatives along `tangent`, by `jax.jvp`
+    through `diffeqsolve` (forward mode). Module-level and `filter_jit`ted, so a problem whose
+    functions are the same objects reuses the compiled program."""
+
+    def conditions_at_times(dynamic):
+        f = eqx.combine(dynamic, static)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, args: f.velocity(y)), solver, t0, save[-1], dt0,
+            f.params, saveat=diffrax.SaveAt(ts=save), stepsize_controller=controller,
+            adjoint=diffrax.ForwardMode(), max_steps=max_steps, throw=False,
+        )
+        states = [jtu.tree_map(lambda leaf, k=k: leaf[k], sol.ys) for k in range(len(conditions))]
+        values = jnp.stack([jnp.asarray(c(f.combine(y), f.data), dtype=float)
+                            for c, y in zip(conditions, states)])
+        failed = jnp.asarray(sol.result != diffrax.RESULTS.successful, dtype=float)
+        return values, states, failed
+
+    (_, states, failed), (numerators, _, _) = jax.jvp(conditions_at_times, (dynamic,), (tangent,))
+    return numerators, states, failed
+
+
+@eqx.filter_jit
+def _transversality(flow, conditions, states):
+    """`∇c · θ̇` at each located time, at fixed problem arrays."""
+    return jnp.stack([
+        jax.jvp(lambda z, c=c: jnp.asarray(c(flow.combine(z), flow.data), dtype=float),
+                (y,), (flow.velocity(y),))[1]
+        for c, y in zip(conditions, states)
+    ])
+
+
+def _implicit(flow, tangent, reached, times, t0, traj, solve_options) -> dict[str, tuple]:
+    """`{name: (N, D, θ(t*))}` at each reached transition: the numerator
+    `N = ∂c/∂θ·∂θ(t*)/∂p + ∂c/∂P·∂P/∂p` at fixed time (forward mode through the solve) and the
+    denominator `D = ∇c·θ̇`."""
+    solver, controller, max_steps, dt0 = _options(traj, solve_options)
+    order = sorted(range(len(reached)), key=lambda k: times[reached[k].name])
+    save = jnp.asarray([times[reached[k].name] for k in order], dtype=float)
+    dynamic, static = eqx.partition(flow, eqx.is_inexact_array)
+    conditions = tuple(reached[k].condition for k in order)
+    numerators, states, failed = _tangent_solve(
+        dynamic, tangent, static, conditions, save, t0, solver, controller, max_steps, dt0)
+    if float(failed):
+        raise InputError("the forward-mode solve to the transition times failed")
+    rates = np.asarray(_transversality(flow, conditions, states))
+    numerators = np.asarray(numerators)
+    return {reached[k].name: (float(numerators[j]), float(rates[j]), states[j])
+            for j, k in enumerate(order)}
+
+
+def _closure_terms(transitions, p, flow, parts) -> dict[str, float]:
+    """`∂c/∂p` through the conditions' closures, by central differences of the conditions
+    built at `p ± h`, at the same states and problem arrays."""
+    h = _CONSTRUCTION_STEP * (abs(p) if p != 0 else 1.0)
+    plus = {tr.name: tr for tr in _checked_transitions(transitions, p + h)}
+    minus = {tr.name: tr for tr in _checked_transitions(transitions, p - h)}
+    out = {}
+    for name, (_, _, y) in parts.items():
+        if name not in plus or name not in minus:
+            raise InputError(f"transitions(p) at a nearby p has no transition {name!r}")
+        model = flow.combine(y)
+        out[name] = (float(plus[name].condition(model, flow.data))
+                     - float(minus[name].condition(model, flow.data))) / (2 * h)
+    return out
