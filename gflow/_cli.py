@@ -215,6 +215,8 @@ def _run(args) -> int:
         traj, out / "figures", time_axis=resolved.plot.time_axis, labels=resolved.plot.labels,
         heatmaps=resolved.plot.heatmaps,
     )
+    if problem.figures is not None:
+        problem.figures(traj, out / "figures")
     # Results are complete: the checkpoints have served.
     for checkpoint in out.glob(_CHECKPOINTS):
         checkpoint.unlink()

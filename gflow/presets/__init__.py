@@ -5,6 +5,7 @@ do the same: `gflow.presets.run(gflow.presets.resolve("deep-linear", ["solve.t1=
 """
 
 import dataclasses
+import math
 import os
 import warnings
 from importlib import resources
@@ -26,6 +27,7 @@ from ._anchor import anchor
 from ._cooccurrence import cooccurrence
 from ._deep_linear import deep_linear
 from ._rank_collapse import rank_collapse
+from ._rank_collapse_binary import rank_collapse_binary
 from ._text import text
 from ._problem import Problem as Problem, comparison as comparison
 
@@ -34,6 +36,7 @@ PROBLEMS = {
     "deep-linear": deep_linear,
     "cooccurrence": cooccurrence,
     "rank-collapse": rank_collapse,
+    "rank-collapse-binary": rank_collapse_binary,
     "anchor": anchor,
     "text": text,
 }
@@ -131,6 +134,27 @@ def run(
         return _run(resolved, progress, checkpoint_dir, resume)
 
 
+def with_times(grid, times) -> "np.ndarray":
+    """`grid` (sorted) with each finite time of `times` replacing its nearest grid point, so
+    that the count, hence the compiled program, stays the same; end points are kept."""
+    import numpy as np
+
+    grid = np.array(grid, dtype=float)
+    for t in times:
+        if not math.isfinite(t) or np.any(grid == t):
+            continue
+        inner = np.arange(1, grid.size - 1)
+        if inner.size == 0:
+            break
+        taken = np.isin(grid[inner], list(times))
+        candidates = inner[~taken]
+        if candidates.size == 0:
+            break
+        grid[candidates[np.argmin(np.abs(grid[candidates] - t))]] = t
+        grid.sort()
+    return grid
+
+
 def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajectory]:
     problem = build(resolved)
     settings = resolved.solve
@@ -160,6 +184,10 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
 
     traj = solve_on(settings.save_times(), "first")
     refined = settings.refine and settings.refined_save_times(traj.transitions.values())
+    if refined is not None and refined is not False:
+        # A save time exactly at each located transition: the refined pass takes the same
+        # steps (save times do not steer the solver), so the state there is the transition's.
+        refined = with_times(refined, traj.transitions.values())
     if refined is not None and refined is not False:
         first = traj
         traj = solve_on(refined, "refined")

@@ -26,6 +26,8 @@ class Problem(eqx.Module):
         `summary.json`.
     - `predict`: optional `predict(trajectory) -> {name: gflow.Prediction}` comparing the run
         with theory.
+    - `figures`: optional `figures(trajectory, directory) -> [paths]` writing the preset's
+        composite figures (e.g. a paper's figure layout) next to the generic ones.
     """
 
     flow: GradientFlow
@@ -33,6 +35,7 @@ class Problem(eqx.Module):
     transitions: tuple[Transition, ...] = ()
     criteria: dict[str, str] = eqx.field(default_factory=dict)
     predict: Callable[[Any], dict] | None = None
+    figures: Callable[[Any, Any], list] | None = None
 
 
 def comparison(predicted: float, measured: float | None, basis: str = "") -> Prediction:
