@@ -271,7 +271,7 @@ def yang_figure1(traj: Trajectory):
     ax_a.legend(fontsize=6, ncol=2)
     ax_a.set_title("(a) attention score correlations", fontsize=9)
     ax_b = fig.add_subplot(top[1])
-    per_type = traj.observables["type_loss"]
+    per_type = traj.observables["type_losses"]
     for name in sorted(per_type):
         ax_b.plot(ts, np.asarray(per_type[name])[rows], lw=1.4, label=name.replace("type", "type "))
     ax_b.plot(ts, np.asarray(traj.observables["loss"])[rows], color="k", lw=1.8, label="total")

@@ -5,16 +5,20 @@ stage-1 blow-up bound, the stage-2 closed form and Assumption 1 are stated. The 
 figures come from a multi-class experiment: preset `rank-collapse` (`_rank_collapse.py`).
 """
 
+import functools
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from .. import measures
 from .. import observers as obs
 from .._errors import InputError
 from .._flow import GradientFlow
+from .._paper_figures import chen_luo_figures
 from .._solve import Transition
 from ..models import AttentionFFN, OuterParameters, exponential_loss, logistic_loss, stage2_matrix
 from ..models import target_direction
@@ -35,6 +39,101 @@ def _matrices(m):
 
 def _outer(m):
     return (m.W_V, m.W1, m.W2)
+
+
+def _value_ffn(m):
+    return (m.W_V, m.W1)
+
+
+def _w_q(m):
+    return m.W_Q
+
+
+def _w_k(m):
+    return m.W_K
+
+
+def _w_v(m):
+    return m.W_V
+
+
+def _w1(m):
+    return m.W1
+
+
+def _identity(W):
+    return W
+
+
+_SELECTORS = dict(zip(GROUPS, (_w_q, _w_k, _w_v, _w1)))
+
+
+# Observers and conditions as modules with array fields (no closures): equal problems built
+# twice compare equal, so sweep members share one compiled program.
+class ValueMisalignment(eqx.Module):
+    """`1 − mean |cos(W_V columns, v)|` over the columns of non-negligible norm."""
+
+    v: Float[Array, " d"]
+
+    def __call__(self, m, data=None):
+        _, mean = measures.alignment(m.W_V, self.v, axis="columns", min_norm_fraction=0.1)
+        return 1.0 - mean
+
+
+class Shifted(eqx.Module):
+    """`fn(model, data) − level`."""
+
+    fn: eqx.Module
+    level: Float[Array, ""]
+
+    def __call__(self, m, data=None):
+        return self.fn(m, data) - self.level
+
+
+class QueryChangeAbove(eqx.Module):
+    """`‖W_Q − W_Q(0)‖_F / ‖W_Q(0)‖_F − level`."""
+
+    W_Q0: Float[Array, "d d"]
+    level: Float[Array, ""]
+
+    def __call__(self, m, data=None):
+        return measures.relative_change(m.W_Q, self.W_Q0) - self.level
+
+
+class KeyQueryStableRankBelow(eqx.Module):
+    """`max(stable rank W_Q, stable rank W_K) − level`."""
+
+    level: Float[Array, ""]
+
+    def __call__(self, m, data=None):
+        return jnp.maximum(measures.stable_rank(m.W_Q), measures.stable_rank(m.W_K)) - self.level
+
+
+class OuterEnergy(eqx.Module):
+    """The stage-1 energy `E = v W_V W1 W2`."""
+
+    v: Float[Array, " d"]
+
+    def __call__(self, m, data=None):
+        return jnp.asarray(OuterParameters.from_model(m).energy(self.v), dtype=float)
+
+
+class Stage2Matrix(eqx.Module):
+    """The stage-2 matrix `F` at the current outer parameters."""
+
+    loss: str = eqx.field(static=True)
+
+    def __call__(self, m, data):
+        return stage2_matrix(m, data.X, data.y, loss=self.loss)
+
+
+class CosineMatrices(eqx.Module):
+    """`{group: ordered row cosine-similarity matrix}`."""
+
+    matrices: dict[str, obs.CosineMatrix]
+
+    def __call__(self, m, data=None):
+        return {name: c(m) for name, c in self.matrices.items()}
 
 
 def rank_collapse_binary(
@@ -88,49 +187,31 @@ def rank_collapse_binary(
     model = AttentionFFN.init(d, eps, key_model, activation=activation, attention=attention)
     v, _ = target_direction(data.X, data.y)
     loss_fn = _LOSSES[loss]
-
-    def value_alignment(m, _):
-        _, mean = measures.alignment(m.W_V, v, axis="columns", min_norm_fraction=0.1)
-        return 1.0 - mean
-
-    def kq_stable_rank(m, _):
-        return jnp.maximum(measures.stable_rank(m.W_Q), measures.stable_rank(m.W_K))
-
+    misalignment = ValueMisalignment(v)
     # Cosine similarity of the rows of each group, ordered by the leading eigenvector: the
     # paper's Figure 1 panels, at every save time.
-    cosines = {
-        name: obs.cosine_matrix(lambda m, name=name: getattr(m, name), axis="rows")
-        for name in GROUPS
-    }
     observers = {
         "effective_rank": obs.effective_rank(_matrices),
         "stable_rank": obs.stable_rank(_matrices),
         "relative_change": obs.relative_change(_matrices, model),
         "norm": obs.frobenius_norm(_matrices),
-        "value_misalignment": value_alignment,
-        "energy": obs.energy(lambda m, d_: OuterParameters.from_model(m).energy(v)),
-        "cosine": lambda m, d_: {name: cosine(m, d_) for name, cosine in cosines.items()},
-        "W_Q": lambda m, _: m.W_Q,
-        "W_K": lambda m, _: m.W_K,
-        "F": lambda m, d_: stage2_matrix(m, d_.X, d_.y, loss=loss),
+        "value_misalignment": misalignment,
+        "energy": OuterEnergy(v),
+        "cosine": CosineMatrices({name: obs.cosine_matrix(_SELECTORS[name], axis="rows")
+                                  for name in GROUPS}),
+        "W_Q": obs.MatrixMeasure(_w_q, _identity),
+        "W_K": obs.MatrixMeasure(_w_k, _identity),
+        "F": Stage2Matrix(loss),
         "assumption1_rates": obs.assumption1_rates(_outer, v),
+        "singular_vectors": obs.singular_vectors(_value_ffn, 4),
     }
     transitions = (
-        Transition(
-            "condensation",
-            lambda m, d_: value_alignment(m, d_) - condensation_threshold,
-            direction=False,
-        ),
-        Transition(
-            "stage2_onset",
-            lambda m, d_: measures.relative_change(m.W_Q, model.W_Q) - onset_growth,
-            direction=True,
-        ),
-        Transition(
-            "kq_collapse",
-            lambda m, d_: kq_stable_rank(m, d_) - (1.0 + collapse_delta),
-            direction=False,
-        ),
+        Transition("condensation", Shifted(misalignment, jnp.asarray(condensation_threshold)),
+                   direction=False),
+        Transition("stage2_onset", QueryChangeAbove(model.W_Q, jnp.asarray(onset_growth)),
+                   direction=True),
+        Transition("kq_collapse", KeyQueryStableRankBelow(jnp.asarray(1.0 + collapse_delta)),
+                   direction=False),
     )
     criteria = {
         "condensation": f"1 − mean |cos(W_V columns, v)| falls below {condensation_threshold:g}",
@@ -150,6 +231,15 @@ def rank_collapse_binary(
             basis="first save time with loss < L(0)/2 ≤ the stage-1 blow-up time bound "
             "E(0)^(−1/3) (leading order in ε)",
         )
+        t_c = traj.transitions["condensation"]
+        if math.isfinite(t_c):
+            i_c = int(np.argmin(np.abs(traj.ts - t_c)))
+            r1, r2 = (float(x) for x in np.asarray(traj.observables["assumption1_rates"][i_c]))
+            out["assumption1_rates_at_condensation"] = Prediction.qualitative(
+                "|A1|/d = |A2|/d² = 1", f"|A1|/d = {r1:.3g}, |A2|/d² = {r2:.3g}",
+                holds=r1 == 1.0 and r2 == 1.0,
+                basis="Chen & Luo Fig. 2a: both Assumption-1 rates reach 1 early in stage 1; "
+                f"read at the save time nearest the condensation (t={traj.ts[i_c]:.6g})")
         t_k = traj.transitions["kq_collapse"]
         t_o = traj.transitions["stage2_onset"]
         if math.isfinite(t_o) and math.isfinite(t_k):
@@ -169,4 +259,5 @@ def rank_collapse_binary(
         return out
 
     flow = GradientFlow(model, loss_fn, data)
-    return Problem(flow, observers, transitions, criteria, predict)
+    figures = functools.partial(chen_luo_figures, groups=GROUPS, outer=("W_V", "W1"))
+    return Problem(flow, observers, transitions, criteria, predict, figures=figures)
