@@ -121,7 +121,7 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
             if r == 0:
                 ax.set_title(f"{label}\nt={t:.4g}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{group}\nrows (ordered)", fontsize=8)
+                ax.set_ylabel(group, fontsize=10)
     bar = fig.colorbar(image, ax=fig.axes, location="right", shrink=0.5)
     bar.set_label("cosine similarity of rows (spectral order)")
     bottom = outer[1].subgridspec(1, 3)
@@ -138,9 +138,11 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
     ax_c.set_title("(c) effective rank per group", fontsize=9)
     ax_c.legend(fontsize=7)
     ax_d = fig.add_subplot(bottom[2])
-    _lines(ax_d, traj, traj.observables["loss"], ["training loss"], ylabel="loss")
+    _lines(ax_d, traj, traj.observables["loss"], ["training loss"], log_y=True,
+           ylabel="cross-entropy (log scale)")
     if "held_out_loss" in traj.observables:
-        _lines(ax_d, traj, traj.observables["held_out_loss"], ["held-out loss"], ylabel="loss")
+        _lines(ax_d, traj, traj.observables["held_out_loss"], ["held-out loss"], log_y=True,
+               ylabel="cross-entropy (log scale)")
     _mark_transitions(ax_d, traj)
     if "train_accuracy" in traj.observables:
         twin = ax_d.twinx()
@@ -156,8 +158,9 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
         twin.legend(fontsize=7, loc="center left")
     ax_d.set_title("loss (plateau between the stages)", fontsize=9)
     ax_d.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Chen & Luo Fig. 1 by exact gradient flow: (a) row cosine similarity at t0, "
-                 "each transition and the end", fontsize=10)
+    fig.suptitle("Chen & Luo Fig. 1 by exact gradient flow: (a) cosine similarity of the rows "
+                 "of each group (rows and columns in spectral order) at t0, at each located "
+                 "transition and at the end", fontsize=10)
     return fig
 
 

@@ -262,22 +262,25 @@ KEY_COUNT = 96
 
 
 def _ranks_row(traj, i: int) -> tuple[bool, str]:
-    eff = np.asarray(traj.observables["effective_rank"][i])
-    st = np.asarray(traj.observables["stable_rank"][i])
-    holds = bool(max(eff[list(ATTENTION)]) < min(eff[list(OUTER)])
-                 and max(st[list(ATTENTION)]) < min(st[list(OUTER)]))
-    text = ("effective " + ", ".join(f"{g} {r:.3g}" for g, r in zip(GROUPS, eff))
-            + "; stable " + ", ".join(f"{g} {r:.3g}" for g, r in zip(GROUPS, st))
-            + f" (t={traj.ts[i]:.6g})")
-    return holds, text
+    """Whether W_Q, W_K lie below every outer group in effective AND in stable rank at save
+    `i`, and the numbers, each measure with its own verdict."""
+    parts, verdicts = [], []
+    for label, key in (("effective", "effective_rank"), ("stable", "stable_rank")):
+        r = np.asarray(traj.observables[key][i])
+        below = bool(max(r[list(ATTENTION)]) < min(r[list(OUTER)]))
+        verdicts.append(below)
+        parts.append(f"{label} {'below' if below else 'NOT below'}: "
+                     + ", ".join(f"{g} {x:.3g}" for g, x in zip(GROUPS, r)))
+    return all(verdicts), "; ".join(parts) + f" (t={traj.ts[i]:.6g})"
 
 
 def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
     """The preset's comparison rows: the paper's claim that attention ends lower in rank than
-    the outer groups, read at the key-query collapse and at the end; held-out against
-    training accuracy; the save times of the heat-map columns."""
+    the outer groups, read at the key-query collapse, at the attention's lowest stable rank
+    and at the end; held-out against training accuracy; the save times of the heat-map
+    columns."""
     out = {}
-    claim = "W_Q, W_K below every outer group in effective and stable rank"
+    claim = "W_Q, W_K below every outer group in effective and in stable rank"
     t_k = traj.transitions.get("kq_collapse", math.nan)
     if math.isfinite(t_k):
         holds, text = _ranks_row(traj, save_index(traj.ts, t_k))
@@ -287,6 +290,11 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
     else:
         out["attention_collapses_below_outer"] = Prediction.qualitative(
             claim, None, holds=None, basis="Chen & Luo Fig. 1c: kq_collapse not reached")
+    attention = np.max(np.asarray(traj.observables["stable_rank"])[:, list(ATTENTION)], axis=1)
+    holds, text = _ranks_row(traj, int(np.argmin(attention)))
+    out["attention_collapses_below_outer_at_lowest"] = Prediction.qualitative(
+        claim, text, holds=holds,
+        basis="read at the save time where max(stable rank W_Q, W_K) is lowest")
     holds, text = _ranks_row(traj, len(traj.ts) - 1)
     out["attention_collapses_below_outer_at_end"] = Prediction.qualitative(
         claim, text, holds=holds, basis="Chen & Luo Fig. 1c, read at the last save time")
