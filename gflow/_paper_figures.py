@@ -106,7 +106,8 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
     times = heatmap_times(traj)
     columns = list(times.items())
     n_rows = len(groups)
-    fig = Figure(figsize=(2.1 * len(columns) + 1.0, 2.0 * n_rows + 6.4), layout="constrained")
+    fig = Figure(figsize=(max(2.1 * len(columns) + 1.0, 16.0), 2.0 * n_rows + 6.4),
+                 layout="constrained")
     outer = fig.add_gridspec(2, 1, height_ratios=(2.0 * n_rows, 6.0))
     top = outer[0].subgridspec(n_rows, len(columns))
     image = None
@@ -121,10 +122,10 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
             if r == 0:
                 ax.set_title(f"{label}\nt={t:.4g}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(group, fontsize=10)
+                ax.set_ylabel(group, fontsize=10, rotation=0, ha="right", va="center")
     bar = fig.colorbar(image, ax=fig.axes, location="right", shrink=0.5)
     bar.set_label("cosine similarity of rows (spectral order)")
-    bottom = outer[1].subgridspec(1, 3)
+    bottom = outer[1].subgridspec(1, 4)
     ax_b = fig.add_subplot(bottom[0])
     _lines(ax_b, traj, traj.observables["relative_change"], groups, log_y=True,
            ylabel="‖W(t) − W(0)‖_F / ‖W(0)‖_F")
@@ -137,7 +138,13 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
     _mark_transitions(ax_c, traj)
     ax_c.set_title("(c) effective rank per group", fontsize=9)
     ax_c.legend(fontsize=7)
-    ax_d = fig.add_subplot(bottom[2])
+    ax_s = fig.add_subplot(bottom[2])
+    _lines(ax_s, traj, traj.observables["stable_rank"], groups,
+           ylabel="stable rank ‖W‖_F² / ‖W‖_2²")
+    _mark_transitions(ax_s, traj)
+    ax_s.set_title("(c) stable rank per group", fontsize=9)
+    ax_s.legend(fontsize=7)
+    ax_d = fig.add_subplot(bottom[3])
     _lines(ax_d, traj, traj.observables["loss"], ["training loss"], log_y=True,
            ylabel="cross-entropy (log scale)")
     if "held_out_loss" in traj.observables:
@@ -158,9 +165,9 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
         twin.legend(fontsize=7, loc="center left")
     ax_d.set_title("loss (plateau between the stages)", fontsize=9)
     ax_d.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Chen & Luo Fig. 1 by exact gradient flow: (a) cosine similarity of the rows "
-                 "of each group (rows and columns in spectral order) at t0, at each located "
-                 "transition and at the end", fontsize=10)
+    fig.suptitle("Chen & Luo Fig. 1 by exact gradient flow\n(a) cosine similarity of the rows "
+                 "of each group (spectral order) at t0, at each located transition, at the end",
+                 fontsize=10)
     return fig
 
 
@@ -286,21 +293,32 @@ def yang_figure1(traj: Trajectory):
     _mark_transitions(ax_b, traj)
     ax_b.legend(fontsize=7)
     ax_b.set_title("(b) total and per-type loss", fontsize=9)
+    # Attention moves little against its O(1) initial scores: the t0 panel shows S(0) on its
+    # own scale, the others the change S(t) − S(0) on one symmetric scale spanning it.
     bottom = grid[1].subgridspec(1, len(times))
     shown = np.stack([scores[save_index(traj.ts, t)] for _, t in times])
-    bound = float(np.max(np.abs(shown))) or 1.0
-    image = None
+    first = float(np.max(np.abs(shown[0]))) or 1.0
+    change = float(np.max(np.abs(shown[1:] - shown[0]))) if len(times) > 1 else 0.0
+    change = change or 1.0
+    panels = []
     for c, (label, t) in enumerate(times):
         ax = fig.add_subplot(bottom[c])
-        image = ax.imshow(shown[c], cmap="RdBu_r", vmin=-bound, vmax=bound)
+        if c == 0:
+            image0 = ax.imshow(shown[0], cmap="RdBu_r", vmin=-first, vmax=first)
+        else:
+            image = ax.imshow(shown[c] - shown[0], cmap="PuOr_r", vmin=-change, vmax=change)
+            panels.append(ax)
         ax.set_xticks(range(3), ["μ1", "μ2", "μ3"], fontsize=7)
         ax.set_yticks(range(3), ["μ1", "μ2", "μ3"], fontsize=7)
-        ax.set_xlabel("query", fontsize=7)
+        ax.set_xlabel("query word", fontsize=7)
         if c == 0:
-            ax.set_ylabel("key", fontsize=7)
-        ax.set_title(f"{label}\nt={t:.4g}", fontsize=8)
-    bar = fig.colorbar(image, ax=fig.axes[-len(times):], shrink=0.8)
-    bar.set_label("μ_keyᵀ W_Kᵀ W_Q μ_query")
+            ax.set_ylabel("key word", fontsize=7)
+        what = "score S(t0)" if c == 0 else "change S(t) − S(t0)"
+        ax.set_title(f"{label}, t={t:.4g}\n{what}", fontsize=8)
+        if c == 0:
+            fig.colorbar(image0, ax=ax, shrink=0.8).set_label("score (key, query)")
+    if panels:
+        fig.colorbar(image, ax=panels, shrink=0.8).set_label("change of the score since t0")
     fig.suptitle("Yang et al. Fig. 1 by exact gradient flow", fontsize=10)
     return fig
 

@@ -184,6 +184,12 @@ def _run(resolved, progress, checkpoint_dir, resume) -> tuple[Problem, Trajector
 
     traj = solve_on(settings.save_times(), "first")
     refined = settings.refine and settings.refined_save_times(traj.transitions.values())
+    reached = [t for t in traj.transitions.values() if math.isfinite(t)]
+    if (refined is None or refined is False) and problem.figures is not None and not all(
+            t in traj.ts for t in reached):
+        # A preset's own figures draw states at the transitions: solve again (same program)
+        # with the transition times in the save grid.
+        refined = settings.save_times()
     if refined is not None and refined is not False:
         # A save time exactly at each located transition: the refined pass takes the same
         # steps (save times do not steer the solver), so the state there is the transition's.

@@ -27,7 +27,10 @@ class Problem(eqx.Module):
     - `predict`: optional `predict(trajectory) -> {name: gflow.Prediction}` comparing the run
         with theory.
     - `figures`: optional `figures(trajectory, directory) -> [paths]` writing the preset's
-        composite figures (e.g. a paper's figure layout) next to the generic ones.
+        composite figures (e.g. a paper's figure layout) next to the generic ones. A problem
+        with figures gets a save time exactly at each located transition (`presets.run`
+        re-solves with them inserted in the save grid, or in the refined grid with
+        `solve.refine`).
     """
 
     flow: GradientFlow

@@ -12,6 +12,17 @@ Fixed embeddings and readout (the paper does not state their distribution): `E, 
 default) the flow is stiff from t ≈ 50 on (steps of ~0.3 time units; no run of a minute reaches
 the second stage), so the unit-norm scale is the one a CPU run can integrate.
 
+**Assumption 1 (no multi-class analogue shipped).** At leading order in σ (uniform softmax,
+tanh ≈ identity, logits near 0) the cross-entropy is `log V − tr(W_V W1 W2 C)` with the data
+matrix `C = W_out Yᵀ X̄ / n` (`Y` rows `e_{y_i} − 1/V`, `X̄` rows the mean token of sample `i`):
+the stage-1 energy is a three-factor product against a general `d × d` matrix, where the
+theorems have a rank-one `vᵀ`. Only for a rank-one `C = σ u vᵀ` does it reduce to the binary
+form, with `W_v = v W_V` and `W2 u` for `W2`; measured at the default size, `σ2/σ1 = 0.19`
+(stable rank of `C` 1.33), so that reduction is approximate, and with `W1` of shape
+`d × d_ff` the per-index condition (1), which pairs an index of `W_v` with one of `W2`,
+has no canonical form. So the preset reports no Assumption-1 rates; `rank-collapse-binary`
+does.
+
 **What the flow shows** is measured and reported by the preset itself (the predictions
 `attention_collapses_below_outer*` and `held_out_accuracy`) and summarised, with numbers, in
 the README section on this preset.
