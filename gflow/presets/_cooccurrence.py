@@ -11,6 +11,12 @@ preset measures it (`type2_loss_rise`, `type3_loss_rise`: the largest rise above
 value, and `*_rise_time`: when, against the end of Phase 1). The default seed is one where both
 rise; the theory's picture in which all outputs start near 0 (every loss at log 2) is
 `--set problem.sigma1=1e-3`.
+
+Measured at the paper's sizes (He normal, Tsit5 at rtol 1e-8): seed 5 (the default) ends
+Phase 1 at t = 0.158; its type-2 loss rises from 1.75 by +4.02 (peak t = 0.014 on the
+preset's save grid), its type-3 loss from 4.7e-4 by +1.01 (t = 0.019), then all fall; R² of
+the Phase-2 `1/L̂` line 0.99997. Seeds 0–7 on a 120-point log grid: both types rise only for
+seed 5; type 3 alone for seed 4 (+0.33), type 2 alone for seed 6 (+0.51), neither for 0–3, 7.
 """
 
 import math
