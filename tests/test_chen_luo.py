@@ -97,9 +97,10 @@ def _numpy_loss(p, tokens, targets, **kw):
     return float(np.mean(lse - z[np.arange(len(targets)), targets]))
 
 
+# Chen & Luo's real-text model; their synthetic model (no residual, tanh, one layer) is
+# checked against an exact numpy backward pass in the next test.
 @pytest.mark.parametrize("variant", [
-    dict(residual=False, activation="tanh", every=False, layers=1),  # Chen & Luo synthetic
-    dict(residual=True, activation="gelu", every=True, layers=2),  # their real-text model
+    dict(residual=True, activation="gelu", every=True, layers=2),
 ])
 def test_decoder_loss_and_gradient_match_numpy(variant):
     """Loss to 1e-12 against the numpy forward; gradient against its central differences
