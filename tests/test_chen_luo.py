@@ -261,12 +261,12 @@ def test_singular_vector_similarity():
 def test_reduced_rank_collapse_transitions_and_heatmap_times(tmp_path):
     """The three transitions in order; the heat-map columns (summary.json) sit exactly at the
     located transition times; the conserved quantities hold to the solver's tolerance."""
-    from conftest import REDUCED_PRESETS
+    from conftest import REDUCED_RANK_COLLAPSE
 
     from gflow._cli import main
 
     out = tmp_path / "run"
-    args = [a for o in REDUCED_PRESETS["rank-collapse"] for a in ("--set", o)]
+    args = [a for o in REDUCED_RANK_COLLAPSE for a in ("--set", o)]
     assert main(["rank-collapse", *args, "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     times = summary["transitions"]

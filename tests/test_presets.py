@@ -6,13 +6,14 @@ import equinox as eqx
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from conftest import REDUCED_PRESETS
+from conftest import REDUCED_PRESETS, REDUCED_RANK_COLLAPSE
 
 import gflow
 from gflow import presets
 
 # Small sizes: building a problem draws data and an init, nothing is compiled.
-_SMALL = REDUCED_PRESETS | {"deep-linear": [], "rank-collapse-binary": []}
+_SMALL = REDUCED_PRESETS | {"deep-linear": [], "rank-collapse-binary": [],
+                            "rank-collapse": REDUCED_RANK_COLLAPSE}
 
 
 def test_every_preset_exposes_eps_and_seed():
