@@ -69,7 +69,7 @@ def _save_times() -> np.ndarray:
 
 
 def build() -> Problem:
-    return preset_problem("rank-collapse", T1, _save_times())
+    return preset_problem("rank-collapse-binary", T1, _save_times())
 
 
 DESCRIPTION = (

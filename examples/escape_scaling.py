@@ -1,7 +1,7 @@
 """Escape time from a small init against the init scale `ε`: `∝ 1/ε` or `∝ ln(1/ε)`.
 
 Two plateaus, two laws, each from one `gflow.sweep` over `ε` (all members in one compiled
-program) and its `Sweep.fit`. Left: the attention + FFN model of the `rank-collapse` preset
+program) and its `Sweep.fit`. Left: the attention + FFN model of the `rank-collapse-binary` preset
 (homogeneous of degree ≥ 3 near the origin, so the escape is a finite-time blow-up of the
 reduced flow and takes a time `∝ 1/ε`); the escape is where the exponential loss, `≈ 1` at a
 small init, falls below `1/2`. Fitted exponent of `T` against `ε`: `−1` (`ε T` settles to a
@@ -49,7 +49,7 @@ s = np.array([2.0, 1.0])
 
 def attention_flow(eps):
     overrides = [f"problem.eps={eps}", "solve.refine=false"]
-    return gflow.presets.build(gflow.presets.resolve("rank-collapse", overrides)).flow
+    return gflow.presets.build(gflow.presets.resolve("rank-collapse-binary", overrides)).flow
 
 
 # One threshold for every member (the loss starts at ≈ 1), so one compiled program serves all.
@@ -111,7 +111,7 @@ ax_att.loglog(grid, power.predict(grid), "C3-",
               label=f"fit: exponent {power.slope:.3f} [{power.ci95[0]:.3f}, {power.ci95[1]:.3f}]")
 ax_att.loglog(grid, power.y[0] * power.x[0] / grid, "C0--", lw=1, label="∝ 1/ε")
 ax_att.set(xlabel="init scale ε", ylabel="escape time",
-           title="attention + FFN (rank-collapse preset)")
+           title="attention + FFN (rank-collapse-binary preset)")
 ax_att.legend(fontsize=8)
 grid = np.geomspace(min(linear_eps), max(linear_eps), 100)
 for k, fit in enumerate(fits):

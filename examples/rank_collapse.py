@@ -1,7 +1,7 @@
 """Chen & Luo's two stages from the exact gradient flow: condensation, then key-query collapse.
 
 An attention + FFN model (`gflow.models.AttentionFFN`) at a small init `ε` on the last-token-sign
-task (the `rank-collapse` preset). Top: cosine similarity of the rows of each parameter group
+task (the `rank-collapse-binary` preset: the setting of the theorems). Top: cosine similarity of the rows of each parameter group
 (ordered by the leading eigenvector) at init, at the end of condensation and after the key-query
 collapse. Bottom: effective rank and relative norm change per group, and the outer energy
 `E = v W_V W1 W2` of the full flow against the stage-1 reduced flow (`stage1_flow`, run in
@@ -33,7 +33,7 @@ args = parser.parse_args()
 
 # Quick mode: ε ten times larger, so every time is ten times shorter (escape ∝ 1/ε).
 eps, t1, n_save = (1e-3, 2e3, 150) if args.quick else (1e-4, 2e4, 400)
-resolved = gflow.presets.resolve("rank-collapse", [f"problem.eps={eps}"])
+resolved = gflow.presets.resolve("rank-collapse-binary", [f"problem.eps={eps}"])
 problem = gflow.presets.build(resolved)
 model, data = problem.flow.model, problem.flow.data
 groups = ("W_Q", "W_K", "W_V", "W1")

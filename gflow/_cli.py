@@ -564,6 +564,8 @@ def _run(args, session: _Session) -> int:
         plot = resolved.plot
         save_figures(traj, out / "figures", time_axis=plot.time_axis, labels=plot.labels,
                      heatmaps=plot.heatmaps, formats=plot.formats)
+        if problem.figures is not None:
+            problem.figures(traj, out / "figures")
     if not args.quiet:
         print("\n".join([_report(traj, problem, out)] + instruments))
     return 0 if traj.status == "completed" else EXIT_RUN_FAILED

@@ -430,3 +430,72 @@ def ordered_cosine_matrix(W: Float[ArrayLike, "m n"], axis: int | str) -> Float[
     C = cosine_matrix(W, axis)
     order = leading_eigenvector_order(C)
     return C[order][:, order]
+
+
+# --------------------------------------------------------------------------- Chen & Luo, Fig. 2
+
+
+@eqx.filter_jit
+def assumption1_rates(
+    W_v: Float[ArrayLike, " d"], W1: Float[ArrayLike, "d d"], W2: Float[ArrayLike, " d"]
+) -> Float[Array, " 2"]:
+    """Chen & Luo's Assumption-1 satisfaction rates `(|A1|/d, |A2|/d²)` (their Fig. 2a).
+
+    With `W_v = v W_V` (entries `W_{v,i}`), `W1^{(i)}` the i-th column and `W1_i` the i-th row of
+    `W1`, `W2_i` the i-th entry of `W2` (papers.md §1):
+
+    - `A1`: the indices `i` with `W2_i (W_v W1^{(i)}) > 0` and `W_{v,i} (W1_i W2) > 0`;
+    - `A2`: the ordered pairs `(i, j)`, `i = j` included, with
+      `⟨W2_i W1^{(i)}, W2_j W1^{(j)}⟩ > 0` and `⟨W_{v,i} W1_i, W_{v,j} W1_j⟩ > 0`.
+
+    Only signs enter, so the rates are the same for `W` and `1e-12 W` (computed on each factor
+    divided by its largest entry). A zero product counts as not satisfied.
+
+    **Arguments:**
+
+    - `W_v`: `v W_V`, shape `(d,)`; `W1`: `(d, d)`; `W2`: `(d,)` (the binary model of §1).
+
+    **Returns:**
+
+    `[|A1|/d, |A2|/d²]`.
+    """
+    W_v, W2 = jnp.asarray(W_v, dtype=float), jnp.asarray(W2, dtype=float)
+    W1 = jnp.asarray(W1, dtype=float)
+    d = W_v.shape[0]
+    if W_v.ndim != 1 or W1.shape != (d, d) or W2.shape != (d,):
+        raise InputError(
+            f"assumption1_rates needs W_v (d,), W1 (d, d), W2 (d,), got {W_v.shape}, "
+            f"{W1.shape}, {W2.shape}"
+        )
+    W_v, W1, W2 = W_v / _max_abs_scale(W_v), W1 / _max_abs_scale(W1), W2 / _max_abs_scale(W2)
+    first = (W2 * (W_v @ W1) > 0) & (W_v * (W1 @ W2) > 0)
+    columns = W1 * W2[None, :]  # column i: W2_i W1^{(i)}
+    rows = W_v[:, None] * W1  # row i: W_{v,i} W1_i
+    second = (columns.T @ columns > 0) & (rows @ rows.T > 0)
+    return jnp.stack([jnp.mean(first.astype(float)), jnp.mean(second.astype(float))])
+
+
+def singular_vector_similarity(
+    U_a: Float[ArrayLike, "... m k"], U_b: Float[ArrayLike, "... m k"]
+) -> Float[Array, "..."]:
+    """Mean `|cos|` between corresponding singular vectors (columns) of two times (Fig. 2b).
+
+    Singular vectors are defined up to sign, hence the absolute value; the columns are
+    normalized here, so padded zero columns count as 0.
+
+    **Arguments:**
+
+    - `U_a`, `U_b`: singular vectors as columns, e.g. `U[:, :k]` of `W(t)` and `W(t')`, with
+        any leading batch axes (e.g. save times).
+
+    **Returns:**
+
+    `mean_k |⟨u_k(a), u_k(b)⟩| / (‖u_k(a)‖ ‖u_k(b)‖)`, in `[0, 1]`.
+    """
+    U_a, U_b = jnp.asarray(U_a, dtype=float), jnp.asarray(U_b, dtype=float)
+    if U_a.shape != U_b.shape or U_a.ndim < 2:
+        raise InputError(f"singular vectors must be matrices of one shape, got {U_a.shape}, "
+                         f"{U_b.shape}")
+    dot = jnp.abs(jnp.sum(U_a * U_b, axis=-2))
+    norms = jnp.linalg.norm(U_a, axis=-2) * jnp.linalg.norm(U_b, axis=-2)
+    return jnp.mean(jnp.clip(_safe_divide(dot, norms), 0.0, 1.0), axis=-1)

@@ -665,3 +665,83 @@ def conserved(fn: Callable, initial_model) -> Conserved:
     """
     _check_callable(fn, "fn", "fn(model, data)")
     return Conserved(fn, initial_model)
+
+
+# --------------------------------------------------------------------------- Chen & Luo, Fig. 2
+
+
+class Assumption1Rates(eqx.Module):
+    """Chen & Luo's Assumption-1 satisfaction rates of `(W_V, W1, W2) = where(model)` against
+    the target direction `direction` (traced data); see `gflow.measures.assumption1_rates`."""
+
+    where: Callable[[Any], Any]
+    direction: Float[Array, " d"]
+
+    def __check_init__(self):
+        _check_callable(self.where, "where", "where(model)")
+
+    def __call__(self, model, data=None) -> Float[Array, " 2"]:
+        del data
+        W_V, W1, W2 = self.where(model)
+        W_v = self.direction @ jnp.asarray(W_V, dtype=float)
+        return measures.assumption1_rates(W_v, W1, jnp.reshape(W2, (-1,)))
+
+
+def assumption1_rates(where: Callable, direction: Float[ArrayLike, " d"]) -> Assumption1Rates:
+    """Observer of Chen & Luo's Assumption-1 rates `[|A1|/d, |A2|/d²]` (their Fig. 2a).
+
+    **Arguments:**
+
+    - `where`: `where(model) -> (W_V, W1, W2)`, with `W_V, W1` `(d, d)` and `W2` `(d,)`, e.g.
+        `lambda m: (m.W_V, m.W1, m.W2)` for `gflow.models.AttentionFFN`.
+    - `direction`: the target direction `v` (`W_v = v W_V`), shape `(d,)`.
+
+    **Returns:**
+
+    An observer giving the two rates.
+    """
+    _check_callable(where, "where", "where(model)")
+    return Assumption1Rates(where, _check_direction(direction))
+
+
+class SingularVectors(eqx.Module):
+    """The leading `k` left and right singular vectors (as columns) of each matrix `where`
+    selects: `{"U": (group, m, k), "V": (group, n, k)}` (zero-padded to the largest shape)."""
+
+    where: Callable[[Any], Any]
+    k: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        _check_callable(self.where, "where", "where(model)")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise InputError(f"k must be a positive integer, got {self.k!r}")
+
+    def __call__(self, model, data=None) -> dict[str, Float[Array, "group r k"]]:
+        del data
+        arrays, _ = _selection(self.where, model)
+        rows = max(a.shape[0] for a in arrays)
+        cols = max(a.shape[1] for a in arrays)
+        Us, Vs = [], []
+        for a in arrays:
+            # Scale-free: the singular vectors of W and of W / max|W| are the same.
+            U, _, Vt = jnp.linalg.svd(a / measures._max_abs_scale(a), full_matrices=False)
+            k = min(self.k, U.shape[1])
+            Us.append(jnp.pad(U[:, :k], ((0, rows - a.shape[0]), (0, self.k - k))))
+            Vs.append(jnp.pad(Vt[:k].T, ((0, cols - a.shape[1]), (0, self.k - k))))
+        return {"U": jnp.stack(Us), "V": jnp.stack(Vs)}
+
+
+def singular_vectors(where: Callable, k: int) -> SingularVectors:
+    """Observer of the leading `k` singular vectors of a matrix or group, for
+    `gflow.measures.singular_vector_similarity` between save times on the host (Fig. 2b).
+
+    **Arguments:**
+
+    - `where`: selects a matrix or a tuple of matrices.
+    - `k`: how many singular pairs to keep.
+
+    **Returns:**
+
+    An observer giving `{"U": (group, m, k), "V": (group, n, k)}`.
+    """
+    return SingularVectors(where, int(k))

@@ -136,10 +136,10 @@ def test_python_dash_m_entry_point(tmp_path):
     assert "RuntimeWarning" not in proc.stderr
 
 
-def test_default_preset_shows_both_stages_in_order(tmp_path):
-    """The main job: condensation, then key-query collapse, as issue 3 specifies."""
+def test_binary_preset_shows_both_stages_in_order(tmp_path):
+    """The theorems' setting: condensation, then key-query collapse, as issue 3 specifies."""
     out = tmp_path / "run"
-    assert main(["--out", str(out), "--quiet"]) == 0
+    assert main(["rank-collapse-binary", "--out", str(out), "--quiet"]) == 0
     traj = gflow.load(out)
     t_cond, t_kq = traj.transitions["condensation"], traj.transitions["kq_collapse"]
     assert 0 < t_cond < t_kq < traj.t1

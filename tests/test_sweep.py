@@ -408,7 +408,7 @@ def test_rank_collapse_escape_time_scales_like_inverse_eps():
 
     def make(eps, seed):
         overrides = [f"problem.eps={eps}", f"problem.seed={seed}"]
-        return presets.build(presets.resolve("rank-collapse", overrides)).flow
+        return presets.build(presets.resolve("rank-collapse-binary", overrides)).flow
 
     # Escape from the small-init plateau: the loss (≈ 1 at init) falls to half.
     escape = gflow.Transition(

@@ -42,8 +42,9 @@ def test_windows_are_deterministic_and_consistent(level):
 
 
 def test_text_short_flow():
-    problem = text(n=48, length=6, vocab_size=12, level="char", d=8, m=8, layers=1, eps=1e-3,
-                   embedding_std=1.0, seed=0, activation="tanh", escape_fraction=0.5)
+    # The paper's real-text model: 2 residual layers, GeLU; eps small for near-uniform logits.
+    problem = text(n=48, length=6, vocab_size=12, level="char", d=8, m=8, layers=2, eps=1e-3,
+                   embedding_std=1.0, seed=0, activation="gelu", escape_fraction=0.5)
     traj = gflow.solve(problem.flow, 10.0, ts=gflow.log_grid(0.0, 10.0, 8), rtol=1e-6,
                        observers=problem.observers, transitions=problem.transitions)
     assert traj.status == "completed"
@@ -53,14 +54,18 @@ def test_text_short_flow():
     # Frozen embeddings stay bit-identical; per-group observables have one entry per group.
     np.testing.assert_array_equal(np.asarray(traj.final.E), np.asarray(problem.flow.model.E))
     for name in ("effective_rank", "stable_rank", "relative_change", "norm"):
-        assert traj.observables[name].shape == (8, 6)
+        assert traj.observables[name].shape == (8, 11)  # 5 groups per layer, W_out
     np.testing.assert_allclose(traj.observables["relative_change"][0], 0.0, atol=1e-15)
     W_out = np.asarray(traj.final.W_out)
-    assert traj.observables["norm"][-1][5] == pytest.approx(np.linalg.norm(W_out), rel=1e-12)
+    assert traj.observables["norm"][-1][10] == pytest.approx(np.linalg.norm(W_out), rel=1e-12)
+    W2_layer2 = np.asarray(traj.final.W2)[1]
+    assert traj.observables["norm"][-1][9] == pytest.approx(np.linalg.norm(W2_layer2), rel=1e-12)
     preds = problem.predict(traj)
-    entry = preds["attention_rank_below_outer"]
     ranks = traj.observables["effective_rank"][-1]
-    assert entry.measured == pytest.approx(np.mean(ranks[:2]))
-    assert entry.predicted == pytest.approx(np.mean(ranks[2:]))
-    assert entry.kind == "bound" and entry.holds == (entry.measured < entry.predicted)
+    for layer in (1, 2):
+        entry = preds[f"attention_rank_below_outer_layer{layer}"]
+        block = ranks[5 * (layer - 1): 5 * layer]
+        assert entry.measured == pytest.approx(np.mean(block[:2]))
+        assert entry.predicted == pytest.approx(np.mean(block[2:]))
+        assert entry.kind == "bound" and entry.holds == (entry.measured < entry.predicted)
     assert preds["loss_below_unigram"].measured == pytest.approx(loss[-1])

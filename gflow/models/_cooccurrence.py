@@ -93,22 +93,24 @@ class CooccurrenceTransformer(eqx.Module):
         """The paper's random initialization.
 
         `W_Q, W_K, W_V ~ N(0, σ0²)` and `W ~ N(0, σ1²)` entrywise; `a_j` uniform on `{±1}`.
-        The defaults are Kaiming (He) normal with gain 1 on the fan-in of each matrix, the
-        scale the paper's experiment uses: `σ0 = 1/√d` (W_Q, W_K, W_V act on `R^d`) and
-        `σ1 = 1/√m` (W acts on `R^m`). With these, `G(μ)` starts at `O(√(m1/d))` (about 2 at
-        the paper's sizes), so every sample starts with a random O(1) output and loss.
+        The defaults are LeCun normal, `1/√fan_in` (gain 1), on the fan-in of each matrix:
+        `σ0 = 1/√d` (W_Q, W_K, W_V act on `R^d`) and `σ1 = 1/√m` (W acts on `R^m`). He
+        (Kaiming) normal has the gain √2 on top: `σ0 = √(2/d)`, `σ1 = √(2/m)`, the
+        `cooccurrence` preset's default. At either scale `G(μ)` starts at `O(√(m1/d))`, so
+        every sample starts with a random O(1) output and loss, and whether the type-2/3
+        losses rise before falling depends on the seed (measured by the preset).
 
         The theory's picture, in which all outputs start near 0 and the type-2/3 losses first
-        rise above `log 2`, needs a small output scale: the `cooccurrence` preset keeps
-        `σ0 = 1/√d` and takes `σ1 = 1e-3/√m`. Only `Wᵀa` enters `F`, and the flow moves `W`
-        only along `a`, so `σ1` matters solely through the initial `Wᵀa ~ N(0, m1 σ1²)`.
+        rise above `log 2`, needs a small output scale such as `σ1 = 1e-3/√m`. Only `Wᵀa`
+        enters `F`, and the flow moves `W` only along `a`, so `σ1` matters solely through the
+        initial `Wᵀa ~ N(0, m1 σ1²)`.
 
         **Arguments:**
 
         - `d`: vocabulary size (= embedding dimension, embeddings are one-hot).
         - `m`: attention width; `m1`: number of MLP neurons.
         - `key`: a JAX PRNG key.
-        - `sigma0`, `sigma1`: the standard deviations; `None` means the Kaiming default.
+        - `sigma0`, `sigma1`: the standard deviations; `None` means the LeCun default.
 
         **Returns:**
 

@@ -1,19 +1,23 @@
-"""A small causal decoder for next-token tasks: the anchor-function task and real text.
+"""A small causal decoder for next-token tasks: anchor functions (Zhang et al.; Chen & Luo)
+and real text.
 
 Shape convention: a sample is a sequence of `s` integer tokens from a vocabulary of size `V`;
 a batch of samples is `(n, s)`, its targets `(n,)`. Hidden states are `H ∈ R^{s×d}`, tokens as
 ROWS (as in `AttentionFFN`).
 
     H⁰ = E[tokens] + P                                   (token + position embeddings)
-    Hˡ = Hˡ⁻¹ + softmax(mask(Hˡ⁻¹ W_Qˡ W_Kˡᵀ Hˡ⁻¹ᵀ / √d)) Hˡ⁻¹ W_Vˡ,   l = 1..L  (causal)
-    h  = H^L_s + act(H^L_s W1) W2                        (FFN on the last token)
+    Hˡ = r Hˡ⁻¹ + softmax(mask(Hˡ⁻¹ W_Qˡ W_Kˡᵀ Hˡ⁻¹ᵀ / √d)) Hˡ⁻¹ W_Vˡ,   l = 1..L  (causal)
+    h  = r H^L_s + act(H^L_s W1) W2                      (FFN on the last token)
     logits = h W_out ∈ R^V,     loss = cross-entropy of logits against the target token
 
 with `E ∈ R^{V×d}`, `P ∈ R^{s×d}`, `W_Qˡ, W_Kˡ, W_Vˡ ∈ R^{d×d}` (stacked on a leading layer
-axis), `W1 ∈ R^{d×m}`, `W2 ∈ R^{m×d}`, `W_out ∈ R^{d×V}`. Residual connections, no LayerNorm.
-The FFN sits after the last attention layer and, as only the last token is read out and the
-FFN acts token-wise, it is evaluated on the last token alone. The embeddings `E, P` are
-trainable or frozen (`Decoder.trainable_spec`).
+axis), `W1 ∈ R^{d×m}`, `W2 ∈ R^{m×d}`, `W_out ∈ R^{d×V}`, and `r = 1` with residual
+connections (`residual=True`, the default), `r = 0` without (Chen & Luo's synthetic model). No
+LayerNorm. With one FFN (`W1` a matrix) it sits after the last attention layer and, as only the
+last token is read out and the FFN acts token-wise, it is evaluated on the last token alone.
+With `W1 (L, d, m)`, `W2 (L, m, d)` every layer is a full block, attention then FFN on every
+token, `Hˡ ← r Hˡ + act(Hˡ W1ˡ) W2ˡ` (the paper's 2-layer real-text model). The embeddings
+`E, P` and the readout `W_out` are trainable or frozen (`Decoder.trainable_spec`).
 """
 
 import math
@@ -62,9 +66,11 @@ class TokenData(eqx.Module):
 class Decoder(eqx.Module):
     """The decoder of the module docstring (default float dtype: float64 with gflow).
 
-    **Fields:** `E (V, d)`, `P (s, d)`, `W_Q, W_K, W_V (L, d, d)`, `W1 (d, m)`, `W2 (m, d)`,
-    `W_out (d, V)`; `activation` (static): `"tanh"`, `"gelu"` or `"identity"`;
-    `train_embeddings` (static): whether `trainable_spec` lets `E, P` evolve.
+    **Fields:** `E (V, d)`, `P (s, d)`, `W_Q, W_K, W_V (L, d, d)`, `W1 (d, m)` and `W2 (m, d)`
+    (one FFN after the last layer) or `W1 (L, d, m)` and `W2 (L, m, d)` (an FFN in every
+    layer), `W_out (d, V)`; static: `activation` (`"tanh"`, `"gelu"` or `"identity"`),
+    `train_embeddings` (whether `trainable_spec` lets `E, P` evolve), `residual` (residual
+    connections around attention and FFN), `train_readout` (whether `W_out` evolves).
     """
 
     E: Float[Array, "V d"]
@@ -77,6 +83,8 @@ class Decoder(eqx.Module):
     W_out: Float[Array, "d V"]
     activation: str = eqx.field(static=True, default="tanh")
     train_embeddings: bool = eqx.field(static=True, default=True)
+    residual: bool = eqx.field(static=True, default=True)
+    train_readout: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         if self.activation not in _ACTIVATIONS:
@@ -92,10 +100,16 @@ class Decoder(eqx.Module):
                 raise InputError(f"{name} must be (L, {d}, {d}) like W_Q, got {W.shape}")
         if self.W_Q.shape[0] < 1:
             raise InputError("the decoder needs at least one attention layer")
-        if self.W1.ndim != 2 or self.W1.shape[0] != d:
-            raise InputError(f"W1 must be ({d}, m), got {self.W1.shape}")
-        if self.W2.shape != self.W1.shape[::-1]:
-            raise InputError(f"W2 must be {self.W1.shape[::-1]}, got {self.W2.shape}")
+        if self.W1.ndim == 3:
+            if self.W1.shape[:2] != (self.W_Q.shape[0], d):
+                raise InputError(f"W1 must be ({d}, m) or (L, {d}, m), got {self.W1.shape}")
+            wanted = (self.W1.shape[0], self.W1.shape[2], d)
+        elif self.W1.ndim == 2 and self.W1.shape[0] == d:
+            wanted = self.W1.shape[::-1]
+        else:
+            raise InputError(f"W1 must be ({d}, m) or (L, {d}, m), got {self.W1.shape}")
+        if self.W2.shape != wanted:
+            raise InputError(f"W2 must be {wanted}, got {self.W2.shape}")
         if self.W_out.shape != (d, V):
             raise InputError(f"W_out must be ({d}, {V}), got {self.W_out.shape}")
         if all(_is_concrete(leaf) for leaf in jax.tree_util.tree_leaves(self)):
@@ -116,8 +130,12 @@ class Decoder(eqx.Module):
         gamma: float | None = None,
         std: float | None = None,
         embedding_std: float | None = None,
+        readout_std: float | None = None,
         activation: str = "tanh",
         train_embeddings: bool = True,
+        residual: bool = True,
+        train_readout: bool = True,
+        ffn_every_layer: bool = False,
     ) -> "Decoder":
         """Gaussian initialization with an explicit scale.
 
@@ -130,7 +148,10 @@ class Decoder(eqx.Module):
         - `std`: alternatively one std for every weight matrix (exactly one of `gamma`, `std`).
         - `embedding_std`: std of `E, P`, overriding the rule above (e.g. `1` for frozen
             random embeddings under a small `std`).
-        - `activation`, `train_embeddings`: as the fields.
+        - `readout_std`: std of `W_out`, overriding the rule above (e.g. for a fixed readout).
+        - `activation`, `train_embeddings`, `residual`, `train_readout`: as the fields.
+        - `ffn_every_layer`: an FFN in every layer (`W1 (L, d, m)`, `W2 (L, m, d)`) instead of
+            one after the last.
         """
         if (gamma is None) == (std is None):
             raise InputError("Decoder.init needs exactly one of gamma and std")
@@ -148,8 +169,8 @@ class Decoder(eqx.Module):
             "W_Q": ((layers, d, d), d),
             "W_K": ((layers, d, d), d),
             "W_V": ((layers, d, d), d),
-            "W1": ((d, m), d),
-            "W2": ((m, d), m),
+            "W1": (((layers, d, m) if ffn_every_layer else (d, m)), d),
+            "W2": (((layers, m, d) if ffn_every_layer else (m, d)), m),
             "W_out": ((d, vocab), d),
         }
         keys = jax.random.split(key, len(shapes))
@@ -158,15 +179,20 @@ class Decoder(eqx.Module):
             s = scale(fan_in)
             if name in ("E", "P") and embedding_std is not None:
                 s = embedding_std
+            if name == "W_out" and readout_std is not None:
+                s = readout_std
             arrays[name] = s * jax.random.normal(k, shape, dtype=float)
-        return cls(**arrays, activation=activation, train_embeddings=train_embeddings)
+        return cls(**arrays, activation=activation, train_embeddings=train_embeddings,
+                   residual=residual, train_readout=train_readout)
 
     def trainable_spec(self) -> "Decoder":
-        """Filter spec for `GradientFlow(trainable=...)`: every weight, and `E, P` only when
-        `train_embeddings`."""
+        """Filter spec for `GradientFlow(trainable=...)`: every weight, `E, P` only when
+        `train_embeddings`, `W_out` only when `train_readout`."""
         spec = jax.tree_util.tree_map(lambda _: True, self)
         if not self.train_embeddings:
             spec = eqx.tree_at(lambda m: (m.E, m.P), spec, (False, False))
+        if not self.train_readout:
+            spec = eqx.tree_at(lambda m: m.W_out, spec, False)
         return spec
 
     def hidden(self, tokens: Int[Array, " s"]) -> Float[Array, " d"]:
@@ -175,12 +201,25 @@ class Decoder(eqx.Module):
         d = self.E.shape[1]
         H = self.E[tokens] + self.P[:s]
         causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-        for l in range(self.W_Q.shape[0]):
+        act = _ACTIVATIONS[self.activation]
+        r = 1.0 if self.residual else 0.0
+        every = self.W1.ndim == 3
+        layers = self.W_Q.shape[0]
+        for l in range(layers - 1):
             scores = (H @ self.W_Q[l]) @ (H @ self.W_K[l]).T / math.sqrt(d)
             scores = jnp.where(causal, scores, -jnp.inf)
-            H = H + jax.nn.softmax(scores, axis=-1) @ (H @ self.W_V[l])
-        h = H[-1]
-        return h + _ACTIVATIONS[self.activation](h @ self.W1) @ self.W2
+            H = r * H + jax.nn.softmax(scores, axis=-1) @ (H @ self.W_V[l])
+            if every:
+                H = r * H + act(H @ self.W1[l]) @ self.W2[l]
+        # Only the last token is read out: the last layer needs its query row alone (it sees
+        # every token), and the products are ordered to cost O(s d + d²), not O(s d²).
+        l = layers - 1
+        query = self.W_K[l] @ (self.W_Q[l].T @ H[-1])
+        weights = jax.nn.softmax(H @ query / math.sqrt(d))
+        h = r * H[-1] + (weights @ H) @ self.W_V[l]
+        if every:
+            return r * h + act(h @ self.W1[l]) @ self.W2[l]
+        return r * h + act(h @ self.W1) @ self.W2
 
     def __call__(self, tokens: Int[Array, " s"]) -> Float[Array, " V"]:
         """The next-token logits of one sequence."""

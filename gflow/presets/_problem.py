@@ -31,6 +31,11 @@ class Problem(eqx.Module):
     - `scaling`: `{transition name: gflow.ScalingLaw}`: how theory says the transition's time
         scales with the init scale `eps`; a sweep over `eps` fits that law and draws its
         slope.
+    - `figures`: optional `figures(trajectory, directory) -> [paths]` writing the preset's
+        composite figures (e.g. a paper's figure layout) next to the generic ones. A problem
+        with figures gets a save time exactly at each located transition (`presets.run`
+        re-solves with them inserted in the save grid, or in the refined grid with
+        `solve.refine`).
     """
 
     flow: GradientFlow
@@ -40,6 +45,7 @@ class Problem(eqx.Module):
     predict: Callable[[Any], dict] | None = None
     references: dict[str, dict[str, float]] = eqx.field(default_factory=dict)
     scaling: dict[str, Any] = eqx.field(default_factory=dict)
+    figures: Callable[[Any, Any], list] | None = None
 
 
 def comparison(predicted: float, measured: float | None, basis: str = "") -> Prediction:

@@ -1,162 +1,331 @@
-"""Problem builder for Chen & Luo's small-init attention model (papers.md §1)."""
+"""Problem builder `rank-collapse`: Chen & Luo's own experiment by exact gradient flow.
+
+The multi-class anchor-function decoder of their Sec. 5 / App. B (papers.md §1b): one layer, one
+head, no residual, no LayerNorm, tanh FFN with `d_ff = 2 d_model`; the token embedding, the
+positional embedding and the output projection are fixed; `W_Q, W_K, W_V (d×d)`, `W1 (d×d_ff)`,
+`W2 (d_ff×d)` learn from `N(0, σ²)`, `σ = d_model^(−0.85)`; cross-entropy on the last token.
+The paper trains with AdamW; here the flow `dθ/dt = −∇L(θ)` is integrated exactly.
+
+Fixed embeddings and readout (the paper does not state their distribution): `E, P ~ N(0, 1/d)`
+(token rows of unit norm on average) and `W_out ~ N(0, 1/d)`; both are config fields
+(`embedding_std`, `readout_std`). Measured: with `E, P ~ N(0, 1)` (PyTorch's `nn.Embedding`
+default) the flow is stiff from t ≈ 50 on (steps of ~0.3 time units; no run of a minute reaches
+the second stage), so the unit-norm scale is the one a CPU run can integrate.
+
+**Assumption 1 (no multi-class analogue shipped).** At leading order in σ (uniform softmax,
+tanh ≈ identity, logits near 0) the cross-entropy is `log V − tr(W_V W1 W2 C)` with the data
+matrix `C = W_out Yᵀ X̄ / n` (`Y` rows `e_{y_i} − 1/V`, `X̄` rows the mean token of sample `i`):
+the stage-1 energy is a three-factor product against a general `d × d` matrix, where the
+theorems have a rank-one `vᵀ`. Only for a rank-one `C = σ u vᵀ` does it reduce to the binary
+form, with `W_v = v W_V` and `W2 u` for `W2`; measured at the default size, `σ2/σ1 = 0.19`
+(stable rank of `C` 1.33), so that reduction is approximate, and with `W1` of shape
+`d × d_ff` the per-index condition (1), which pairs an index of `W_v` with one of `W2`,
+has no canonical form. So the preset reports no Assumption-1 rates; `rank-collapse-binary`
+does.
+
+**What the flow shows** (measured; d = 64, d_ff = 128, n = 300, σ = 64^−0.85, seed 0, Tsit5
+at rtol 1e-6, t1 = 1500): the outer groups condense first, on a loss plateau, while `W_Q, W_K`
+sit at init (`condensation` t = 108.9: outer mean stable rank 20.5 → 4.1, `W_Q` moved 0.2 %;
+loss 5.04 at t = 138, 4.92 at t = 506); then `W_Q, W_K` move (`stage2_onset` t = 565.1) and
+collapse (`kq_collapse` t = 733.0: stable ranks 2.00 / 1.94 against 2.29–2.39 for the outer
+groups; lowest 1.69 / 1.67 at t ≈ 805 against 2.72–2.83). Afterwards every rank grows back
+while the flow memorises: at t = 1500 training accuracy 1.0, held-out 0.010 (chance 0.0103),
+stable ranks 3.59 / 3.59 against 5.19–5.79. In stable rank the attention stays below the outer
+groups from the collapse on; in effective rank it never does (44 / 43.6 against 24.8–33 at the
+collapse), the untouched init bulk of `W_Q, W_K` dominating `exp H(σ/Σσ)`. The predictions
+`attention_collapses_below_outer*` and `held_out_accuracy` report this for every run.
+"""
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from .. import measures
 from .. import observers as obs
 from .._errors import InputError
 from .._flow import GradientFlow
-from .._solve import Transition
-from ..models import AttentionFFN, OuterParameters, exponential_loss, logistic_loss, stage2_matrix
-from ..models import target_direction
-from ..tasks import rank_collapse_task
-from ..theory import key_query_limit_directions, predicted_escape_time
+from .._paper_figures import chen_luo_figures, heatmap_times, save_index
 from .._prediction import Prediction
-from ._problem import Problem, comparison
+from .._solve import Transition
+from ..models._decoder import Decoder, TokenData, accuracy, cross_entropy
+from ..tasks._anchor_function import PAIRINGS, VOCAB, anchor_function
+from ._problem import Problem
 
 # Parameter groups, in the order every per-group observable lists them.
-GROUPS = ("W_Q", "W_K", "W_V", "W1")
-_LOSSES = {"exponential": exponential_loss, "logistic": logistic_loss}
+GROUPS = ("W_Q", "W_K", "W_V", "W1", "W2")
+ATTENTION = (0, 1)
+OUTER = (2, 3, 4)
 
 
+# Module-level selectors (not closures): equal observers built twice are equal, so sweep
+# members share one compiled program.
+def _groups(m):
+    return (m.W_Q[0], m.W_K[0], m.W_V[0], m.W1, m.W2)
 
-def _matrices(m):
-    return (m.W_Q, m.W_K, m.W_V, m.W1)
+
+def _outer(m):
+    return (m.W_V[0], m.W1, m.W2)
+
+
+def _w_q(m):
+    return m.W_Q[0]
+
+
+def _w_k(m):
+    return m.W_K[0]
+
+
+def _w_v(m):
+    return m.W_V[0]
+
+
+def _w1(m):
+    return m.W1
+
+
+def _w2(m):
+    return m.W2
+
+
+_SELECTORS = dict(zip(GROUPS, (_w_q, _w_k, _w_v, _w1, _w2)))
+
+
+class CosineMatrices(eqx.Module):
+    """`{group: ordered row cosine-similarity matrix}` (the paper's Fig. 1a panels)."""
+
+    matrices: dict[str, obs.CosineMatrix]
+
+    def __call__(self, model, data=None) -> dict[str, Float[Array, "k k"]]:
+        return {name: c(model) for name, c in self.matrices.items()}
+
+
+class ConservedDrift(eqx.Module):
+    """`[‖Q(t) − Q(0)‖_F, ‖R(t) − R(0)‖_F]` of the flow's conserved quantities
+    `Q = W_Qᵀ W_Q − W_Kᵀ W_K` (scores depend on `W_Q W_Kᵀ` only) and `R = W_Vᵀ W_V − W1 W1ᵀ`
+    (`W_V` and `W1` meet as `W_V W1`, no residual in between): zero along the exact flow."""
+
+    Q0: Float[Array, "d d"]
+    R0: Float[Array, "d d"]
+
+    @staticmethod
+    def quantities(m) -> tuple[Array, Array]:
+        W_Q, W_K, W_V = m.W_Q[0], m.W_K[0], m.W_V[0]
+        return W_Q.T @ W_Q - W_K.T @ W_K, W_V.T @ W_V - m.W1 @ m.W1.T
+
+    def __call__(self, model, data=None) -> Float[Array, " 2"]:
+        Q, R = self.quantities(model)
+        return jnp.stack([jnp.linalg.norm(Q - self.Q0), jnp.linalg.norm(R - self.R0)])
+
+
+class Accuracy(eqx.Module):
+    """Arg-max accuracy on `data` when `held_out` is `None`, else on `held_out`."""
+
+    held_out: TokenData | None = None
+
+    def __call__(self, model, data) -> Array:
+        return accuracy(model, data if self.held_out is None else self.held_out)
+
+
+class HeldOutLoss(eqx.Module):
+    """Cross-entropy on a held-out draw."""
+
+    held_out: TokenData
+
+    def __call__(self, model, data=None) -> Array:
+        return cross_entropy(model, self.held_out)
+
+
+class OuterStableRankBelow(eqx.Module):
+    """Condition: mean stable rank of `W_V, W1, W2` minus `level` (falls through 0 at
+    condensation)."""
+
+    level: Float[Array, ""]
+
+    def __call__(self, model, data=None) -> Array:
+        ranks = jnp.stack([measures.stable_rank(W) for W in _outer(model)])
+        return jnp.mean(ranks) - self.level
+
+
+class QueryChangeAbove(eqx.Module):
+    """Condition: `‖W_Q − W_Q(0)‖_F / ‖W_Q(0)‖_F` minus `level`."""
+
+    W_Q0: Float[Array, "d d"]
+    level: Float[Array, ""]
+
+    def __call__(self, model, data=None) -> Array:
+        return measures.relative_change(_w_q(model), self.W_Q0) - self.level
+
+
+class AttentionStableRankBelow(eqx.Module):
+    """Condition: `max(stable rank W_Q, stable rank W_K)` minus `level`."""
+
+    level: Float[Array, ""]
+
+    def __call__(self, model, data=None) -> Array:
+        return jnp.maximum(measures.stable_rank(_w_q(model)),
+                           measures.stable_rank(_w_k(model))) - self.level
 
 
 def rank_collapse(
     *,
     d: int,
-    s: int,
+    d_ff: int,
     n: int,
-    eps: float,
+    n_held_out: int,
+    length: int,
+    vocab: int,
+    pairing: str,
     seed: int,
-    loss: str,
     activation: str,
-    attention: str,
-    condensation_threshold: float,
-    onset_growth: float,
-    collapse_delta: float,
+    condensation_fraction: float,
+    onset_change: float,
+    collapse_rank: float,
+    singular_vectors: int,
+    embedding_std: float | None = None,
+    readout_std: float | None = None,
+    eps: float | None = None,
 ) -> Problem:
-    """The two-stage dynamics of a small-init attention + FFN model on the last-token-sign task.
-
-    Stage 1 (condensation): the outer parameters escape the small-init plateau along the data's
-    target direction `v` (the columns of `W_V` align with `v`) while `W_Q, W_K` stay put.
-    Stage 2: `W_Q, W_K` grow along the top singular pair of `F` and collapse to rank one. In a
-    binary task the outer group collapses too.
+    """Chen & Luo's anchor-function decoder (papers.md §1b) under exact gradient flow.
 
     **Arguments:**
 
-    - `d`, `s`, `n`: width, tokens per sample, samples.
-    - `eps`: init std of every entry; the escape time scales like `1/eps`.
-    - `seed`: seeds data and init.
-    - `loss`: `"exponential"` or `"logistic"`.
-    - `activation`: `"tanh"` or `"identity"`; `attention`: `"exact"` or `"linearized"`.
-    - `condensation_threshold`: condensation ends when `1 − mean|cos|` of the columns of `W_V`
-        with `v` falls below it.
-    - `onset_growth`: stage 2 starts when `‖W_Q − W_Q(0)‖` reaches this multiple of `‖W_Q(0)‖`
-        (measured here: by then the outer parameters have condensed and are quasi-static, and
-        `F` there predicts `W_Q`'s late direction to a cosine of ~0.97, where `F` on the
-        plateau gives only ~0.6).
-    - `collapse_delta`: key–query collapse is when the larger stable rank of `W_Q`, `W_K`
-        falls below `1 + collapse_delta`.
+    - `d`, `d_ff`: model and FFN width (the paper: 640 and 1280; `d_ff = 2 d`).
+    - `n`, `n_held_out`: training sequences and held-out sequences (a second draw).
+    - `length`, `vocab`, `pairing`: the task's `s`, vocabulary and synonym pairing (see
+        `gflow.tasks.anchor_function`).
+    - `seed`: seeds data, held-out data and init.
+    - `activation`: FFN activation (the paper: `"tanh"`).
+    - `embedding_std`: std of the fixed token and positional embeddings; default `1/√d`.
+    - `readout_std`: std of the fixed output projection; default `1/√d`.
+    - `eps`: init std of every trainable weight; default `d^(−0.85)` (the paper's).
+    - `condensation_fraction`: `condensation` is when the mean stable rank of `W_V, W1, W2`
+        falls below this fraction of its initial value.
+    - `onset_change`: `stage2_onset` is when `‖W_Q − W_Q(0)‖_F` reaches this multiple of
+        `‖W_Q(0)‖_F`.
+    - `collapse_rank`: `kq_collapse` is when the larger stable rank of `W_Q, W_K` falls below
+        this value.
+    - `singular_vectors`: how many leading singular vectors of each outer matrix are saved
+        (for the adjacent-time similarity of Fig. 2b).
     """
-    if loss not in _LOSSES:
-        raise InputError(f"problem.loss must be one of {', '.join(_LOSSES)}, got {loss!r}")
-    if not eps > 0:
+    if pairing not in PAIRINGS:
+        raise InputError(f"problem.pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
+    sigma = d ** -0.85 if eps is None else eps
+    if not (math.isfinite(sigma) and sigma > 0):
         raise InputError(f"problem.eps must be positive, got {eps}")
-    if not 0 < condensation_threshold < 1 or not collapse_delta > 0 or not onset_growth > 0:
-        raise InputError(
-            "problem.condensation_threshold must be in (0, 1), onset_growth and "
-            "collapse_delta > 0"
-        )
-    key_data, key_model = jax.random.split(jax.random.key(seed))
-    data = rank_collapse_task(n, s, d, key_data)
-    model = AttentionFFN.init(d, eps, key_model, activation=activation, attention=attention)
-    v, _ = target_direction(data.X, data.y)
-    loss_fn = _LOSSES[loss]
+    if not 0 < condensation_fraction < 1:
+        raise InputError(f"problem.condensation_fraction must be in (0, 1), got "
+                         f"{condensation_fraction}")
+    if not onset_change > 0 or not collapse_rank >= 1:
+        raise InputError("problem.onset_change must be > 0 and problem.collapse_rank >= 1, "
+                         f"got {onset_change}, {collapse_rank}")
+    embedding_std = d ** -0.5 if embedding_std is None else embedding_std
+    readout_std = d ** -0.5 if readout_std is None else readout_std
+    if not embedding_std > 0 or not readout_std > 0:
+        raise InputError("problem.embedding_std and problem.readout_std must be positive")
+    if singular_vectors < 1:
+        raise InputError(f"problem.singular_vectors must be >= 1, got {singular_vectors}")
+    key_data, key_held, key_model = jax.random.split(jax.random.key(seed), 3)
+    train = anchor_function(n, key_data, length=length, vocab=vocab, pairing=pairing).data
+    held_out = anchor_function(n_held_out, key_held, length=length, vocab=vocab,
+                               pairing=pairing).data
+    model = Decoder.init(
+        key_model, vocab=vocab, length=length, d=d, m=d_ff, std=sigma,
+        embedding_std=embedding_std, readout_std=readout_std,
+        activation=activation, train_embeddings=False, residual=False, train_readout=False,
+    )
+    initial_outer = float(np.mean([measures.stable_rank(W) for W in _outer(model)]))
+    Q0, R0 = ConservedDrift.quantities(model)
 
-    def value_alignment(m, _):
-        _, mean = measures.alignment(m.W_V, v, axis="columns", min_norm_fraction=0.1)
-        return 1.0 - mean
-
-    def kq_stable_rank(m, _):
-        return jnp.maximum(measures.stable_rank(m.W_Q), measures.stable_rank(m.W_K))
-
-    # Cosine similarity of the rows of each group, ordered by the leading eigenvector: the
-    # paper's Figure 1 panels, at every save time.
-    cosines = {
-        name: obs.cosine_matrix(lambda m, name=name: getattr(m, name), axis="rows")
-        for name in GROUPS
-    }
     observers = {
-        "effective_rank": obs.effective_rank(_matrices),
-        "stable_rank": obs.stable_rank(_matrices),
-        "relative_change": obs.relative_change(_matrices, model),
-        "norm": obs.frobenius_norm(_matrices),
-        "value_misalignment": value_alignment,
-        "energy": obs.energy(lambda m, d_: OuterParameters.from_model(m).energy(v)),
-        "cosine": lambda m, d_: {name: cosine(m, d_) for name, cosine in cosines.items()},
-        "W_Q": lambda m, _: m.W_Q,
-        "W_K": lambda m, _: m.W_K,
-        "F": lambda m, d_: stage2_matrix(m, d_.X, d_.y, loss=loss),
+        "effective_rank": obs.effective_rank(_groups),
+        "stable_rank": obs.stable_rank(_groups),
+        "relative_change": obs.relative_change(_groups, model),
+        "norm": obs.frobenius_norm(_groups),
+        "cosine": CosineMatrices({name: obs.cosine_matrix(_SELECTORS[name], axis="rows")
+                                  for name in GROUPS}),
+        "singular_vectors": obs.singular_vectors(_outer, singular_vectors),
+        "conserved_drift": ConservedDrift(Q0, R0),
+        "train_accuracy": Accuracy(),
+        "held_out_accuracy": Accuracy(held_out),
+        "held_out_loss": HeldOutLoss(held_out),
     }
+    level = condensation_fraction * initial_outer
     transitions = (
-        Transition(
-            "condensation",
-            lambda m, d_: value_alignment(m, d_) - condensation_threshold,
-            direction=False,
-        ),
-        Transition(
-            "stage2_onset",
-            lambda m, d_: measures.relative_change(m.W_Q, model.W_Q) - onset_growth,
-            direction=True,
-        ),
-        Transition(
-            "kq_collapse",
-            lambda m, d_: kq_stable_rank(m, d_) - (1.0 + collapse_delta),
-            direction=False,
-        ),
+        Transition("condensation", OuterStableRankBelow(jnp.asarray(level)), direction=False),
+        Transition("stage2_onset", QueryChangeAbove(_w_q(model), jnp.asarray(onset_change)),
+                   direction=True),
+        Transition("kq_collapse", AttentionStableRankBelow(jnp.asarray(collapse_rank)),
+                   direction=False),
     )
     criteria = {
-        "condensation": f"1 − mean |cos(W_V columns, v)| falls below {condensation_threshold:g}",
-        "stage2_onset": f"‖W_Q − W_Q(0)‖ reaches {onset_growth:g} ‖W_Q(0)‖ (outer parameters "
-        "condensed and quasi-static; the linear key-query flow takes over)",
-        "kq_collapse": f"max(stable rank W_Q, stable rank W_K) falls below {1 + collapse_delta:g}",
+        "condensation": f"mean stable rank of W_V, W1, W2 falls below {condensation_fraction:g} "
+        f"of its initial {initial_outer:.4g} (= {level:.4g})",
+        "stage2_onset": f"‖W_Q − W_Q(0)‖_F reaches {onset_change:g} ‖W_Q(0)‖_F",
+        "kq_collapse": f"max(stable rank W_Q, stable rank W_K) falls below {collapse_rank:g}",
     }
-    escape_bound = float(predicted_escape_time(model, data.X, data.y))
+    chance = 1.0 / (KEY_COUNT + 1)
 
     def predict(traj):
-        out = {}
-        loss_curve = traj.observables["loss"]
-        below = np.nonzero(loss_curve < 0.5 * loss_curve[0])[0]
-        escape = float(traj.ts[below[0]]) if below.size else math.nan
-        out["escape_time"] = Prediction.bound(
-            escape_bound, escape, relation="<=",
-            basis="first save time with loss < L(0)/2 ≤ the stage-1 blow-up time bound "
-            "E(0)^(−1/3) (leading order in ε)",
-        )
-        t_k = traj.transitions["kq_collapse"]
-        t_o = traj.transitions["stage2_onset"]
-        if math.isfinite(t_o) and math.isfinite(t_k):
-            # F and (W_Q, W_K) at the first save after the onset of stage 2 predict the
-            # direction W_Q takes; compare with W_Q at the last save before the collapse.
-            i0 = int(np.searchsorted(traj.ts, t_o))
-            i1 = max(int(np.searchsorted(traj.ts, t_k, side="right")) - 1, i0)
-            F, WQ0, WK0 = (np.asarray(traj.observables[k][i0]) for k in ("F", "W_Q", "W_K"))
-            predicted, _ = key_query_limit_directions(F, WQ0, WK0)
-            measured = np.asarray(traj.observables["W_Q"][i1])
-            cosine = abs(np.sum(predicted * measured)) / (
-                np.linalg.norm(predicted) * np.linalg.norm(measured)
-            )
-            out["W_Q_direction_cosine"] = comparison(
-                1.0, float(cosine), "|cos| of W_Q with u1 rᵀ from F's SVD at the stage-2 onset "
-                "(linearised key-query flow)")
-        return out
+        return rank_collapse_predictions(traj, chance)
 
-    flow = GradientFlow(model, loss_fn, data)
-    return Problem(flow, observers, transitions, criteria, predict)
+    flow = GradientFlow(model, cross_entropy, train, trainable=model.trainable_spec())
+    return Problem(flow, observers, transitions, criteria, predict, figures=chen_luo_figures)
+
+
+# The targets x + shift, x among the 96 keys, shift 0 or 1: 97 possible answers.
+KEY_COUNT = 96
+
+
+def _ranks_row(traj, i: int) -> tuple[bool, str]:
+    """Whether W_Q, W_K lie below every outer group in effective AND in stable rank at save
+    `i`, and the numbers, each measure with its own verdict."""
+    parts, verdicts = [], []
+    for label, key in (("effective", "effective_rank"), ("stable", "stable_rank")):
+        r = np.asarray(traj.observables[key][i])
+        below = bool(max(r[list(ATTENTION)]) < min(r[list(OUTER)]))
+        verdicts.append(below)
+        parts.append(f"{label} {'below' if below else 'NOT below'}: "
+                     + ", ".join(f"{g} {x:.3g}" for g, x in zip(GROUPS, r)))
+    return all(verdicts), "; ".join(parts) + f" (t={traj.ts[i]:.6g})"
+
+
+def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
+    """The preset's comparison rows: the paper's claim that attention ends lower in rank than
+    the outer groups, read at the key-query collapse, at the attention's lowest stable rank
+    and at the end; held-out against training accuracy; the save times of the heat-map
+    columns."""
+    out = {}
+    claim = "W_Q, W_K below every outer group in effective and in stable rank"
+    t_k = traj.transitions.get("kq_collapse", math.nan)
+    if math.isfinite(t_k):
+        holds, text = _ranks_row(traj, save_index(traj.ts, t_k))
+        out["attention_collapses_below_outer"] = Prediction.qualitative(
+            claim, text, holds=holds,
+            basis="Chen & Luo Fig. 1c, read at the located key-query collapse")
+    else:
+        out["attention_collapses_below_outer"] = Prediction.qualitative(
+            claim, None, holds=None, basis="Chen & Luo Fig. 1c: kq_collapse not reached")
+    attention = np.max(np.asarray(traj.observables["stable_rank"])[:, list(ATTENTION)], axis=1)
+    holds, text = _ranks_row(traj, int(np.argmin(attention)))
+    out["attention_collapses_below_outer_at_lowest"] = Prediction.qualitative(
+        claim, text, holds=holds,
+        basis="read at the save time where max(stable rank W_Q, W_K) is lowest")
+    holds, text = _ranks_row(traj, len(traj.ts) - 1)
+    out["attention_collapses_below_outer_at_end"] = Prediction.qualitative(
+        claim, text, holds=holds, basis="Chen & Luo Fig. 1c, read at the last save time")
+    train = float(np.asarray(traj.observables["train_accuracy"][-1]))
+    held = float(np.asarray(traj.observables["held_out_accuracy"][-1]))
+    out["held_out_accuracy"] = Prediction.qualitative(
+        f"near chance ({chance:.3g}): one layer without residual cannot locate the token after "
+        "the anchor (papers.md §1b)", f"held-out {held:.3g}, train {train:.3g}", holds=None,
+        basis="arg-max accuracy at the end on a second draw of the task, beside training")
+    for label, t in heatmap_times(traj).items():
+        target = traj.transitions.get(label, t)
+        out[f"heatmap_time_{label}"] = Prediction.value(
+            target, t, basis="save time of this Fig. 1a heat-map column (predicted: the "
+            "located transition time, t0 or the end)")
+    return out

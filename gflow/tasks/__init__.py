@@ -16,3 +16,8 @@ from ._rank_collapse import (
 )
 from ._anchor import AnchorData as AnchorData, anchor_task as anchor_task
 from ._text import text_task as text_task
+from ._anchor_function import (
+    AnchorFunctionData as AnchorFunctionData,
+    anchor_function as anchor_function,
+    anchor_shift as anchor_shift,
+)
