@@ -230,7 +230,7 @@ def chen_luo_figures(
     directory,
     groups: Sequence[str] = ("W_Q", "W_K", "W_V", "W1", "W2"),
     outer: Sequence[str] = ("W_V", "W1", "W2"),
-    formats: tuple[str, ...] = ("png", "pdf"),
+    formats: tuple[str, ...] = ("png",),
 ) -> list[Path]:
     """Write `chen_luo_fig1.*` and `chen_luo_fig2.*` into `directory`.
 
@@ -323,7 +323,7 @@ def yang_figure1(traj: Trajectory):
     return fig
 
 
-def yang_figures(traj: Trajectory, directory, formats: tuple[str, ...] = ("png", "pdf")
+def yang_figures(traj: Trajectory, directory, formats: tuple[str, ...] = ("png",)
                  ) -> list[Path]:
     """Write `yang_fig1.*` (see `yang_figure1`) into `directory`; returns the paths."""
     directory = Path(directory)

@@ -25,6 +25,7 @@ from ..models import target_direction
 from ..tasks import rank_collapse_task
 from ..theory import key_query_limit_directions, predicted_escape_time
 from .._prediction import Prediction
+from .._scaling import ScalingLaw
 from ._problem import Problem, comparison
 
 # Parameter groups, in the order every per-group observable lists them.
@@ -260,4 +261,9 @@ def rank_collapse_binary(
 
     flow = GradientFlow(model, loss_fn, data)
     figures = functools.partial(chen_luo_figures, groups=GROUPS, outer=("W_V", "W1"))
-    return Problem(flow, observers, transitions, criteria, predict, figures=figures)
+    # Three factors (W_V, W1, W2) meet at the origin: stage 1 escapes in time ~ 1/eps.
+    scaling = {name: ScalingLaw.of_factors(
+        3, basis="stage 1 is the cubic energy flow of W_V W1 W2: real time scales as 1/eps")
+        for name in ("condensation",)}
+    return Problem(flow, observers, transitions, criteria, predict, figures=figures,
+                   scaling=scaling)
