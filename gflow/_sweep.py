@@ -56,11 +56,10 @@ from typing import Any
 import diffrax
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jax.experimental import multihost_utils
-from jaxtyping import ArrayLike, Float, PyTree
+from jaxtyping import ArrayLike, Float
 
 from ._errors import InputError
 from ._flow import GradientFlow

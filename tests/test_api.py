@@ -10,7 +10,6 @@ from pathlib import Path
 import diffrax
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 import pytest
 
