@@ -518,6 +518,9 @@ def _fingerprint(setup: _Setup, ts, t0, t1, checkpoint_steps) -> dict[str, str]:
     settings = dict(
         t0=t0, t1=t1, rtol=setup.rtol, atol=setup.atol, max_steps=plan.max_steps,
         checkpoint_steps=checkpoint_steps, solver=solver_name(plan.solver),
+        # auto's DOP853 scales its error estimate; the name alone does not tell them apart.
+        error_scale=getattr(plan.solver, "error_scale", None),
+        gd_step=setup.flow.gd_step,
         controller=type(plan.controller).__name__, transitions=setup.names,
         directions=np.asarray(plan.directions), observers=sorted(setup.observers),
     )
