@@ -524,6 +524,7 @@ def _fingerprint(setup: _Setup, ts, t0, t1, checkpoint_steps) -> dict[str, str]:
         controller=type(plan.controller).__name__, transitions=setup.names,
         directions=np.asarray(plan.directions), observers=sorted(setup.observers),
     )
+    import sys as _s; print("FP", settings, file=_s.stderr)
     return fingerprint(
         initial_state=setup.y0, data=setup.flow.data, save_times=ts,
         settings=list(settings.items()),

@@ -36,11 +36,11 @@ def _exit_code(argv) -> int:
         (["--set", "problem.foo=1"], "unknown config key problem.foo"),
         (["--set", "solve.bar=1"], "unknown config key solve.bar"),
         (["--set", "nodot=1"], "--set expects table.key=value"),
-        (["--set", "problem.eps=abc"], "problem.eps must be a number"),
+        (["rank-collapse-binary", "--set", "problem.eps=abc"], "problem.eps must be a number"),
         (["deep-linear", "--set", "problem.depth=2.5"], "problem.depth must be an integer"),
         (["deep-linear", "--set", "problem.eps=-1"], "problem.eps must be positive"),
         (["--set", "problem.eps=-1"], "problem.eps must be positive"),
-        (["--set", "problem.loss='hinge'"], "problem.loss must be one of"),
+        (["rank-collapse-binary", "--set", "problem.loss='hinge'"], "problem.loss must be one of"),
         (["--set", "plot.labels=3"], "plot.labels must be a table"),
         (["--t1", "0"], "solve.t1 must be greater than solve.t0"),
         (["--rtol", "0"], "solve.rtol must be positive"),
@@ -316,7 +316,8 @@ def test_every_other_preset_end_to_end(tmp_path):
         # config.toml is the exact resolved config, and reading it back resolves the same.
         config = tomllib.loads((out / "config.toml").read_text())
         assert config == summary["config"] == presets.resolve(str(out / "config.toml")).config
-        resolved = presets.resolve(name, overrides)
+        # The command line certifies by default, and says so in the config it writes.
+        resolved = presets.resolve(name, overrides + ["solve.certify=true"])
         assert config == resolved.config
         problem = presets.build(resolved)
         assert set(summary["transitions"]) == {tr.name for tr in problem.transitions}
