@@ -3,10 +3,8 @@ forward, Assumption-1 rates against numpy, singular-vector similarity, and a red
 `rank-collapse` run through the command line."""
 
 import json
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

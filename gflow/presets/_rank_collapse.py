@@ -52,7 +52,7 @@ from .._paper_figures import chen_luo_figures, heatmap_times, save_index
 from .._prediction import Prediction
 from .._solve import Transition
 from ..models._decoder import Decoder, TokenData, accuracy, cross_entropy
-from ..tasks._anchor_function import PAIRINGS, VOCAB, anchor_function
+from ..tasks._anchor_function import PAIRINGS, anchor_function
 from ._problem import Problem
 
 # Parameter groups, in the order every per-group observable lists them.

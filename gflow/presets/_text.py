@@ -7,9 +7,11 @@ token; both layers' groups are observed. Text: the Python language reference
 position embeddings are frozen random `N(0, embedding_std²)`; the readout `W_out` learns.
 
 What a run shows is reported by the preset (`attention_rank_below_outer_layer1/2`, the loss
-against the unigram entropy). The shipped size (n = 256, d = 16, t1 = 120) has not been run to
-completion yet with this 2-layer model: on a shared 2-core machine its first pass did not end
-within 1000 s of wall time, so no measured claim is made here.
+against the unigram entropy). Measured at the shipped size (n = 256, d = 16, m = 32, σ = 16^−1.2, seed 0,
+Tsit5 rtol 1e-6, t1 = 120; 5,255 steps): `escape` at t = 0.84; at the end the attention pair
+of each layer lies below its outer groups in effective rank (mean 10.3 against 12.9 in layer
+1, 9.6 against 12.6 in layer 2) and in stable rank (about 2.4 against 3.2–5.2), the loss at
+0.029 against the unigram entropy 3.02 (the windows are memorised).
 """
 
 
