@@ -13,7 +13,9 @@ Measures, on whatever `jax.default_backend()` is:
    members (the deep-linear sweep of `benchmarks.sweep`: init scale × seed), compile excluded.
    The issue's goal: vmap ≥ 20× the loop's throughput at 256 members on a GPU.
 
-Not run in the session that wrote it (no accelerator was lent); nothing here is tuned to a
+Smoke-tested on CPU (`--quick`): there the float32 solve stops with the engine's error (a
+float32 state under gflow's float64 default; recorded in the JSON, the rest goes on), so item 2's
+float32 row needs the engine's float32 mode. Not run on an accelerator in the session that wrote it (no accelerator was lent); nothing here is tuned to a
 result. Writes one JSON file and prints a Markdown summary for benchmarks/RESULTS.md.
 """
 
@@ -23,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -46,10 +49,10 @@ def evaluation_cost(flow: gflow.GradientFlow, repeats: int) -> dict:
     out = {}
     for name, dtype in (("float64", jnp.float64), ("float32", jnp.float32)):
         f = _cast(flow, dtype)
-        velocity = jax.jit(f.velocity)
+        velocity = eqx.filter_jit(lambda flow, params: flow.velocity(params))
         params = f.params
-        jax.block_until_ready(velocity(params))
-        timing = best_time(lambda: jax.block_until_ready(velocity(params)),
+        jax.block_until_ready(velocity(f, params))
+        timing = best_time(lambda: jax.block_until_ready(velocity(f, params)),
                            repeats=repeats, budget_s=10.0)
         out[name] = dict(seconds=timing.wall, median_seconds=timing.wall_median)
     return out
