@@ -30,7 +30,10 @@ parser.add_argument("--quick", action="store_true",
                     default=os.environ.get("GFLOW_EXAMPLES_QUICK") == "1")
 args = parser.parse_args()
 
-quick = ["problem.d=16", "problem.m=32", "problem.m1=64", "solve.t1=100", "solve.save_points=120"]
+# The quick run (the smoke test's) is the small-output variant: at He-normal init and these
+# reduced sizes, whether the type-2/3 losses rise depends on the seed (see the preset).
+quick = ["problem.d=16", "problem.m=32", "problem.m1=64", "problem.sigma1=1e-3", "solve.t1=100",
+         "solve.save_points=120"]
 resolved = gflow.presets.resolve("cooccurrence", quick if args.quick else [])
 problem = gflow.presets.build(resolved)
 t1 = resolved.solve.t1

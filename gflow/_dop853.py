@@ -291,21 +291,25 @@ class DOP853(diffrax.AbstractAdaptiveSolver):
     interpolation_cls: ClassVar = DOP853Interpolation
 
     def order(self, terms) -> int:
+        """The method's order, 8."""
         del terms
         return 8
 
     def error_order(self, terms) -> int:
+        """The order the step-size controller uses, 8."""
         # The combined estimate is O(h^8) (err5² / err3 ~ h^12 / h^4): the controller's exponent
         # is 1/8, as in Hairer's code.
         del terms
         return 8
 
     def init(self, terms, t0, t1, y0, args):
+        """The solver state: whether the next step is a first one, and the stored `f(t0, y0)`."""
         del t1
         shapes = jax.eval_shape(lambda: terms.vf(t0, y0, args))
         return jnp.array(True), jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def func(self, terms, t0, y0, args):
+        """The vector field at `(t0, y0)`."""
         return terms.vf(t0, y0, args)
 
     def _error_factor(self, err5, err3, y0, y1) -> Array:
@@ -316,6 +320,8 @@ class DOP853(diffrax.AbstractAdaptiveSolver):
         return jnp.where(denom > 0, jnp.sqrt(n5) / jnp.where(denom > 0, denom, 1.0), 1.0)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        """One step from `t0` to `t1`: the new state, its error estimate, the dense output and
+        the new solver state (diffrax's `AbstractSolver.step` contract)."""
         first_step, f_stored = solver_state
         h = t1 - t0
         # The first stage is the last step's last one, except on a segment's first step or

@@ -450,6 +450,9 @@ def solve(
     if certify:
         reference_controller = _tightened(plan.controller, _CERTIFY_FACTOR)
     checkpoint = None if checkpoint is None else Path(checkpoint)
+    if checkpoint is not None and checkpoint.is_dir():
+        # Refused before anything is computed: a run would otherwise fail at its first write.
+        raise InputError(f"checkpoint {checkpoint} is a directory: give a file path")
 
     arrays, rebuild, key = engine.split(plan)
     template = engine.carry_template(plan, key)
@@ -524,7 +527,6 @@ def _fingerprint(setup: _Setup, ts, t0, t1, checkpoint_steps) -> dict[str, str]:
         controller=type(plan.controller).__name__, transitions=setup.names,
         directions=np.asarray(plan.directions), observers=sorted(setup.observers),
     )
-    import sys as _s; print("FP", settings, file=_s.stderr)
     return fingerprint(
         initial_state=setup.y0, data=setup.flow.data, save_times=ts,
         settings=list(settings.items()),

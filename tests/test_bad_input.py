@@ -315,6 +315,16 @@ def test_resume_refuses_a_corrupt_checkpoint(how, message, checkpoint, tmp_path,
     assert _tree(run) == before  # not even the leftover temporary file was removed
 
 
+def test_library_refuses_a_checkpoint_path_that_is_a_directory(tmp_path):
+    resolved = presets.resolve("deep-linear", FAST_OVERRIDES)
+    problem = presets.build(resolved)
+    for resume in (False, True):
+        with pytest.raises(gflow.InputError, match="is a directory"):
+            gflow.solve(problem.flow, 6.0, observers=problem.observers,
+                        checkpoint=tmp_path, resume=resume)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_library_resume_refuses_a_nan_checkpoint(checkpoint, tmp_path):
     resolved = presets.resolve("deep-linear", FAST_OVERRIDES)
     problem = presets.build(resolved)

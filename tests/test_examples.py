@@ -143,10 +143,9 @@ def test_cooccurrence(runs):
         rf"Δ μ(\d)ᵀW_KᵀW_Qμ(\d) = ({FLOAT})", stdout)}
     assert change[1, 2] > 0 and change[2, 1] > 0 and change[3, 1] < 0 and change[3, 2] < 0
     (phase1, final), = numbers(rf"during Phase 1: ({FLOAT}); by t = \S+: ({FLOAT})", stdout)
-    # Attention moves mostly in Phase 2. At He-normal init (the paper's experiment, the
-    # preset's default since issue 12) it already makes about a third of its change in Phase 1
-    # (quick sizes: 0.050 of 0.165); "barely moves" is the small-output limit (sigma1=1e-3).
-    assert phase1 < 0.5 * final
+    # The quick run is the small-output variant (sigma1=1e-3), where theory's Phase-1 picture is
+    # a given; at the preset's He-normal init the rise depends on the seed and the size.
+    assert phase1 < 0.25 * final  # attention moves in Phase 2, not Phase 1
     rises = dict(numbers(rf"loss\s+type (\d):.*\(rise ({FLOAT})\)", stdout))
     assert rises[2] > 0 and rises[3] > 0  # type-2 and type-3 losses first rise
     (r2,), = numbers(rf"\[\S+, \S+\] only: c = {FLOAT}, R² = ({FLOAT})", stdout)
