@@ -174,6 +174,16 @@ def _crossover(results) -> dict | None:
     return dict(error=None, range=[known[0][0], known[-1][0]], kind=kind)
 
 
+def _committed_rows(name: str) -> list[dict]:
+    """The rows of workload `name` in the committed `benchmarks.run` results (`results.json`),
+    or none where that file or workload is missing."""
+    path = HERE / "results.json"
+    if not path.exists():
+        return []
+    workload = json.loads(path.read_text()).get("workloads", {}).get(name)
+    return [] if workload is None else workload["data"]["results"]
+
+
 def _torchdiffeq_previous(name: str) -> list[dict]:
     """torchdiffeq dopri5's rows of the committed `benchmarks.run` results (`results.json`):
     per rtol the error, evaluations and the faster thread count's wall and CPU time.
@@ -182,14 +192,8 @@ def _torchdiffeq_previous(name: str) -> list[dict]:
     reference construction), so they compare across runs; wall times do not (another run, other
     load), and are reported as such.
     """
-    path = HERE / "results.json"
-    if not path.exists():
-        return []
-    workload = json.loads(path.read_text()).get("workloads", {}).get(name)
-    if workload is None:
-        return []
     by_rtol: dict[float, dict] = {}
-    for r in workload["data"]["results"]:
+    for r in _committed_rows(name):
         if not r["family"].startswith("torchdiffeq dopri5"):
             continue
         best = by_rtol.get(r["knob"])
@@ -202,13 +206,7 @@ def _torchdiffeq_previous(name: str) -> list[dict]:
 def _quiet_tsit5_speedups(name: str) -> list[float]:
     """scipy DOP853's wall time over gflow Tsit5's at matched error in the committed (quieter)
     run of `benchmarks.run`: auto at rtol >= the switch runs that very program."""
-    path = HERE / "results.json"
-    if not path.exists():
-        return []
-    workload = json.loads(path.read_text()).get("workloads", {}).get(name)
-    if workload is None:
-        return []
-    rows = workload["data"]["results"]
+    rows = _committed_rows(name)
     scipy = [r for r in rows if r["family"] == "scipy DOP853 (jax rhs)"]
     out = []
     for r in rows:
