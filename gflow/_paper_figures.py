@@ -44,15 +44,6 @@ def heatmap_times(traj: Trajectory) -> dict[str, float]:
     return times
 
 
-def _pyplot():
-    import matplotlib
-
-    # Only a non-interactive canvas is used here; this keeps library code off backend state.
-    from matplotlib.figure import Figure
-
-    return matplotlib, Figure
-
-
 def _positive_times(ts) -> np.ndarray:
     return np.asarray(ts, dtype=float) > 0
 
@@ -102,7 +93,7 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
         `relative_change`, `effective_rank` (`(n, len(groups))`) and `loss`.
     - `groups`: the group names, in the observables' order.
     """
-    _, Figure = _pyplot()
+    from matplotlib.figure import Figure  # no pyplot: no backend state is touched
     times = heatmap_times(traj)
     columns = list(times.items())
     n_rows = len(groups)
@@ -187,7 +178,7 @@ def chen_luo_figure2(traj: Trajectory, groups: Sequence[str], outer: Sequence[st
     """Chen & Luo's Fig. 2 as one figure: (a) Assumption-1 rates (where observed), (b)
     adjacent-time singular-vector similarity of the outer matrices `outer` (where observed),
     (c) Frobenius norm per group."""
-    _, Figure = _pyplot()
+    from matplotlib.figure import Figure  # no pyplot: no backend state is touched
     panels = [p for p in ("assumption1_rates", "singular_vectors") if p in traj.observables]
     fig = Figure(figsize=(5.0 * (len(panels) + 1), 4.0), layout="constrained")
     axes = fig.subplots(1, len(panels) + 1, squeeze=False)[0]
@@ -260,7 +251,7 @@ def yang_figure1(traj: Trajectory):
     time with the phase boundary; (b) the total and per-type training losses; below, the score
     matrices at t0, each transition and the end on one shared colour scale spanning their
     values (so their change shows)."""
-    _, Figure = _pyplot()
+    from matplotlib.figure import Figure  # no pyplot: no backend state is touched
     scores = np.asarray(traj.observables["scores"], dtype=float)
     times = list(heatmap_times(traj).items())
     fig = Figure(figsize=(max(11.0, 2.4 * len(times)), 8.0), layout="constrained")
