@@ -23,7 +23,7 @@ from ._engine import NONFINITE
 from ._errors import InputError
 from ._trajectory import atomic_write_bytes
 
-_FORMAT = "gflow-checkpoint-2"
+_FORMAT = "gflow-checkpoint-3"
 
 
 class Carry(NamedTuple):
@@ -71,7 +71,7 @@ def _names(tree: PyTree) -> list[str]:
 
 # Carry parts that hold nan by design (save times and transitions not reached yet); every
 # other part is finite unless the state diverged.
-_MAY_BE_NAN = ("carry/observables/", "carry/found")
+_MAY_BE_NAN = ("carry/observables/", "carry/at_transitions/", "carry/found")
 
 
 def write_checkpoint(path: Path, carry: Carry, digests: dict[str, str]) -> None:

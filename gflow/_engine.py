@@ -167,6 +167,11 @@ def initial_carry(plan: Plan, y0: PyTree, t0) -> dict:
         # nan where a save time was not (yet) reached.
         observables=jtu.tree_map(lambda s: jnp.full((n_ts,) + s.shape, jnp.nan, s.dtype), struct),
         found=jnp.full((len(plan.conditions),), jnp.nan, dtype=plan.ts.dtype),
+        # The observables at each located transition (nan until it is reached): the state
+        # there is the root finder's, which no save time holds.
+        at_transitions=jtu.tree_map(
+            lambda s: jnp.full((len(plan.conditions),) + s.shape, jnp.nan, s.dtype), struct
+        ),
         status=jnp.asarray(RUNNING, dtype=jnp.int32),
         steps=jnp.asarray(0, dtype=int_),  # since the last transition: max_steps limits these
         counts=jnp.zeros(3, dtype=int_),  # steps, accepted, rejected
@@ -282,6 +287,21 @@ def _segment(plan: Plan, c: dict) -> dict:
     mask = sol.event_mask
     blown = event_occurred & (mask[0] if n else mask)
     fired = event_occurred & jnp.logical_not(blown)
+    # Observed only when a transition fired (a segment cut or the end needs none).
+    here = jax.lax.cond(
+        fired,
+        lambda y: observe(flow, plan.observers, y),
+        lambda y: jtu.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), struct),
+        y_end,
+    )
+    this = fired & (jnp.arange(n) == index)
+    at_transitions = jtu.tree_map(
+        lambda old, new: jnp.where(
+            this.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype)[None], old
+        ),
+        c["at_transitions"],
+        here,
+    )
     seg_steps = jnp.asarray(sol.stats["num_steps"]).astype(c["steps"].dtype)
     steps = c["steps"] + seg_steps
     max_reached = result == results.max_steps_reached
@@ -318,7 +338,8 @@ def _segment(plan: Plan, c: dict) -> dict:
         # The event cut the step: the first-same-as-last stage is stale.
         made_jump=fired | sol.made_jump,
         observables=observables,
-        found=jnp.where(fired & (jnp.arange(n) == index), t_end, c["found"]),
+        found=jnp.where(this, t_end, c["found"]),
+        at_transitions=at_transitions,
         status=status,
         steps=jnp.where(fired, 0, steps).astype(c["steps"].dtype),
         counts=c["counts"] + counts,
@@ -488,6 +509,11 @@ def trajectory(
     t_final = done["t_final"]
     saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
     keep = (lambda x: x) if saved.all() else (lambda x: x[saved])
+    found = np.asarray(carry["found"])
+    at_transitions = {
+        name: jtu.tree_map(lambda x, k=k: np.asarray(x)[k], carry["at_transitions"])
+        for k, name in enumerate(names) if math.isfinite(float(found[k]))
+    }
     return Trajectory(
         ts=keep(ts),
         observables=jtu.tree_map(lambda x: keep(np.asarray(x)), carry["observables"]),
@@ -504,6 +530,7 @@ def trajectory(
         solver=solver_name(solver),
         rtol=float(rtol),
         atol=float(atol),
+        at_transitions=at_transitions,
     )
 
 

@@ -10,8 +10,8 @@
 
 Time axes are logarithmic (both stages of a small-init run span decades); transitions are
 vertical lines named in the legend, so their labels never overprint. A heat-map column is the
-saved state at the save time nearest its transition; the presets' refine pass puts a save
-time exactly at every located transition (`heatmap_times` returns the times used).
+state where the transition was located (`Trajectory.at_transitions`: the engine observes
+the root finder's state), so no second solve is needed to place a save time there.
 """
 
 import io
@@ -33,15 +33,31 @@ def save_index(ts, t: float) -> int:
     return int(np.argmin(np.abs(np.asarray(ts, dtype=float) - t)))
 
 
-def heatmap_times(traj: Trajectory) -> dict[str, float]:
-    """`{label: save time}` of the heat-map columns: `t0`, each reached transition (the save
-    time nearest to it: the transition itself after a refine pass that inserts it), `end`."""
-    times = {"t0": float(traj.ts[0])}
+def states(traj: Trajectory) -> list[tuple[str, float, dict]]:
+    """`(label, time, observables)` of the heat-map columns: `t0`, each reached transition and
+    `end`. A transition's observables are those recorded at the located state
+    (`Trajectory.at_transitions`); a trajectory without them (an older run directory) falls
+    back to the save time nearest the transition."""
+    import jax.tree_util as jtu
+
+    def saved(i):
+        return float(traj.ts[i]), jtu.tree_map(lambda x: np.asarray(x)[i], traj.observables)
+
+    columns = [("t0", *saved(0))]
     for name, t in traj.transitions.items():
-        if math.isfinite(t):
-            times[name] = float(traj.ts[save_index(traj.ts, t)])
-    times["end"] = float(traj.ts[-1])
-    return times
+        if not math.isfinite(t):
+            continue
+        if name in traj.at_transitions:
+            columns.append((name, float(t), traj.at_transitions[name]))
+        else:
+            columns.append((name, *saved(save_index(traj.ts, t))))
+    columns.append(("end", *saved(len(traj.ts) - 1)))
+    return columns
+
+
+def heatmap_times(traj: Trajectory) -> dict[str, float]:
+    """`{label: time}` of the heat-map columns (see `states`)."""
+    return {label: t for label, t, _ in states(traj)}
 
 
 def _positive_times(ts) -> np.ndarray:
@@ -94,8 +110,7 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
     - `groups`: the group names, in the observables' order.
     """
     from matplotlib.figure import Figure  # no pyplot: no backend state is touched
-    times = heatmap_times(traj)
-    columns = list(times.items())
+    columns = states(traj)
     n_rows = len(groups)
     fig = Figure(figsize=(max(2.1 * len(columns) + 1.0, 16.0), 2.0 * n_rows + 6.4),
                  layout="constrained")
@@ -103,10 +118,10 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
     top = outer[0].subgridspec(n_rows, len(columns))
     image = None
     for r, group in enumerate(groups):
-        values = np.asarray(traj.observables["cosine"][group], dtype=float)
-        for c, (label, t) in enumerate(columns):
+        for c, (label, t, values) in enumerate(columns):
             ax = fig.add_subplot(top[r, c])
-            image = ax.imshow(values[save_index(traj.ts, t)], cmap="RdBu_r", vmin=-1, vmax=1,
+            image = ax.imshow(np.asarray(values["cosine"][group], dtype=float), cmap="RdBu_r",
+                              vmin=-1, vmax=1,
                               interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -253,7 +268,8 @@ def yang_figure1(traj: Trajectory):
     values (so their change shows)."""
     from matplotlib.figure import Figure  # no pyplot: no backend state is touched
     scores = np.asarray(traj.observables["scores"], dtype=float)
-    times = list(heatmap_times(traj).items())
+    columns = states(traj)
+    times = [(label, t) for label, t, _ in columns]
     fig = Figure(figsize=(max(11.0, 2.4 * len(times)), 8.0), layout="constrained")
     grid = fig.add_gridspec(2, 1, height_ratios=(4.0, 2.6))
     top = grid[0].subgridspec(1, 2)
@@ -287,7 +303,7 @@ def yang_figure1(traj: Trajectory):
     # Attention moves little against its O(1) initial scores: the t0 panel shows S(0) on its
     # own scale, the others the change S(t) − S(0) on one symmetric scale spanning it.
     bottom = grid[1].subgridspec(1, len(times))
-    shown = np.stack([scores[save_index(traj.ts, t)] for _, t in times])
+    shown = np.stack([np.asarray(values["scores"], dtype=float) for _, _, values in columns])
     first = float(np.max(np.abs(shown[0]))) or 1.0
     change = float(np.max(np.abs(shown[1:] - shown[0]))) if len(times) > 1 else 0.0
     change = change or 1.0

@@ -12,25 +12,29 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int
 
 
 class FlowTimeBar:
     """A tqdm bar over flow time `[t0, t1]`, advanced by the segments of one solve.
 
-    Use as a context manager; while it is active, `SegmentMeter` inside compiled segments
-    reports to it. `names` are the transitions' names, shown as the one looked for next.
+    Use as a context manager; while it is active, `SegmentMeter`s inside compiled segments
+    whose `bar` is this bar's `position` report to it. `names` are the transitions' names,
+    shown as the one looked for next. `position` is the bar's line (0 for a solve, 1 for
+    certify's reference, which runs at the same time).
     """
 
-    # The bar the running segment reports to. Segments run one at a time from a solve's
-    # Python loop, so one slot (behind a lock, for callbacks from XLA's threads) suffices.
+    # The bar of each line, which running segments report to (behind a lock: callbacks come
+    # from XLA's threads).
     _lock = threading.Lock()
-    _active: "FlowTimeBar | None" = None
+    _active: "dict[int, FlowTimeBar]" = {}
 
-    def __init__(self, t0: float, t1: float, desc: str | None = None, names=()):
+    def __init__(self, t0: float, t1: float, desc: str | None = None, names=(), position: int = 0):
         self.t0, self.t1 = float(t0), float(t1)
         self.desc = desc
         self.names = tuple(names)
+        self.position = int(position)
         self.t_start = self.t0
         self.label = ""
         self.bar = None
@@ -44,15 +48,16 @@ class FlowTimeBar:
             total=100.0,
             unit="%",
             bar_format="{percentage:5.1f}%|{bar}| {desc} [{elapsed}<{remaining}]",
+            position=self.position,
         )
         with FlowTimeBar._lock:
-            FlowTimeBar._active = self
+            FlowTimeBar._active[self.position] = self
         return self
 
     def __exit__(self, *exc) -> None:
         with FlowTimeBar._lock:
-            if FlowTimeBar._active is self:
-                FlowTimeBar._active = None
+            if FlowTimeBar._active.get(self.position) is self:
+                del FlowTimeBar._active[self.position]
         self.bar.close()
 
     def segment(self, t_start: float, label: str = "") -> None:
@@ -70,11 +75,11 @@ class FlowTimeBar:
         self.bar.refresh()
 
     @classmethod
-    def _report(cls, fraction, t_start, index) -> None:
+    def _report(cls, fraction, t_start, index, position) -> None:
         # Called from the compiled program with the running segment's fraction done, where
-        # that segment started and the index of the transition it looks for.
+        # that segment started, the index of the transition it looks for and its bar's line.
         with cls._lock:
-            bar = cls._active
+            bar = cls._active.get(int(position))
         if bar is not None:
             index = int(index)
             bar.t_start = float(t_start)
@@ -87,15 +92,17 @@ class SegmentMeter(diffrax.AbstractProgressMeter):
 
     It holds no host state itself, so the compiled program does not depend on which bar is
     shown: one program serves every segment and every solve of the same structure. The engine
-    sets `t_start` and `index` (arrays) for each segment it runs.
+    sets `t_start` and `index` (arrays) for each segment it runs; `bar` (an array too) is the
+    line of the bar to report to (`FlowTimeBar.position`).
     """
 
     refresh_steps: int = eqx.field(static=True, default=20)
     t_start: Array | None = None
     index: Array | None = None
+    bar: Array = eqx.field(default_factory=lambda: np.asarray(0, dtype=np.int32))
 
     def at_segment(self, t_start, index) -> "SegmentMeter":
-        return SegmentMeter(self.refresh_steps, t_start, index)
+        return SegmentMeter(self.refresh_steps, t_start, index, self.bar)
 
     def init(self) -> Int[Array, ""]:
         return jnp.array(0)
@@ -104,11 +111,12 @@ class SegmentMeter(diffrax.AbstractProgressMeter):
         # A host callback every `refresh_steps` steps keeps the overhead low.
         jax.lax.cond(
             state % self.refresh_steps == 0,
-            lambda p, t, i: jax.debug.callback(FlowTimeBar._report, p, t, i),
-            lambda p, t, i: None,
+            lambda p, t, i, b: jax.debug.callback(FlowTimeBar._report, p, t, i, b),
+            lambda p, t, i, b: None,
             progress,
             self.t_start,
             self.index,
+            self.bar,
         )
         return state + 1
 

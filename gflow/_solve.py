@@ -5,11 +5,13 @@
 `Trajectory`. Checkpoints are the engine's carry, written between calls of one segment each.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import math
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +32,7 @@ from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
 from ._progress import FlowTimeBar, SegmentMeter
-from ._root_find import IntervalBisection
+from ._root_find import BracketingSecant
 from ._solvers import is_adaptive, make_solver, solver_name
 from ._trajectory import Trajectory, _flat_names
 from ._validate import check_inputs, check_times
@@ -218,8 +220,8 @@ def _pid_controller(rtol: float, atol: float, dtmin: float, dtype) -> diffrax.PI
 
 
 @functools.lru_cache(maxsize=64)
-def _root_finder(rtol: float, atol: float, dtype) -> IntervalBisection:
-    return IntervalBisection(rtol=_host_array(rtol), atol=_host_array(atol))
+def _root_finder(rtol: float, atol: float, dtype) -> BracketingSecant:
+    return BracketingSecant(rtol=_host_array(rtol), atol=_host_array(atol))
 
 
 class _Setup(NamedTuple):
@@ -307,7 +309,7 @@ def _prepare(
         raise InputError("a constant step size needs dt0")
     # Root finding on the dense output: well below the solver's own error, so the located time
     # carries the solver's accuracy and not the root finder's. Never below a few units of
-    # roundoff of the state's dtype (float32 under `--x32`), or the bisection could not end.
+    # roundoff of the state's dtype (float32 under `--x32`), or the root finder could not end.
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
     root_rtol = max(1e-3 * rtol, 8 * float(jnp.finfo(dtype).eps))
     root_finder = _root_finder(root_rtol, root_rtol * max(abs(t1), abs(t0), 1.0), target)
@@ -444,16 +446,77 @@ def solve(
         stepsize_controller=stepsize_controller, ts=ts, segment_steps=checkpoint_steps,
         meter=meter,
     )
-    plan, names, ts = setup.plan, setup.names, setup.ts
-    if certify and not is_adaptive(plan.solver):
-        raise InputError(f"certify needs an adaptive solver, not {solver_name(plan.solver)!r}")
-    if certify:
-        reference_controller = _tightened(plan.controller, _CERTIFY_FACTOR)
+    if certify and not is_adaptive(setup.plan.solver):
+        raise InputError(f"certify needs an adaptive solver, not {solver_name(setup.plan.solver)!r}")
     checkpoint = None if checkpoint is None else Path(checkpoint)
     if checkpoint is not None and checkpoint.is_dir():
         # Refused before anything is computed: a run would otherwise fail at its first write.
         raise InputError(f"checkpoint {checkpoint} is a directory: give a file path")
+    run = functools.partial(_integrate, t0=t0, t1=t1, max_steps=max_steps, dt0=dt0,
+                            checkpoint_steps=checkpoint_steps, resume=resume)
+    if not certify:
+        return run(setup, checkpoint=checkpoint, progress=progress)
+    # The reference: the same solver and controller (the same compiled program) at 100x
+    # smaller tolerances. Not Dopri8: its dense output is measured here at 50-150x its rtol
+    # between step ends, which would pollute the observables at the save times.
+    reference_setup = _prepare(
+        flow, t0=t0, t1=t1, solver=setup.plan.solver,
+        rtol=max(setup.rtol / _CERTIFY_FACTOR, 1e-14), atol=setup.atol / _CERTIFY_FACTOR,
+        observers=setup.observers, transitions=setup.transitions, max_steps=max_steps, dt0=dt0,
+        stepsize_controller=(None if stepsize_controller is None
+                             else _tightened(setup.plan.controller, _CERTIFY_FACTOR)),
+        ts=setup.ts, segment_steps=checkpoint_steps,
+        meter=SegmentMeter(bar=np.asarray(1, dtype=np.int32)) if progress else progress_meter,
+    )
+    reference_checkpoint = None if checkpoint is None else checkpoint.with_name(
+        f"{checkpoint.stem}-reference{checkpoint.suffix}")
+    # Compiled once, here, before either solve starts: both find it in the cache.
+    compile_seconds = _compile(setup, t0)
+    # The two solves are independent: the reference runs on a second thread (XLA releases the
+    # GIL), so on a machine with two or more cores it costs little wall time on top of the run.
+    # If the run fails the reference stops at its next segment boundary, unwaited for.
+    stop = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gflow-certify")
+    try:
+        pending = pool.submit(
+            run, reference_setup, checkpoint=reference_checkpoint,
+            progress="certify: reference" if progress else False, stop=stop, bar_position=1,
+        )
+        traj = run(setup, checkpoint=checkpoint, progress=progress,
+                   compile_seconds=compile_seconds)
+        reference = pending.result()
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    errors = error_estimates(traj, reference) | {"reference_stats": reference.stats}
+    return dataclasses.replace(traj, errors=errors)
 
+
+def _compile(setup: "_Setup", t0: float) -> float:
+    """Compile (or find cached) the engine program of `setup`'s plan; the seconds it took."""
+    arrays, rebuild, key = engine.split(setup.plan)
+    template = engine.carry_template(setup.plan, key)
+    _, seconds = engine.compiled(
+        ("solve", key), lambda: engine.solve_program(rebuild), arrays,
+        engine.start(template, setup.y0, t0), np.asarray(1, dtype=np.int32),
+    )
+    return seconds
+
+
+class _Stopped(Exception):
+    """The run a concurrent reference solve served has failed: the reference is abandoned."""
+
+
+def _integrate(
+    setup: "_Setup", *, t0: float, t1: float, max_steps: int, dt0, checkpoint_steps,
+    resume: bool, checkpoint: Path | None, progress: bool | str,
+    stop: threading.Event | None = None, bar_position: int = 0, compile_seconds: float = 0.0,
+) -> Trajectory:
+    """Run the engine on `setup` from `t0` (or from `checkpoint` with `resume`) to its end and
+    build the `Trajectory`: the one loop behind `solve` and its certify reference."""
+    plan, names, ts = setup.plan, setup.names, setup.ts
     arrays, rebuild, key = engine.split(plan)
     template = engine.carry_template(plan, key)
     digests = None if checkpoint is None else _fingerprint(setup, ts, t0, t1, checkpoint_steps)
@@ -463,15 +526,21 @@ def solve(
     if carry is None:
         carry = Carry(engine.start(template, setup.y0, t0),
                       dict(compile_seconds=0.0, run_seconds=0.0))
-    # One segment per call when checkpointing (the carry is written between calls), else the
-    # whole solve in one call: the same program either way.
-    chunk = np.asarray(1 if checkpoint is not None else engine.ALL_SEGMENTS, dtype=np.int32)
-    bar = FlowTimeBar(t0, t1, desc=progress if isinstance(progress, str) else None, names=names)
+    carry = Carry(carry.arrays, carry.seconds | dict(
+        compile_seconds=carry.seconds["compile_seconds"] + compile_seconds))
+    # One segment per call when checkpointing or stoppable (the carry is written, or the stop
+    # checked, between calls), else the whole solve in one call: the same program either way.
+    one_at_a_time = checkpoint is not None or stop is not None
+    chunk = np.asarray(1 if one_at_a_time else engine.ALL_SEGMENTS, dtype=np.int32)
+    bar = FlowTimeBar(t0, t1, desc=progress if isinstance(progress, str) else None, names=names,
+                      position=bar_position)
     program = None
     with bar if progress else contextlib.nullcontext():
         if progress:
             bar.segment(carry.t, names[0] if names else "")
         while int(carry.arrays["status"]) == engine.RUNNING:
+            if stop is not None and stop.is_set():
+                raise _Stopped
             seconds = dict(carry.seconds)
             if program is None:
                 program, compile_seconds = engine.compiled(
@@ -489,30 +558,11 @@ def solve(
         if progress:
             bar.segment(carry.t)
 
-    traj = engine.trajectory(
+    return engine.trajectory(
         carry.arrays, flow=setup.flow, ts=ts, names=names, t0=t0, t1=t1, solver=plan.solver,
         rtol=setup.rtol, atol=setup.atol, max_steps=int(max_steps),
         dt0_given=dt0 is not None, stats=carry.seconds,
     )
-    if not certify:
-        return traj
-    # The reference: the same solver and controller (the same compiled program) at 100x
-    # smaller tolerances. Not Dopri8: its dense output is measured here at 50-150x its rtol
-    # between step ends, which would pollute the observables at the save times.
-    reference = solve(
-        flow, t1, t0=t0, solver=plan.solver, rtol=max(setup.rtol / _CERTIFY_FACTOR, 1e-14),
-        atol=setup.atol / _CERTIFY_FACTOR, ts=ts, observers=setup.observers,
-        transitions=setup.transitions, max_steps=max_steps,
-        progress="certify: reference" if progress else False, dt0=dt0,
-        stepsize_controller=reference_controller if stepsize_controller is not None else None,
-        progress_meter=progress_meter,
-        checkpoint_steps=checkpoint_steps,
-        checkpoint=None if checkpoint is None
-        else checkpoint.with_name(f"{checkpoint.stem}-reference{checkpoint.suffix}"),
-        resume=resume,
-    )
-    errors = error_estimates(traj, reference) | {"reference_stats": reference.stats}
-    return dataclasses.replace(traj, errors=errors)
 
 
 def _fingerprint(setup: _Setup, ts, t0, t1, checkpoint_steps) -> dict[str, str]:

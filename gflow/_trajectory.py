@@ -22,6 +22,7 @@ from ._prediction import Prediction
 
 TRAJECTORY_FILE = "trajectory.npz"
 SUMMARY_FILE = "summary.json"
+AT_TRANSITIONS_FILE = "transitions.npz"
 FINAL_FILE = "final.eqx"
 
 _VERSIONED = ("gflow", "jax", "jaxlib", "diffrax", "equinox", "optax", "numpy")
@@ -135,6 +136,9 @@ class Trajectory(eqx.Module):
     - `criteria`: `{transition name: one-line criterion}`, filled by presets.
     - `references`: `{observable: {label: level}}`: levels theory gives for an observable
         (e.g. a target's singular values), drawn as horizontal lines; filled by presets.
+    - `at_transitions`: `{transition name: {observable name: value}}`, every observable at the
+        state where each reached transition was located (the root finder's state, which no
+        save time holds unless one is placed there).
     """
 
     ts: Float[np.ndarray, " n"]
@@ -155,6 +159,7 @@ class Trajectory(eqx.Module):
     errors: dict[str, Any] = eqx.field(default_factory=dict)
     criteria: dict[str, str] = eqx.field(default_factory=dict)
     references: dict[str, dict[str, float]] = eqx.field(default_factory=dict)
+    at_transitions: dict[str, dict[str, Any]] = eqx.field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -188,7 +193,8 @@ class Trajectory(eqx.Module):
         ))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the run directory: `trajectory.npz`, `summary.json` and `final.eqx`.
+        """Write the run directory: `trajectory.npz`, `summary.json`, `final.eqx` and (when a
+        transition was reached) `transitions.npz`, the observables at the transitions.
 
         Each file is written atomically (temporary file, then rename).
 
@@ -210,6 +216,16 @@ class Trajectory(eqx.Module):
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         atomic_write_bytes(path / TRAJECTORY_FILE, buffer.getvalue())
+        if self.at_transitions:
+            # Keyed by the transition's position in `transitions` (names may hold any
+            # character, `/` included).
+            order = {name: k for k, name in enumerate(self.transitions)}
+            flat = {f"{order[name]}/{obs}": value
+                    for name, values in self.at_transitions.items()
+                    for obs, value in _flat_names(values).items()}
+            buffer = io.BytesIO()
+            np.savez(buffer, **flat)
+            atomic_write_bytes(path / AT_TRANSITIONS_FILE, buffer.getvalue())
         buffer = io.BytesIO()
         eqx.tree_serialise_leaves(buffer, self.final)
         atomic_write_bytes(path / FINAL_FILE, buffer.getvalue())
@@ -244,6 +260,14 @@ def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
     if like is not None:
         final = eqx.tree_deserialise_leaves(path / FINAL_FILE, like)
     nan_if_none = lambda x: math.nan if x is None else x
+    at_transitions = {}
+    if (path / AT_TRANSITIONS_FILE).is_file():
+        names = list(summary["transitions"])
+        with np.load(path / AT_TRANSITIONS_FILE) as npz:
+            for key in npz.files:
+                index, obs = key.split("/", 1)
+                at_transitions.setdefault(names[int(index)], {})[obs] = npz[key]
+        at_transitions = {name: _nest(values) for name, values in at_transitions.items()}
     return Trajectory(
         ts=ts,
         observables=_nest(arrays),
@@ -265,4 +289,5 @@ def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
         criteria=summary.get("criteria", {}),
         references={k: {label: nan_if_none(v) for label, v in levels.items()}
                     for k, levels in summary.get("references", {}).items()},
+        at_transitions=at_transitions,
     )

@@ -229,27 +229,6 @@ def run(
         return _run(resolved, progress, checkpoint_dir, resume, problem)
 
 
-def with_times(grid, times) -> "np.ndarray":
-    """`grid` (sorted) with each finite time of `times` replacing its nearest grid point, so
-    that the count, hence the compiled program, stays the same; end points are kept."""
-    import numpy as np
-
-    grid = np.array(grid, dtype=float)
-    for t in times:
-        if not math.isfinite(t) or np.any(grid == t):
-            continue
-        inner = np.arange(1, grid.size - 1)
-        if inner.size == 0:
-            break
-        taken = np.isin(grid[inner], list(times))
-        candidates = inner[~taken]
-        if candidates.size == 0:
-            break
-        grid[candidates[np.argmin(np.abs(grid[candidates] - t))]] = t
-        grid.sort()
-    return grid
-
-
 def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, Trajectory]:
     problem = build(resolved) if problem is None else problem
     settings = resolved.solve
@@ -270,25 +249,13 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
             resume=resume,
         )
 
-    # Certify the pass that is reported: with `refine`, the refined one.
-    # Certify the pass that is reported: with `refine` (or a preset's own figures, which
-    # re-solve with save times at the transitions), the second one.
-    second = settings.refine or problem.figures is not None
+    # Certify the pass that is reported: with `refine`, the refined one. A preset's own
+    # figures need no second pass: the engine records the observables at each transition.
+    second = settings.refine
     traj = solve_on(settings.save_times(), "first", settings.certify and not second)
-    refined = settings.refine and settings.refined_save_times(traj.transitions.values())
-    if refined is False:
-        refined = None
-    reached = [t for t in traj.transitions.values() if math.isfinite(t)]
-    if refined is None and problem.figures is not None and not all(t in traj.ts for t in reached):
-        # A preset's own figures draw states at the transitions: solve again (same program)
-        # with the transition times in the save grid.
-        refined = settings.save_times()
-    if refined is None and settings.refine and settings.certify:
+    refined = settings.refined_save_times(traj.transitions.values()) if second else None
+    if refined is None and second and settings.certify:
         refined = settings.save_times()  # nothing reached to refine around: certify as is
-    if refined is not None:
-        # A save time exactly at each located transition: the refined pass takes the same
-        # steps (save times do not steer the solver), so the state there is the transition's.
-        refined = with_times(refined, traj.transitions.values())
     if refined is not None:
         first = traj
         traj = solve_on(refined, "refined", settings.certify)

@@ -32,10 +32,9 @@ class Problem(eqx.Module):
         scales with the init scale `eps`; a sweep over `eps` fits that law and draws its
         slope.
     - `figures`: optional `figures(trajectory, directory) -> [paths]` writing the preset's
-        composite figures (e.g. a paper's figure layout) next to the generic ones. A problem
-        with figures gets a save time exactly at each located transition (`presets.run`
-        re-solves with them inserted in the save grid, or in the refined grid with
-        `solve.refine`).
+        composite figures (e.g. a paper's figure layout) next to the generic ones. States at
+        the located transitions are in `trajectory.at_transitions` (no save time needs to
+        fall there).
     """
 
     flow: GradientFlow

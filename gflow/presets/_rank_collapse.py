@@ -48,7 +48,7 @@ from .. import measures
 from .. import observers as obs
 from .._errors import InputError
 from .._flow import GradientFlow
-from .._paper_figures import chen_luo_figures, heatmap_times, save_index
+from .._paper_figures import chen_luo_figures, save_index
 from .._prediction import Prediction
 from .._solve import Transition
 from ..models._decoder import Decoder, TokenData, accuracy, cross_entropy
@@ -280,29 +280,35 @@ def rank_collapse(
 KEY_COUNT = 96
 
 
-def _ranks_row(traj, i: int) -> tuple[bool, str]:
-    """Whether W_Q, W_K lie below every outer group in effective AND in stable rank at save
-    `i`, and the numbers, each measure with its own verdict."""
+def _ranks_row(values: dict, t: float) -> tuple[bool, str]:
+    """Whether W_Q, W_K lie below every outer group in effective AND in stable rank in the
+    observables `values` (at time `t`), and the numbers, each measure with its own verdict."""
     parts, verdicts = [], []
     for label, key in (("effective", "effective_rank"), ("stable", "stable_rank")):
-        r = np.asarray(traj.observables[key][i])
+        r = np.asarray(values[key])
         below = bool(max(r[list(ATTENTION)]) < min(r[list(OUTER)]))
         verdicts.append(below)
         parts.append(f"{label} {'below' if below else 'NOT below'}: "
                      + ", ".join(f"{g} {x:.3g}" for g, x in zip(GROUPS, r)))
-    return all(verdicts), "; ".join(parts) + f" (t={traj.ts[i]:.6g})"
+    return all(verdicts), "; ".join(parts) + f" (t={t:.6g})"
+
+
+def _saved(traj, i: int) -> tuple[dict, float]:
+    return {k: np.asarray(traj.observables[k])[i] for k in ("effective_rank", "stable_rank")}, \
+        float(traj.ts[i])
 
 
 def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
     """The preset's comparison rows: the paper's claim that attention ends lower in rank than
-    the outer groups, read at the key-query collapse, at the attention's lowest stable rank
-    and at the end; held-out against training accuracy; the save times of the heat-map
-    columns."""
+    the outer groups, read at the key-query collapse (the located state), at the attention's
+    lowest stable rank and at the end; held-out against training accuracy."""
     out = {}
     claim = "W_Q, W_K below every outer group in effective and in stable rank"
     t_k = traj.transitions.get("kq_collapse", math.nan)
     if math.isfinite(t_k):
-        holds, text = _ranks_row(traj, save_index(traj.ts, t_k))
+        at = traj.at_transitions.get("kq_collapse")
+        holds, text = (_ranks_row(at, t_k) if at is not None
+                       else _ranks_row(*_saved(traj, save_index(traj.ts, t_k))))
         out["attention_collapses_below_outer"] = Prediction.qualitative(
             claim, text, holds=holds,
             basis="Chen & Luo Fig. 1c, read at the located key-query collapse")
@@ -310,11 +316,11 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
         out["attention_collapses_below_outer"] = Prediction.qualitative(
             claim, None, holds=None, basis="Chen & Luo Fig. 1c: kq_collapse not reached")
     attention = np.max(np.asarray(traj.observables["stable_rank"])[:, list(ATTENTION)], axis=1)
-    holds, text = _ranks_row(traj, int(np.argmin(attention)))
+    holds, text = _ranks_row(*_saved(traj, int(np.argmin(attention))))
     out["attention_collapses_below_outer_at_lowest"] = Prediction.qualitative(
         claim, text, holds=holds,
         basis="read at the save time where max(stable rank W_Q, W_K) is lowest")
-    holds, text = _ranks_row(traj, len(traj.ts) - 1)
+    holds, text = _ranks_row(*_saved(traj, len(traj.ts) - 1))
     out["attention_collapses_below_outer_at_end"] = Prediction.qualitative(
         claim, text, holds=holds, basis="Chen & Luo Fig. 1c, read at the last save time")
     train = float(np.asarray(traj.observables["train_accuracy"][-1]))
@@ -323,9 +329,4 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
         f"near chance ({chance:.3g}): one layer without residual cannot locate the token after "
         "the anchor (papers.md §1b)", f"held-out {held:.3g}, train {train:.3g}", holds=None,
         basis="arg-max accuracy at the end on a second draw of the task, beside training")
-    for label, t in heatmap_times(traj).items():
-        target = traj.transitions.get(label, t)
-        out[f"heatmap_time_{label}"] = Prediction.value(
-            target, t, basis="save time of this Fig. 1a heat-map column (predicted: the "
-            "located transition time, t0 or the end)")
     return out
