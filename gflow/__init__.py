@@ -1,78 +1,111 @@
 """gflow: exact gradient flow of small Transformer-style models by adaptive ODE integration.
 
-Importing gflow enables float64 in JAX (`jax_enable_x64`): solver tolerances of 1e-8 and below
-mean nothing in float32.
+Importing gflow enables float64 in JAX: it sets `JAX_ENABLE_X64=1`, which JAX reads when it is
+first imported, or updates JAX's config (`jax_enable_x64`) if JAX is already imported. Solver
+tolerances of 1e-8 and below mean nothing in float32.
 
 Equinox's runtime errors default to NaN (`EQX_ON_ERROR=nan`, equinox's documented setting,
 read when equinox is first imported) unless the environment already sets it: gflow reports
 failure through each solve's `status`, and a raising check embeds a host callback that makes
 JAX's persistent compilation cache miss in every new process.
+
+The public names are imported on first use (PEP 562), so that `import gflow` costs nothing
+until something is used, and `python -m gflow.plot` draws a saved run without importing JAX.
 """
 
+import importlib as _importlib
 import os as _os
+import sys as _sys
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 _os.environ.setdefault("EQX_ON_ERROR", "nan")
-
-import jax as _jax
-
-_jax.config.update("jax_enable_x64", True)
-
-from ._errors import InputError as InputError
-from ._flow import GradientFlow as GradientFlow
-from ._dop853 import DOP853 as DOP853
-from ._grids import linear_grid as linear_grid, log_grid as log_grid
-from ._prediction import Prediction as Prediction
-from ._solvers import auto_solver as auto_solver
-from ._scaling import ScalingLaw as ScalingLaw
-from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
-from ._trajectory import Trajectory as Trajectory, load as load
-from ._critical import CriticalPoint as CriticalPoint, critical_points as critical_points
-from ._sensitivity import Sensitivity as Sensitivity, sensitivity as sensitivity
-from ._sweep import (
-    ScalingFit as ScalingFit,
-    Sweep as Sweep,
-    SweepMember as SweepMember,
-    plot_fit as plot_fit,
-    sweep as sweep,
-    sweep_points as sweep_points,
-)
-from . import measures as measures
-from . import models as models
-from . import observers as observers
-from . import tasks as tasks
-from . import theory as theory
-from . import presets as presets
+if "jax" in _sys.modules:
+    _sys.modules["jax"].config.update("jax_enable_x64", True)
+else:
+    _os.environ["JAX_ENABLE_X64"] = "1"
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CriticalPoint",
-    "DOP853",
-    "GradientFlow",
-    "InputError",
-    "Prediction",
-    "Sensitivity",
-    "ScalingFit",
-    "ScalingLaw",
-    "Sweep",
-    "SweepMember",
-    "Trajectory",
-    "Transition",
-    "auto_solver",
-    "critical_points",
-    "error_estimates",
-    "linear_grid",
-    "load",
-    "log_grid",
-    "plot_fit",
-    "sensitivity",
-    "solve",
-    "sweep",
-    "sweep_points",
-    "measures",
-    "models",
-    "observers",
-    "presets",
-    "tasks",
-    "theory",
-]
+# {public name: (module, attribute)}; attribute None for a submodule.
+_EXPORTS = {
+    "CriticalPoint": ("._critical", "CriticalPoint"),
+    "DOP853": ("._dop853", "DOP853"),
+    "GradientFlow": ("._flow", "GradientFlow"),
+    "InputError": ("._errors", "InputError"),
+    "Prediction": ("._prediction", "Prediction"),
+    "Sensitivity": ("._sensitivity", "Sensitivity"),
+    "ScalingFit": ("._sweep", "ScalingFit"),
+    "ScalingLaw": ("._scaling", "ScalingLaw"),
+    "Sweep": ("._sweep", "Sweep"),
+    "SweepMember": ("._sweep", "SweepMember"),
+    "Trajectory": ("._trajectory", "Trajectory"),
+    "Transition": ("._solve", "Transition"),
+    "auto_solver": ("._solvers", "auto_solver"),
+    "critical_points": ("._critical", "critical_points"),
+    "error_estimates": ("._solve", "error_estimates"),
+    "linear_grid": ("._grids", "linear_grid"),
+    "load": ("._trajectory", "load"),
+    "log_grid": ("._grids", "log_grid"),
+    "plot_fit": ("._sweep", "plot_fit"),
+    "sensitivity": ("._sensitivity", "sensitivity"),
+    "solve": ("._solve", "solve"),
+    "sweep": ("._sweep", "sweep"),
+    "sweep_points": ("._sweep", "sweep_points"),
+    "measures": (".measures", None),
+    "models": (".models", None),
+    "observers": (".observers", None),
+    "presets": (".presets", None),
+    "tasks": (".tasks", None),
+    "theory": (".theory", None),
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    try:
+        module, attribute = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'gflow' has no attribute {name!r}") from None
+    value = _importlib.import_module(module, __name__)
+    if attribute is not None:
+        value = getattr(value, attribute)
+    # Bound once: later lookups are plain attribute reads. (Importing a submodule binds it
+    # too; `gflow.solve` and `gflow.sweep`, which share their names with the command-line
+    # modules, stay the functions: see `gflow._entry`.)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
+    from . import (
+        measures as measures,
+        models as models,
+        observers as observers,
+        presets as presets,
+        tasks as tasks,
+        theory as theory,
+    )
+    from ._critical import CriticalPoint as CriticalPoint, critical_points as critical_points
+    from ._dop853 import DOP853 as DOP853
+    from ._errors import InputError as InputError
+    from ._flow import GradientFlow as GradientFlow
+    from ._grids import linear_grid as linear_grid, log_grid as log_grid
+    from ._prediction import Prediction as Prediction
+    from ._scaling import ScalingLaw as ScalingLaw
+    from ._sensitivity import Sensitivity as Sensitivity, sensitivity as sensitivity
+    from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
+    from ._solvers import auto_solver as auto_solver
+    from ._sweep import (
+        ScalingFit as ScalingFit,
+        Sweep as Sweep,
+        SweepMember as SweepMember,
+        plot_fit as plot_fit,
+        sweep as sweep,
+        sweep_points as sweep_points,
+    )
+    from ._trajectory import Trajectory as Trajectory, load as load

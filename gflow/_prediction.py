@@ -4,7 +4,6 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-import equinox as eqx
 
 Kind = Literal["value", "bound", "qualitative"]
 _KINDS = ("value", "bound", "qualitative")
@@ -18,7 +17,8 @@ def _finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class Prediction(eqx.Module):
+@dataclasses.dataclass(frozen=True)
+class Prediction:
     """What theory says next to what the flow did.
 
     Build one with `Prediction.value`, `Prediction.bound` or `Prediction.qualitative`.
@@ -48,7 +48,7 @@ class Prediction(eqx.Module):
     relation: str | None = None
     holds: bool | None = None
 
-    def __check_init__(self):
+    def __post_init__(self):
         if self.kind not in _KINDS:
             raise ValueError(f"Prediction.kind must be one of {_KINDS}, got {self.kind!r}")
         if self.kind == "bound" and self.relation not in _RELATIONS:

@@ -1,6 +1,11 @@
-"""`Trajectory`: what a solve computed, and its run directory on disk."""
+"""`Trajectory`: what a solve computed, and its run directory on disk.
+
+No JAX at import: `python -m gflow.plot` reads and draws a run directory with numpy and
+matplotlib alone (importing JAX is most of a plot command's time otherwise).
+"""
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -11,10 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import equinox as eqx
-import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Float, PyTree
 
 from ._errors import InputError
 from ._prediction import Prediction
@@ -39,8 +41,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _flat_names(tree: PyTree) -> dict[str, np.ndarray]:
+def _flat_names(tree) -> dict[str, np.ndarray]:
     """`{"a/b": leaf}` for a (nested) dict or other pytree of arrays."""
+    if _nested_dicts_of_arrays(tree):
+        # A loaded run's observables, without JAX; other pytrees need it.
+        flat = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                flat.update({f"{key}/{k}": v for k, v in _flat_names(value).items()})
+            else:
+                flat[key] = np.asarray(value)
+        return flat
+    import jax.tree_util as jtu
+
     flat = {}
     for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
         parts = []
@@ -51,6 +64,13 @@ def _flat_names(tree: PyTree) -> dict[str, np.ndarray]:
                     break
         flat["/".join(parts)] = np.asarray(leaf)
     return flat
+
+
+def _nested_dicts_of_arrays(tree) -> bool:
+    if not isinstance(tree, dict) or not all(isinstance(k, str) for k in tree):
+        return False
+    return all(_nested_dicts_of_arrays(v) if isinstance(v, dict)
+               else isinstance(v, (np.ndarray, np.generic, float, int)) for v in tree.values())
 
 
 def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -112,7 +132,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-class Trajectory(eqx.Module):
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
     """The result of `gflow.solve`.
 
     **Fields:**
@@ -141,10 +162,10 @@ class Trajectory(eqx.Module):
         save time holds unless one is placed there).
     """
 
-    ts: Float[np.ndarray, " n"]
+    ts: np.ndarray  # (n,)
     observables: dict[str, Any]
     transitions: dict[str, float]
-    final: PyTree
+    final: Any  # the model, a pytree
     t0: float
     t1: float
     t_final: float
@@ -155,11 +176,11 @@ class Trajectory(eqx.Module):
     rtol: float
     atol: float
     config: dict[str, Any] | None = None
-    predictions: dict[str, Prediction] = eqx.field(default_factory=dict)
-    errors: dict[str, Any] = eqx.field(default_factory=dict)
-    criteria: dict[str, str] = eqx.field(default_factory=dict)
-    references: dict[str, dict[str, float]] = eqx.field(default_factory=dict)
-    at_transitions: dict[str, dict[str, Any]] = eqx.field(default_factory=dict)
+    predictions: dict[str, Prediction] = dataclasses.field(default_factory=dict)
+    errors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    criteria: dict[str, str] = dataclasses.field(default_factory=dict)
+    references: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    at_transitions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -226,6 +247,8 @@ class Trajectory(eqx.Module):
             buffer = io.BytesIO()
             np.savez(buffer, **flat)
             atomic_write_bytes(path / AT_TRANSITIONS_FILE, buffer.getvalue())
+        import equinox as eqx
+
         buffer = io.BytesIO()
         eqx.tree_serialise_leaves(buffer, self.final)
         atomic_write_bytes(path / FINAL_FILE, buffer.getvalue())
@@ -234,7 +257,7 @@ class Trajectory(eqx.Module):
         return path
 
 
-def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
+def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
     """Read a run directory written by `Trajectory.save`.
 
     **Arguments:**
@@ -258,6 +281,8 @@ def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
     ts = arrays.pop("t")
     final = None
     if like is not None:
+        import equinox as eqx
+
         final = eqx.tree_deserialise_leaves(path / FINAL_FILE, like)
     nan_if_none = lambda x: math.nan if x is None else x
     at_transitions = {}
