@@ -75,12 +75,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, so a repeated run skips compilation."""
+    """JAX's persistent compilation cache, so a repeated run skips compilation.
+
+    Every program is kept, however quick to compile: building a preset runs dozens of small
+    eager programs (random init, data), each compiled in a fresh process otherwise (2-5 s of
+    a run).
+    """
     import jax
 
     cache = os.environ.get("GFLOW_CACHE_DIR") or str(Path.home() / ".cache" / "gflow" / "jax")
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _select_platform(name: str) -> None:
@@ -110,7 +115,10 @@ def _report(traj, problem, out: Path) -> str:
         f"steps       {s['num_steps']} ({s['num_accepted_steps']} accepted, "
         f"{s['num_rejected_steps']} rejected) in {s['segments']} segment(s); "
         f"vector-field evaluations {s['vector_field_evaluations']}",
-        f"seconds     compile {s['compile_seconds']:.2f}, run {s['run_seconds']:.2f}",
+        f"seconds     trace {s.get('trace_seconds', 0.0):.2f}, compile {s['compile_seconds']:.2f}, "
+        f"run {s['run_seconds']:.2f}"
+        + (f" (certify's reference, alongside: run {r['run_seconds']:.2f})"
+           if (r := traj.errors.get("reference_stats")) else ""),
     ]
     if traj.transitions:
         lines.append("transitions")
@@ -155,6 +163,27 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         finally:
             session.release()
+
+
+def _write_timings(out: Path, session: "_Session", traj) -> None:
+    """`timings.json`: where the command's wall time went (`main_seconds` from the command
+    line's start, after Python and gflow's command-line module were imported), with the
+    solve's tracing, compiling and running and, with certify, its reference's running (which
+    runs alongside, on a second thread)."""
+    import json
+
+    from ._trajectory import atomic_write_bytes
+
+    stats = traj.stats
+    timings = dict(session.timings) | {
+        k: stats.get(k) for k in ("trace_seconds", "compile_seconds", "run_seconds")
+    }
+    reference = traj.errors.get("reference_stats")
+    if reference:
+        timings["certify_run_seconds"] = reference.get("run_seconds")
+    timings["main_seconds"] = time.perf_counter() - session.started
+    atomic_write_bytes(out / "timings.json",
+                       (json.dumps(timings, indent=2, allow_nan=False) + "\n").encode())
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -251,6 +280,23 @@ class _Session:
         self.t0: float | None = None
         self.lock = None
         self.created: list[Path] = []  # directories made for a new run, outermost first
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}  # seconds of each phase, for timings.json
+
+    def timed(self, phase: str):
+        """A context adding its wall seconds to `timings[phase]`."""
+        session = self
+
+        class _Timed:
+            def __enter__(self):
+                self.begin = time.perf_counter()
+
+            def __exit__(self, *exc):
+                session.timings[phase] = (session.timings.get(phase, 0.0)
+                                          + time.perf_counter() - self.begin)
+                return False
+
+        return _Timed()
 
     def interrupted_message(self) -> str:
         if self.run_dir is None or not (self.run_dir / "config.toml").is_file():
@@ -297,7 +343,8 @@ LOCK_FILE = ".gflow.lock"
 # What a run directory may hold besides its results: checkpoints to resume from.
 _CHECKPOINTS = "checkpoint-*.eqx"
 # Everything a run writes into its directory (results, checkpoints, unfinished writes, lock).
-_RUN_ENTRIES = ("config.toml", "summary.json", "trajectory.npz", "final.eqx", "figures",
+_RUN_ENTRIES = ("config.toml", "summary.json", "trajectory.npz", "transitions.npz", "final.eqx",
+                "timings.json", "figures",
                 _CHECKPOINTS, ".*.tmp", LOCK_FILE)
 
 
@@ -471,6 +518,8 @@ def _run(args, session: _Session) -> int:
 
     if args.platform:
         _select_platform(args.platform)
+    # Before the preset is built: its eager programs are cached too.
+    _enable_compilation_cache()
     if args.list:
         for name in presets.preset_names():
             config = presets.preset_config(name)
@@ -496,7 +545,8 @@ def _run(args, session: _Session) -> int:
             given = ["the overrides"]
         _check_resume(out, given)
         resolved = presets.resolve(str(out / "config.toml"))
-        problem = presets.check(resolved)
+        with session.timed("build_seconds"):
+            problem = presets.check(resolved)
         _cli_instruments.check(args, resolved)
         session.acquire(out)
         # A kill mid-write leaves its temporary file (never a partial file under a final name).
@@ -520,7 +570,8 @@ def _run(args, session: _Session) -> int:
             out = Path("runs") / f"{resolved.name}-{stamp}"
         _check_run_directory(out, args.overwrite)
         # Every check (gflow.solve's included) before anything is written.
-        problem = presets.check(resolved)
+        with session.timed("build_seconds"):
+            problem = presets.check(resolved)
         _cli_instruments.check(args, resolved)
         created = _created_parents(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -537,15 +588,15 @@ def _run(args, session: _Session) -> int:
         _remove_run(out)
 
     session.run_dir, session.t0 = out, resolved.solve.t0
-    _enable_compilation_cache()
     if not args.resume:
         # The config first: an interrupted run directory is then resumable.
         atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
     try:
-        problem, traj = presets.run(
-            resolved, progress=args.progress, checkpoint_dir=out, resume=bool(args.resume),
-            problem=problem,
-        )
+        with session.timed("solve_seconds"):
+            problem, traj = presets.run(
+                resolved, progress=args.progress, checkpoint_dir=out, resume=bool(args.resume),
+                problem=problem,
+            )
     except InputError:
         if not args.resume:  # bad input found late still leaves nothing of a new run
             _remove_run(out)
@@ -553,7 +604,8 @@ def _run(args, session: _Session) -> int:
         raise
 
     # Results first (summary.json, trajectory.npz), figures after: they are redrawable.
-    traj.save(out)
+    with session.timed("save_seconds"):
+        traj.save(out)
     # Results are complete: the checkpoints have served.
     for checkpoint in out.glob(_CHECKPOINTS):
         checkpoint.unlink()
@@ -562,10 +614,12 @@ def _run(args, session: _Session) -> int:
         from .plot import save_figures
 
         plot = resolved.plot
-        save_figures(traj, out / "figures", time_axis=plot.time_axis, labels=plot.labels,
-                     heatmaps=plot.heatmaps, formats=plot.formats)
-        if problem.figures is not None:
-            problem.figures(traj, out / "figures")
+        with session.timed("figures_seconds"):
+            save_figures(traj, out / "figures", time_axis=plot.time_axis, labels=plot.labels,
+                         heatmaps=plot.heatmaps, formats=plot.formats)
+            if problem.figures is not None:
+                problem.figures(traj, out / "figures")
+    _write_timings(out, session, traj)
     if not args.quiet:
         print("\n".join([_report(traj, problem, out)] + instruments))
     return 0 if traj.status == "completed" else EXIT_RUN_FAILED

@@ -494,15 +494,16 @@ def solve(
     return dataclasses.replace(traj, errors=errors)
 
 
-def _compile(setup: "_Setup", t0: float) -> float:
-    """Compile (or find cached) the engine program of `setup`'s plan; the seconds it took."""
+def _compile(setup: "_Setup", t0: float) -> dict[str, float]:
+    """Compile (or find cached) the engine program of `setup`'s plan; the seconds it took
+    (`trace_seconds`, `compile_seconds`)."""
     arrays, rebuild, key = engine.split(setup.plan)
     template = engine.carry_template(setup.plan, key)
-    _, seconds = engine.compiled(
+    _, trace, compile_ = engine.compiled(
         ("solve", key), lambda: engine.solve_program(rebuild), arrays,
         engine.start(template, setup.y0, t0), np.asarray(1, dtype=np.int32),
     )
-    return seconds
+    return dict(trace_seconds=trace, compile_seconds=compile_)
 
 
 class _Stopped(Exception):
@@ -512,7 +513,8 @@ class _Stopped(Exception):
 def _integrate(
     setup: "_Setup", *, t0: float, t1: float, max_steps: int, dt0, checkpoint_steps,
     resume: bool, checkpoint: Path | None, progress: bool | str,
-    stop: threading.Event | None = None, bar_position: int = 0, compile_seconds: float = 0.0,
+    stop: threading.Event | None = None, bar_position: int = 0,
+    compile_seconds: dict[str, float] | None = None,
 ) -> Trajectory:
     """Run the engine on `setup` from `t0` (or from `checkpoint` with `resume`) to its end and
     build the `Trajectory`: the one loop behind `solve` and its certify reference."""
@@ -525,9 +527,10 @@ def _integrate(
         carry = read_checkpoint(checkpoint, digests, engine.start(template, setup.y0, t0))
     if carry is None:
         carry = Carry(engine.start(template, setup.y0, t0),
-                      dict(compile_seconds=0.0, run_seconds=0.0))
-    carry = Carry(carry.arrays, carry.seconds | dict(
-        compile_seconds=carry.seconds["compile_seconds"] + compile_seconds))
+                      dict(trace_seconds=0.0, compile_seconds=0.0, run_seconds=0.0))
+    # Compiled before this call (certify compiles once for both solves): counted here.
+    carry = Carry(carry.arrays, {k: carry.seconds.get(k, 0.0) + (compile_seconds or {}).get(k, 0.0)
+                                 for k in ("trace_seconds", "compile_seconds", "run_seconds")})
     # One segment per call when checkpointing or stoppable (the carry is written, or the stop
     # checked, between calls), else the whole solve in one call: the same program either way.
     one_at_a_time = checkpoint is not None or stop is not None
@@ -543,11 +546,12 @@ def _integrate(
                 raise _Stopped
             seconds = dict(carry.seconds)
             if program is None:
-                program, compile_seconds = engine.compiled(
+                program, trace, compile_ = engine.compiled(
                     ("solve", key), lambda: engine.solve_program(rebuild), arrays,
                     carry.arrays, chunk,
                 )
-                seconds["compile_seconds"] += compile_seconds
+                seconds["trace_seconds"] += trace
+                seconds["compile_seconds"] += compile_
             begin = time.perf_counter()
             # What the host reads, in one transfer.
             out = jax.device_get(program(arrays, carry.arrays, chunk))

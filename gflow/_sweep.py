@@ -166,9 +166,10 @@ def _run_group(all_args: list[tuple], key, rebuild, batch: str) -> tuple[list[di
         info["batch"] = "loop"  # a lone member needs no batching
         outputs = []
         for leaves in member_leaves:
-            compiled, seconds = engine.compiled(
+            compiled, trace, compile_ = engine.compiled(
                 ("sweep", "loop", 1, key), lambda: _program(rebuild, "loop", 1), leaves
             )
+            seconds = trace + compile_
             start = time.perf_counter()
             out = jax.device_get(compiled(leaves))
             info["run_seconds"] += time.perf_counter() - start
@@ -190,10 +191,11 @@ def _run_group(all_args: list[tuple], key, rebuild, batch: str) -> tuple[list[di
             jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
             for x in stacked
         ]
-    compiled, seconds = engine.compiled(
+    compiled, trace, compile_ = engine.compiled(
         ("sweep", batch, n_devices, len(rows), key),
         lambda: _program(rebuild, batch, n_devices), stacked,
     )
+    seconds = trace + compile_
     start = time.perf_counter()
     # Every process receives every shard (in one process: a plain copy to the host).
     out = multihost_utils.process_allgather(compiled(stacked), tiled=True)

@@ -555,13 +555,17 @@ from gflow._cli import main
 
 pause = int(os.environ.get("PAUSE_AFTER_CHECKPOINTS", "0"))
 if pause:  # sleep (holding the run directory) right after the n-th checkpoint is written
-    write, count = gflow._solve.write_checkpoint, [0]
+    import threading
+    # Certify's reference writes its checkpoints from a second thread: the lock, held while
+    # paused, keeps every thread from writing, so the directory stands still.
+    write, count, lock = gflow._solve.write_checkpoint, [0], threading.Lock()
     def write_then_pause(*args):
-        write(*args)
-        count[0] += 1
-        if count[0] == pause:
-            print("paused", flush=True)
-            time.sleep(120)
+        with lock:
+            write(*args)
+            count[0] += 1
+            if count[0] == pause:
+                print("paused", flush=True)
+                time.sleep(120)
     gflow._solve.write_checkpoint = write_then_pause
 
 target = os.environ.get("KILL_WRITING")
