@@ -134,8 +134,9 @@ class Trajectory(eqx.Module):
     - `errors`: error estimates from `solve(..., certify=True)` (see `gflow.error_estimates`),
         else empty.
     - `criteria`: `{transition name: one-line criterion}`, filled by presets.
-    - `references`: `{observable: {label: level}}`: levels theory gives for an observable
-        (e.g. a target's singular values), drawn as horizontal lines; filled by presets.
+    - `references`: `{observable: {label: level}}`: what theory gives for an observable,
+        filled by presets: a number (e.g. a target's singular value, drawn as a horizontal
+        line) or an array of one value per save time (a closed-form curve, drawn dashed).
     - `at_transitions`: `{transition name: {observable name: value}}`, every observable at the
         state where each reached transition was located (the root finder's state, which no
         save time holds unless one is placed there).
@@ -158,7 +159,7 @@ class Trajectory(eqx.Module):
     predictions: dict[str, Prediction] = eqx.field(default_factory=dict)
     errors: dict[str, Any] = eqx.field(default_factory=dict)
     criteria: dict[str, str] = eqx.field(default_factory=dict)
-    references: dict[str, dict[str, float]] = eqx.field(default_factory=dict)
+    references: dict[str, dict[str, float | np.ndarray]] = eqx.field(default_factory=dict)
     at_transitions: dict[str, dict[str, Any]] = eqx.field(default_factory=dict)
 
     @property
@@ -234,6 +235,14 @@ class Trajectory(eqx.Module):
         return path
 
 
+def _level(value) -> float | np.ndarray:
+    """A reference read back from `summary.json`: a number, or a curve (a list) as an array;
+    `null` (a non-finite value) as `nan` either way."""
+    if isinstance(value, list):
+        return np.array([math.nan if v is None else v for v in value], dtype=np.float64)
+    return math.nan if value is None else value
+
+
 def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
     """Read a run directory written by `Trajectory.save`.
 
@@ -246,7 +255,7 @@ def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
     **Returns:**
 
     The `Trajectory`; observables come back as nested dicts of numpy arrays (names split at
-    `/`), transitions never reached as `nan`.
+    `/`), transitions never reached as `nan`, reference curves as float64 arrays.
     """
     path = Path(path)
     for name in (TRAJECTORY_FILE, SUMMARY_FILE):
@@ -287,7 +296,7 @@ def load(path: str | os.PathLike, like: PyTree | None = None) -> Trajectory:
                      for k, p in summary.get("predictions", {}).items()},
         errors=summary.get("errors", {}),
         criteria=summary.get("criteria", {}),
-        references={k: {label: nan_if_none(v) for label, v in levels.items()}
+        references={k: {label: _level(v) for label, v in levels.items()}
                     for k, levels in summary.get("references", {}).items()},
         at_transitions=at_transitions,
     )
