@@ -6,6 +6,8 @@ then condensation of the outer parameters (t ≈ 16,900) and, about 430 later, a
 W_Q grows and W_Q, W_K collapse to rank one within less than one time unit.
 """
 
+import dataclasses
+
 import numpy as np
 
 
@@ -69,7 +71,12 @@ def _save_times() -> np.ndarray:
 
 
 def build() -> Problem:
-    return preset_problem("rank-collapse-binary", T1, _save_times())
+    problem = preset_problem("rank-collapse-binary", T1, _save_times())
+    # The three stage transitions the committed results were measured with (the preset's
+    # later `escape`, located after them, is left out so that those rows stay comparable).
+    stages = ("condensation", "stage2_onset", "kq_collapse")
+    return dataclasses.replace(
+        problem, transitions=tuple(t for t in problem.transitions if t.name in stages))
 
 
 DESCRIPTION = (

@@ -155,8 +155,9 @@ class Trajectory:
     - `errors`: error estimates from `solve(..., certify=True)` (see `gflow.error_estimates`),
         else empty.
     - `criteria`: `{transition name: one-line criterion}`, filled by presets.
-    - `references`: `{observable: {label: level}}`: levels theory gives for an observable
-        (e.g. a target's singular values), drawn as horizontal lines; filled by presets.
+    - `references`: `{observable: {label: level}}`: what theory gives for an observable,
+        filled by presets: a number (e.g. a target's singular value, drawn as a horizontal
+        line) or an array of one value per save time (a closed-form curve, drawn dashed).
     - `at_transitions`: `{transition name: {observable name: value}}`, every observable at the
         state where each reached transition was located (the root finder's state, which no
         save time holds unless one is placed there).
@@ -179,7 +180,7 @@ class Trajectory:
     predictions: dict[str, Prediction] = dataclasses.field(default_factory=dict)
     errors: dict[str, Any] = dataclasses.field(default_factory=dict)
     criteria: dict[str, str] = dataclasses.field(default_factory=dict)
-    references: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    references: dict[str, dict[str, float | np.ndarray]] = dataclasses.field(default_factory=dict)
     at_transitions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -257,6 +258,14 @@ class Trajectory:
         return path
 
 
+def _level(value) -> float | np.ndarray:
+    """A reference read back from `summary.json`: a number, or a curve (a list) as an array;
+    `null` (a non-finite value) as `nan` either way."""
+    if isinstance(value, list):
+        return np.array([math.nan if v is None else v for v in value], dtype=np.float64)
+    return math.nan if value is None else value
+
+
 def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
     """Read a run directory written by `Trajectory.save`.
 
@@ -269,7 +278,7 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
     **Returns:**
 
     The `Trajectory`; observables come back as nested dicts of numpy arrays (names split at
-    `/`), transitions never reached as `nan`.
+    `/`), transitions never reached as `nan`, reference curves as float64 arrays.
     """
     path = Path(path)
     for name in (TRAJECTORY_FILE, SUMMARY_FILE):
@@ -312,7 +321,7 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
                      for k, p in summary.get("predictions", {}).items()},
         errors=summary.get("errors", {}),
         criteria=summary.get("criteria", {}),
-        references={k: {label: nan_if_none(v) for label, v in levels.items()}
+        references={k: {label: _level(v) for label, v in levels.items()}
                     for k, levels in summary.get("references", {}).items()},
         at_transitions=at_transitions,
     )

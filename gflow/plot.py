@@ -88,15 +88,17 @@ def plot_observable(
     *,
     time_axis: str = "log",
     labels: tuple[str, ...] = (),
-    references: dict[str, float] | None = None,
+    references: dict[str, float | np.ndarray] | None = None,
 ):
     """A figure of one observable over time.
 
     Up to 8 components are drawn with a legend (outside the axes, colours and dash patterns);
     more with a colour map and a colour bar of the component index (at most the 32 largest).
     The leaves of an observable returning a dict of scalars (e.g. per-type losses) share one
-    panel. Transitions are vertical dashed lines with their names; `references` are
-    horizontal dotted lines (levels theory gives, e.g. a target's singular values).
+    panel. Transitions are vertical dashed lines with their names. A reference that is a
+    number is a horizontal dotted line (a level theory gives, e.g. a target's singular value);
+    one that is an array over the save times is a thin dashed curve (e.g. a closed-form
+    solution), the i-th curve in the colour of the i-th component, named in a legend.
 
     **Arguments:**
 
@@ -105,7 +107,7 @@ def plot_observable(
         observable of scalars.
     - `time_axis`: `"log"` or `"linear"`.
     - `labels`: legend names of the components (default their indices, or the dict's keys).
-    - `references`: `{label: level}` drawn as horizontal lines.
+    - `references`: `{label: level}`, a level a number or an array of one value per save time.
 
     **Returns:**
 
@@ -117,18 +119,26 @@ def plot_observable(
     rows, log_t = _time_axis(np.asarray(traj.ts), time_axis)
     ts, values = np.asarray(traj.ts)[rows], values[rows]
 
+    levels, curves = _references(references or {}, name, len(traj.ts))
+    curves = [(label, curve[rows]) for label, curve in curves]
+
     title = name
+    # The drawn position of each component (the i-th curve follows component i).
+    position = {j: j for j in range(values.shape[1])}
     if values.shape[1] > _MAX_LINES:
         keep = np.sort(np.argsort(-np.nanmax(np.abs(values), axis=0))[:_MAX_LINES])
         title = f"{name} (largest {_MAX_LINES} of {values.shape[1]} components)"
         values, names = values[:, keep], [names[k] for k in keep]
+        position = {int(j): p for p, j in enumerate(keep)}
     k = values.shape[1]
     # A fixed layout (no layout engine, no tight box: each costs a second draw), with room on
-    # the right for the legend or colour bar, sized from the longest legend entry.
-    legend = 1 < k <= _MAX_LEGEND
+    # the right for the legend or colour bar, sized from the longest legend entry. With a
+    # colour bar there, the curves' legend goes inside the axes.
+    legend = 1 < k <= _MAX_LEGEND or (k == 1 and bool(curves))
     side = 0.0
     if legend:
-        side = 0.35 + _CHAR_WIDTH * max(len(n) for n in names)
+        entries = (names if k > 1 else []) + [label for label, _ in curves]
+        side = 0.35 + _CHAR_WIDTH * max(len(n) for n in entries)
     elif k > _MAX_LEGEND:
         side = 0.2
     width = _AXES_WIDTH + _LEFT + _RIGHT + side
@@ -136,20 +146,25 @@ def plot_observable(
     fig.subplots_adjust(left=_LEFT / width, right=1 - (_RIGHT + side) / width, bottom=0.12,
                         top=0.92)
     ax = fig.add_subplot()
+    colour = lambda j: f"C{j % 10}"  # noqa: E731
     if k > _MAX_LEGEND:
         import matplotlib as mpl
 
         cmap = mpl.colormaps["viridis"]
         norm = mpl.colors.Normalize(0, k - 1)
+        colour = lambda j: cmap(norm(j))  # noqa: E731
         for j in range(k):
-            ax.plot(ts, values[:, j], lw=1.2, color=cmap(norm(j)))
+            ax.plot(ts, values[:, j], lw=1.2, color=colour(j))
         bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02,
                            fraction=0.06)
         bar.set_label("component" + (f" (0 = {names[0]}, {k - 1} = {names[-1]})"
                                      if names[0] != "[0]" else " index"))
     else:
+        # A component a theory curve follows is solid: dashed in its colour is the theory.
+        followed = {position[i] for i in range(len(curves)) if i in position}
         for j in range(k):
-            ax.plot(ts, values[:, j], lw=1.4, color=f"C{j % 10}", ls=_DASHES[(j // 10 + j) % 4],
+            ax.plot(ts, values[:, j], lw=1.4, color=colour(j),
+                    ls="-" if j in followed else _DASHES[(j // 10 + j) % 4],
                     label=names[j] if k > 1 else None)
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
@@ -161,11 +176,16 @@ def plot_observable(
     if log_t:
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis)
-    for label, level in (references or {}).items():
+    for label, level in levels.items():
         if math.isfinite(level):
             ax.axhline(level, color="0.45", ls=":", lw=1.0)
             ax.annotate(label, (0.01, level), xycoords=("axes fraction", "data"), va="bottom",
                         fontsize=7, color="0.35")
+    theory = []
+    for i, (label, curve) in enumerate(curves):
+        # Drawn over its component, thin, so that where they part both stay visible.
+        c = colour(position[i]) if i in position else "0.45"
+        theory += ax.plot(ts, curve, color=c, ls="--", lw=0.9, label=label)
     for tname, t in traj.transitions.items():
         if math.isfinite(t) and (not log_t or t > 0):
             ax.axvline(t, color="0.3", ls="--", lw=0.9)
@@ -177,8 +197,26 @@ def plot_observable(
     if legend:
         # Outside the axes, so that it hides no curve, in the room left for it.
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    elif theory:
+        ax.legend(handles=theory, fontsize=7, loc="best", framealpha=0.85)
     ax.grid(alpha=0.3)
     return fig
+
+
+def _references(references: dict, name: str, n: int) -> tuple[dict[str, float], list]:
+    """`references` split into levels `{label: number}` and curves `[(label, (n,) array)]`."""
+    levels, curves = {}, []
+    for label, level in references.items():
+        level = np.asarray(level, dtype=float)
+        if level.ndim == 0:
+            levels[label] = float(level)
+        elif level.shape == (n,):
+            curves.append((label, level))
+        else:
+            raise InputError(
+                f"reference {label!r} of {name!r}: a level is a number or one value per save "
+                f"time ({n}), got shape {level.shape}")
+    return levels, curves
 
 
 def plot_heatmaps(traj: Trajectory, name: str, *, times=None, labels: tuple[str, ...] = ()):

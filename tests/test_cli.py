@@ -153,6 +153,25 @@ def test_binary_preset_shows_both_stages_in_order(tmp_path):
     assert np.all(np.abs(traj.observables["stable_rank"][-1, :2] - 1.0) < 0.05)
     assert traj.predictions["escape_time"].holds
     assert traj.predictions["W_Q_direction_cosine"].measured > 0.9
+    # The escape (the loss halves) is located last: in the burst that ends stage 2.
+    assert list(traj.transitions) == ["condensation", "stage2_onset", "kq_collapse", "escape"]
+    t_escape = traj.transitions["escape"]
+    assert t_kq < t_escape < traj.t1
+    loss = np.asarray(traj.observables["loss"])
+    assert traj.ts[0] == traj.t0
+    half = 0.5 * loss[0]
+    # At the located state the loss is L(0)/2 to within the solver's relative tolerance (the
+    # root finder stops at 1e-3 rtol in time, far below it).
+    assert abs(float(traj.at_transitions["escape"]["loss"]) - half) < traj.rtol * half
+    # ... and between the two save times whose losses straddle L(0)/2.
+    i = int(np.searchsorted(traj.ts, t_escape))
+    assert loss[i - 1] > half > loss[i] and traj.ts[i - 1] < t_escape <= traj.ts[i]
+    # The bound compares the located time, with the transition's certified error (of the
+    # order of the other transitions': the plateau amplifies the solver's error above rtol).
+    escape = traj.predictions["escape_time"]
+    assert escape.measured == t_escape and escape.relation == "<="
+    assert escape.error == traj.errors["transitions"]["escape"]
+    assert 0 < escape.error < 100 * traj.rtol * t_escape
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Figures: written for every observable, labelled, grouped, heatmaps at t0/transitions/end,
 redrawn from disk, drawn without pyplot."""
 
+import dataclasses
+import json
 import subprocess
 import sys
 
@@ -80,6 +82,59 @@ def test_figures_are_labelled_grouped_and_carry_references():
     assert {t.get_text() for t in main.texts} >= {"s_1", "s_1/2", "half"}
 
 
+def test_reference_curves_are_dashed_in_their_components_colours_and_round_trip(tmp_path):
+    traj = _trajectory()
+    ts = traj.ts
+    broken = np.exp(-ts)
+    broken[3] = np.nan  # JSON has no NaN: written as null, read back as nan
+    references = {
+        "ranks": {"level": 2.5, "theory a": 1 + 1.01 * ts, "theory b": 2 + 0.99 * ts},
+        "spectrum": {"theory 0": np.ones_like(ts), "theory 1": np.exp(-1.02 * ts)},
+        "loss": {"theory": broken},
+    }
+    traj = dataclasses.replace(traj, references=references)
+    # A few components: the curves join the outside legend, the i-th in component i's colour.
+    (ax,) = plot_observable(traj, "ranks", labels=("a", "b"),
+                            references=references["ranks"]).axes
+    measured = {line.get_label(): line for line in ax.lines[:2]}
+    theory = {line.get_label(): line for line in ax.lines if line.get_label().startswith("th")}
+    assert [theory[k].get_color() for k in ("theory a", "theory b")] == [
+        measured["a"].get_color(), measured["b"].get_color()]
+    # Dashed is the theory: the components it follows are solid.
+    assert {line.get_linestyle() for line in theory.values()} == {"--"}
+    assert {line.get_linestyle() for line in measured.values()} == {"-"}
+    # On the log time axis, without t0 = 0, like the measured lines.
+    np.testing.assert_array_equal(theory["theory b"].get_ydata(), (2 + 0.99 * ts)[1:])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "theory a",
+                                                                  "theory b"]
+    # A colour map: the curves' own legend inside the axes, same colours as their components.
+    main, _ = plot_observable(traj, "spectrum", references=references["spectrum"]).axes
+    assert main.lines[1].get_color() == main.lines[12 + 1].get_color()
+    assert [t.get_text() for t in main.get_legend().get_texts()] == ["theory 0", "theory 1"]
+    # One component: a legend for the curve alone.
+    (ax,) = plot_observable(traj, "loss", references=references["loss"]).axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["theory"]
+    with pytest.raises(gflow.InputError, match="one value per save time"):
+        plot_observable(traj, "loss", references={"short": np.ones(3)})
+
+    traj.save(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=_refuse)
+    assert summary["references"]["loss"]["theory"][3] is None
+    loaded = gflow.load(tmp_path).references
+    assert loaded["ranks"]["level"] == 2.5
+    for name, levels in references.items():
+        for label, level in levels.items():
+            np.testing.assert_array_equal(loaded[name][label], level)
+    assert loaded["loss"]["theory"].dtype == np.float64
+    # Redrawn from disk, curves and all.
+    paths = save_figures(gflow.load(tmp_path), tmp_path / "figures")
+    assert {p.stem for p in paths} == {"loss", "ranks", "type_losses", "spectrum"}
+
+
+def _refuse(constant):
+    raise ValueError(f"summary.json holds {constant}")
+
+
 def test_redraw_from_a_run_directory(tmp_path, capsys):
     _trajectory().save(tmp_path)
     assert gflow.load(tmp_path).references == {"spectrum": {"s_1": 1.0, "s_1/2": 0.5}}
@@ -112,6 +167,9 @@ def test_figures_need_neither_pyplot_nor_a_backend_switch(tmp_path):
 @pytest.mark.parametrize("draw", [
     lambda t: plot_observable(t, "ranks", labels=("a", "b")),
     lambda t: plot_observable(t, "ranks", labels=("a long legend entry of forty characters!", "b")),
+    lambda t: plot_observable(t, "ranks", labels=("a", "b"),
+                              references={"a theory curve with a long label": 1 + t.ts}),
+    lambda t: plot_observable(t, "spectrum", references={"theory": np.exp(-t.ts)}),
     lambda t: plot_observable(t, "spectrum"),
     lambda t: plot_heatmaps(t, "cos"),
     lambda t: plot_heatmaps(t, "cos", labels=("mu_1", "mu_2", "mu_3")),

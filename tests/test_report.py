@@ -32,9 +32,14 @@ def test_summary_carries_an_error_for_every_reached_transition_by_default(tmp_pa
     assert summary["errors"]["reference_stats"]["num_steps"] > summary["stats"]["num_steps"]
     # Figures come after the results: PNG only by default.
     assert sorted(p.suffix for p in (out / "figures").iterdir()) == [".png"] * 3
-    # The theory's levels travel with the run, for `python -m gflow.plot`.
-    assert summary["references"]["singular_values"] == {
+    # The theory's levels and curves (one value per save time) travel with the run, for
+    # `python -m gflow.plot`.
+    references = summary["references"]["singular_values"]
+    assert {k: v for k, v in references.items() if not isinstance(v, list)} == {
         "s_1": 3.0, "s_2": 1.5, "s_1/2": 1.5, "s_2/2": 0.75}
+    curves = {k: v for k, v in references.items() if isinstance(v, list)}
+    assert list(curves) == ["Saxe s=3 (first order in init)", "Saxe s=1.5 (first order in init)"]
+    assert all(len(v) == 40 for v in curves.values())
 
 
 def test_no_certify_and_no_figures(tmp_path):

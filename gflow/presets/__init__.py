@@ -263,19 +263,18 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
         stats = {k: first.stats[k] + traj.stats[k] for k in traj.stats
                  if isinstance(traj.stats[k], (int, float)) and first.stats[k] is not None}
         traj = dataclasses.replace(traj, stats=traj.stats | stats | {"passes": 2})
-    predictions = {}
-    if problem.predict is not None:
-        # Predicted times count from the init; a run starting at t0 != 0 is compared as such.
-        t0 = settings.t0
-        from_zero = traj if t0 == 0 else dataclasses.replace(
-            traj, ts=traj.ts - t0, t0=0.0, t1=traj.t1 - t0, t_final=traj.t_final - t0,
-            transitions={k: v - t0 for k, v in traj.transitions.items()},
-        )
-        predictions = problem.predict(from_zero)
+    # Theory's clock starts at the init; a run starting at t0 != 0 is compared as such.
+    t0 = settings.t0
+    from_zero = traj if t0 == 0 else dataclasses.replace(
+        traj, ts=traj.ts - t0, t0=0.0, t1=traj.t1 - t0, t_final=traj.t_final - t0,
+        transitions={k: v - t0 for k, v in traj.transitions.items()},
+    )
+    predictions = {} if problem.predict is None else problem.predict(from_zero)
+    references = {} if problem.references is None else problem.references(from_zero)
     # A prediction of a transition's time carries that transition's error estimate.
     errors = traj.errors.get("transitions", {})
     predictions = {name: p.with_error(errors[name]) if errors.get(name) is not None else p
                    for name, p in predictions.items()}
     return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions,
                                         criteria=dict(problem.criteria),
-                                        references=dict(problem.references))
+                                        references=references)

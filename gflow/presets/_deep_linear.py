@@ -12,7 +12,7 @@ from .._flow import GradientFlow
 from .._scaling import ScalingLaw
 from .._solve import Transition
 from ..models import DeepLinear, deep_linear_loss, whitened_target
-from ..theory import saxe_half_rise_time, two_layer_learning_times
+from ..theory import saxe_half_rise_time, saxe_mode, two_layer_learning_times
 from ._problem import Problem, comparison
 
 
@@ -61,7 +61,9 @@ def deep_linear(
     seed: int,
 ) -> Problem:
     """A depth-`depth` linear network of width `width` fitting a target with the given
-    singular values; each mode's half-rise is a transition.
+    singular values; each mode's half-rise is a transition. The `singular_values` figure
+    carries the levels `s_k`, `s_k/2` and, for depth 2, Saxe's closed-form rise of each mode
+    (`gflow.theory.saxe_mode` from the u0 its t½ prediction uses) as dashed curves.
 
     **Arguments:**
 
@@ -106,24 +108,37 @@ def deep_linear(
         )
         criteria[name] = f"singular value {k + 1} of W_D⋯W_1 rises through s_{k + 1}/2 = {s_k / 2:g}"
 
+    # Saxe's theory (depth 2): each mode follows `saxe_mode` from its initial strength u0,
+    # exactly on the balanced aligned manifold, else from the effective start of the
+    # linearised flow (first order in the init scale).
+    if depth == 2 and init == "aligned":
+        u0 = np.full(s.size, eps**depth)
+        times = [saxe_half_rise_time(s_k, u0_k) for s_k, u0_k in zip(s, u0)]
+        basis = "Saxe et al.'s closed form t½ = ln(s/u0 − 1)/(2s), exact on this manifold"
+        accuracy = "exact"
+    elif depth == 2:
+        times, _, u0 = two_layer_learning_times(*model.weights, target)
+        basis = "decoupled-mode learning times, first order in the init scale"
+        accuracy = "first order in init"
+
     def predict(traj):
         if depth != 2:
             return {}
-        if init == "aligned":
-            times = [saxe_half_rise_time(s_k, eps**depth) for s_k in s]
-            basis = "Saxe et al.'s closed form t½ = ln(s/u0 − 1)/(2s), exact on this manifold"
-        else:
-            times = two_layer_learning_times(*model.weights, target)[0]
-            basis = "decoupled-mode learning times, first order in the init scale"
         return {
             f"mode{k + 1}_learned": comparison(
                 times[k], traj.transitions[f"mode{k + 1}_learned"], basis)
             for k in range(s.size)
         }
 
-    # The target's singular values and the half-rise levels, in singular_values' figure.
-    references = {"singular_values": {f"s_{k + 1}": s_k for k, s_k in enumerate(s)}
-                  | {f"s_{k + 1}/2": s_k / 2 for k, s_k in enumerate(s)}}
+    def references(traj):
+        # The target's singular values and the half-rise levels, then (depth 2) each mode's
+        # closed-form rise at the save times: the k-th curve follows singular value k.
+        levels = ({f"s_{k + 1}": s_k for k, s_k in enumerate(s)}
+                  | {f"s_{k + 1}/2": s_k / 2 for k, s_k in enumerate(s)})
+        if depth == 2:
+            levels |= {f"Saxe s={s_k:g} ({accuracy})": saxe_mode(traj.ts, s_k, u0_k)
+                       for s_k, u0_k in zip(s, u0)}
+        return {"singular_values": levels}
     # Each factor grows like e^{s t} from eps: log law of slope 1/s for two factors, power
     # law of exponent -(depth - 2) for more.
     scaling = {

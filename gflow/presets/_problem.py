@@ -26,8 +26,12 @@ class Problem(eqx.Module):
         `summary.json`.
     - `predict`: optional `predict(trajectory) -> {name: gflow.Prediction}` comparing the run
         with theory.
-    - `references`: `{observable: {label: level}}`: levels theory gives for an observable,
-        drawn as horizontal lines in its figure (e.g. `{"singular_values": {"s_1": 4.0}}`).
+    - `references`: optional `references(trajectory) -> {observable: {label: level}}`: what
+        theory gives for an observable, drawn in its figure and written to `summary.json`. A
+        level is a number (a horizontal line, e.g. `{"singular_values": {"s_1": 4.0}}`) or an
+        array over `trajectory.ts` (a curve, e.g. a closed form at the save times: dashed,
+        the i-th curve of an observable in the colour of its i-th component). Called like
+        `predict`, on the trajectory timed from the init.
     - `scaling`: `{transition name: gflow.ScalingLaw}`: how theory says the transition's time
         scales with the init scale `eps`; a sweep over `eps` fits that law and draws its
         slope.
@@ -42,7 +46,7 @@ class Problem(eqx.Module):
     transitions: tuple[Transition, ...] = ()
     criteria: dict[str, str] = eqx.field(default_factory=dict)
     predict: Callable[[Any], dict] | None = None
-    references: dict[str, dict[str, float]] = eqx.field(default_factory=dict)
+    references: Callable[[Any], dict] | None = None
     scaling: dict[str, Any] = eqx.field(default_factory=dict)
     figures: Callable[[Any, Any], list] | None = None
 
