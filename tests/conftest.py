@@ -64,3 +64,58 @@ def random_flow():
     target = whitened_target((2.0, 1.0, 0.5), (4, 6), jax.random.key(3))
     model = DeepLinear.random((6, 5, 4), 0.3, jax.random.key(4))
     return gflow.GradientFlow(model, deep_linear_loss, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark harness's quick run (tests/test_benchmarks.py) is one subprocess of about two
+# minutes, mostly single-threaded. It starts when collection is done and runs on the second
+# core while the rest of the suite runs; its tests are moved to the end, where they wait for it.
+
+_BENCHMARK_TESTS = "test_benchmarks.py"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    bench = [item for item in items if item.path.name == _BENCHMARK_TESTS]
+    if not bench:
+        return
+    items[:] = [item for item in items if item.path.name != _BENCHMARK_TESTS] + bench
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "benchmarks" / "RESULTS.md"
+    out = Path(tempfile.mkdtemp(prefix="gflow-bench-")) / "RESULTS.md"
+    config._gflow_quick_benchmark = dict(
+        out=out,
+        digest=hashlib.sha256(committed.read_bytes()).hexdigest() if committed.exists() else None,
+        proc=subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        ),
+    )
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    started = getattr(config, "_gflow_quick_benchmark", None)
+    if started is None:
+        return
+    if started["proc"].poll() is None:  # e.g. the run stopped early
+        started["proc"].kill()
+        started["proc"].wait()
+    shutil.rmtree(started["out"].parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def quick_benchmark(request):
+    """`(RESULTS.md path, committed RESULTS.md digest before the run, return code, stderr)` of
+    the quick benchmark run started at collection."""
+    started = getattr(request.config, "_gflow_quick_benchmark", None)
+    if started is None:
+        pytest.skip("the quick benchmark run was not started")
+    _, err = started["proc"].communicate(timeout=900)
+    return started["out"], started["digest"], started["proc"].returncode, err

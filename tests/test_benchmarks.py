@@ -1,4 +1,5 @@
-"""The benchmark harness: `python -m benchmarks.run --quick` in a subprocess, numbers checked.
+"""The benchmark harness: `python -m benchmarks.run --quick` in a subprocess (started when
+collection ends, see conftest.py), numbers checked.
 
 Only accuracy and counts are asserted (they are reproducible); never a wall-clock time.
 """
@@ -21,14 +22,10 @@ def _digest(path: Path) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "RESULTS.md"
-    before = _digest(COMMITTED)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def quick_run(quick_benchmark):
+    # Started by conftest.py when collection ended, so that it runs alongside the suite.
+    out, before, returncode, stderr = quick_benchmark
+    assert returncode == 0, stderr[-3000:]
     assert _digest(COMMITTED) == before, "the quick run must not touch benchmarks/RESULTS.md"
     data = json.loads((out.parent / "results.json").read_text())
     assert list(data["workloads"]) == ["deep-linear", "rank-collapse"]
