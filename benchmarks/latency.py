@@ -7,7 +7,8 @@ the second ("warm": the persistent compilation cache full). The phases come from
 `timings.json` (written by the command line):
 
 - *start*: the process's wall time before the command line's `main` (Python, gflow's
-  command-line module and its imports);
+  command-line module);
+- *import*: the imports the command line needs (JAX, diffrax, equinox, gflow's presets);
 - *build*: resolving the config and building the preset's problem (data, init, the checks
   of `gflow.solve`), with the imports it triggers (JAX, diffrax, ...);
 - *trace*, *compile*, *run*: the solve's engine program (tracing and lowering, XLA compiling or
@@ -57,9 +58,9 @@ def main(argv=None) -> None:
     parser.add_argument("presets", nargs="*")
     args = parser.parse_args(argv)
     names = args.presets or _presets()
-    print("| preset | cache | whole | start | build | trace | compile | run | certify "
+    print("| preset | cache | whole | start | import | build | trace | compile | run | certify "
           "(alongside) | solve other | save | figures |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             cache = Path(scratch) / f"cache-{name}"
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
                 solve_other = t["solve_seconds"] - sum(
                     t.get(k) or 0.0 for k in ("trace_seconds", "compile_seconds", "run_seconds"))
                 cells = [t["whole_seconds"], t["whole_seconds"] - t["main_seconds"],
-                         t["build_seconds"], t["trace_seconds"], t["compile_seconds"],
+                         t["import_seconds"], t["build_seconds"], t["trace_seconds"], t["compile_seconds"],
                          t["run_seconds"], t.get("certify_run_seconds"), solve_other,
                          t["save_seconds"], t.get("figures_seconds")]
                 print(f"| {name} | {label} | " + " | ".join(

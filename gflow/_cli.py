@@ -512,9 +512,10 @@ def _certify_by_default(resolved) -> bool:
 
 
 def _run(args, session: _Session) -> int:
-    from . import _cli_instruments, presets
-    from ._config import dumps_toml
-    from ._trajectory import atomic_write_bytes
+    with session.timed("import_seconds"):  # JAX, diffrax, equinox, ... come in here
+        from . import _cli_instruments, presets
+        from ._config import dumps_toml
+        from ._trajectory import atomic_write_bytes
 
     if args.platform:
         _select_platform(args.platform)
