@@ -46,7 +46,7 @@ def test_packaging_declares_what_the_code_uses():
         "gflow-plot": "gflow.plot:main",
     }
     names = [d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]]
-    assert "optimistix" in names and "optax" not in names
+    assert {"optimistix", "lineax"} <= set(names) and "optax" not in names
     assert project["requires-python"] == ">=3.11"
 
 
