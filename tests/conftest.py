@@ -67,28 +67,34 @@ def random_flow():
 
 
 # ---------------------------------------------------------------------------------------------
-# The benchmark harness's quick run (tests/test_benchmarks.py) is one subprocess of about two
-# minutes, mostly single-threaded. It starts when collection is done and runs on the second
-# core while the rest of the suite runs; its tests are moved to the end, where they wait for it.
+# The benchmark harness's quick run (tests/test_benchmarks.py, `-m slow`) is one subprocess of
+# about two minutes. It starts when collection is done, runs while the other selected tests
+# do, and its tests are moved to the end, where they wait for it.
 
 _BENCHMARK_TESTS = "test_benchmarks.py"
 
 
 def pytest_collection_modifyitems(session, config, items):
+    # Last, so that they wait for the quick run as late as possible.
+    bench = [item for item in items if item.path.name == _BENCHMARK_TESTS]
+    items[:] = [item for item in items if item.path.name != _BENCHMARK_TESTS] + bench
+
+
+def pytest_collection_finish(session):
+    # After deselection (`-m slow` selects these tests): started only if they will run.
     import hashlib
     import subprocess
     import sys
     import tempfile
     from pathlib import Path
 
-    bench = [item for item in items if item.path.name == _BENCHMARK_TESTS]
-    if not bench:
+    if not any(item.path.name == _BENCHMARK_TESTS and "quick_run" in item.fixturenames
+               for item in session.items):
         return
-    items[:] = [item for item in items if item.path.name != _BENCHMARK_TESTS] + bench
     root = Path(__file__).resolve().parents[1]
     committed = root / "benchmarks" / "RESULTS.md"
     out = Path(tempfile.mkdtemp(prefix="gflow-bench-")) / "RESULTS.md"
-    config._gflow_quick_benchmark = dict(
+    session.config._gflow_quick_benchmark = dict(
         out=out,
         digest=hashlib.sha256(committed.read_bytes()).hexdigest() if committed.exists() else None,
         proc=subprocess.Popen(

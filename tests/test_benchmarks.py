@@ -1,5 +1,6 @@
 """The benchmark harness: `python -m benchmarks.run --quick` in a subprocess (started when
-collection ends, see conftest.py), numbers checked.
+collection ends, see conftest.py), numbers checked. A benchmark study of about two minutes:
+`-m slow` (the default suite stays within ten minutes on two cores).
 
 Only accuracy and counts are asserted (they are reproducible); never a wall-clock time.
 """
@@ -37,6 +38,7 @@ def _rows(rows, family):
     return sorted((r for r in rows if r["family"] == family), key=lambda r: -r["knob"])
 
 
+@pytest.mark.slow
 def test_report_has_machine_targets_and_tables(quick_run):
     out, data, _ = quick_run
     text = out.read_text()
@@ -55,6 +57,7 @@ def test_report_has_machine_targets_and_tables(quick_run):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_reference_agrees_with_scipy_dop853(quick_run):
     _, data, _ = quick_run
     checks = data["deep_linear"]["cross_check"]
@@ -65,6 +68,7 @@ def test_reference_agrees_with_scipy_dop853(quick_run):
     assert at_reference_rtol["transition_difference"] < 1e-10
 
 
+@pytest.mark.slow
 def test_gradient_descent_error_is_first_order(quick_run):
     _, data, rows = quick_run
     gd = _rows(rows, "GD (lax.scan)")
@@ -82,6 +86,7 @@ def test_gradient_descent_error_is_first_order(quick_run):
     assert 0.9 <= fit["fitted_power"] <= 1.1
 
 
+@pytest.mark.slow
 def test_gflow_error_follows_tolerance_and_matches_bare_diffrax(quick_run):
     _, _, rows = quick_run
     tsit5 = {r["knob"]: r for r in _rows(rows, "gflow tsit5")}
@@ -99,6 +104,7 @@ def test_gflow_error_follows_tolerance_and_matches_bare_diffrax(quick_run):
     assert max(chained["transition_errors"]) < 1e-3 * min(gd_best["transition_errors"])
 
 
+@pytest.mark.slow
 def test_scipy_and_evaluation_counts(quick_run):
     _, _, rows = quick_run
     dop853 = _rows(rows, "scipy DOP853 (jax rhs)")[0]
@@ -108,6 +114,7 @@ def test_scipy_and_evaluation_counts(quick_run):
         assert 6 * r["steps"] <= r["evaluations"] <= 6 * r["steps"] + 3
 
 
+@pytest.mark.slow
 def test_torchdiffeq_model_matches_and_follows_tolerance(quick_run):
     pytest.importorskip("torch")
     pytest.importorskip("torchdiffeq")
@@ -131,6 +138,7 @@ def test_torchdiffeq_model_matches_and_follows_tolerance(quick_run):
         assert r["evaluations"] > 6 * 5
 
 
+@pytest.mark.slow
 def test_rank_collapse_transitions(quick_run):
     _, data, _ = quick_run
     workload = data["workloads"]["rank-collapse"]["data"]
@@ -146,6 +154,7 @@ def test_rank_collapse_transitions(quick_run):
     assert chained["traj_error"] < 1e-2 * gd["traj_error"]
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_steps(quick_run):
     _, data, _ = quick_run
     rows = data["memory"]
@@ -158,6 +167,7 @@ def test_peak_memory_does_not_grow_with_steps(quick_run):
     assert verdict["independent"] is True
 
 
+@pytest.mark.slow
 def test_sweep_matches_single_solves(quick_run):
     _, data, _ = quick_run
     sweep = data["sweep"]
