@@ -283,20 +283,14 @@ class _Session:
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}  # seconds of each phase, for timings.json
 
+    @contextlib.contextmanager
     def timed(self, phase: str):
         """A context adding its wall seconds to `timings[phase]`."""
-        session = self
-
-        class _Timed:
-            def __enter__(self):
-                self.begin = time.perf_counter()
-
-            def __exit__(self, *exc):
-                session.timings[phase] = (session.timings.get(phase, 0.0)
-                                          + time.perf_counter() - self.begin)
-                return False
-
-        return _Timed()
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - begin
 
     def interrupted_message(self) -> str:
         if self.run_dir is None or not (self.run_dir / "config.toml").is_file():

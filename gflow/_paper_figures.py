@@ -132,24 +132,19 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
     bar = fig.colorbar(image, ax=fig.axes, location="right", shrink=0.5)
     bar.set_label("cosine similarity of rows (spectral order)")
     bottom = outer[1].subgridspec(1, 4)
-    ax_b = fig.add_subplot(bottom[0])
-    _lines(ax_b, traj, traj.observables["relative_change"], groups, log_y=True,
-           ylabel="‖W(t) − W(0)‖_F / ‖W(0)‖_F")
-    _mark_transitions(ax_b, traj, only=("stage2_onset",))
-    ax_b.set_title("(b) relative change per group", fontsize=9)
-    ax_b.legend(fontsize=7)
-    ax_c = fig.add_subplot(bottom[1])
-    _lines(ax_c, traj, traj.observables["effective_rank"], groups,
-           ylabel="effective rank exp H(σ/Σσ)")
-    _mark_transitions(ax_c, traj)
-    ax_c.set_title("(c) effective rank per group", fontsize=9)
-    ax_c.legend(fontsize=7)
-    ax_s = fig.add_subplot(bottom[2])
-    _lines(ax_s, traj, traj.observables["stable_rank"], groups,
-           ylabel="stable rank ‖W‖_F² / ‖W‖_2²")
-    _mark_transitions(ax_s, traj)
-    ax_s.set_title("(c) stable rank per group", fontsize=9)
-    ax_s.legend(fontsize=7)
+    for spec, (key, title, ylabel, log_y, only) in zip(bottom, (
+        ("relative_change", "(b) relative change per group", "‖W(t) − W(0)‖_F / ‖W(0)‖_F",
+         True, ("stage2_onset",)),
+        ("effective_rank", "(c) effective rank per group", "effective rank exp H(σ/Σσ)",
+         False, None),
+        ("stable_rank", "(c) stable rank per group", "stable rank ‖W‖_F² / ‖W‖_2²",
+         False, None),
+    )):
+        ax = fig.add_subplot(spec)
+        _lines(ax, traj, traj.observables[key], groups, log_y=log_y, ylabel=ylabel)
+        _mark_transitions(ax, traj, only=only)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     ax_d = fig.add_subplot(bottom[3])
     _lines(ax_d, traj, traj.observables["loss"], ["training loss"], log_y=True,
            ylabel="cross-entropy (log scale)")

@@ -494,16 +494,22 @@ def solve(
     return dataclasses.replace(traj, errors=errors)
 
 
-def _compile(setup: "_Setup", t0: float) -> dict[str, float]:
-    """Compile (or find cached) the engine program of `setup`'s plan; the seconds it took
-    (`trace_seconds`, `compile_seconds`)."""
-    arrays, rebuild, key = engine.split(setup.plan)
-    template = engine.carry_template(setup.plan, key)
-    _, trace, compile_ = engine.compiled(
-        ("solve", key), lambda: engine.solve_program(rebuild), arrays,
-        engine.start(template, setup.y0, t0), np.asarray(1, dtype=np.int32),
+def _program(parts: tuple, carry_arrays: dict) -> tuple[Callable, dict[str, float]]:
+    """The compiled engine program of a plan split by `engine.split` (cached), and the seconds
+    spent tracing and compiling it (`trace_seconds`, `compile_seconds`; zero when cached)."""
+    arrays, rebuild, key = parts
+    program, trace, compile_ = engine.compiled(
+        ("solve", key), lambda: engine.solve_program(rebuild), arrays, carry_arrays,
+        np.asarray(1, dtype=np.int32),  # segments per call: data, so any value compiles alike
     )
-    return dict(trace_seconds=trace, compile_seconds=compile_)
+    return program, dict(trace_seconds=trace, compile_seconds=compile_)
+
+
+def _compile(setup: "_Setup", t0: float) -> dict[str, float]:
+    """Compile (or find cached) the engine program of `setup`'s plan; the seconds it took."""
+    parts = engine.split(setup.plan)
+    template = engine.carry_template(setup.plan, parts[2])
+    return _program(parts, engine.start(template, setup.y0, t0))[1]
 
 
 class _Stopped(Exception):
@@ -519,7 +525,8 @@ def _integrate(
     """Run the engine on `setup` from `t0` (or from `checkpoint` with `resume`) to its end and
     build the `Trajectory`: the one loop behind `solve` and its certify reference."""
     plan, names, ts = setup.plan, setup.names, setup.ts
-    arrays, rebuild, key = engine.split(plan)
+    parts = engine.split(plan)
+    arrays, _, key = parts
     template = engine.carry_template(plan, key)
     digests = None if checkpoint is None else _fingerprint(setup, ts, t0, t1, checkpoint_steps)
     carry = None
@@ -546,12 +553,8 @@ def _integrate(
                 raise _Stopped
             seconds = dict(carry.seconds)
             if program is None:
-                program, trace, compile_ = engine.compiled(
-                    ("solve", key), lambda: engine.solve_program(rebuild), arrays,
-                    carry.arrays, chunk,
-                )
-                seconds["trace_seconds"] += trace
-                seconds["compile_seconds"] += compile_
+                program, spent = _program(parts, carry.arrays)
+                seconds = {k: v + spent.get(k, 0.0) for k, v in seconds.items()}
             begin = time.perf_counter()
             # What the host reads, in one transfer.
             out = jax.device_get(program(arrays, carry.arrays, chunk))
