@@ -13,7 +13,9 @@ in one process, calls alternating so that other jobs on the machine disturb all 
   time) with the same solver, `PIDController` (rtol, atol, dtmin), save times and observer
   (`SaveAt(ts=..., fn=...)`) and gflow's divergence guard as an `Event`.
 
-Run: `python -m benchmarks.transitions_overhead [--repeats N]`. Prints the minimum and median
+Run: `python -m benchmarks.transitions_overhead [--repeats N]`; on a shared machine pin it to
+one core (`taskset -c 1 python -m ...`): XLA's CPU thread pool otherwise makes a 7 ms solve
+vary by ±50% from call to call. Prints the minimum and median
 wall time and the minimum CPU time (this process) of each, and the ratios of minima. On a
 shared machine CPU time is the steadier measure: waiting for a core is not counted.
 """
@@ -60,8 +62,9 @@ def _cheap_transitions(flow):
     ]
 
 
-def _bare(flow, ts, atol):
-    """Bare diffrax with what gflow.solve does: same solver, controller, observer, guard."""
+def _bare(flow, ts, atol, final=False):
+    """Bare diffrax with what gflow.solve does: same solver, controller, observer, guard;
+    with `final`, the end state saved too (what `Trajectory.final` holds)."""
     frozen = flow.frozen
 
     def vector_field(t, y, args):
@@ -77,7 +80,9 @@ def _bare(flow, ts, atol):
     def run(y0, ts, rtol, atol):
         return diffrax.diffeqsolve(
             diffrax.ODETerm(vector_field), diffrax.Tsit5(), 0.0, T1, None, y0,
-            saveat=diffrax.SaveAt(ts=ts, fn=observe),
+            saveat=(diffrax.SaveAt(subs=[diffrax.SubSaveAt(ts=ts, fn=observe),
+                                         diffrax.SubSaveAt(t1=True)])
+                    if final else diffrax.SaveAt(ts=ts, fn=observe)),
             stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, dtmin=1e-12 * T1),
             event=diffrax.Event(diverged), max_steps=100_000, throw=False,
         )
@@ -107,8 +112,10 @@ def main(argv=None):
     with_cheap = lambda: gflow.solve(flow, T1, rtol=RTOL, ts=ts, transitions=cheap)  # noqa: E731
     first_plain, first_tr, first_cheap = plain(), with_transitions(), with_cheap()
     bare = _bare(flow, ts, first_plain.atol)
-    bare()
-    calls = {"plain": plain, "transitions": with_transitions, "cheap": with_cheap, "bare": bare}
+    bare_final = _bare(flow, ts, first_plain.atol, final=True)
+    bare(), bare_final()
+    calls = {"plain": plain, "transitions": with_transitions, "cheap": with_cheap, "bare": bare,
+             "bare+final": bare_final}
     walls = {k: [] for k in calls}
     cpus = {k: [] for k in calls}
     for _ in range(args.repeats):
@@ -132,6 +139,8 @@ def main(argv=None):
     for label, a, b in (("transitions / plain", "transitions", "plain"),
                         ("cheap-condition transitions / plain", "cheap", "plain"),
                         ("gflow.solve / bare diffrax", "plain", "bare"),
+                        ("gflow.solve / bare diffrax with the final state", "plain",
+                         "bare+final"),
                         ("gflow.solve with transitions / bare diffrax", "transitions", "bare")):
         print(f"{label}: wall {best[a] / best[b]:.3f}, CPU {best_cpu[a] / best_cpu[b]:.3f}")
 

@@ -46,6 +46,7 @@ _EXPORTS = {
     "linear_grid": ("._grids", "linear_grid"),
     "load": ("._trajectory", "load"),
     "log_grid": ("._grids", "log_grid"),
+    "pid_controller": ("._solve", "pid_controller"),
     "plot_fit": ("._sweep", "plot_fit"),
     "sensitivity": ("._sensitivity", "sensitivity"),
     "solve": ("._solve", "solve"),
@@ -98,7 +99,10 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
     from ._prediction import Prediction as Prediction
     from ._scaling import ScalingLaw as ScalingLaw
     from ._sensitivity import Sensitivity as Sensitivity, sensitivity as sensitivity
-    from ._solve import Transition as Transition, error_estimates as error_estimates, solve as solve
+    from ._solve import (
+        Transition as Transition, error_estimates as error_estimates,
+        pid_controller as pid_controller, solve as solve,
+    )
     from ._solvers import auto_solver as auto_solver
     from ._sweep import (
         ScalingFit as ScalingFit,

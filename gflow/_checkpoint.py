@@ -23,7 +23,7 @@ from ._engine import NONFINITE
 from ._errors import InputError
 from ._trajectory import atomic_write_bytes
 
-_FORMAT = "gflow-checkpoint-3"
+_FORMAT = "gflow-checkpoint-4"
 
 
 class Carry(NamedTuple):

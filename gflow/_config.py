@@ -66,6 +66,10 @@ class SolveSettings:
         checkpoint every this many steps, not only at transitions; 0 for transitions only.
     - `x32`: compute in float32 instead of float64 (faster on some accelerators; tolerances
         below ~1e-5 cannot be met).
+    - `pcoeff`, `icoeff`: the coefficients of diffrax's `PIDController` (its names and its
+        defaults: 0 and 1, integral control). PI control (e.g. 0.3 and 0.4) damps the step
+        size's oscillation where steps are limited by stability rather than accuracy, with
+        fewer rejected steps (measured on `rank-collapse` in benchmarks/RESULTS.md).
     """
 
     t1: float
@@ -80,6 +84,8 @@ class SolveSettings:
     certify: bool = False
     checkpoint_steps: int = 0
     x32: bool = False
+    pcoeff: float = 0.0
+    icoeff: float = 1.0
 
     def __post_init__(self):
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)):
@@ -120,6 +126,10 @@ class SolveSettings:
                 f"solve.save_points must be between 3 and {_MAX_SAVE_POINTS}, "
                 f"got {self.save_points}"
             )
+        if not (math.isfinite(self.pcoeff) and 0 <= self.pcoeff <= 1):
+            raise InputError(f"solve.pcoeff must be in [0, 1], got {self.pcoeff}")
+        if not (math.isfinite(self.icoeff) and 0 < self.icoeff <= 1):
+            raise InputError(f"solve.icoeff must be in (0, 1], got {self.icoeff}")
         if self.grid not in ("log", "linear", "loglinear"):
             raise InputError(
                 f"solve.grid must be 'log', 'linear' or 'loglinear', got {self.grid!r}"

@@ -3,8 +3,8 @@
 A solve is a chain of segments: a `diffrax.diffeqsolve` from where the previous one stopped
 until `t1`, the next transition (an `Event` whose condition is picked by `lax.switch` from the
 transition index), a failure, or a cut every `segment_steps` steps. `run` chains them in a
-`lax.while_loop`, each segment resumed from the previous one's solver and step-size controller
-states, so that the whole solve is one pure, traceable function of arrays:
+`lax.while_loop`, each segment a fresh `diffeqsolve` from where the previous one stopped, so
+that the whole solve is one pure, traceable function of arrays:
 
 - `gflow.solve` compiles `run` once per problem structure and calls it once (or once per
   segment, writing a checkpoint of the carry in between: the same program on the same inputs,
@@ -109,14 +109,7 @@ def _term(flow: GradientFlow) -> diffrax.ODETerm:
 
 
 def _controller_init(plan: Plan, y: PyTree, t0) -> PyTree:
-    """The controller's initial state at `t0` (diffrax's own `init`).
-
-    Without a `dt0` it is asked for one step over the whole span: its first step itself is
-    chosen by diffrax in the segment (with a passed controller state, `diffeqsolve` runs the
-    initial-step heuristic for it), and a given step spares `init` that heuristic's two
-    vector-field evaluations; a PID controller's state does not depend on it, and a clipping
-    controller's depends on `t0` only.
-    """
+    """The controller's initial state at `t0` (diffrax's own `init`), for its structure."""
     term = _term(plan.flow)
     dt0 = plan.t1 - t0 if plan.dt0 is None else plan.dt0
     _, state = plan.controller.init(
@@ -125,35 +118,20 @@ def _controller_init(plan: Plan, y: PyTree, t0) -> PyTree:
     return state
 
 
-def _pid_like(controller) -> bool:
-    # A plain PID controller's initial state is diffrax's constant (1, 1, False): no need to
-    # run its initial-step heuristic (two vector-field evaluations) in the program.
-    return type(controller) is diffrax.PIDController
-
-
 def initial_carry(plan: Plan, y0: PyTree, t0) -> dict:
     """The carry a solve starts from (traceable; `carry_template` evaluates it once).
 
-    The solver's state only holds the first-same-as-last stage, which `made_jump=True`
-    recomputes, so zeros of the right structure do. Controllers other than a plain PID one
-    are initialized by diffrax's own `init` in the first segment (see `_segment`).
+    It holds no solver state: each segment starts its solver afresh (see `_segment`). The
+    controller state is the last segment's, kept for what the host reads from it (whether
+    steps were held at `dtmin`), zeros of its structure until a segment has run.
     """
-    dtype = jnp.result_type(*jtu.tree_leaves(y0))
+    # As arrays (a wrapping controller may hold Python bools): the carry holds arrays only.
     # `filter_eval_shape` traces the plan's arrays too: host (numpy) tolerances would not mix
     # with diffrax's tree arithmetic outside a trace.
-    solver_state = jtu.tree_map(
-        lambda s: jnp.zeros(s.shape, s.dtype),
-        eqx.filter_eval_shape(lambda p, y, t: p.solver.init(_term(p.flow), t, p.t1, y, None), plan, y0, t0),
+    controller_state = jtu.tree_map(
+        lambda s: jnp.zeros(jnp.shape(s), jnp.result_type(s)),
+        eqx.filter_eval_shape(lambda p, y, t: _controller_init(p, y, t), plan, y0, t0),
     )
-    if _pid_like(plan.controller):
-        one = jnp.asarray(1.0, dtype=dtype)
-        controller_state = (one, one, jnp.asarray(False))
-    else:
-        # As arrays (a wrapping controller may hold Python bools): the carry holds arrays only.
-        controller_state = jtu.tree_map(
-            lambda s: jnp.zeros(jnp.shape(s), jnp.result_type(s)),
-            eqx.filter_eval_shape(lambda p, y, t: _controller_init(p, y, t), plan, y0, t0),
-        )
     struct = eqx.filter_eval_shape(lambda p, y: observe(p.flow, p.observers, y), plan, y0)
     n_ts = plan.ts.shape[0]
     int_ = jnp.asarray(0).dtype
@@ -161,9 +139,7 @@ def initial_carry(plan: Plan, y0: PyTree, t0) -> dict:
         t=jnp.asarray(t0, dtype=plan.ts.dtype),
         index=jnp.asarray(0, dtype=jnp.int32),
         y=y0,
-        solver_state=solver_state,
         controller_state=controller_state,
-        made_jump=jnp.asarray(True),  # the first step evaluates the vector field afresh
         # nan where a save time was not (yet) reached.
         observables=jtu.tree_map(lambda s: jnp.full((n_ts,) + s.shape, jnp.nan, s.dtype), struct),
         found=jnp.full((len(plan.conditions),), jnp.nan, dtype=plan.ts.dtype),
@@ -231,25 +207,19 @@ def _segment(plan: Plan, c: dict) -> dict:
             y,
         )
 
+    # Only the controller's state is saved, for the host (`outcome`), and none is passed in:
+    # every segment starts its solver and controller afresh, as a new diffeqsolve from the
+    # segment's start. Passing them in (to resume the step-size history across a transition)
+    # was measured to cost a third of a small solve's time (benchmarks/RESULTS.md), and buys
+    # nothing after a transition, where the step was cut at the root and the first stage must
+    # be evaluated again anyway.
     saveat = diffrax.SaveAt(
         subs=[
             diffrax.SubSaveAt(ts=jnp.clip(plan.ts, t0, t1), fn=save),
             diffrax.SubSaveAt(t1=True),
         ],
-        solver_state=True,
         controller_state=True,
-        made_jump=True,
     )
-    controller_state = c["controller_state"]
-    if not _pid_like(plan.controller):
-        controller_state = jax.lax.cond(
-            c["segments"] == 0,
-            lambda: jtu.tree_map(
-                lambda new, old: jnp.asarray(new, dtype=old.dtype),
-                _controller_init(plan, y0, t0), controller_state,
-            ),
-            lambda: controller_state,
-        )
     meter = plan.meter
     if isinstance(meter, SegmentMeter):
         meter = meter.at_segment(t0, index)
@@ -266,9 +236,6 @@ def _segment(plan: Plan, c: dict) -> dict:
         max_steps=plan.segment_steps,
         throw=False,
         progress_meter=meter,
-        solver_state=c["solver_state"],
-        controller_state=controller_state,
-        made_jump=c["made_jump"],
     )
     t_end = sol.ts[1][0].astype(c["t"].dtype)
     y_end = jtu.tree_map(lambda leaf: leaf[0], sol.ys[1])
@@ -333,10 +300,7 @@ def _segment(plan: Plan, c: dict) -> dict:
         t=t_end,
         index=c["index"] + fired.astype(c["index"].dtype),
         y=y_end,
-        solver_state=sol.solver_state,
         controller_state=sol.controller_state,
-        # The event cut the step: the first-same-as-last stage is stale.
-        made_jump=fired | sol.made_jump,
         observables=observables,
         found=jnp.where(this, t_end, c["found"]),
         at_transitions=at_transitions,
@@ -520,7 +484,9 @@ def trajectory(
         ts=keep(ts),
         observables=jtu.tree_map(lambda x: keep(np.asarray(x)), carry["observables"]),
         transitions=done["transitions"],
-        final=flow.combine(jtu.tree_map(jnp.asarray, carry["y"])),
+        # Device arrays already from `gflow.solve`; host arrays from a sweep or a checkpoint.
+        final=flow.combine(jtu.tree_map(
+            lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), carry["y"])),
         t0=t0,
         t1=t1,
         t_final=t_final,

@@ -35,7 +35,7 @@ from ._progress import FlowTimeBar, SegmentMeter
 from ._root_find import BracketingSecant
 from ._solvers import is_adaptive, make_solver, solver_name
 from ._trajectory import Trajectory, _flat_names
-from ._validate import check_inputs, check_times
+from ._validate import check_inputs, check_state_scale, check_times
 
 
 class Transition(eqx.Module):
@@ -209,14 +209,46 @@ _NO_PROGRESS = diffrax.NoProgressMeter()
 
 
 @functools.lru_cache(maxsize=64)
-def _pid_controller(rtol: float, atol: float, dtmin: float, dtype) -> diffrax.PIDController:
+def _pid_controller(
+    rtol: float, atol: float, dtmin: float, dtype, pcoeff: float = 0.0, icoeff: float = 1.0
+) -> diffrax.PIDController:
     # `dtype` (JAX's default float) is part of the key: the arrays are built in it.
     # A step below dtmin means the flow is singular there (finite-time blow-up): float64 time
     # cannot approach a blow-up time closer than ~1e-16 relative, so the state itself never
     # overflows and only the step size tells.
     return diffrax.PIDController(
-        rtol=_host_array(rtol), atol=_host_array(atol), dtmin=_host_array(dtmin)
+        rtol=_host_array(rtol), atol=_host_array(atol), dtmin=_host_array(dtmin),
+        pcoeff=pcoeff, icoeff=icoeff,
     )
+
+
+def pid_controller(
+    flow: GradientFlow, rtol: float, atol: float | None = None, *, t1: float, t0: float = 0.0,
+    pcoeff: float = 0.0, icoeff: float = 1.0,
+) -> diffrax.PIDController:
+    """The step-size controller `gflow.solve` uses by default, with diffrax's PID
+    coefficients to choose: pass it as `stepsize_controller=` for PI control.
+
+    **Arguments:**
+
+    - `flow`: the `GradientFlow` (its initial state sets the default `atol`).
+    - `rtol`, `atol`: tolerances; `atol` defaults as in `gflow.solve` (`rtol` times the RMS
+        size of the smallest non-zero trainable leaf).
+    - `t1`, `t0`: the solve's interval: the smallest step allowed is 1e-12 of it (a flow that
+        needs less is singular there, and the solve says so).
+    - `pcoeff`, `icoeff`: diffrax's `PIDController` coefficients (0 and 1: integral control,
+        the default). PI control, e.g. 0.3 and 0.4, damps the step size's oscillation where
+        stability, not accuracy, limits the steps.
+
+    **Returns:**
+
+    A `diffrax.PIDController`.
+    """
+    if atol is None:
+        atol = _default_atol(jax.device_get(flow.params), rtol)
+    return _pid_controller(float(rtol), float(atol), _DTMIN * (float(t1) - float(t0)),
+                           jax.dtypes.canonicalize_dtype(jnp.float64), float(pcoeff),
+                           float(icoeff))
 
 
 @functools.lru_cache(maxsize=64)
@@ -282,8 +314,9 @@ def _prepare(
     if any(jnp.result_type(x) != target for x in jtu.tree_leaves(y0)):
         flow = _promoted(flow)
         y0 = flow.params
-    host_y0 = jax.device_get(y0)  # one transfer for the finite check and the default atol
+    host_y0 = jax.device_get(y0)  # one transfer for the checks and the default atol
     _check_finite(host_y0, "the initial state")
+    check_state_scale(host_y0)
     _check_finite(flow.data, "the data")
 
     if atol is None:
@@ -556,8 +589,10 @@ def _integrate(
                 program, spent = _program(parts, carry.arrays)
                 seconds = {k: v + spent.get(k, 0.0) for k, v in seconds.items()}
             begin = time.perf_counter()
-            # What the host reads, in one transfer.
-            out = jax.device_get(program(arrays, carry.arrays, chunk))
+            out = program(arrays, carry.arrays, chunk)
+            # What the host reads, in one transfer; the state stays where it is (the next
+            # call's input, the final model), and only a checkpoint copies it.
+            out = jax.device_get({k: v for k, v in out.items() if k != "y"}) | {"y": out["y"]}
             seconds["run_seconds"] += time.perf_counter() - begin
             carry = Carry(out, seconds)
             if checkpoint is not None:
@@ -582,6 +617,8 @@ def _fingerprint(setup: _Setup, ts, t0, t1, checkpoint_steps) -> dict[str, str]:
         error_scale=getattr(plan.solver, "error_scale", None),
         gd_step=setup.flow.gd_step,
         controller=type(plan.controller).__name__, transitions=setup.names,
+        controller_coefficients=[getattr(plan.controller, name, None)
+                                 for name in ("pcoeff", "icoeff", "dcoeff")],
         directions=np.asarray(plan.directions), observers=sorted(setup.observers),
     )
     return fingerprint(

@@ -121,11 +121,12 @@ def _describe(out) -> str:
     return f"a pytree of {len(leaves)} leaves"
 
 
-def _check_state_scale(params) -> None:
+def check_state_scale(params) -> None:
     """Every trainable leaf's entries are squarable in their dtype: squares neither underflow
-    (the default `atol` scales with them) nor pass the divergence threshold."""
+    (the default `atol` scales with them) nor pass the divergence threshold. `params` is the
+    initial state, preferably on the host (one transfer serves every check of a solve)."""
     for path, leaf in jtu.tree_flatten_with_path(params)[0]:
-        arr = np.asarray(jax.device_get(leaf))
+        arr = np.asarray(leaf)
         if arr.size == 0 or not np.issubdtype(arr.dtype, np.floating):
             continue
         finite = arr[np.isfinite(arr)]
@@ -211,7 +212,6 @@ def check_functions(flow, *, observers: Mapping[str, Callable] | None, transitio
     """The loss, observers and transition conditions of a solve return what gflow records:
     a real scalar loss, numeric observables, a real scalar per condition; observer names are
     strings other than `"t"` (the time axis of `trajectory.npz`)."""
-    _check_state_scale(flow.params)
     try:
         functions = [flow.loss, flow.preconditioner, *dict(observers or {}).values(),
                      *(getattr(tr, "condition", None) for tr in transitions)]

@@ -49,6 +49,8 @@ def _exit_code(argv) -> int:
         (["--t1", "abc"], "argument --t1: invalid float value"),
         (["missing.toml"], "config file not found"),
         (["--set", "solve.checkpoint_steps=-1"], "solve.checkpoint_steps must be >= 0"),
+        (["--set", "solve.pcoeff=2"], "solve.pcoeff must be in [0, 1]"),
+        (["--set", "solve.icoeff=0"], "solve.icoeff must be in (0, 1]"),
         (["--resume", "no-such-run"], "--resume no-such-run: not a gflow run directory"),
     ],
 )

@@ -21,7 +21,7 @@ from .._config import (
     read_toml,
 )
 from .._errors import InputError
-from .._solve import _prepare as _solve_prepare, solve
+from .._solve import _prepare as _solve_prepare, pid_controller, solve
 from .._trajectory import Trajectory
 from ._anchor import anchor
 from ._cooccurrence import cooccurrence
@@ -187,10 +187,16 @@ def check(resolved: Resolved) -> Problem:
 
 def _solve_arguments(problem: Problem, settings: SolveSettings) -> dict:
     """The arguments of `gflow.solve` (and of its validation) a config sets."""
+    controller = None
+    if (settings.pcoeff, settings.icoeff) != (0.0, 1.0):
+        controller = pid_controller(
+            problem.flow, settings.rtol, settings.atol, t0=settings.t0, t1=settings.t1,
+            pcoeff=settings.pcoeff, icoeff=settings.icoeff,
+        )
     return dict(
         t0=settings.t0, t1=settings.t1, solver=settings.solver, rtol=settings.rtol,
         atol=settings.atol, observers=problem.observers, transitions=problem.transitions,
-        max_steps=settings.max_steps, dt0=None, stepsize_controller=None,
+        max_steps=settings.max_steps, dt0=None, stepsize_controller=controller,
     )
 
 
