@@ -11,7 +11,10 @@ in one process, calls alternating so that other jobs on the machine disturb all 
   locating transitions costs the solve loop from what evaluating the conditions costs;
 - `gflow.solve` without transitions, against bare `diffrax.diffeqsolve` (compiled ahead of
   time) with the same solver, `PIDController` (rtol, atol, dtmin), save times and observer
-  (`SaveAt(ts=..., fn=...)`) and gflow's divergence guard as an `Event`.
+  (`SaveAt(ts=..., fn=...)`) and gflow's divergence guard as an `Event`, without and with the
+  end state saved (`Trajectory.final`);
+- `gflow.solve`'s compiled engine program alone (what is left is host work per call:
+  validation, the plan, the `Trajectory`).
 
 Run: `python -m benchmarks.transitions_overhead [--repeats N]`; on a shared machine pin it to
 one core (`taskset -c 1 python -m ...`): XLA's CPU thread pool otherwise makes a 7 ms solve
@@ -97,6 +100,22 @@ def _bare(flow, ts, atol, final=False):
     return call
 
 
+def _engine_program(flow, ts):
+    """`gflow.solve`'s compiled engine program alone, on the inputs `gflow.solve` prepares for
+    it (private API, on purpose: it separates the program's cost from the host's)."""
+    from gflow import _engine, _solve
+
+    setup = _solve._prepare(
+        flow, t0=0.0, t1=T1, solver="auto", rtol=RTOL, atol=None, observers=None,
+        transitions=(), max_steps=100_000, dt0=None, stepsize_controller=None, ts=ts,
+    )
+    arrays, rebuild, key = parts = _engine.split(setup.plan)
+    carry = _engine.start(_engine.carry_template(setup.plan, key), setup.y0, 0.0)
+    program, _ = _solve._program(parts, carry)
+    chunk = np.asarray(_engine.ALL_SEGMENTS, dtype=np.int32)
+    return lambda: jax.block_until_ready(program(arrays, carry, chunk))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=40)
@@ -115,7 +134,7 @@ def main(argv=None):
     bare_final = _bare(flow, ts, first_plain.atol, final=True)
     bare(), bare_final()
     calls = {"plain": plain, "transitions": with_transitions, "cheap": with_cheap, "bare": bare,
-             "bare+final": bare_final}
+             "bare+final": bare_final, "engine": _engine_program(flow, ts)}
     walls = {k: [] for k in calls}
     cpus = {k: [] for k in calls}
     for _ in range(args.repeats):
@@ -140,6 +159,8 @@ def main(argv=None):
                         ("cheap-condition transitions / plain", "cheap", "plain"),
                         ("gflow.solve / bare diffrax", "plain", "bare"),
                         ("gflow.solve / bare diffrax with the final state", "plain",
+                         "bare+final"),
+                        ("engine program alone / bare diffrax with the final state", "engine",
                          "bare+final"),
                         ("gflow.solve with transitions / bare diffrax", "transitions", "bare")):
         print(f"{label}: wall {best[a] / best[b]:.3f}, CPU {best_cpu[a] / best_cpu[b]:.3f}")

@@ -24,7 +24,8 @@ has no canonical form. So the preset reports no Assumption-1 rates; `rank-collap
 does.
 
 **What the flow shows** (measured; d = 64, d_ff = 128, n = 300, σ = 64^−0.85, seed 0, Tsit5
-at rtol 1e-6, t1 = 1500): the outer groups condense first, on a loss plateau, while `W_Q, W_K`
+at rtol 1e-6 with PI step-size control (pcoeff 0.3, icoeff 0.4; the same numbers with integral
+control), t1 = 1500): the outer groups condense first, on a loss plateau, while `W_Q, W_K`
 sit at init (`condensation` t = 108.9: outer mean stable rank 20.5 → 4.1, `W_Q` moved 0.2 %;
 loss 5.04 at t = 138, 4.92 at t = 506); then `W_Q, W_K` move (`stage2_onset` t = 565.1) and
 collapse (`kq_collapse` t = 733.0: stable ranks 2.00 / 1.94 against 2.29–2.39 for the outer
