@@ -100,7 +100,7 @@ def _write(fig, directory: Path, stem: str, formats) -> list[Path]:
     return written
 
 
-def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
+def chen_luo_figure1(traj: Trajectory, groups: Sequence[str], loss_name: str = "cross-entropy"):
     """Chen & Luo's Fig. 1 as one `matplotlib.figure.Figure` (layout in the module docstring).
 
     **Arguments:**
@@ -108,6 +108,7 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
     - `traj`: a trajectory with observables `cosine` (`{group: (n, k, k)}`),
         `relative_change`, `effective_rank` (`(n, len(groups))`) and `loss`.
     - `groups`: the group names, in the observables' order.
+    - `loss_name`: what the loss is, for its axis label.
     """
     from matplotlib.figure import Figure  # no pyplot: no backend state is touched
     columns = states(traj)
@@ -137,7 +138,7 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
          True, ("stage2_onset",)),
         ("effective_rank", "(c) effective rank per group", "effective rank exp H(σ/Σσ)",
          False, None),
-        ("stable_rank", "(c) stable rank per group", "stable rank ‖W‖_F² / ‖W‖_2²",
+        ("stable_rank", "(c, in stable rank) per group", "stable rank ‖W‖_F² / ‖W‖_2²",
          False, None),
     )):
         ax = fig.add_subplot(spec)
@@ -147,10 +148,10 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str]):
         ax.legend(fontsize=7)
     ax_d = fig.add_subplot(bottom[3])
     _lines(ax_d, traj, traj.observables["loss"], ["training loss"], log_y=True,
-           ylabel="cross-entropy (log scale)")
+           ylabel=f"{loss_name} (log scale)")
     if "held_out_loss" in traj.observables:
         _lines(ax_d, traj, traj.observables["held_out_loss"], ["held-out loss"], log_y=True,
-               ylabel="cross-entropy (log scale)")
+               ylabel=f"{loss_name} (log scale)")
     _mark_transitions(ax_d, traj)
     if "train_accuracy" in traj.observables:
         twin = ax_d.twinx()
@@ -232,6 +233,7 @@ def chen_luo_figures(
     groups: Sequence[str] = ("W_Q", "W_K", "W_V", "W1", "W2"),
     outer: Sequence[str] = ("W_V", "W1", "W2"),
     formats: tuple[str, ...] = ("png",),
+    loss_name: str = "cross-entropy",
 ) -> list[Path]:
     """Write `chen_luo_fig1.*` and `chen_luo_fig2.*` into `directory`.
 
@@ -242,6 +244,8 @@ def chen_luo_figures(
     - `groups`, `outer`: names of the observed groups and of the outer matrices whose
         singular vectors were saved, in the observables' order.
     - `formats`: file formats.
+    - `loss_name`: what the loss is (e.g. `"exponential loss"` on the binary task), for its
+        axis label.
 
     **Returns:**
 
@@ -251,7 +255,8 @@ def chen_luo_figures(
     directory.mkdir(parents=True, exist_ok=True)
     if len(traj.ts) < 2:
         return []
-    written = _write(chen_luo_figure1(traj, groups), directory, "chen_luo_fig1", formats)
+    written = _write(chen_luo_figure1(traj, groups, loss_name), directory, "chen_luo_fig1",
+                     formats)
     written += _write(chen_luo_figure2(traj, groups, outer), directory, "chen_luo_fig2", formats)
     return written
 

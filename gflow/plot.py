@@ -176,11 +176,16 @@ def plot_observable(
     if log_t:
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis)
+    # Equal levels share one line and one label (e.g. s_1/2 = s_3 when s = 4, 3, 2, 1): two
+    # labels at one height would print over each other.
+    shared: dict[float, list[str]] = {}
     for label, level in levels.items():
         if math.isfinite(level):
-            ax.axhline(level, color="0.45", ls=":", lw=1.0)
-            ax.annotate(label, (0.01, level), xycoords=("axes fraction", "data"), va="bottom",
-                        fontsize=7, color="0.35")
+            shared.setdefault(float(level), []).append(label)
+    for level, labels in shared.items():
+        ax.axhline(level, color="0.45", ls=":", lw=1.0)
+        ax.annotate(" = ".join(labels), (0.01, level), xycoords=("axes fraction", "data"),
+                    va="bottom", fontsize=7, color="0.35")
     theory = []
     for i, (label, curve) in enumerate(curves):
         # Drawn over its component, thin, so that where they part both stay visible.

@@ -80,6 +80,12 @@ def test_figures_are_labelled_grouped_and_carry_references():
     levels = sorted(line.get_ydata()[0] for line in main.lines if line.get_linestyle() == ":")
     assert levels == [0.5, 1.0]
     assert {t.get_text() for t in main.texts} >= {"s_1", "s_1/2", "half"}
+    # Equal levels (s_1/2 = s_3 for s = 4, 3, 2, 1) share one line and one label.
+    shared = plot_observable(traj, "spectrum", references={"s_1/2": 2.0, "s_3": 2.0, "s_4": 1.0})
+    main = shared.axes[0]
+    assert sorted(line.get_ydata()[0] for line in main.lines if line.get_linestyle() == ":") \
+        == [1.0, 2.0]
+    assert {t.get_text() for t in main.texts} >= {"s_1/2 = s_3", "s_4"}
 
 
 def test_reference_curves_are_dashed_in_their_components_colours_and_round_trip(tmp_path):

@@ -277,7 +277,8 @@ def rank_collapse_binary(
         return out
 
     flow = GradientFlow(model, loss_fn, data)
-    figures = functools.partial(chen_luo_figures, groups=GROUPS, outer=("W_V", "W1"))
+    figures = functools.partial(chen_luo_figures, groups=GROUPS, outer=("W_V", "W1"),
+                                loss_name=f"{loss} loss")
     # Three factors (W_V, W1, W2) meet at the origin: stage 1 escapes in time ~ 1/eps.
     scaling = {name: ScalingLaw.of_factors(
         3, basis="stage 1 is the cubic energy flow of W_V W1 W2: real time scales as 1/eps")
