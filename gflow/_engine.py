@@ -210,9 +210,9 @@ def _segment(plan: Plan, c: dict) -> dict:
     # Only the controller's state is saved, for the host (`outcome`), and none is passed in:
     # every segment starts its solver and controller afresh, as a new diffeqsolve from the
     # segment's start. Passing them in (to resume the step-size history across a transition)
-    # was measured to cost a third of a small solve's time (benchmarks/RESULTS.md), and buys
-    # nothing after a transition, where the step was cut at the root and the first stage must
-    # be evaluated again anyway.
+    # measured 2-4% slower on a small solve (benchmarks/RESULTS.md), and buys nothing after a
+    # transition, where the step was cut at the root and the first stage must be evaluated
+    # again anyway.
     saveat = diffrax.SaveAt(
         subs=[
             diffrax.SubSaveAt(ts=jnp.clip(plan.ts, t0, t1), fn=save),
