@@ -94,52 +94,51 @@ def test_preconditioner_rescales_time(random_flow):
     np.testing.assert_allclose(fast.observables["W"], plain.observables["W"], rtol=1e-7, atol=1e-9)
 
 
-def test_agrees_with_scipy_dop853(random_flow):
+def _scipy_dop853(flow, t1, ts):
+    """The flattened state at `ts` by scipy's DOP853 at rtol 1e-12 (jitted JAX right-hand side),
+    as `(len(ts), size)` rows."""
     scipy_integrate = pytest.importorskip("scipy.integrate")
-    params, unravel = jax.flatten_util.ravel_pytree(random_flow.params)
-    rhs = jax.jit(lambda p: jax.flatten_util.ravel_pytree(random_flow.velocity(unravel(p)))[0])
-    ts = gflow.linear_grid(0.0, 10.0, 41)
+    params, unravel = jax.flatten_util.ravel_pytree(flow.params)
+    rhs = jax.jit(lambda p: jax.flatten_util.ravel_pytree(flow.velocity(unravel(p)))[0])
     ref = scipy_integrate.solve_ivp(
-        lambda t, p: np.asarray(rhs(p)), (0.0, 10.0), np.asarray(params),
+        lambda t, p: np.asarray(rhs(p)), (0.0, t1), np.asarray(params),
         method="DOP853", t_eval=ts, rtol=1e-12, atol=1e-14,
     )
-    traj = gflow.solve(
-        random_flow, 10.0, ts=ts, solver="dopri8", rtol=1e-10,
-        observers={"state": lambda m, d: jax.flatten_util.ravel_pytree(
-            eqx.filter(m, eqx.is_inexact_array))[0]},
-    )
+    return ref.y.T
+
+
+# The flattened trainable state, as an observer.
+_STATE = {"state": lambda m, d: jax.flatten_util.ravel_pytree(
+    eqx.filter(m, eqx.is_inexact_array))[0]}
+
+
+def test_agrees_with_scipy_dop853(random_flow):
+    ts = gflow.linear_grid(0.0, 10.0, 41)
+    ref = _scipy_dop853(random_flow, 10.0, ts)
+    traj = gflow.solve(random_flow, 10.0, ts=ts, solver="dopri8", rtol=1e-10, observers=_STATE)
     ours = traj.observables["state"]
-    rel = np.linalg.norm(ours - ref.y.T, axis=1) / np.linalg.norm(ref.y.T, axis=1)
+    rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert rel.max() <= 1e-8
 
 
 def test_pi_control_agrees_with_scipy_dop853_and_records_its_tolerances(random_flow):
     """A PI controller from `gflow.pid_controller` (as the rank-collapse preset uses) meets its
     tolerance against scipy's DOP853, with gflow's default atol, and certify keeps it PI."""
-    scipy_integrate = pytest.importorskip("scipy.integrate")
-    params, unravel = jax.flatten_util.ravel_pytree(random_flow.params)
-    rhs = jax.jit(lambda p: jax.flatten_util.ravel_pytree(random_flow.velocity(unravel(p)))[0])
     ts = gflow.linear_grid(0.0, 10.0, 41)
-    ref = scipy_integrate.solve_ivp(
-        lambda t, p: np.asarray(rhs(p)), (0.0, 10.0), np.asarray(params),
-        method="DOP853", t_eval=ts, rtol=1e-12, atol=1e-14,
-    )
+    ref = _scipy_dop853(random_flow, 10.0, ts)
     rtol = 1e-8
     controller = gflow.pid_controller(random_flow, rtol, t1=10.0, pcoeff=0.3, icoeff=0.4)
     assert (controller.pcoeff, controller.icoeff) == (0.3, 0.4)
-    state = {"state": lambda m, d: jax.flatten_util.ravel_pytree(
-        eqx.filter(m, eqx.is_inexact_array))[0]}
-    plain = gflow.solve(random_flow, 10.0, ts=ts, solver="tsit5", rtol=rtol, observers=state)
-    traj = gflow.solve(random_flow, 10.0, ts=ts, solver="tsit5", observers=state,
+    plain = gflow.solve(random_flow, 10.0, ts=ts, solver="tsit5", rtol=rtol, observers=_STATE)
+    traj = gflow.solve(random_flow, 10.0, ts=ts, solver="tsit5", observers=_STATE,
                        stepsize_controller=controller, certify=True)
     assert (traj.rtol, traj.atol) == (plain.rtol, plain.atol)  # the default atol, the same
-    rel = np.linalg.norm(traj.observables["state"] - ref.y.T, axis=1) / np.linalg.norm(
-        ref.y.T, axis=1)
+    ours = traj.observables["state"]
+    rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert rel.max() <= 100 * rtol
     # The reference is the same PI controller at 100x tighter tolerances: its error estimate
     # bounds the true error.
-    assert np.max(traj.errors["observables"]["state"]) >= 0.5 * np.max(
-        np.abs(traj.observables["state"] - ref.y.T))
+    assert np.max(traj.errors["observables"]["state"]) >= 0.5 * np.max(np.abs(ours - ref))
 
 
 def test_gradient_descent_error_is_first_order(random_flow):
