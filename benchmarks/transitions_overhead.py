@@ -5,7 +5,9 @@ Tsit5 at rtol 1e-8, the default atol, 301 save times observing the loss), timed 
 in one process, calls alternating so that other jobs on the machine disturb all alike:
 
 - `gflow.solve` with the preset's four transitions (singular value k of `W2 W1` rising through
-  `s_k/2`: an SVD per evaluation), against the same call without them;
+  `s_k/2`: an SVD near the crossing, a certified Frobenius bound elsewhere), against the same
+  call without them; and with the same transitions computed by an SVD at every evaluation
+  (the preset's condition before the bound);
 - the same with four cheap conditions (the product projected on the target's singular pairs,
   `u_kᵀ W2 W1 v_k` rising through `s_k/2`: two matrix-vector products), which separates what
   locating transitions costs the solve loop from what evaluating the conditions costs;
@@ -17,8 +19,10 @@ in one process, calls alternating so that other jobs on the machine disturb all 
   validation, the plan, the `Trajectory`).
 
 Run: `python -m benchmarks.transitions_overhead [--repeats N]`; on a shared machine pin it to
-one core (`taskset -c 1 python -m ...`): XLA's CPU thread pool otherwise makes a 7 ms solve
-vary by ±50% from call to call. Prints the minimum and median
+one core with XLA's Eigen thread pool off (`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
+taskset -c 1 python -m ...`): XLA's CPU thread pool otherwise makes a 7 ms solve vary by ±50%
+from call to call, and even so a compiled program's speed varies by ±10% from process to
+process, so run it more than once. Prints the minimum and median
 wall time and the minimum CPU time (this process) of each, and the ratios of minima. On a
 shared machine CPU time is the steadier measure: waiting for a core is not counted.
 """
@@ -54,6 +58,24 @@ class _ModeRise(eqx.Module):
 
     def __call__(self, model, data):
         return self.u @ model.product() @ self.v - self.level
+
+
+class _SingularValueBySVD(eqx.Module):
+    """`σ_k(W2 W1) − s_k/2` by an SVD at every evaluation."""
+
+    k: int = eqx.field(static=True)
+    level: jax.Array
+
+    def __call__(self, model, data):
+        return jnp.linalg.svd(model.product(), compute_uv=False)[self.k] - self.level
+
+
+def _svd_transitions(transitions):
+    return [
+        gflow.Transition(tr.name, _SingularValueBySVD(tr.condition.k, tr.condition.level),
+                         direction=True)
+        for tr in transitions
+    ]
 
 
 def _cheap_transitions(flow):
@@ -129,11 +151,19 @@ def main(argv=None):
     )
     cheap = _cheap_transitions(flow)
     with_cheap = lambda: gflow.solve(flow, T1, rtol=RTOL, ts=ts, transitions=cheap)  # noqa: E731
+    by_svd = _svd_transitions(problem.transitions)
+    with_svd = lambda: gflow.solve(flow, T1, rtol=RTOL, ts=ts, transitions=by_svd)  # noqa: E731
     first_plain, first_tr, first_cheap = plain(), with_transitions(), with_cheap()
+    first_svd = with_svd()
+    assert first_svd.transitions.keys() == first_tr.transitions.keys()
+    print("largest difference of the transition times, bound against SVD at every "
+          "evaluation: %.1e" % max(abs(first_svd.transitions[k] - first_tr.transitions[k])
+                                   for k in first_tr.transitions))
     bare = _bare(flow, ts, first_plain.atol)
     bare_final = _bare(flow, ts, first_plain.atol, final=True)
     bare(), bare_final()
-    calls = {"plain": plain, "transitions": with_transitions, "cheap": with_cheap, "bare": bare,
+    calls = {"plain": plain, "transitions": with_transitions, "svd-always": with_svd,
+             "cheap": with_cheap, "bare": bare,
              "bare+final": bare_final, "engine": _engine_program(flow, ts)}
     walls = {k: [] for k in calls}
     cpus = {k: [] for k in calls}
@@ -156,6 +186,7 @@ def main(argv=None):
         print(f"{name:12s} wall min {1e3 * best[name]:8.2f} ms, median "
               f"{1e3 * float(np.median(walls[name])):8.2f} ms; CPU min {1e3 * best_cpu[name]:8.2f} ms")
     for label, a, b in (("transitions / plain", "transitions", "plain"),
+                        ("SVD at every evaluation / plain", "svd-always", "plain"),
                         ("cheap-condition transitions / plain", "cheap", "plain"),
                         ("gflow.solve / bare diffrax", "plain", "bare"),
                         ("gflow.solve / bare diffrax with the final state", "plain",

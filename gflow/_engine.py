@@ -180,7 +180,12 @@ def _segment(plan: Plan, c: dict) -> dict:
     direction = plan.directions[index]
     # Either direction: the first change away from the sign at the segment's start. The
     # wanted crossing is then always an upcrossing for diffrax.
-    sign = jnp.where(direction == 0, jnp.where(condition(y0) > 0, -1.0, 1.0), direction)
+    # A cond, not a where: the condition (an SVD, say) is evaluated only when it is needed.
+    sign = jax.lax.cond(
+        direction == 0,
+        lambda: jnp.where(condition(y0) > 0, -1.0, 1.0).astype(direction.dtype),
+        lambda: direction,
+    )
 
     def transition(t, y, args, **kwargs):
         del t, args, kwargs
@@ -193,15 +198,23 @@ def _segment(plan: Plan, c: dict) -> dict:
         )
     else:
         event = diffrax.Event(diverged)
-    # Save times before the segment's start are clipped to it (diffrax wants them within
-    # [t0, t1]) and would all be observed at its first step; they belong to earlier segments,
-    # so they are skipped (observed only in the first segment, where none precede t0).
+    # The save times this segment observes: after its start (from it, in the first segment).
+    # They are rolled to the front of the segment's save array and the rest padded with `t1`,
+    # rather than clipped to the start: clipped, every earlier save time would cost an
+    # interpolation at the segment's first step, in every segment. A pad at `t1` costs one
+    # only at the end of the last segment, and observes nothing: the observer is skipped at
+    # `t1`, whose save times are observed on the end state instead (below).
     first = c["segments"] == 0
+    n_ts = plan.ts.shape[0]
+    ours = (plan.ts > t0) | (first & (plan.ts >= t0))
+    skip = n_ts - jnp.sum(ours)
+    source = jnp.arange(n_ts) + skip
+    segment_ts = jnp.where(source < n_ts, plan.ts[jnp.minimum(source, n_ts - 1)], t1)
     struct = jax.eval_shape(lambda y: observe(flow, plan.observers, y), y0)
 
     def save(t, y, args):
         return jax.lax.cond(
-            (t > t0) | first,
+            t < t1,
             lambda y: observe(flow, plan.observers, y),
             lambda y: jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), struct),
             y,
@@ -215,7 +228,7 @@ def _segment(plan: Plan, c: dict) -> dict:
     # again anyway.
     saveat = diffrax.SaveAt(
         subs=[
-            diffrax.SubSaveAt(ts=jnp.clip(plan.ts, t0, t1), fn=save),
+            diffrax.SubSaveAt(ts=segment_ts, fn=save),
             diffrax.SubSaveAt(t1=True),
         ],
         controller_state=True,
@@ -240,27 +253,33 @@ def _segment(plan: Plan, c: dict) -> dict:
     t_end = sol.ts[1][0].astype(c["t"].dtype)
     y_end = jtu.tree_map(lambda leaf: leaf[0], sol.ys[1])
 
-    # Save times this segment covered (none when t_end is nan).
-    covered = ((plan.ts > t0) | (first & (plan.ts >= t0))) & (plan.ts <= t_end)
-    observables = jtu.tree_map(
-        lambda old, new: jnp.where(
-            covered.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype), old
-        ),
-        c["observables"],
-        sol.ys[0],
-    )
     result, results = sol.result, diffrax.RESULTS
     event_occurred = result == results.event_occurred
     mask = sol.event_mask
     blown = event_occurred & (mask[0] if n else mask)
     fired = event_occurred & jnp.logical_not(blown)
-    # Observed only when a transition fired (a segment cut or the end needs none).
+    reached = (t_end >= t1) & jnp.logical_not(blown)
+    # The end state is observed when a transition fired there (its observables) or when it
+    # is `t1` (the save times at `t1`); a segment cut or a failure needs neither.
     here = jax.lax.cond(
-        fired,
+        fired | reached,
         lambda y: observe(flow, plan.observers, y),
         lambda y: jtu.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), struct),
         y_end,
     )
+    # Save times this segment covered (none when t_end is nan), from the rolled array; those
+    # at `t1` from the end state.
+    covered = ours & (plan.ts <= t_end)
+    at_end = covered & (plan.ts >= t1)
+    unrolled = jnp.clip(jnp.arange(n_ts) - skip, 0, n_ts - 1)
+
+    def merge(old, saved, end):
+        shape = (-1,) + (1,) * (old.ndim - 1)
+        new = jnp.where(at_end.reshape(shape), end.astype(old.dtype)[None],
+                        saved[unrolled].astype(old.dtype))
+        return jnp.where(covered.reshape(shape), new, old)
+
+    observables = jtu.tree_map(merge, c["observables"], sol.ys[0], here)
     this = fired & (jnp.arange(n) == index)
     at_transitions = jtu.tree_map(
         lambda old, new: jnp.where(

@@ -223,6 +223,34 @@ def test_chained_segments_cost_about_one_solve(saxe_flow, saxe_target):
     )
 
 
+def test_locating_a_transition_takes_a_few_condition_evaluations(saxe_flow, saxe_target):
+    # A segment evaluates its condition at its start and at every step end until the first
+    # positive value (an upcrossing), then in root finding only. A secant that converges from
+    # one side must not then walk the bracket's far end in by bisection (that took ~20 more
+    # evaluations on some transitions).
+    u = mode_strengths(saxe_target)
+    values = {a: [] for a in range(len(SAXE_S))}
+
+    def counted(a):
+        def condition(m, d):
+            value = u(m, d)[a] - SAXE_S[a] / 2
+            jax.debug.callback(lambda v: values[a].append(float(v)), value)
+            return value
+        return condition
+
+    rtol = 1e-10
+    trs = [gflow.Transition(f"t{a}", counted(a), direction=True) for a in range(len(SAXE_S))]
+    traj = gflow.solve(saxe_flow, 8.0, rtol=rtol, transitions=trs)
+    jax.effects_barrier()
+    for a, s in enumerate(SAXE_S):
+        crossing = next(i for i, v in enumerate(values[a]) if v > 0)
+        root_finding = len(values[a]) - crossing - 1
+        # lower and upper ends again, then a few secant steps and one to close the bracket
+        assert 2 < root_finding <= 8, (a, values[a][crossing:])
+        t_half = saxe_half_rise_time(s, SAXE_U0)
+        assert abs(traj.transitions[f"t{a}"] - t_half) <= 10 * rtol * t_half
+
+
 def test_new_data_and_init_reuse_the_compiled_program(random_flow):
     gflow.solve(random_flow, 1.0)
     other = gflow.GradientFlow(

@@ -37,18 +37,36 @@ def _imbalance(model: DeepLinear, data):
 
 
 class _SingularValueRise(eqx.Module):
-    """Transition condition: singular value `k` of `W_D⋯W_1` minus `level`.
+    """Transition condition: singular value `k + 1` of `P = W_D⋯W_1` minus `level`.
 
-    A module with an array field rather than a closure: every member of a sweep builds an equal
-    one (the level is data), so all members share one compiled program.
+    A module with array fields rather than a closure: every member of a sweep builds an equal
+    one (the level and basis are data), so all members share one compiled program.
+
+    diffrax evaluates the condition at every step end, and a 16×16 SVD costs more than the
+    gradient; but far from the crossing its sign is certain without one. By Eckart–Young,
+    `σ_{k+1}(P)² ≤ ‖P − P V Vᵀ‖_F² = ‖P‖_F² − ‖P V‖_F²` for any `k` orthonormal columns `V`
+    (here the target's top `k` right singular vectors, which the learned modes align with).
+    Where that bound is below `level` (with a margin far above rounding), the condition is
+    certainly negative and the bound minus `level` is returned: the same sign everywhere and
+    the same root (at the root the bound is at least `level`, so the SVD branch is taken
+    there, and so are the derivatives the sensitivity analysis takes), at the cost of a matrix
+    product. Under `vmap` both branches run.
     """
 
     k: int = eqx.field(static=True)
     level: Array
+    basis: Array  # (in, k): the target's top k right singular vectors
 
     def __call__(self, model: DeepLinear, data) -> Scalar:
         del data
-        return jnp.linalg.svd(model.product(), compute_uv=False)[self.k] - self.level
+        product = model.product()
+        residual = jnp.sum(jnp.square(product)) - jnp.sum(jnp.square(product @ self.basis))
+        certain = residual < (1 - 1e-8) * jnp.square(self.level)
+        return jax.lax.cond(
+            certain,
+            lambda: jnp.sqrt(jnp.maximum(residual, 0.0)) - self.level,
+            lambda: jnp.linalg.svd(product, compute_uv=False)[self.k] - self.level,
+        )
 
 
 def deep_linear(
@@ -101,11 +119,11 @@ def deep_linear(
         "imbalance_drift": obs.conserved(_imbalance, model),
     }
     transitions, criteria = [], {}
+    right = np.linalg.svd(np.asarray(target))[2][: s.size].T  # (in, r), ordered as s
     for k, s_k in enumerate(s):
         name = f"mode{k + 1}_learned"
-        transitions.append(
-            Transition(name, _SingularValueRise(k, jnp.asarray(s_k / 2)), direction=True)
-        )
+        condition = _SingularValueRise(k, jnp.asarray(s_k / 2), jnp.asarray(right[:, :k]))
+        transitions.append(Transition(name, condition, direction=True))
         criteria[name] = f"singular value {k + 1} of W_D⋯W_1 rises through s_{k + 1}/2 = {s_k / 2:g}"
 
     # Saxe's theory (depth 2): each mode follows `saxe_mode` from its initial strength u0,
