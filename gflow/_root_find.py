@@ -123,7 +123,7 @@ class BracketingSecant(optx.AbstractRootFinder):
         # Half the tolerance from either end while the bracket is wider than the tolerance;
         # the last proposal, from a closed bracket, is its secant point.
         tol = self.atol + self.rtol * jnp.abs(new_b)
-        margin = jnp.where(jnp.logical_not(state.first) & (new_width >= tol), 0.5 * tol, 0.0)
+        margin = jnp.where(new_width >= tol, 0.5 * tol, 0.0)
         proposal = _next_point(new_a, new_f_a, new_b, new_f_b, bisect, margin)
         # Without a crossing the answer is the step's end (where the step already is).
         proposal = jnp.where(crossing, proposal, new_b)
