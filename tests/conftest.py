@@ -1,5 +1,7 @@
 """Shared fixtures: small exactly solvable linear flows."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,8 +70,10 @@ def random_flow():
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark harness's quick run (tests/test_benchmarks.py, `-m slow`) is one subprocess of
-# about two minutes. It starts when collection is done, runs while the other selected tests
-# do, and its tests are moved to the end, where they wait for it.
+# about two minutes. In one process it starts when collection is done, runs while the other
+# selected tests do, and its tests are moved to the end, where they wait for it. On pytest-xdist
+# workers (the default, two) every worker collects every test but only one runs this file, so
+# the run starts when that worker first asks for it.
 
 _BENCHMARK_TESTS = "test_benchmarks.py"
 
@@ -80,21 +84,17 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = [item for item in items if item.path.name != _BENCHMARK_TESTS] + bench
 
 
-def pytest_collection_finish(session):
-    # After deselection (`-m slow` selects these tests): started only if they will run.
+def _start_quick_benchmark(config) -> None:
     import hashlib
     import subprocess
     import sys
     import tempfile
     from pathlib import Path
 
-    if not any(item.path.name == _BENCHMARK_TESTS and "quick_run" in item.fixturenames
-               for item in session.items):
-        return
     root = Path(__file__).resolve().parents[1]
     committed = root / "benchmarks" / "RESULTS.md"
     out = Path(tempfile.mkdtemp(prefix="gflow-bench-")) / "RESULTS.md"
-    session.config._gflow_quick_benchmark = dict(
+    config._gflow_quick_benchmark = dict(
         out=out,
         digest=hashlib.sha256(committed.read_bytes()).hexdigest() if committed.exists() else None,
         proc=subprocess.Popen(
@@ -102,6 +102,15 @@ def pytest_collection_finish(session):
             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         ),
     )
+
+
+def pytest_collection_finish(session):
+    # After deselection (`-m slow` selects these tests): started only if they will run.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if any(item.path.name == _BENCHMARK_TESTS and "quick_run" in item.fixturenames
+           for item in session.items):
+        _start_quick_benchmark(session.config)
 
 
 def pytest_unconfigure(config):
@@ -120,6 +129,10 @@ def pytest_unconfigure(config):
 def quick_benchmark(request):
     """`(RESULTS.md path, committed RESULTS.md digest before the run, return code, stderr)` of
     the quick benchmark run started at collection."""
+    if getattr(request.config, "_gflow_quick_benchmark", None) is None and os.environ.get(
+        "PYTEST_XDIST_WORKER"
+    ):
+        _start_quick_benchmark(request.config)
     started = getattr(request.config, "_gflow_quick_benchmark", None)
     if started is None:
         pytest.skip("the quick benchmark run was not started")
