@@ -318,7 +318,9 @@ def test_every_other_preset_end_to_end(tmp_path):
              *(arg for o in overrides for arg in ("--set", o)),
              "--out", str(tmp_path / name), "--quiet"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=os.environ | {"GFLOW_CACHE_DIR": str(tmp_path / "jax-cache")},
+            # A cache each: processes sharing one can read an entry another is still writing
+            # (JAX warns "incomplete or truncated stream"); they compile different programs.
+            env=os.environ | {"GFLOW_CACHE_DIR": str(tmp_path / f"jax-cache-{name}")},
         )
         for name, overrides in REDUCED_PRESETS.items()
     }
