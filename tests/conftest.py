@@ -69,19 +69,6 @@ def random_flow():
 
 
 # ---------------------------------------------------------------------------------------------
-def pytest_configure(config):
-    # Each pytest-xdist worker, and the processes its tests start, its own JAX compilation
-    # cache for the command lines: JAX's persistent cache is not safe for a reader and a writer
-    # of one entry at once (it warns "incomplete or truncated stream"), and two workers may
-    # compile the same program at the same time.
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and "GFLOW_CACHE_DIR" not in os.environ:
-        import tempfile
-
-        os.environ["GFLOW_CACHE_DIR"] = os.path.join(
-            tempfile.gettempdir(), f"gflow-test-jax-cache-{os.getuid()}-{worker}")
-
-
 # The benchmark harness's quick run (tests/test_benchmarks.py, `-m slow`) is one subprocess of
 # about two minutes. In one process it starts when collection is done, runs while the other
 # selected tests do, and its tests are moved to the end, where they wait for it. On pytest-xdist
