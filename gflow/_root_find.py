@@ -88,6 +88,11 @@ class BracketingSecant(optx.AbstractRootFinder):
     atol: Scalar
     norm: Callable = jnp.abs
 
+    def _tolerance(self, t) -> Scalar:
+        # One formula for the margin (step) and the stop (terminate): a bracket closed by the
+        # margin's half-tolerance step must count as closed.
+        return self.atol + self.rtol * jnp.abs(t)
+
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del f_struct, aux_struct, tags
         dtype = jnp.result_type(y)
@@ -122,7 +127,7 @@ class BracketingSecant(optx.AbstractRootFinder):
         )
         # Half the tolerance from either end while the bracket is wider than the tolerance;
         # the last proposal, from a closed bracket, is its secant point.
-        tol = self.atol + self.rtol * jnp.abs(new_b)
+        tol = self._tolerance(new_b)
         margin = jnp.where(new_width >= tol, 0.5 * tol, 0.0)
         proposal = _next_point(new_a, new_f_a, new_b, new_f_b, bisect, margin)
         # Without a crossing the answer is the step's end (where the step already is).
@@ -134,7 +139,7 @@ class BracketingSecant(optx.AbstractRootFinder):
     def terminate(self, fn, y, args, options, state, tags):
         del fn, args, options, tags
         width = jnp.abs(state.b - state.a)
-        small = width < self.atol + self.rtol * jnp.abs(state.b)
+        small = width < self._tolerance(state.b)
         done = jnp.logical_not(state.first) & (
             small | (state.f_b == 0) | jnp.logical_not(state.crossing)
         )
