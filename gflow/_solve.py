@@ -245,7 +245,7 @@ def pid_controller(
     A `diffrax.PIDController`.
     """
     if atol is None:
-        atol = _default_atol(jax.device_get(flow.params), rtol)
+        atol = _default_atol(engine.to_host(flow.params), rtol)
     return _pid_controller(float(rtol), float(atol), _DTMIN * (float(t1) - float(t0)),
                            jax.dtypes.canonicalize_dtype(jnp.float64), float(pcoeff),
                            float(icoeff))
@@ -314,7 +314,7 @@ def _prepare(
     if any(jnp.result_type(x) != target for x in jtu.tree_leaves(y0)):
         flow = _promoted(flow)
         y0 = flow.params
-    host_y0 = jax.device_get(y0)  # one transfer for the checks and the default atol
+    host_y0 = engine.to_host(y0)  # one transfer for the checks and the default atol
     _check_finite(host_y0, "the initial state")
     check_state_scale(host_y0)
     _check_finite(flow.data, "the data")
@@ -592,7 +592,7 @@ def _integrate(
             out = program(arrays, carry.arrays, chunk)
             # What the host reads, in one transfer; the state stays where it is (the next
             # call's input, the final model), and only a checkpoint copies it.
-            out = jax.device_get({k: v for k, v in out.items() if k != "y"}) | {"y": out["y"]}
+            out = engine.to_host({k: v for k, v in out.items() if k != "y"}) | {"y": out["y"]}
             seconds["run_seconds"] += time.perf_counter() - begin
             carry = Carry(out, seconds)
             if checkpoint is not None:

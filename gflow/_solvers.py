@@ -1,5 +1,7 @@
 """Solver names, the `"auto"` choice of solver per tolerance, and what each solver costs per step."""
 
+import functools
+
 import diffrax
 
 from ._dop853 import DOP853
@@ -46,9 +48,16 @@ def auto_solver(rtol: float) -> diffrax.AbstractSolver:
     rtol, as Tsit5's is. Both keep the PID controller gflow builds from `rtol` and `atol`; with
     either, values at save times come from an interpolant as accurate as the steps.
     """
-    if rtol >= AUTO_CROSSOVER_RTOL:
-        return diffrax.Tsit5()
-    return DOP853(error_scale=AUTO_DOP853_ERROR_SCALE)
+    return _named("tsit5" if rtol >= AUTO_CROSSOVER_RTOL else "auto-dop853")
+
+
+# Solvers are immutable and cost tens of microseconds to build, a few percent of a small
+# solve's host work: each name's is built once (a bounded cache: one entry per name).
+@functools.lru_cache(maxsize=None)
+def _named(name: str) -> diffrax.AbstractSolver:
+    if name == "auto-dop853":
+        return DOP853(error_scale=AUTO_DOP853_ERROR_SCALE)
+    return _SOLVERS[name]()
 
 
 def make_solver(
@@ -65,7 +74,7 @@ def make_solver(
             raise InputError('solver "auto" is chosen per tolerance: give rtol')
         return auto_solver(rtol)
     if isinstance(solver, str) and solver.lower() in _SOLVERS:
-        return _SOLVERS[solver.lower()]()
+        return _named(solver.lower())
     raise InputError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVER_NAMES)}")
 
 

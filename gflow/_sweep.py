@@ -171,7 +171,7 @@ def _run_group(all_args: list[tuple], key, rebuild, batch: str) -> tuple[list[di
             )
             seconds = trace + compile_
             start = time.perf_counter()
-            out = jax.device_get(compiled(leaves))
+            out = engine.to_host(compiled(leaves))
             info["run_seconds"] += time.perf_counter() - start
             info["compile_seconds"] += seconds
             outputs.append(out)
