@@ -73,6 +73,16 @@ def _mark_transitions(ax, traj: Trajectory, only: Sequence[str] | None = None) -
                        lw=1.1, label=f"{name} (t={t:.4g})")
 
 
+def _plain_log(axis) -> None:
+    """Log-axis labels as plain text (`100`, `0.001`, `2` between decades where few decades
+    are shown): matplotlib's default writes them as mathtext, whose parsing is much of a line
+    panel's drawing time."""
+    from matplotlib import ticker
+
+    axis.set_major_formatter(ticker.LogFormatter())
+    axis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def _lines(ax, traj, values, labels, *, log_y=False, ylabel=""):
     rows = _positive_times(traj.ts)
     ts = np.asarray(traj.ts)[rows]
@@ -82,11 +92,29 @@ def _lines(ax, traj, values, labels, *, log_y=False, ylabel=""):
         ax.plot(ts, values[:, k], lw=1.4,
                 label=labels[k] if k < len(labels) else f"[{k}]")
     ax.set_xscale("log")
+    _plain_log(ax.xaxis)
     if log_y:
         ax.set_yscale("log", nonpositive="mask")
+        _plain_log(ax.yaxis)
     ax.set_xlabel("flow time t (log scale)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+
+
+def _margins(width: float, height: float, *, left: float, right: float, bottom: float,
+             top: float) -> dict[str, float]:
+    """Gridspec margins from margins in inches. The figures use a fixed layout: matplotlib's
+    constrained layout measured here at about 60% of a figure's drawing time (it draws every
+    axis twice to size its ticks and labels)."""
+    return dict(left=left / width, right=1 - right / width, bottom=bottom / height,
+                top=1 - top / height)
+
+
+def _spacing(extent: float, n: int, gap: float) -> float:
+    """`wspace`/`hspace` for `n` panels with `gap` inches between them across `extent` inches."""
+    if n < 2:
+        return 0.0
+    return gap / ((extent - (n - 1) * gap) / n)
 
 
 def _write(fig, directory: Path, stem: str, formats) -> list[Path]:
@@ -112,11 +140,28 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str], loss_name: str = "
     """
     from matplotlib.figure import Figure  # no pyplot: no backend state is touched
     columns = states(traj)
-    n_rows = len(groups)
-    fig = Figure(figsize=(max(2.1 * len(columns) + 1.0, 16.0), 2.0 * n_rows + 6.4),
-                 layout="constrained")
-    outer = fig.add_gridspec(2, 1, height_ratios=(2.0 * n_rows, 6.0))
-    top = outer[0].subgridspec(n_rows, len(columns))
+    n_rows, n_cols = len(groups), len(columns)
+    width, height = max(2.1 * n_cols + 1.0, 16.0), 2.0 * n_rows + 6.4
+    fig = Figure(figsize=(width, height))
+    # In inches: the title and column titles above the heat maps, the row names left of them,
+    # the colour bar right; below, four panels with room for their axis labels.
+    heat_left, heat_right, heat_top = 0.9, 1.6, 1.15
+    heat_height = 2.0 * n_rows - 0.3
+    heat_bottom = height - heat_top - heat_height
+    top = fig.add_gridspec(
+        n_rows, n_cols,
+        **_margins(width, height, left=heat_left, right=heat_right, bottom=heat_bottom,
+                   top=heat_top),
+        hspace=_spacing(heat_height, n_rows, 0.12),
+        wspace=_spacing(width - heat_left - heat_right, n_cols, 0.25),
+    )
+    lines_left, lines_right, lines_bottom = 0.85, 0.75, 0.55
+    bottom = fig.add_gridspec(
+        1, 4,
+        **_margins(width, height, left=lines_left, right=lines_right, bottom=lines_bottom,
+                   top=height - heat_bottom + 0.55),
+        wspace=_spacing(width - lines_left - lines_right, 4, 1.05),
+    )
     image = None
     for r, group in enumerate(groups):
         for c, (label, t, values) in enumerate(columns):
@@ -130,9 +175,10 @@ def chen_luo_figure1(traj: Trajectory, groups: Sequence[str], loss_name: str = "
                 ax.set_title(f"{label}\nt={t:.4g}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(group, fontsize=10, rotation=0, ha="right", va="center")
-    bar = fig.colorbar(image, ax=fig.axes, location="right", shrink=0.5)
+    cax = fig.add_axes([1 - (heat_right - 0.35) / width, (heat_bottom + 0.25 * heat_height) / height,
+                        0.22 / width, 0.5 * heat_height / height])
+    bar = fig.colorbar(image, cax=cax)
     bar.set_label("cosine similarity of rows (spectral order)")
-    bottom = outer[1].subgridspec(1, 4)
     for spec, (key, title, ylabel, log_y, only) in zip(bottom, (
         ("relative_change", "(b) relative change per group", "‖W(t) − W(0)‖_F / ‖W(0)‖_F",
          True, ("stage2_onset",)),
@@ -191,8 +237,14 @@ def chen_luo_figure2(traj: Trajectory, groups: Sequence[str], outer: Sequence[st
     (c) Frobenius norm per group."""
     from matplotlib.figure import Figure  # no pyplot: no backend state is touched
     panels = [p for p in ("assumption1_rates", "singular_vectors") if p in traj.observables]
-    fig = Figure(figsize=(5.0 * (len(panels) + 1), 4.0), layout="constrained")
-    axes = fig.subplots(1, len(panels) + 1, squeeze=False)[0]
+    width, height, left, right = 5.0 * (len(panels) + 1), 4.0, 0.85, 0.25
+    fig = Figure(figsize=(width, height))
+    grid = fig.add_gridspec(
+        1, len(panels) + 1,
+        **_margins(width, height, left=left, right=right, bottom=0.55, top=0.6),
+        wspace=_spacing(width - left - right, len(panels) + 1, 1.05),
+    )
+    axes = grid.subplots(squeeze=False)[0]
     k = 0
     if "assumption1_rates" in traj.observables:
         _lines(axes[k], traj, traj.observables["assumption1_rates"], ["|A1|/d", "|A2|/d²"],
@@ -210,6 +262,7 @@ def chen_luo_figure2(traj: Trajectory, groups: Sequence[str], outer: Sequence[st
             ax.plot(sim["t"][keep], sim["V"][keep, g], lw=1.0, ls="--", color=line.get_color(),
                     label=f"{name} right")
         ax.set_xscale("log")
+        _plain_log(ax.xaxis)
         ax.set_xlabel("flow time t (log scale)")
         ax.set_ylabel("mean |cos| of singular vectors, adjacent saves")
         ax.set_ylim(0, 1.02)
@@ -270,9 +323,13 @@ def yang_figure1(traj: Trajectory):
     scores = np.asarray(traj.observables["scores"], dtype=float)
     columns = states(traj)
     times = [(label, t) for label, t, _ in columns]
-    fig = Figure(figsize=(max(11.0, 2.4 * len(times)), 8.0), layout="constrained")
-    grid = fig.add_gridspec(2, 1, height_ratios=(4.0, 2.6))
-    top = grid[0].subgridspec(1, 2)
+    width, height = max(11.0, 2.4 * len(times)), 8.0
+    fig = Figure(figsize=(width, height))
+    # In inches: the title, two panels with their axis labels, the score matrices below (each
+    # colour bar takes its room from the panels it serves).
+    top = fig.add_gridspec(1, 2, **_margins(width, height, left=0.85, right=0.3, bottom=3.6,
+                                             top=0.65),
+                           wspace=_spacing(width - 1.15, 2, 1.0))
     ax_a = fig.add_subplot(top[0])
     labels = [f"μ{i + 1}ᵀW_KᵀW_Qμ{j + 1}" for i in range(3) for j in range(3)]
     rows = _positive_times(traj.ts)
@@ -281,6 +338,7 @@ def yang_figure1(traj: Trajectory):
         i, j = divmod(idx, 3)
         ax_a.plot(ts, scores[rows, i, j], lw=1.3, label=label)
     ax_a.set_xscale("log")
+    _plain_log(ax_a.xaxis)
     ax_a.set_xlabel("flow time t (log scale)")
     ax_a.set_ylabel("attention score (key i, query j)")
     ax_a.grid(alpha=0.3)
@@ -293,7 +351,9 @@ def yang_figure1(traj: Trajectory):
         ax_b.plot(ts, np.asarray(per_type[name])[rows], lw=1.4, label=name.replace("type", "type "))
     ax_b.plot(ts, np.asarray(traj.observables["loss"])[rows], color="k", lw=1.8, label="total")
     ax_b.set_xscale("log")
+    _plain_log(ax_b.xaxis)
     ax_b.set_yscale("log", nonpositive="mask")
+    _plain_log(ax_b.yaxis)
     ax_b.set_xlabel("flow time t (log scale)")
     ax_b.set_ylabel("training loss (logistic)")
     ax_b.grid(alpha=0.3)
@@ -302,7 +362,9 @@ def yang_figure1(traj: Trajectory):
     ax_b.set_title("(b) total and per-type loss", fontsize=9)
     # Attention moves little against its O(1) initial scores: the t0 panel shows S(0) on its
     # own scale, the others the change S(t) − S(0) on one symmetric scale spanning it.
-    bottom = grid[1].subgridspec(1, len(times))
+    bottom = fig.add_gridspec(1, len(times), **_margins(width, height, left=0.7, right=0.3,
+                                                         bottom=0.45, top=5.25),
+                              wspace=_spacing(width - 1.0, len(times), 1.2))
     shown = np.stack([np.asarray(values["scores"], dtype=float) for _, _, values in columns])
     first = float(np.max(np.abs(shown[0]))) or 1.0
     change = float(np.max(np.abs(shown[1:] - shown[0]))) if len(times) > 1 else 0.0
