@@ -20,6 +20,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -574,6 +575,117 @@ def gradient_norm(loss_fn: Callable, where: Callable) -> GradientNorm:
     `sqrt(Σ_arrays ‖∂L/∂W‖_F²)` (for a group, one number, not one per array).
     """
     return GradientNorm(loss_fn, where)
+
+
+def _lanczos_extremes(hvp: Callable, v0: Float[Array, " n"], steps: int) -> Float[Array, " 2"]:
+    """`[λ_max, λ_min]` of the Ritz values of `steps` Lanczos steps on the symmetric operator
+    `hvp` from `v0`, with full reorthogonalisation (the basis is kept: `steps × n` numbers).
+
+    Ritz values lie inside the spectrum and converge to its ends first; with `steps = n` they
+    are the eigenvalues. Where an invariant subspace is reached early (repeated eigenvalues),
+    the next vector is the rounding left after reorthogonalisation, normalised: orthogonal to
+    that subspace, which is then invariant too, so the process goes on in the rest of the
+    space. Only an exactly zero remainder (e.g. a zero Hessian) stops it: the vectors after it
+    are zero and their diagonal entries the first Rayleigh quotient, which lies between the
+    Ritz values found, so it changes neither end.
+    """
+    n = v0.shape[0]
+    dtype = v0.dtype
+
+    def step(j, carry):
+        basis, alpha, beta, broken = carry
+        q = basis[j]
+        w = hvp(q)
+        a = jnp.vdot(q, w)
+        # Against every earlier vector, twice (Gram–Schmidt is stable only when repeated); rows
+        # not yet filled are zero and subtract nothing.
+        w = w - basis.T @ (basis @ w)
+        w = w - basis.T @ (basis @ w)
+        b = jnp.linalg.norm(w)
+        broken = broken | (b == 0)
+        basis = basis.at[j + 1].set(jnp.where(broken, 0.0, w / jnp.where(broken, 1.0, b)))
+        alpha = alpha.at[j].set(jnp.where(jnp.vdot(q, q) == 0, alpha[0], a))
+        beta = beta.at[j].set(jnp.where(broken, 0.0, b))
+        return basis, alpha, beta, broken
+
+    basis = jnp.zeros((steps + 1, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+    init = (basis, jnp.zeros(steps, dtype), jnp.zeros(steps, dtype), jnp.array(False))
+    _, alpha, beta, _ = jax.lax.fori_loop(0, steps, step, init)
+    tridiagonal = jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
+    ritz = jnp.linalg.eigvalsh(tridiagonal)
+    return jnp.stack([ritz[-1], ritz[0]])
+
+
+class HessianExtremes(eqx.Module):
+    """The largest and smallest eigenvalues of `∂² loss_fn(model, data) / ∂ where(model)²`,
+    by Lanczos on Hessian-vector products.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, data) -> scalar`.
+    - `where`: selects the parameters (an array, a tuple of arrays, or a sub-module).
+    - `steps`: Lanczos steps, each one Hessian-vector product.
+    - `seed`: seeds the (fixed) start vector.
+    """
+
+    loss_fn: Callable[[Any, Any], Scalar]
+    where: Callable[[Any], Any]
+    steps: int = eqx.field(static=True)
+    seed: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        _check_callable(self.loss_fn, "loss_fn", "loss_fn(model, data)")
+        _check_callable(self.where, "where", "where(model)")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
+
+    def __call__(self, model, data) -> Float[Array, " 2"]:
+        params, static = eqx.partition(self.where(model), eqx.is_inexact_array)
+        if not jtu.tree_leaves(params):
+            raise InputError("where selects no floating-point array to differentiate")
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        flat = flat.astype(jnp.result_type(flat, float))
+
+        def grad_of(x):
+            def loss_of(y):
+                replaced = eqx.tree_at(self.where, model, eqx.combine(unravel(y), static))
+                return self.loss_fn(replaced, data)
+
+            return jax.grad(loss_of)(x)
+
+        def hvp(v):
+            return jax.jvp(grad_of, (flat,), (v,))[1]
+
+        start = jax.random.normal(jax.random.key(self.seed), flat.shape, flat.dtype)
+        return _lanczos_extremes(hvp, start, min(self.steps, flat.shape[0]))
+
+
+def hessian_extremes(loss_fn: Callable, where: Callable, steps: int = 30,
+                     seed: int = 0) -> HessianExtremes:
+    """Observer of the extreme eigenvalues of the loss Hessian with respect to a parameter
+    group: `[λ_max, λ_min]`.
+
+    `λ_max` is the *sharpness* (edge-of-stability and progressive-sharpening studies), and it
+    says how stiff the flow is: an explicit solver's step is bounded by its stability
+    interval over `λ_max` (Tsit5: `h λ_max ≲ 3.5`). `λ_min < 0` is negative curvature, the
+    direction a saddle is escaped along. Ritz values lie inside the spectrum, so both are
+    estimates from the inside that converge to the ends first; with `steps` at least the
+    number of selected parameters they are the eigenvalues (to rounding).
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, data) -> scalar` (usually the flow's loss).
+    - `where`: selects the parameters: an array, a tuple of arrays, or a sub-module (its
+        floating-point arrays).
+    - `steps`: Lanczos steps (Hessian-vector products, each about two to three gradients).
+        At most the number of selected parameters is used.
+    - `seed`: the start vector is a fixed normal draw of this seed.
+
+    **Returns:**
+
+    An observer giving a vector `[λ_max, λ_min]`.
+    """
+    return HessianExtremes(loss_fn, where, steps, seed)
 
 
 # --------------------------------------------------------------------------- energies, invariants

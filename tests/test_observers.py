@@ -3,6 +3,7 @@
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -258,6 +259,76 @@ def test_gradient_norm_of_a_quadratic():
         got["group"], np.sqrt(np.sum(grad_Q**2) + np.sum(grad_w**2)), rtol=1e-13
     )
     assert got["unused"] == 0.0
+
+
+def _shifted_loss(model, data):
+    return quadratic_loss(model, data) + 0.5 * C_W * jnp.sum(model.W_Q**2)
+
+
+def test_hessian_extremes_of_a_quadratic_with_repeated_eigenvalues():
+    # ∂²/∂W_Q² of mean_i ½‖W_Q x_i − y_i‖² + ½ C_W ‖W_Q‖² is (X Xᵀ / n + C_W I) ⊗ I: each of
+    # 8 eigenvalues (all ≥ C_W > 0) eight times; C_W five times for w; zero for W_K (absent
+    # from the loss). Lanczos meets an invariant subspace after at most 9 steps, well before
+    # the 30 asked for, and goes on from rounding: the extremes must stay exact, with no ghost
+    # eigenvalue outside the spectrum.
+    model = _toy()
+    X = np.asarray(DATA["X"])
+    spectrum = np.linalg.eigvalsh(X @ X.T / X.shape[1]) + C_W
+    got = _evaluate(
+        {
+            "W_Q": O.hessian_extremes(_shifted_loss, where_Q, steps=30),
+            "group": O.hessian_extremes(_shifted_loss, where_group, steps=30),
+        },
+        model,
+    )
+    np.testing.assert_allclose(got["W_Q"], [spectrum[-1], spectrum[0]], rtol=1e-10)
+    np.testing.assert_allclose(got["group"], [spectrum[-1], 0.0], rtol=1e-10, atol=1e-12)
+
+
+class _TwoLayer(eqx.Module):
+    A: jax.Array
+    b: jax.Array
+
+
+def _two_layer_loss(model, data):
+    return 0.5 * jnp.mean((jnp.tanh(data["X"].T @ model.A) @ model.b - data["Y"][0]) ** 2)
+
+
+def test_hessian_extremes_against_the_dense_hessian_of_a_nonconvex_loss():
+    rng = np.random.default_rng(7)
+    model = _TwoLayer(jnp.asarray(rng.normal(size=(8, 4))), jnp.asarray(rng.normal(size=4)))
+    flat, unravel = jax.flatten_util.ravel_pytree(model)
+    dense = np.linalg.eigvalsh(np.asarray(
+        jax.hessian(lambda x: _two_layer_loss(unravel(x), DATA))(flat)))
+    assert dense[0] < 0 < dense[-1]  # indefinite: both ends are tested
+    where = lambda m: (m.A, m.b)  # noqa: E731
+    exact = _evaluate({"h": O.hessian_extremes(_two_layer_loss, where, steps=flat.size)},
+                      model)["h"]
+    np.testing.assert_allclose(exact, [dense[-1], dense[0]], rtol=1e-10)
+    # With fewer steps than parameters, Ritz values lie inside the spectrum.
+    few = _evaluate({"h": O.hessian_extremes(_two_layer_loss, where, steps=6)}, model)["h"]
+    assert dense[0] - 1e-12 <= few[1] and few[0] <= dense[-1] + 1e-12
+
+
+def test_hessian_extremes_along_a_solve_of_linear_regression():
+    # Least squares: the Hessian X Xᵀ / n does not move along the flow.
+    X = np.asarray(DATA["X"])
+    spectrum = np.linalg.eigvalsh(X @ X.T / X.shape[1])
+    model = _toy()
+    flow = gflow.GradientFlow(model, lambda m, d: jnp.mean(per_sample_loss(m, d)), DATA,
+                              trainable=eqx.tree_at(lambda m: m.W_Q, jax.tree_util.tree_map(
+                                  lambda _: False, model), True))
+    traj = gflow.solve(flow, 1.0, rtol=1e-9, ts=np.linspace(0.0, 1.0, 3),
+                       observers={"h": O.hessian_extremes(flow.loss, where_Q)})
+    assert traj.status == "completed"
+    np.testing.assert_allclose(traj.observables["h"],
+                               np.tile([spectrum[-1], spectrum[0]], (3, 1)), rtol=1e-10, atol=1e-12)
+    with pytest.raises(InputError, match="steps"):
+        O.hessian_extremes(quadratic_loss, where_Q, steps=0)
+    # Parameters the loss does not see: a zero Hessian, [0, 0] and no NaN from the Lanczos
+    # vector of norm zero.
+    zero = _evaluate({"h": O.hessian_extremes(quadratic_loss, lambda m: m.inner)}, model)["h"]
+    np.testing.assert_array_equal(zero, [0.0, 0.0])
 
 
 def test_loss_and_loss_by_group():
