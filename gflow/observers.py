@@ -644,7 +644,7 @@ class HessianExtremes(eqx.Module):
         if not jtu.tree_leaves(params):
             raise InputError("where selects no floating-point array to differentiate")
         flat, unravel = jax.flatten_util.ravel_pytree(params)
-        flat = flat.astype(jnp.result_type(flat, float))
+        flat = flat.astype(float)  # float64 under gflow's default, as the matrix measures
 
         def grad_of(x):
             def loss_of(y):
