@@ -4,7 +4,7 @@
 
 The default preset (`rank-collapse`, Chen & Luo's experiment) is solved with the preset's
 solver and PI controller; along the accepted steps, the sharpness `λ_max` of the loss Hessian
-(`gflow.observers.hessian_extremes`, Lanczos on Hessian-vector products) is measured at
+(`gflow.observers.hessian_extremes`, LOBPCG on Hessian-vector products) is measured at
 `--points` step ends and printed beside the step size `h`. An explicit method whose steps sit
 at `h λ_max ≈` its stability interval (Tsit5: about 3.5 on the negative real axis) is held by
 stability, not by accuracy: a tighter tolerance then costs few more steps. The second table
@@ -57,7 +57,9 @@ def main(argv=None):
     parser.add_argument("--reference", type=float, default=1e-10)
     args = parser.parse_args(argv)
     settings, flow = _setup()
-    print(f"default preset: {jax.flatten_util.ravel_pytree(flow.params)[0].size} parameters, "
+    n_params = jax.flatten_util.ravel_pytree(flow.params)[0].size
+    assert sum(w.size for w in _trainable(flow.model)) == n_params, "the preset's trainable set"
+    print(f"default preset: {n_params} parameters, "
           f"t1 = {settings.t1:g}, Tsit5, rtol {settings.rtol:g}, PI control "
           f"({settings.pcoeff}, {settings.icoeff})")
 
@@ -66,8 +68,6 @@ def main(argv=None):
     accepted = int(sol.stats["num_accepted_steps"])
     ts = np.asarray(sol.ts)[:accepted]
     steps = np.diff(np.concatenate([[settings.t0], ts]))
-    n_params = jax.flatten_util.ravel_pytree(flow.params)[0].size
-    assert sum(w.size for w in _trainable(flow.model)) == n_params, "the preset's trainable set"
     sharpness = eqx.filter_jit(gflow.observers.hessian_extremes(flow.loss, _trainable))
     print(f"\n{accepted} accepted, {int(sol.stats['num_rejected_steps'])} rejected steps "
           f"({wall:.1f} s with compilation)\n")

@@ -26,9 +26,9 @@ Marquardt (damped Gauss–Newton) solve of `∇L = 0` takes over; the better res
 Spectrum: below `dense_below` parameters the Hessian is built (`jax.jacfwd` of `∇L`, one HVP
 per column) and diagonalised with `jnp.linalg.eigh`; above it the extreme eigenvalues come
 from LOBPCG (`jax.experimental.sparse.linalg.lobpcg_standard`, a block Krylov method) on
-HVPs. A block method rather than single-vector Lanczos: the saddles of these networks have
-repeated eigenvalues (a negative eigenvalue per free hidden unit), which single-vector Lanczos
-finds once each, so it would get the index wrong.
+HVPs (`gflow._hessian`). A block method rather than single-vector Lanczos: the saddles of
+these networks have repeated eigenvalues (a negative eigenvalue per free hidden unit), which
+single-vector Lanczos finds once each, so it would get the index wrong.
 
 Exit prediction (the linearisation at the saddle θ*): the component `a` of `θ(t_s) − θ*` in
 the eigenspace of the most negative eigenvalue `λ < 0` grows like `a e^{|λ|(t − t_s)}`, and
@@ -50,12 +50,12 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optimistix as optx
-from jax.experimental.sparse.linalg import lobpcg_standard
 from jax.flatten_util import ravel_pytree
 from jaxtyping import ArrayLike, Float, PyTree
 
 from ._errors import InputError
 from ._flow import GradientFlow
+from ._hessian import top_eigenpairs
 from ._solve import solve
 from ._solvers import SOLVER_NAMES
 from ._trajectory import Trajectory, _finite_or_none
@@ -246,10 +246,7 @@ def _dense_hessian(objective, x):
 def _lobpcg_block(objective, x, X, sign):
     # One compiled program per objective and block size, for every point (LOBPCG's own jit
     # would recompile for each new closure).
-    _, hvp = jax.linearize(objective.grad, x)
-    block_hvp = jax.vmap(hvp, in_axes=1, out_axes=1)
-    theta, U, _ = lobpcg_standard(lambda V: sign * block_hvp(V), X, m=500)
-    return sign * theta, U
+    return top_eigenpairs(objective.grad, x, X, sign, 500)
 
 
 def _lobpcg(objective, x, k, sign, key):

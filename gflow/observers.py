@@ -28,6 +28,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree, Scalar
 
 from . import measures
 from ._errors import InputError
+from ._hessian import top_eigenpairs
 
 
 def _check_callable(value, name: str, signature: str) -> None:
@@ -529,6 +530,20 @@ def loss_by_group(per_sample_loss: Callable, groups: Mapping[str, ArrayLike]) ->
     )
 
 
+def _loss_of_selection(loss_fn: Callable, where: Callable, model, data) -> tuple[PyTree, Callable]:
+    """The floating-point arrays `where(model)` selects, and the loss as a function of them
+    (the rest of the model and `data` held fixed): what `gradient_norm` and
+    `hessian_extremes` differentiate."""
+    params, static = eqx.partition(where(model), eqx.is_inexact_array)
+    if not jtu.tree_leaves(params):
+        raise InputError("where selects no floating-point array to differentiate")
+
+    def loss_of(selected):
+        return loss_fn(eqx.tree_at(where, model, eqx.combine(selected, static)), data)
+
+    return params, loss_of
+
+
 class GradientNorm(eqx.Module):
     """`‖∂ loss_fn(model, data) / ∂ where(model)‖`.
 
@@ -546,14 +561,7 @@ class GradientNorm(eqx.Module):
         _check_callable(self.where, "where", "where(model)")
 
     def __call__(self, model, data) -> Scalar:
-        params, static = eqx.partition(self.where(model), eqx.is_inexact_array)
-        if not jtu.tree_leaves(params):
-            raise InputError("where selects no floating-point array to differentiate")
-
-        def loss_of(selected):
-            replaced = eqx.tree_at(self.where, model, eqx.combine(selected, static))
-            return self.loss_fn(replaced, data)
-
+        params, loss_of = _loss_of_selection(self.loss_fn, self.where, model, data)
         grads = jax.grad(loss_of)(params)
         norms = jnp.stack([measures.frobenius_norm(g) for g in jtu.tree_leaves(grads)])
         return measures.frobenius_norm(norms)
@@ -577,90 +585,51 @@ def gradient_norm(loss_fn: Callable, where: Callable) -> GradientNorm:
     return GradientNorm(loss_fn, where)
 
 
-def _lanczos_extremes(hvp: Callable, v0: Float[Array, " n"], steps: int) -> Float[Array, " 2"]:
-    """`[λ_max, λ_min]` of the Ritz values of `steps` Lanczos steps on the symmetric operator
-    `hvp` from `v0`, with full reorthogonalisation (the basis is kept: `steps × n` numbers).
-
-    Ritz values lie inside the spectrum and converge to its ends first; with `steps = n` they
-    are the eigenvalues. Where an invariant subspace is reached early (repeated eigenvalues),
-    the next vector is the rounding left after reorthogonalisation, normalised: orthogonal to
-    that subspace, which is then invariant too, so the process goes on in the rest of the
-    space. Only an exactly zero remainder (e.g. a zero Hessian) stops it: the vectors after it
-    are zero and their diagonal entries the first Rayleigh quotient, which lies between the
-    Ritz values found, so it changes neither end.
-    """
-    n = v0.shape[0]
-    dtype = v0.dtype
-
-    def step(j, carry):
-        basis, alpha, beta, broken = carry
-        q = basis[j]
-        w = hvp(q)
-        a = jnp.vdot(q, w)
-        # Against every earlier vector, twice (Gram–Schmidt is stable only when repeated); rows
-        # not yet filled are zero and subtract nothing.
-        w = w - basis.T @ (basis @ w)
-        w = w - basis.T @ (basis @ w)
-        b = jnp.linalg.norm(w)
-        broken = broken | (b == 0)
-        basis = basis.at[j + 1].set(jnp.where(broken, 0.0, w / jnp.where(broken, 1.0, b)))
-        alpha = alpha.at[j].set(jnp.where(jnp.vdot(q, q) == 0, alpha[0], a))
-        beta = beta.at[j].set(jnp.where(broken, 0.0, b))
-        return basis, alpha, beta, broken
-
-    basis = jnp.zeros((steps + 1, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
-    init = (basis, jnp.zeros(steps, dtype), jnp.zeros(steps, dtype), jnp.array(False))
-    _, alpha, beta, _ = jax.lax.fori_loop(0, steps, step, init)
-    tridiagonal = jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
-    ritz = jnp.linalg.eigvalsh(tridiagonal)
-    return jnp.stack([ritz[-1], ritz[0]])
-
-
 class HessianExtremes(eqx.Module):
     """The largest and smallest eigenvalues of `∂² loss_fn(model, data) / ∂ where(model)²`,
-    by Lanczos on Hessian-vector products.
+    by LOBPCG on Hessian-vector products (the routine `gflow.critical_points` uses).
 
     **Arguments:**
 
     - `loss_fn`: `loss_fn(model, data) -> scalar`.
     - `where`: selects the parameters (an array, a tuple of arrays, or a sub-module).
-    - `steps`: Lanczos steps, each one Hessian-vector product.
-    - `seed`: seeds the (fixed) start vector.
+    - `iterations`: LOBPCG's iteration limit at each end of the spectrum.
+    - `seed`: seeds the (fixed) start vectors.
     """
 
     loss_fn: Callable[[Any, Any], Scalar]
     where: Callable[[Any], Any]
-    steps: int = eqx.field(static=True)
+    iterations: int = eqx.field(static=True)
     seed: int = eqx.field(static=True)
 
     def __check_init__(self):
         _check_callable(self.loss_fn, "loss_fn", "loss_fn(model, data)")
         _check_callable(self.where, "where", "where(model)")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
+        if (isinstance(self.iterations, bool) or not isinstance(self.iterations, int)
+                or self.iterations < 1):
+            raise InputError(f"iterations must be a positive integer, got {self.iterations!r}")
 
     def __call__(self, model, data) -> Float[Array, " 2"]:
-        params, static = eqx.partition(self.where(model), eqx.is_inexact_array)
-        if not jtu.tree_leaves(params):
-            raise InputError("where selects no floating-point array to differentiate")
+        params, loss_of = _loss_of_selection(self.loss_fn, self.where, model, data)
         flat, unravel = jax.flatten_util.ravel_pytree(params)
         flat = flat.astype(float)  # float64 under gflow's default, as the matrix measures
 
-        def grad_of(x):
-            def loss_of(y):
-                replaced = eqx.tree_at(self.where, model, eqx.combine(unravel(y), static))
-                return self.loss_fn(replaced, data)
+        def grad(x):
+            return jax.flatten_util.ravel_pytree(jax.grad(loss_of)(unravel(x)))[0]
 
-            return jax.grad(loss_of)(x)
+        if 5 >= flat.shape[0]:  # LOBPCG needs n > 5 k: a few parameters get the dense Hessian
+            eigenvalues = jnp.linalg.eigvalsh(jax.jacfwd(grad)(flat))
+            return jnp.stack([eigenvalues[-1], eigenvalues[0]])
+        top, bottom = jax.random.split(jax.random.key(self.seed))
+        ends = [
+            top_eigenpairs(grad, flat, jax.random.normal(key, (flat.shape[0], 1), flat.dtype),
+                           sign, self.iterations)[0][0]
+            for key, sign in ((top, 1.0), (bottom, -1.0))
+        ]
+        return jnp.stack(ends)
 
-        def hvp(v):
-            return jax.jvp(grad_of, (flat,), (v,))[1]
 
-        start = jax.random.normal(jax.random.key(self.seed), flat.shape, flat.dtype)
-        return _lanczos_extremes(hvp, start, min(self.steps, flat.shape[0]))
-
-
-def hessian_extremes(loss_fn: Callable, where: Callable, steps: int = 30,
+def hessian_extremes(loss_fn: Callable, where: Callable, iterations: int = 100,
                      seed: int = 0) -> HessianExtremes:
     """Observer of the extreme eigenvalues of the loss Hessian with respect to a parameter
     group: `[λ_max, λ_min]`.
@@ -668,24 +637,25 @@ def hessian_extremes(loss_fn: Callable, where: Callable, steps: int = 30,
     `λ_max` is the *sharpness* (edge-of-stability and progressive-sharpening studies), and it
     says how stiff the flow is: an explicit solver's step is bounded by its stability
     interval over `λ_max` (Tsit5: `h λ_max ≲ 3.5`). `λ_min < 0` is negative curvature, the
-    direction a saddle is escaped along. Ritz values lie inside the spectrum, so both are
-    estimates from the inside that converge to the ends first; with `steps` at least the
-    number of selected parameters they are the eigenvalues (to rounding).
+    direction a saddle is escaped along. Each end is found by LOBPCG on Hessian-vector
+    products (`jax.experimental.sparse.linalg.lobpcg_standard`, as `gflow.critical_points`),
+    converged to rounding or stopped at `iterations`; with five or fewer parameters the
+    Hessian is built and diagonalised.
 
     **Arguments:**
 
     - `loss_fn`: `loss_fn(model, data) -> scalar` (usually the flow's loss).
     - `where`: selects the parameters: an array, a tuple of arrays, or a sub-module (its
         floating-point arrays).
-    - `steps`: Lanczos steps (Hessian-vector products, each about two to three gradients).
-        At most the number of selected parameters is used.
-    - `seed`: the start vector is a fixed normal draw of this seed.
+    - `iterations`: LOBPCG's iteration limit at each end (each iteration one Hessian-vector
+        product, about two to three gradients).
+    - `seed`: the start vectors are fixed normal draws of this seed.
 
     **Returns:**
 
     An observer giving a vector `[λ_max, λ_min]`.
     """
-    return HessianExtremes(loss_fn, where, steps, seed)
+    return HessianExtremes(loss_fn, where, iterations, seed)
 
 
 # --------------------------------------------------------------------------- energies, invariants

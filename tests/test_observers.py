@@ -268,16 +268,14 @@ def _shifted_loss(model, data):
 def test_hessian_extremes_of_a_quadratic_with_repeated_eigenvalues():
     # ∂²/∂W_Q² of mean_i ½‖W_Q x_i − y_i‖² + ½ C_W ‖W_Q‖² is (X Xᵀ / n + C_W I) ⊗ I: each of
     # 8 eigenvalues (all ≥ C_W > 0) eight times; C_W five times for w; zero for W_K (absent
-    # from the loss). Lanczos meets an invariant subspace after at most 9 steps, well before
-    # the 30 asked for, and goes on from rounding: the extremes must stay exact, with no ghost
-    # eigenvalue outside the spectrum.
+    # from the loss). Both ends are exact, with no ghost eigenvalue outside the spectrum.
     model = _toy()
     X = np.asarray(DATA["X"])
     spectrum = np.linalg.eigvalsh(X @ X.T / X.shape[1]) + C_W
     got = _evaluate(
         {
-            "W_Q": O.hessian_extremes(_shifted_loss, where_Q, steps=30),
-            "group": O.hessian_extremes(_shifted_loss, where_group, steps=30),
+            "W_Q": O.hessian_extremes(_shifted_loss, where_Q),
+            "group": O.hessian_extremes(_shifted_loss, where_group),
         },
         model,
     )
@@ -302,12 +300,19 @@ def test_hessian_extremes_against_the_dense_hessian_of_a_nonconvex_loss():
         jax.hessian(lambda x: _two_layer_loss(unravel(x), DATA))(flat)))
     assert dense[0] < 0 < dense[-1]  # indefinite: both ends are tested
     where = lambda m: (m.A, m.b)  # noqa: E731
-    exact = _evaluate({"h": O.hessian_extremes(_two_layer_loss, where, steps=flat.size)},
-                      model)["h"]
+    exact = _evaluate({"h": O.hessian_extremes(_two_layer_loss, where)}, model)["h"]
     np.testing.assert_allclose(exact, [dense[-1], dense[0]], rtol=1e-10)
-    # With fewer steps than parameters, Ritz values lie inside the spectrum.
-    few = _evaluate({"h": O.hessian_extremes(_two_layer_loss, where, steps=6)}, model)["h"]
+    # Stopped early, the Rayleigh–Ritz values lie inside the spectrum.
+    few = _evaluate({"h": O.hessian_extremes(_two_layer_loss, where, iterations=1)}, model)["h"]
     assert dense[0] - 1e-12 <= few[1] and few[0] <= dense[-1] + 1e-12
+    # Five or fewer parameters (LOBPCG needs more): the dense Hessian, exactly.
+    small = _TwoLayer(model.A[:1, :2], model.b[:2])
+    small_flat, small_unravel = jax.flatten_util.ravel_pytree(small)
+    small_data = {"X": DATA["X"][:1], "Y": DATA["Y"]}
+    small_dense = np.linalg.eigvalsh(np.asarray(jax.hessian(
+        lambda x: _two_layer_loss(small_unravel(x), small_data))(small_flat)))
+    got = _evaluate({"h": O.hessian_extremes(_two_layer_loss, where)}, small, small_data)["h"]
+    np.testing.assert_allclose(got, [small_dense[-1], small_dense[0]], rtol=1e-12)
 
 
 def test_hessian_extremes_along_a_solve_of_linear_regression():
@@ -323,10 +328,9 @@ def test_hessian_extremes_along_a_solve_of_linear_regression():
     assert traj.status == "completed"
     np.testing.assert_allclose(traj.observables["h"],
                                np.tile([spectrum[-1], spectrum[0]], (3, 1)), rtol=1e-10, atol=1e-12)
-    with pytest.raises(InputError, match="steps"):
-        O.hessian_extremes(quadratic_loss, where_Q, steps=0)
-    # Parameters the loss does not see: a zero Hessian, [0, 0] and no NaN from the Lanczos
-    # vector of norm zero.
+    with pytest.raises(InputError, match="iterations"):
+        O.hessian_extremes(quadratic_loss, where_Q, iterations=0)
+    # Parameters the loss does not see (6 of them, so LOBPCG): a zero Hessian, [0, 0], no NaN.
     zero = _evaluate({"h": O.hessian_extremes(quadratic_loss, lambda m: m.inner)}, model)["h"]
     np.testing.assert_array_equal(zero, [0.0, 0.0])
 
