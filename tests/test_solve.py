@@ -1,6 +1,7 @@
 """`gflow.solve`: closed forms, invariants, an independent integrator, failure paths."""
 
 import math
+import os
 
 import equinox as eqx
 import jax
@@ -330,6 +331,31 @@ def test_certify_error_estimates_bound_the_true_error(saxe_flow, saxe_target):
         [saxe_mode(ts, s, SAXE_U0) for s in SAXE_S], axis=1)))
     assert true_u <= errors["observables"]["u"] <= 100 * true_u
     assert errors["overlapping"] == []
+
+
+def _blas_threads() -> int:
+    import threadpoolctl
+
+    return max(p["num_threads"] for p in threadpoolctl.threadpool_info()
+               if p["user_api"] == "blas")
+
+
+def test_certify_solves_share_the_cores_for_blas_and_restore_it(random_flow):
+    # The pools' sizes as the two running solves see them: an observer calling back to the host.
+    before, seen = _blas_threads(), []
+
+    def record(x):
+        seen.append(_blas_threads())
+        return np.zeros((), np.float64)
+
+    def blas(model, data):
+        return jax.pure_callback(record, jax.ShapeDtypeStruct((), jnp.float64), 0.0)
+
+    traj = gflow.solve(random_flow, 1.0, ts=gflow.linear_grid(0.0, 1.0, 5), certify=True,
+                       observers={"blas": blas})
+    assert traj.status == "completed" and len(seen) >= 10  # both solves, every save time
+    assert set(seen) == {max(1, len(os.sched_getaffinity(0)) // 2)}
+    assert _blas_threads() == before
 
 
 def test_integer_observables_are_recorded_as_floats(random_flow):
