@@ -10,7 +10,7 @@ import pytest
 
 import gflow  # noqa: F401  (enables float64)
 from gflow import InputError
-from gflow.models._attention import (
+from gflow.models import (
     AttentionFFN,
     SequenceData,
     exponential_loss,

@@ -25,6 +25,9 @@ import pytest
 
 import gflow
 from gflow import presets
+# Private: the in-process command lines, exactly what the console scripts `gflow-solve` and
+# `gflow-sweep` run (see above), and their exit statuses; and the TOML writer the command line
+# uses for a run's config.toml, to lay out a run directory as it would.
 from gflow._cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, main
 from gflow._config import dumps_toml
 from gflow._sweep_cli import main as sweep_main
@@ -548,6 +551,9 @@ def test_fuzzed_configs_never_give_a_traceback(config, sets, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Real processes: Ctrl-C, two processes on one directory, a kill during the first write.
 
+# The driver reaches private names: `gflow._cli.main`, exactly what the console script
+# `gflow-solve` runs, and the checkpoint writer `gflow._solve.write_checkpoint`, wrapped to
+# pause the run at a chosen checkpoint.
 _DRIVER = """
 import os, signal, sys, time
 import gflow._solve

@@ -10,8 +10,8 @@ import pytest
 
 import gflow
 from gflow import measures
-from gflow._errors import InputError
-from gflow.models._decoder import Decoder, TokenData, cross_entropy
+from gflow import InputError
+from gflow.models import Decoder, TokenData, decoder_cross_entropy as cross_entropy
 from gflow.tasks import anchor_function, anchor_shift
 
 
@@ -262,6 +262,7 @@ def test_reduced_rank_collapse_transitions_and_states_there(tmp_path):
     states; the conserved quantities hold to the solver's tolerance."""
     from conftest import REDUCED_RANK_COLLAPSE
 
+    # Private: the in-process command line, exactly what the console script `gflow-solve` runs.
     from gflow._cli import main
 
     out = tmp_path / "run"

@@ -12,6 +12,8 @@ import pytest
 from conftest import REDUCED_PRESETS
 
 import gflow
+# Private: the in-process command line, exactly what the console script `gflow-solve` runs,
+# and its exit status for bad input (2, as docs/cli.md says).
 from gflow._cli import EXIT_BAD_INPUT, main
 
 # A reduced deep-linear run: 2 modes, 8 wide, short horizon (seconds, not a minute).
@@ -179,6 +181,9 @@ def test_binary_preset_shows_both_stages_in_order(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Interrupt and resume, atomic writes: real SIGKILLs of a real process, at chosen points.
 
+# The driver reaches private names: `gflow._cli.main`, exactly what the console script
+# `gflow-solve` runs, and the checkpoint writer `gflow._solve.write_checkpoint`, wrapped to
+# kill the process at a chosen checkpoint.
 _DRIVER = """
 import os, signal, sys
 import gflow._solve

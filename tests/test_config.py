@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import gflow
+# Private: the config layer under `gflow.presets.resolve` (type checks against signatures,
+# overrides, the TOML writer, the typed [solve] settings), tested directly.
 from gflow._config import SolveSettings, apply_overrides, check_arguments, dumps_toml, parse_value
 
 

@@ -26,23 +26,24 @@ import pytest
 import scipy.stats
 
 import gflow
-from gflow.models._cooccurrence import (
+from gflow.models import (
     CooccurrenceTransformer,
-    logistic_loss,
-    margins,
-    per_sample_loss,
+    cooccurrence_loss as logistic_loss,
+    cooccurrence_margins as margins,
+    cooccurrence_per_sample_loss as per_sample_loss,
 )
-from gflow.tasks._cooccurrence import CooccurrenceData, cooccurrence
-from gflow.tasks._cooccurrence_observers import (
+from gflow.tasks import (
+    CooccurrenceData,
     Margin,
     ScoreMatrix,
     TotalLoss,
     TypeLosses,
     WordReadouts,
+    cooccurrence,
     cooccurrence_observers,
     phase1_condition,
 )
-from gflow.theory._cooccurrence import fit_inverse_loss
+from gflow.theory import fit_inverse_loss
 
 
 # ----------------------------------------------------------------------------------------------

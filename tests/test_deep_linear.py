@@ -10,6 +10,7 @@ from scipy.integrate import solve_ivp
 
 import gflow
 from gflow import presets
+# Private: the in-process command line, exactly what the console script `gflow-solve` runs.
 from gflow._cli import main
 from gflow.models import DeepLinear, deep_linear_loss, whitened_target
 from gflow.theory import deep_mode_rate, saxe_half_rise_time, saxe_mode, two_layer_learning_times

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+# Private: the in-process command line, exactly what the console script `gflow-solve` runs.
 from gflow._cli import main
 
 SMALL = ["deep-linear", "--set", "problem.width=4", "--set", "problem.singular_values=[3.0, 1.0]",

@@ -11,10 +11,13 @@ import pytest
 
 import gflow
 from gflow import InputError
-from gflow.models._attention import AttentionFFN, SequenceData, exponential_loss, logistic_loss
-from gflow.models._reduced import (
+from gflow.models import (
+    AttentionFFN,
     KeyQueryParameters,
     OuterParameters,
+    SequenceData,
+    exponential_loss,
+    logistic_loss,
     real_time,
     rescaled_time,
     stage1_flow,
@@ -25,8 +28,8 @@ from gflow.models._reduced import (
     stage2_matrix,
     target_direction,
 )
-from gflow.tasks._rank_collapse import condensed_stage2_matrix, rank_collapse_task
-from gflow.theory._rank_collapse import (
+from gflow.tasks import condensed_stage2_matrix, rank_collapse_task
+from gflow.theory import (
     key_query_limit_directions,
     key_query_rates,
     key_query_solution,

@@ -4,6 +4,7 @@ results before figures."""
 import json
 import math
 
+# Private: the in-process command line, exactly what the console script `gflow-solve` runs.
 from gflow._cli import main
 
 # A reduced deep-linear run: 2 modes, 6 wide, short horizon.

@@ -62,6 +62,7 @@ def test_dop853_dense_output_has_the_steps_order():
 
 
 def test_auto_picks_tsit5_loose_and_dop853_tight(saxe_flow):
+    # Private: the crossover rtol `auto_solver`'s docstring names (Tsit5 from it up, DOP853 below).
     from gflow._solvers import AUTO_CROSSOVER_RTOL
 
     assert isinstance(gflow.auto_solver(1e-6), diffrax.Tsit5)

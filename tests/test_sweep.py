@@ -17,9 +17,11 @@ import pytest
 import scipy.stats
 
 import gflow
+# Private: the command line's exit status for bad input (2, as docs/cli.md says), pinned.
 from gflow._cli import EXIT_BAD_INPUT
 # A private helper, tested directly: the fits' Student-t quantile against scipy's.
 from gflow._stats import t_quantile
+# Private: the in-process sweep command line, exactly what the console script `gflow-sweep` runs.
 from gflow._sweep_cli import main as sweep_main
 from gflow.models import DeepLinear, deep_linear_loss, whitened_target
 from gflow.theory import saxe_half_rise_time

@@ -23,13 +23,14 @@ from .._config import (
 from .._errors import InputError
 from .._solve import _prepare as _solve_prepare, pid_controller, solve
 from .._trajectory import Trajectory
-from ._anchor import anchor
-from ._cooccurrence import cooccurrence
-from ._deep_linear import deep_linear
-from ._rank_collapse import rank_collapse
-from ._rank_collapse_binary import rank_collapse_binary
-from ._text import text
-from ._problem import Problem as Problem, comparison as comparison
+# The problem builders and their helpers are public here (the `X as X` form re-exports).
+from ._anchor import anchor as anchor
+from ._cooccurrence import cooccurrence as cooccurrence
+from ._deep_linear import deep_linear as deep_linear
+from ._rank_collapse import rank_collapse as rank_collapse
+from ._rank_collapse_binary import rank_collapse_binary as rank_collapse_binary
+from ._text import text as text
+from ._problem import Problem as Problem, comparison as comparison, scaled_init as scaled_init
 
 
 PROBLEMS = {
