@@ -77,3 +77,40 @@ def cooccurrence(X: np.ndarray, y: np.ndarray, a: np.ndarray, m: int, m1: int) -
         return torch.nn.functional.softplus(-y * outputs).mean()
 
     return _velocity(loss, [(m, d), (m, d), (m, d), (m1, m)])
+
+
+def attention_ffn(X: np.ndarray, y: np.ndarray, activation: str = "tanh",
+                  attention: str = "exact") -> Callable:
+    """Chen & Luo's attention + FFN (gflow's `AttentionFFN`) with the mean exponential loss
+    `mean exp(−y f(X))`; trained `W_Q, W_K, W_V, W1` `(d, d)` and `W2` `(d,)`.
+
+    **Arguments:**
+
+    - `X`: the samples, `(n, s, d)`, tokens as rows, as in gflow; `y`: the `±1` labels, `(n,)`.
+    - `activation`, `attention`: the model's static fields (`"tanh"` or `"identity"`,
+        `"exact"` or `"linearized"` softmax).
+
+    **Returns:**
+
+    `f(t, y) = -∇L` on the flat vector `[W_Q, W_K, W_V, W1, W2]` (each row-major).
+    """
+    import torch
+
+    if activation not in ("tanh", "identity") or attention not in ("exact", "linearized"):
+        raise ValueError(f"no torch form of activation={activation!r}, attention={attention!r}")
+    X = torch.tensor(np.asarray(X), dtype=torch.float64)
+    y = torch.tensor(np.asarray(y), dtype=torch.float64)
+    s, d = X.shape[1:]
+
+    def loss(W_Q, W_K, W_V, W1, W2):
+        # Only the last token's query row reaches the readout (as in gflow's `__call__`).
+        logits = torch.einsum("nd,nkd->nk", X[:, -1] @ W_Q, X @ W_K) / math.sqrt(d)
+        if attention == "exact":
+            weights = torch.softmax(logits, dim=1)
+        else:  # first order around the uniform distribution, as gflow's `_linearized_softmax`
+            weights = (1.0 + logits - logits.mean(dim=1, keepdim=True)) / s
+        hidden = torch.einsum("nk,nkd->nd", weights, X) @ W_V @ W1
+        outputs = (torch.tanh(hidden) if activation == "tanh" else hidden) @ W2
+        return torch.exp(-y * outputs).mean()
+
+    return _velocity(loss, [(d, d)] * 4 + [(d,)])

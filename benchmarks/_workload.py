@@ -724,90 +724,116 @@ def torch_threads() -> list[int]:
     return sorted({int(cores), 1}, reverse=True)
 
 
-def run_torchdiffeq(p: Problem, ref: Reference, settings: Settings) -> tuple[list[Result], dict]:
-    """torchdiffeq `odeint(method="dopri5")` on the same flow written in PyTorch, float64.
-
-    Untimed first: the torch velocity against the JAX one at the initial point and at two
-    later points of the reference; a relative difference above 1e-10 stops the run. Then
-    each tolerance on the same save grid, at each thread count of `torch_threads`, the
-    right-hand side counted by a wrapper.
-    """
+def torchdiffeq_missing(p: Problem) -> str | None:
+    """Why torchdiffeq cannot run on `p` (torch not installed, or no torch model), else `None`."""
     from . import _torch
 
+    return _torch.available() or (
+        None if p.torch_velocity is not None else "no PyTorch model written for this workload"
+    )
+
+
+class TorchDiffeq:
+    """torchdiffeq `odeint(method="dopri5")` on the same flow written in PyTorch, float64.
+
+    Built untimed: the torch velocity against the JAX one at the initial point and at two
+    later points of the reference (a relative difference above 1e-10 raises), and one
+    evaluation timed at each thread count of `torch_threads`. Then each call times one
+    tolerance at one thread count on the same save grid, the right-hand side counted by a
+    wrapper. Requires `torchdiffeq_missing(p) is None`.
+
+    **Arguments:**
+
+    - `p`, `ref`: the workload and its reference.
+    - `repeats`, `budget_s`: as `Settings`'s, per tolerance and thread count.
+    - `jax_rhs`: the jitted JAX right-hand side of `_jax_rhs(p)`, if the caller has one.
+
+    `info` holds the check, the versions, the thread counts and the seconds per evaluation;
+    `threads` the thread counts worth timing.
+    """
+
+    def __init__(self, p: Problem, ref: Reference, repeats: int, budget_s: float,
+                 jax_rhs: Callable | None = None):
+        import torch
+        import torchdiffeq
+
+        self.p, self.ref, self.repeats, self.budget_s = p, ref, repeats, budget_s
+        self.velocity = p.torch_velocity()
+        self.info = dict(check=[], threads=torch_threads(), versions=dict(
+            torch=torch.__version__, torchdiffeq=getattr(torchdiffeq, "__version__", "?")))
+        jax_rhs = jax_rhs or _jax_rhs(p)[0]
+        y0 = np.asarray(ravel_pytree(p.flow.params)[0])
+        # The initial point and two reference states while the parameters still move (near
+        # the end -∇L is tiny and its relative difference measures rounding, not the model).
+        for index in (0, len(p.ts) // 4, len(p.ts) // 2):
+            y = y0 if index == 0 else ref.state[index]
+            expected = np.asarray(jax_rhs(0.0, y))
+            got = self.velocity(0.0, torch.tensor(y, dtype=torch.float64)).numpy()
+            difference = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+            self.info["check"].append(dict(t=float(p.ts[index]), relative_difference=difference))
+            if not difference <= 1e-10:
+                raise RuntimeError(f"torch velocity differs from JAX's by {difference:.2e} at "
+                                   f"t = {p.ts[index]:g}")
+
+        self.y0 = torch.tensor(y0, dtype=torch.float64)
+        self.ts = torch.tensor(p.ts, dtype=torch.float64)
+        # One evaluation per thread count first: a count far slower than the best
+        # (oversubscribed cores, see `torch_threads`) is reported, not run through every
+        # tolerance.
+        seconds = self.info["seconds_per_evaluation"] = {}
+        for threads in self.info["threads"]:
+            torch.set_num_threads(threads)
+            seconds[threads] = best_time(lambda: self.velocity(0.0, self.y0), repeats=10,
+                                         budget_s=2.0).wall
+        torch.set_num_threads(self.info["threads"][0])
+        fastest = min(seconds.values())
+        self.info["skipped_threads"] = [n for n, sec in seconds.items() if sec > 2 * fastest]
+        self.threads = [n for n in self.info["threads"] if n not in self.info["skipped_threads"]]
+
+    def __call__(self, rtol: float, threads: int) -> Result:
+        import torch
+        import torchdiffeq
+
+        def call():
+            counted = _Counted(self.velocity)
+            with torch.no_grad():
+                ys = torchdiffeq.odeint(counted, self.y0, self.ts, rtol=rtol,
+                                        atol=self.p.atol(rtol), method="dopri5")
+            return ys.numpy(), counted.count
+
+        torch.set_num_threads(threads)
+        try:
+            timing = best_time(call, repeats=self.repeats, budget_s=self.budget_s)
+        finally:
+            torch.set_num_threads(self.info["threads"][0])
+        ys, count = timing.outputs[-1]
+        return Result(
+            family=f"torchdiffeq dopri5, {threads} thread" + ("s" if threads > 1 else ""),
+            setting=f"rtol={rtol:g}",
+            knob=rtol,
+            **timing.result_fields,
+            kernel_s=None,
+            compile_s=None,
+            evaluations=count,
+            steps=None,
+            **_error(ys, self.ref.state, self.p.ts),
+            notes=f"torch.set_num_threads({threads})",
+        )
+
+
+def run_torchdiffeq(p: Problem, ref: Reference, settings: Settings) -> tuple[list[Result], dict]:
+    """`TorchDiffeq` at every tolerance of `settings`, at each thread count worth timing;
+    skipped, with the reason in the returned info, where `torchdiffeq_missing(p)`."""
     info = dict(rtols=list(settings.torchdiffeq_rtols), skipped=None, check=[], threads=[])
     if not settings.torchdiffeq_rtols:
         return [], info
-    missing = _torch.available() or (
-        None if p.torch_velocity is not None else "no PyTorch model written for this workload"
-    )
-    if missing:
-        info["skipped"] = missing
+    info["skipped"] = torchdiffeq_missing(p)
+    if info["skipped"]:
         return [], info
-    import torch
-    import torchdiffeq
-
-    info["threads"] = torch_threads()
-    info["versions"] = dict(torch=torch.__version__,
-                            torchdiffeq=getattr(torchdiffeq, "__version__", "?"))
-    velocity = p.torch_velocity()
-    jax_rhs, _ = _jax_rhs(p)
-    y0 = np.asarray(ravel_pytree(p.flow.params)[0])
-    # The initial point and two reference states while the parameters still move (near the
-    # end -∇L is tiny and its relative difference measures rounding, not the model).
-    for index in (0, len(p.ts) // 4, len(p.ts) // 2):
-        y = y0 if index == 0 else ref.state[index]
-        expected = np.asarray(jax_rhs(0.0, y))
-        got = velocity(0.0, torch.tensor(y, dtype=torch.float64)).numpy()
-        difference = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
-        info["check"].append(dict(t=float(p.ts[index]), relative_difference=difference))
-        if not difference <= 1e-10:
-            raise RuntimeError(f"torch velocity differs from JAX's by {difference:.2e} at "
-                               f"t = {p.ts[index]:g}")
-
-    y0_torch = torch.tensor(y0, dtype=torch.float64)
-    ts_torch = torch.tensor(p.ts, dtype=torch.float64)
-    # One evaluation per thread count first: a count far slower than the best (oversubscribed
-    # cores, see `torch_threads`) is reported, not run through every tolerance.
-    info["seconds_per_evaluation"] = {}
-    for threads in info["threads"]:
-        torch.set_num_threads(threads)
-        info["seconds_per_evaluation"][threads] = best_time(
-            lambda: velocity(0.0, y0_torch), repeats=10, budget_s=2.0).wall
-    fastest = min(info["seconds_per_evaluation"].values())
-    info["skipped_threads"] = [n for n, sec in info["seconds_per_evaluation"].items()
-                               if sec > 2 * fastest]
-    out = []
-    for threads in info["threads"]:
-        if threads in info["skipped_threads"]:
-            continue
-        torch.set_num_threads(threads)
-        for rtol in settings.torchdiffeq_rtols:
-
-            def call():
-                counted = _Counted(velocity)
-                with torch.no_grad():
-                    ys = torchdiffeq.odeint(counted, y0_torch, ts_torch, rtol=rtol,
-                                            atol=p.atol(rtol), method="dopri5")
-                return ys.numpy(), counted.count
-
-            timing = best_time(call, repeats=settings.repeats, budget_s=settings.budget_s)
-            ys, count = timing.outputs[-1]
-            out.append(
-                Result(
-                    family=f"torchdiffeq dopri5, {threads} thread" + ("s" if threads > 1 else ""),
-                    setting=f"rtol={rtol:g}",
-                    knob=rtol,
-                    **timing.result_fields,
-                    kernel_s=None,
-                    compile_s=None,
-                    evaluations=count,
-                    steps=None,
-                    **_error(ys, ref.state, p.ts),
-                    notes=f"torch.set_num_threads({threads})",
-                )
-            )
-    torch.set_num_threads(info["threads"][0])
-    return out, info
+    solve = TorchDiffeq(p, ref, settings.repeats, settings.budget_s)
+    info |= solve.info
+    return [solve(rtol, threads) for threads in solve.threads
+            for rtol in settings.torchdiffeq_rtols], info
 
 
 def cross_check(p: Problem, ref: Reference, rtols: tuple[float, ...]) -> list[dict]:

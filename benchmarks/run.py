@@ -771,9 +771,6 @@ def write_report(path: Path, *, command: str, info: dict, loads: dict, sections:
     skipped = {d.get("torchdiffeq", {}).get("skipped") for _, _, _, _, (d, _) in sections}
     skipped.discard(None)
     missing += [f"- torchdiffeq: {why}." for why in sorted(skipped)]
-    if "rank-collapse" in measured:
-        missing.append("- torchdiffeq on (c): no PyTorch model of the attention + FFN network is "
-                       "written (issue 7 asks for torchdiffeq's target on (b)).")
     missing.append("- `optax.sgd` on (b) and (c): not run (a Python loop of tens of thousands "
                    "to millions of steps adds minutes and nothing that (a) does not show).")
     if not memory_rows:

@@ -138,6 +138,37 @@ def test_torchdiffeq_model_matches_and_follows_tolerance(quick_run):
         assert r["evaluations"] > 6 * 5
 
 
+def test_attention_ffn_torch_velocity_matches_jax():
+    # Workload (c)'s PyTorch model, torchdiffeq's right-hand side, against gflow's -∇L: at the
+    # initial state and at a perturbed one with entries of order 0.3, where softmax and tanh
+    # are far from linear; there also for the model's other activation and attention.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchdiffeq")
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    import gflow
+    from benchmarks import _torch, rank_collapse
+    from gflow.models import AttentionFFN
+
+    p = rank_collapse.build()
+    y0 = ravel_pytree(p.flow.params)[0]
+    perturbed = np.asarray(y0) + 0.3 * np.random.default_rng(0).normal(size=y0.size)
+    X, y = np.asarray(p.flow.data.X), np.asarray(p.flow.data.y)
+    weights = [getattr(p.flow.model, k) for k in ("W_Q", "W_K", "W_V", "W1", "W2")]
+    cases = [(p.flow, p.torch_velocity(), y0), (p.flow, p.torch_velocity(), perturbed)]
+    for activation, attention in (("identity", "exact"), ("tanh", "linearized")):
+        model = AttentionFFN(*weights, activation=activation, attention=attention)
+        cases.append((gflow.GradientFlow(model, p.flow.loss, p.flow.data),
+                      _torch.attention_ffn(X, y, activation, attention), perturbed))
+    for flow, velocity, state in cases:
+        unravel = ravel_pytree(flow.params)[1]  # its treedef holds the model's static fields
+        expected = np.asarray(jax.jit(lambda v: ravel_pytree(flow.velocity(unravel(v)))[0])(state))
+        got = velocity(0.0, torch.tensor(np.asarray(state))).numpy()
+        assert np.linalg.norm(got - expected) <= 1e-12 * np.linalg.norm(expected), (
+            flow.model.activation, flow.model.attention)
+
+
 @pytest.mark.slow
 def test_rank_collapse_transitions(quick_run):
     _, data, _ = quick_run
