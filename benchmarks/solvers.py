@@ -195,16 +195,6 @@ def _crossover(results) -> dict | None:
     return dict(error=None, range=[known[0][0], known[-1][0]], kind=kind)
 
 
-def _committed_rows(name: str) -> list[dict]:
-    """The rows of workload `name` in the committed `benchmarks.run` results (`results.json`),
-    or none where that file or workload is missing."""
-    path = HERE / "results.json"
-    if not path.exists():
-        return []
-    workload = json.loads(path.read_text()).get("workloads", {}).get(name)
-    return [] if workload is None else workload["data"]["results"]
-
-
 def _torchdiffeq_best(results) -> list[Result]:
     """torchdiffeq dopri5's rows, at each rtol the faster of its thread counts (its best case;
     the thread count changes its speed, not its steps)."""
@@ -214,21 +204,6 @@ def _torchdiffeq_best(results) -> list[Result]:
                 r.knob not in best or r.wall_s < best[r.knob].wall_s):
             best[r.knob] = r
     return [best[k] for k in sorted(best)]
-
-
-def _quiet_tsit5_speedups(name: str) -> list[float]:
-    """scipy DOP853's wall time over gflow Tsit5's at matched error in the committed (quieter)
-    run of `benchmarks.run`: auto at rtol >= the switch runs that very program."""
-    rows = _committed_rows(name)
-    scipy = [r for r in rows if r["family"] == "scipy DOP853 (jax rhs)"]
-    out = []
-    for r in rows:
-        if r["family"] == "gflow tsit5" and r["knob"] >= AUTO_CROSSOVER_RTOL:
-            w = interpolate_cost([x["traj_error"] for x in scipy], [x["wall_s"] for x in scipy],
-                                 r["traj_error"])
-            if w is not None:
-                out.append(w / r["wall_s"])
-    return out
 
 
 def analyse(results, name: str = "") -> dict:
@@ -257,8 +232,7 @@ def analyse(results, name: str = "") -> dict:
                 torch_evaluation_ratio=None if te is None else r.evaluations / te,
                 torch_wall_speedup=None if tw is None else tw / r.wall_s,
             )
-    return dict(matched=rows, crossover=_crossover(results),
-                quiet_tsit5_speedups=_quiet_tsit5_speedups(name))
+    return dict(matched=rows, crossover=_crossover(results))
 
 
 def run_workload(name, tag, build, plan, log) -> dict:
@@ -309,14 +283,14 @@ def _section(workloads: dict, info: dict, command: str, seconds: float, figures_
         BEGIN,
         "## Issue 14: `solver=\"auto\"` against scipy's DOP853 at matched error",
         "",
-        f"Reproduce: `{command.split(' --only')[0]}` (here each workload was run by `--only NAME`, one after "
-        f"another; minutes per workload below). Machine: "
+        f"Reproduce: `{command}` (minutes per workload below). Machine: "
         f"{info['cpu']}, {info['usable_cores']} usable cores, JAX {info['jax_backend']}, "
-        f"{info['date']}, gflow commit {info['commit']}. **The machine was shared** with other "
-        "jobs during this run (load averages below, up to 5x the core count): wall times are "
-        "minima over repeated calls and still noisy; gradient-evaluation counts and errors are "
-        "exact and reproducible, and the claims below rest on them. No GPU or TPU was lent to "
-        "this session: the GPU recipe is `benchmarks/gpu.py`, not run.",
+        f"{info['date']}, gflow commit {info['commit']}; load averages during the run "
+        f"{_load_span(workloads)} (per workload below). Wall times are minima over repeated "
+        "calls (one call where a call takes seconds); gradient-evaluation counts and errors "
+        "are exact and reproducible, and the claims below rest on them."
+        + ("" if info["jax_backend"] != "cpu" else
+           " No accelerator: the GPU recipe is `benchmarks/gpu.py`."),
         "",
         f"`solver=\"auto\"` (the default of `gflow.solve`): Tsit5 at rtol ≥ "
         f"{AUTO_CROSSOVER_RTOL:g}, below it DOP853 (Hairer's 8(5,3) pair with its 7th-order "
@@ -387,7 +361,6 @@ def _summary(workloads: dict) -> list[str]:
                 f"{_span(ratios)} ({met} of {known} ≤ 0.7)",
                 _span([x["over_limit"] for x in mm]),
                 _span([x["wall_speedup"] for x in mm]), _span([x["cpu_speedup"] for x in mm]),
-                _span(w["analysis"].get("quiet_tsit5_speedups", [])) if pick == "tsit5" else "—",
                 _span([x.get("torch_evaluation_ratio") for x in mm]),
                 _span([x.get("torch_wall_speedup") for x in mm]),
             ])
@@ -398,30 +371,61 @@ def _summary(workloads: dict) -> list[str]:
             ["workload", "auto picks", "errors", "evals / scipy DOP853's (target ≤ 0.7)",
              "evals / limit", "wall speed-up vs scipy, this run (target ≥ 3)",
              "CPU speed-up vs scipy, this run",
-             "wall speed-up vs scipy, committed quiet run (same Tsit5 program)",
              "evals / torchdiffeq's", "wall speed-up vs torchdiffeq, this run"], rows),
         "",
-        "- Evaluations: where auto runs Tsit5 it meets the 0.7 target only at loose tolerance "
-        "on (a) and on (b) (Tsit5's 6 evaluations a step against DOP853's 12 + 3, and on (b) "
-        "Tsit5 is far more accurate than its rtol). Where it runs DOP853 it is the same method "
-        "as scipy's and takes the same steps (the same rejected steps were counted on (a): 14, "
-        "16 and 21 at rtol 1e-8, 1e-10, 1e-11), so it cannot be 0.7x scipy's: it pays 3 more "
-        "evaluations on each *rejected* step (its dense-output stages are computed before the "
-        "controller decides) and on (c) 3 on every step without a save time, where scipy "
-        "computes its dense output only for steps that hold a save time. The limit column says "
-        "how far any 8th-order method could go: 1.4–2.2x below auto; the first lever is "
-        "dense-output stages only where a save time or an event needs them.",
-        "- The switch is set by rtol, the crossover is a matter of error and differs by "
-        "problem (the crossover line of each workload): on (b) Tsit5 stays cheaper down to the "
-        "smallest errors measured, so auto's DOP853 rows there cost more than Tsit5 would at the "
-        "same error; on (c) DOP853 is cheaper at every error measured, so auto's Tsit5 rows "
-        "there cost more than DOP853 would. The 8th-order limit is no bound for Tsit5 at loose "
-        "tolerance (evals / limit below 1 on (b)).",
-        "- Wall time: this run's machine was overloaded (load 10–15 on 2 cores), which slows "
-        "scipy's per-step Python and host transfers far more than gflow's compiled loop; the "
-        "quiet committed run is the fairer wall-time reading for the Tsit5 rows.",
-        "",
+    ] + _findings(workloads) + [""]
+
+
+def _load_span(workloads: dict) -> str:
+    """The range of the 1-minute load averages at the workloads' starts and ends."""
+    loads = [w["load_average"][k][0] for w in workloads.values() for k in ("start", "end")]
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "unknown"
+
+
+def _findings(workloads: dict) -> list[str]:
+    """What the table says, computed from this run's numbers (no text fixed by an earlier run)."""
+    matched = [(w, m) for w in workloads.values() for m in w["analysis"]["matched"]]
+    ratios = [m["evaluation_ratio"] for _, m in matched if m["evaluation_ratio"] is not None]
+    dop = [m for _, m in matched if m["solver"] == "dop853"]
+    ideal = [m["limit"] / m["scipy_evaluations"] for _, m in matched
+             if m["limit"] is not None and m["scipy_evaluations"] is not None]
+    lines = [
+        f"- Evaluations: auto is at or below 0.7× scipy DOP853's at "
+        f"{sum(r <= 0.7 for r in ratios)} of {len(ratios)} matched errors "
+        f"({_span(ratios)}). Where auto runs DOP853 it is scipy's method and takes its steps, "
+        "so it cannot be below scipy's count: it pays 3 more evaluations on each rejected step "
+        "(its dense-output stages are computed before the controller decides) and on each "
+        "step that holds no save time, where scipy computes its dense output only for steps "
+        "that hold one. The ideal 8th-order method (column 'limit') needs "
+        f"{_span(ideal)}× scipy's evaluations"
+        + (f", auto's DOP853 rows {_span([m['over_limit'] for m in dop])}× the limit" if dop
+           else "")
+        + ": the 0.7× target asks for about what an ideal 8th-order Runge–Kutta method would "
+        "need, or less.",
     ]
+    crossings = []
+    for w in workloads.values():
+        c = w["analysis"]["crossover"]
+        where = (f"at error {c['error']:.2g}" if c.get("error") is not None
+                 else c.get("kind", "not measured"))
+        crossings.append(f"{w['tag']} {where}")
+    lines.append(
+        f"- Tsit5 or DOP853: auto switches by rtol (at {AUTO_CROSSOVER_RTOL:g}); the crossover "
+        "in evaluations at matched error: " + "; ".join(crossings) + ". Where a "
+        "workload's crossover lies elsewhere, auto's rows on the wrong side of it cost more "
+        "than the other method would.")
+    speed = []
+    for w in workloads.values():
+        m = w["analysis"]["matched"]
+        part = f"{w['tag']} {_span([x['wall_speedup'] for x in m])}× against scipy"
+        if any(x.get("torch_wall_speedup") is not None for x in m):
+            part += f", {_span([x.get('torch_wall_speedup') for x in m])}× against torchdiffeq"
+        speed.append(part)
+    lines.append(
+        "- Wall time at matched error, gflow auto faster by: " + "; ".join(speed) + ". On the "
+        "small models the competitors' per-step Python dominates; on (b), where one gradient "
+        "takes milliseconds, gflow's lead is the evaluations it saves and its compiled loop.")
+    return lines
 
 
 def _workload_lines(w: dict, figures_dir: Path) -> list[str]:
