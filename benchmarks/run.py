@@ -781,7 +781,8 @@ def write_report(path: Path, *, command: str, info: dict, loads: dict, sections:
     missing.append("- Issue 6 on a GPU (`vmap`): no accelerator available here.")
     lines += ["## Not measured", ""] + missing + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The section of `python -m benchmarks.solvers` (issue 14) is its own run: carry it over.
+    # The section of `python -m benchmarks.solvers` (issue 14) is its own run, and the
+    # hand-written sections after it are other commands' measurements: carry them over.
     from .solvers import kept_section
 
     kept = kept_section(path)

@@ -542,13 +542,15 @@ def write_section(results_md: Path, section: str) -> None:
 
 
 def kept_section(results_md: Path) -> str | None:
-    """The block as it stands in `results_md`, for `benchmarks.run` to carry over."""
+    """What `benchmarks.run` carries over when it rewrites `results_md`: this script's block
+    and every hand-written section after it (each round's measurements by other commands), as
+    they stand."""
     if not results_md.exists():
         return None
     text = results_md.read_text()
     if BEGIN not in text or END not in text:
         return None
-    return BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
+    return BEGIN + text.split(BEGIN, 1)[1].rstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:

@@ -226,6 +226,11 @@ def test_solvers_section_is_replaced_and_carried_over(tmp_path):
     text = path.read_text()
     assert text.startswith("# report\n\nbody\n") and "second" in text and "first" not in text
     assert text.count(BEGIN) == 1 and kept_section(path) == f"{BEGIN}\nsecond\n{END}\n"
+    # Hand-written sections after the block (other commands' measurements) are carried too,
+    # and survive the block's own rewrite.
+    path.write_text(text + "\n## Round of some day\n\nhand-written\n")
+    write_section(path, f"{BEGIN}\nthird\n{END}\n")
+    assert kept_section(path) == f"{BEGIN}\nthird\n{END}\n\n## Round of some day\n\nhand-written\n"
 
 
 @pytest.mark.slow
