@@ -255,7 +255,8 @@ def _torchdiffeq_target(results: list[Result], info: dict | None, tag: str) -> d
             if family == "gflow dopri5":
                 ratios.append(best.wall_s / g.wall_s)
         parts.append(f"rtol {rtol:g} ({fmt(best.wall_s * 1e3)} ms, {threads}, error "
-                     f"{fmt(best.traj_error)}): " + ", ".join(against))
+                     f"{fmt(best.traj_error)}): " + (", ".join(against) or "no gflow run at "
+                                                      "this rtol"))
     return dict(
         target=target,
         measured="torchdiffeq dopri5 takes " + "; ".join(parts) + " (the faster of its thread "
