@@ -18,16 +18,19 @@ in one process, calls alternating so that other jobs on the machine disturb all 
 - `gflow.solve`'s compiled engine program alone (what is left is host work per call:
   validation, the plan, the `Trajectory`).
 
-Run: `python -m benchmarks.transitions_overhead [--repeats N]`; on a shared machine pin it to
-one core with XLA's Eigen thread pool off (`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
-taskset -c 1 python -m ...`): XLA's CPU thread pool otherwise makes a 7 ms solve vary by ±50%
-from call to call, and even so a compiled program's speed varies by ±10% from process to
-process, so run it more than once. Prints the minimum and median
-wall time and the minimum CPU time (this process) of each, and the ratios of minima. On a
-shared machine CPU time is the steadier measure: waiting for a core is not counted.
+Run: `python -m benchmarks.transitions_overhead [--repeats N] [--observe-state]`
+(`--observe-state`: every call also observes the 512 weights at each save time, as
+`benchmarks.run`'s workload does). On a shared machine pin it to one core with XLA's Eigen
+thread pool off (`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 1 python -m ...`):
+XLA's CPU thread pool otherwise makes a 7 ms solve vary by ±50% from call to call, and even
+so a compiled program's speed varies by ±10% from process to process, so run it more than
+once. Prints the minimum and median wall time and the minimum CPU time (this process) of
+each, and the ratios of minima. On a shared machine CPU time is the steadier measure: waiting
+for a core is not counted.
 """
 
 import argparse
+import functools
 import time
 
 import diffrax
@@ -87,16 +90,18 @@ def _cheap_transitions(flow):
     ]
 
 
-def _bare(flow, ts, atol, final=False):
+def _bare(flow, ts, atol, final=False, state=False):
     """Bare diffrax with what gflow.solve does: same solver, controller, observer, guard;
-    with `final`, the end state saved too (what `Trajectory.final` holds)."""
+    with `final`, the end state saved too (what `Trajectory.final` holds); with `state`, the
+    flat state observed as well."""
     frozen = flow.frozen
 
     def vector_field(t, y, args):
         return flow.velocity(y)
 
     def observe(t, y, args):
-        return {"loss": flow.loss(eqx.combine(y, frozen), flow.data)}
+        out = {"loss": flow.loss(eqx.combine(y, frozen), flow.data)}
+        return out | ({"state": _FlatState()(eqx.combine(y, frozen), None)} if state else {})
 
     def diverged(t, y, args, **kwargs):
         sq = sum(jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(y))
@@ -122,13 +127,20 @@ def _bare(flow, ts, atol, final=False):
     return call
 
 
-def _engine_program(flow, ts):
+class _FlatState(eqx.Module):
+    """The trainable weights as one vector (`--observe-state`)."""
+
+    def __call__(self, model, data):
+        return jnp.concatenate([w.ravel() for w in model.weights])
+
+
+def _engine_program(flow, ts, observers=None):
     """`gflow.solve`'s compiled engine program alone, on the inputs `gflow.solve` prepares for
     it (private API, on purpose: it separates the program's cost from the host's)."""
     from gflow import _engine, _solve
 
     setup = _solve._prepare(
-        flow, t0=0.0, t1=T1, solver="auto", rtol=RTOL, atol=None, observers=None,
+        flow, t0=0.0, t1=T1, solver="auto", rtol=RTOL, atol=None, observers=observers,
         transitions=(), max_steps=100_000, dt0=None, stepsize_controller=None, ts=ts,
     )
     arrays, rebuild, key = parts = _engine.split(setup.plan)
@@ -141,30 +153,33 @@ def _engine_program(flow, ts):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--observe-state", action="store_true",
+                        help="observe the 512 weights at every save time too, as the "
+                        "benchmarks.run workload does (a buffer of 301 x 512 numbers)")
     args = parser.parse_args(argv)
     problem = _problem()
     flow = problem.flow
     ts = gflow.linear_grid(0.0, T1, 301)
-    plain = lambda: gflow.solve(flow, T1, rtol=RTOL, ts=ts)  # noqa: E731
-    with_transitions = lambda: gflow.solve(  # noqa: E731
-        flow, T1, rtol=RTOL, ts=ts, transitions=problem.transitions
-    )
+    observers = {"state": _FlatState()} if args.observe_state else None
+    solve = functools.partial(gflow.solve, flow, T1, rtol=RTOL, ts=ts, observers=observers)
+    plain = solve
+    with_transitions = functools.partial(solve, transitions=problem.transitions)
     cheap = _cheap_transitions(flow)
-    with_cheap = lambda: gflow.solve(flow, T1, rtol=RTOL, ts=ts, transitions=cheap)  # noqa: E731
+    with_cheap = functools.partial(solve, transitions=cheap)
     by_svd = _svd_transitions(problem.transitions)
-    with_svd = lambda: gflow.solve(flow, T1, rtol=RTOL, ts=ts, transitions=by_svd)  # noqa: E731
+    with_svd = functools.partial(solve, transitions=by_svd)
     first_plain, first_tr, first_cheap = plain(), with_transitions(), with_cheap()
     first_svd = with_svd()
     assert first_svd.transitions.keys() == first_tr.transitions.keys()
     print("largest difference of the transition times, bound against SVD at every "
           "evaluation: %.1e" % max(abs(first_svd.transitions[k] - first_tr.transitions[k])
                                    for k in first_tr.transitions))
-    bare = _bare(flow, ts, first_plain.atol)
-    bare_final = _bare(flow, ts, first_plain.atol, final=True)
+    bare = _bare(flow, ts, first_plain.atol, state=args.observe_state)
+    bare_final = _bare(flow, ts, first_plain.atol, final=True, state=args.observe_state)
     bare(), bare_final()
     calls = {"plain": plain, "transitions": with_transitions, "svd-always": with_svd,
              "cheap": with_cheap, "bare": bare,
-             "bare+final": bare_final, "engine": _engine_program(flow, ts)}
+             "bare+final": bare_final, "engine": _engine_program(flow, ts, observers)}
     walls = {k: [] for k in calls}
     cpus = {k: [] for k in calls}
     for _ in range(args.repeats):
