@@ -21,7 +21,6 @@ no time is reported.
 """
 
 import argparse
-import math
 import warnings
 
 import numpy as np
@@ -81,8 +80,7 @@ def run(name: str) -> list[list[str]]:
             if method not in rows[rtol]:
                 continue
             n, e = rows[rtol][method]
-            d = interpolate_cost([x[0] for x in dop], [x[1] for x in dop], e) \
-                if math.isfinite(e) else None
+            d = interpolate_cost([x[0] for x in dop], [x[1] for x in dop], e)
             table.append([f"{tag} {name}", f"{rtol:g}", method, f"{e:.2e}", str(n),
                           "—" if d is None else f"{d:.0f}", "—" if d is None else f"{n / d:.2f}"])
     return table

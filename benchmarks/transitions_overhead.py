@@ -43,6 +43,8 @@ import numpy as np
 import gflow
 import gflow.presets
 
+from ._workload import flat_state_observer
+
 RTOL = 1e-8
 T1 = 12.0
 
@@ -90,18 +92,19 @@ def _cheap_transitions(flow):
     ]
 
 
-def _bare(flow, ts, atol, final=False, state=False):
+def _bare(flow, ts, atol, final=False, state=None):
     """Bare diffrax with what gflow.solve does: same solver, controller, observer, guard;
-    with `final`, the end state saved too (what `Trajectory.final` holds); with `state`, the
-    flat state observed as well."""
+    with `final`, the end state saved too (what `Trajectory.final` holds); with `state` (an
+    observer), that observed as well."""
     frozen = flow.frozen
 
     def vector_field(t, y, args):
         return flow.velocity(y)
 
     def observe(t, y, args):
-        out = {"loss": flow.loss(eqx.combine(y, frozen), flow.data)}
-        return out | ({"state": _FlatState()(eqx.combine(y, frozen), None)} if state else {})
+        model = eqx.combine(y, frozen)
+        out = {"loss": flow.loss(model, flow.data)}
+        return out | ({} if state is None else {"state": state(model, flow.data)})
 
     def diverged(t, y, args, **kwargs):
         sq = sum(jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(y))
@@ -125,13 +128,6 @@ def _bare(flow, ts, atol, final=False, state=False):
         return jax.device_get(sol.ys)
 
     return call
-
-
-class _FlatState(eqx.Module):
-    """The trainable weights as one vector (`--observe-state`)."""
-
-    def __call__(self, model, data):
-        return jnp.concatenate([w.ravel() for w in model.weights])
 
 
 def _engine_program(flow, ts, observers=None):
@@ -160,7 +156,9 @@ def main(argv=None):
     problem = _problem()
     flow = problem.flow
     ts = gflow.linear_grid(0.0, T1, 301)
-    observers = {"state": _FlatState()} if args.observe_state else None
+    # Built once: gflow caches compiled programs by observer identity.
+    state = flat_state_observer(flow) if args.observe_state else None
+    observers = None if state is None else {"state": state}
     solve = functools.partial(gflow.solve, flow, T1, rtol=RTOL, ts=ts, observers=observers)
     plain = solve
     with_transitions = functools.partial(solve, transitions=problem.transitions)
@@ -174,8 +172,8 @@ def main(argv=None):
     print("largest difference of the transition times, bound against SVD at every "
           "evaluation: %.1e" % max(abs(first_svd.transitions[k] - first_tr.transitions[k])
                                    for k in first_tr.transitions))
-    bare = _bare(flow, ts, first_plain.atol, state=args.observe_state)
-    bare_final = _bare(flow, ts, first_plain.atol, final=True, state=args.observe_state)
+    bare = _bare(flow, ts, first_plain.atol, state=state)
+    bare_final = _bare(flow, ts, first_plain.atol, final=True, state=state)
     bare(), bare_final()
     calls = {"plain": plain, "transitions": with_transitions, "svd-always": with_svd,
              "cheap": with_cheap, "bare": bare,
