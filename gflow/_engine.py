@@ -46,6 +46,7 @@ from ._flow import GradientFlow
 from ._progress import SegmentMeter
 from ._solvers import solver_name, vector_field_evaluations
 from ._trajectory import Trajectory
+from ._work import add_work, work_stats, work_template
 
 
 # One status enumeration for solve and sweep. RUNNING marks a carry whose solve goes on.
@@ -167,6 +168,7 @@ def initial_carry(plan: Plan, y0: PyTree, t0) -> dict:
         steps=jnp.asarray(0, dtype=int_),  # since the last transition: max_steps limits these
         counts=jnp.zeros(3, dtype=int_),  # steps, accepted, rejected
         segments=jnp.asarray(0, dtype=int_),
+        work=work_template(plan.solver, plan.ts.dtype),
     )
 
 
@@ -247,6 +249,7 @@ def _segment(plan: Plan, c: dict) -> dict:
             diffrax.SubSaveAt(t1=True),
         ],
         controller_state=True,
+        solver_state=True,
     )
     meter = plan.meter
     if isinstance(meter, SegmentMeter):
@@ -342,6 +345,7 @@ def _segment(plan: Plan, c: dict) -> dict:
         steps=jnp.where(fired, 0, steps).astype(c["steps"].dtype),
         counts=c["counts"] + counts,
         segments=c["segments"] + 1,
+        work=add_work(plan.solver, c["work"], sol.solver_state),
     )
     # Exactly the carry's types, so the loop (and a resumed checkpoint) sees one structure.
     return jtu.tree_map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), out, c)
@@ -540,7 +544,7 @@ def trajectory(
         t_final=t_final,
         status=done["status"],
         message=done["message"],
-        stats=member_stats(done, solver, dt0_given) | dict(
+        stats=member_stats(done, solver, dt0_given, carry.get("work")) | dict(
             dtype=str(jnp.result_type(*jtu.tree_leaves(carry["y"]))),
         ) | dict(stats or {}),
         solver=solver_name(solver),
@@ -550,11 +554,13 @@ def trajectory(
     )
 
 
-def member_stats(done: dict, solver: diffrax.AbstractSolver, dt0_given: bool) -> dict:
-    """Step counts, segments and vector-field evaluations of an `outcome`."""
+def member_stats(done: dict, solver: diffrax.AbstractSolver, dt0_given: bool,
+                 work: dict | None = None) -> dict:
+    """Step counts, segments and vector-field evaluations of an `outcome` (with the work
+    counters of a solver that keeps them: `work`, the carry's record)."""
     stats = done["stats"]
-    return dict(stats) | dict(
-        vector_field_evaluations=vector_field_evaluations(
-            solver, stats["num_steps"], stats["segments"], dt0_given
-        )
-    )
+    counted = work_stats(solver, work)
+    evaluations = vector_field_evaluations(solver, stats["num_steps"], stats["segments"], dt0_given)
+    if evaluations is None and counted:
+        evaluations = counted["cost"]
+    return dict(stats) | dict(vector_field_evaluations=evaluations) | counted

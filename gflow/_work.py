@@ -1,0 +1,67 @@
+"""What a solver reports about its own work: the counters of gflow's implicit and switching
+solvers, accumulated over a solve's segments in the engine's carry.
+
+The counters cover accepted steps: diffrax discards the solver state of a rejected step, so
+its work is not in them (`num_rejected_steps` says how many there were).
+"""
+
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from ._implicit import GRADIENTS, HVPS, NewtonKrylovESDIRK, WORK_FIELDS, int_dtype
+from ._switching import SWITCH_FIELDS, SWITCH_SLOTS, SWITCHES, StiffSwitching
+
+# Switch times a solve records across its segments (later ones are counted, not timed).
+SOLVE_SWITCH_SLOTS = 64
+
+
+def _fields(solver) -> tuple[str, ...] | None:
+    if isinstance(solver, StiffSwitching):
+        return SWITCH_FIELDS
+    if isinstance(solver, NewtonKrylovESDIRK):
+        return WORK_FIELDS
+    return None
+
+
+def work_template(solver, dtype) -> dict:
+    """The carry's work record for `solver` (empty for a solver that keeps no counters)."""
+    fields = _fields(solver)
+    if fields is None:
+        return {}
+    out = dict(counts=jnp.zeros(len(fields), int_dtype()))
+    if isinstance(solver, StiffSwitching):
+        out["switch_times"] = jnp.zeros(SOLVE_SWITCH_SLOTS, dtype)
+    return out
+
+
+def add_work(solver, work: dict, solver_state: PyTree) -> dict:
+    """`work` plus what one segment's final `solver_state` counted."""
+    if not work:
+        return work
+    counts = work["counts"] + solver_state["work"].astype(work["counts"].dtype)
+    out = dict(counts=counts)
+    if "switch_times" in work:
+        # This segment's switches go after those already recorded.
+        before = work["counts"][SWITCHES]
+        mine = jnp.minimum(solver_state["work"][SWITCHES], SWITCH_SLOTS)
+        slots = jnp.arange(SOLVE_SWITCH_SLOTS)
+        source = jnp.clip(slots - before, 0, SWITCH_SLOTS - 1)
+        new = (slots >= before) & (slots < before + mine)
+        out["switch_times"] = jnp.where(new, solver_state["switch_times"][source],
+                                        work["switch_times"])
+    return out
+
+
+def work_stats(solver, work: dict | None) -> dict:
+    """The counters of a host carry's work record as `stats` entries: each field, the switch
+    times, and `cost` (gradients + 2 × Hessian-vector products)."""
+    fields = _fields(solver)
+    if fields is None or not work:
+        return {}
+    counts = [int(x) for x in work["counts"]]
+    out = dict(zip(fields, counts))
+    out["cost"] = counts[GRADIENTS] + 2 * counts[HVPS]
+    if "switch_times" in work:
+        n = min(counts[SWITCHES], SOLVE_SWITCH_SLOTS)
+        out["switch_times"] = [float(t) for t in list(work["switch_times"])[:n]]
+    return out
