@@ -32,10 +32,12 @@ _EXPORTS = {
     "DOP853": ("._dop853", "DOP853"),
     "GradientFlow": ("._flow", "GradientFlow"),
     "InputError": ("._errors", "InputError"),
+    "NewtonKrylovESDIRK": ("._implicit", "NewtonKrylovESDIRK"),
     "Prediction": ("._prediction", "Prediction"),
     "Sensitivity": ("._sensitivity", "Sensitivity"),
     "ScalingFit": ("._sweep", "ScalingFit"),
     "ScalingLaw": ("._scaling", "ScalingLaw"),
+    "StiffSwitching": ("._switching", "StiffSwitching"),
     "Sweep": ("._sweep", "Sweep"),
     "SweepMember": ("._sweep", "SweepMember"),
     "Trajectory": ("._trajectory", "Trajectory"),
@@ -96,6 +98,7 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
     from ._errors import InputError as InputError
     from ._flow import GradientFlow as GradientFlow
     from ._grids import linear_grid as linear_grid, log_grid as log_grid
+    from ._implicit import NewtonKrylovESDIRK as NewtonKrylovESDIRK
     from ._prediction import Prediction as Prediction
     from ._scaling import ScalingLaw as ScalingLaw
     from ._sensitivity import Sensitivity as Sensitivity, sensitivity as sensitivity
@@ -104,6 +107,7 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
         pid_controller as pid_controller, solve as solve,
     )
     from ._solvers import auto_solver as auto_solver
+    from ._switching import StiffSwitching as StiffSwitching
     from ._sweep import (
         ScalingFit as ScalingFit,
         Sweep as Sweep,

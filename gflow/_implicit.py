@@ -86,8 +86,8 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
     - `method`: `"kvaerno5"` (default), `"kvaerno4"` or `"kvaerno3"`: the tableau.
     - `newton_tol`: a stage's Newton iteration stops once its (rate-corrected) change is below
         this fraction of the step's error tolerance.
-    - `krylov_tol`: conjugate gradients stop once the residual's every component is below
-        `krylov_tol` times its error scale (`atol + rtol |y|`) over `γ`.
+    - `krylov_tol`: conjugate gradients stop once the residual's RMS, each component in units
+        of its error scale (`atol + rtol |y|`) over `γ`, is below `krylov_tol`.
     - `root_find_max_steps`: Newton iterations per stage before the step is rejected (and
         retried smaller by the step-size controller).
     - `krylov_max_steps`: CG iterations per linear solve.
@@ -172,10 +172,10 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
         )
         int_ = int_dtype()
 
-        # CG stops once each residual component is below `krylov_tol` of the error scale (the
-        # operator's eigenvalues are >= 1 where it is positive definite, so the solution's
-        # error is as small): a stage's first Newton iteration then solves its linear part
-        # to the Newton tolerance.
+        # CG stops once the residual's RMS, in units of the error scale, is below `krylov_tol`
+        # (the operator's eigenvalues are >= 1 where it is positive definite, so the
+        # solution's error is as small): a stage's first Newton iteration then solves its
+        # linear part to the Newton tolerance, in the controller's own (RMS) norm.
         cg_atol = self.krylov_tol * scale / gamma
 
         def newton(base, k_guess, t_stage, rate):
@@ -190,8 +190,8 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
                 k, it, dz_prev, _, _, krylov, rate = c
                 fz = vf(t_stage, base + gamma * k)
                 residual = k - h * fz
-                cg = lx.CG(rtol=0.0, atol=cg_atol, max_steps=self.krylov_max_steps,
-                           stabilise_every=None)
+                cg = lx.CG(rtol=0.0, atol=cg_atol, norm=optx.rms_norm,
+                           max_steps=self.krylov_max_steps, stabilise_every=None)
                 sol = lx.linear_solve(operator, -residual, cg, throw=False)
                 delta = sol.value
                 dz = scaled_norm(gamma * delta)
