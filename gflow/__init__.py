@@ -43,6 +43,7 @@ _EXPORTS = {
     "Trajectory": ("._trajectory", "Trajectory"),
     "Transition": ("._solve", "Transition"),
     "auto_solver": ("._solvers", "auto_solver"),
+    "converged": ("._convergence", "converged"),
     "critical_points": ("._critical", "critical_points"),
     "error_estimates": ("._solve", "error_estimates"),
     "linear_grid": ("._grids", "linear_grid"),
@@ -93,6 +94,7 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
         tasks as tasks,
         theory as theory,
     )
+    from ._convergence import converged as converged
     from ._critical import CriticalPoint as CriticalPoint, critical_points as critical_points
     from ._dop853 import DOP853 as DOP853
     from ._errors import InputError as InputError

@@ -85,6 +85,7 @@ class Plan(NamedTuple):
     observers: dict  # {name: observer(model, data)}, evaluated at the save times
     conditions: tuple  # transition conditions, condition(model, data) -> scalar
     directions: Array  # per condition (+1 up, -1 down, 0 either) and a trailing 0
+    terminal: Array  # per condition: whether the solve ends there; and a trailing False
     ts: Array
     t1: Array
     dt0: Array | None
@@ -313,6 +314,7 @@ def _segment(plan: Plan, c: dict) -> dict:
         [
             blown,
             fired & (t_end >= t1),
+            fired & plan.terminal[index],
             fired,
             result == results.successful,
             # A cut every segment_steps steps goes on from the last step's end.
@@ -320,7 +322,7 @@ def _segment(plan: Plan, c: dict) -> dict:
             max_reached,
             result == results.dt_min_reached,
         ],
-        [NONFINITE, COMPLETED, RUNNING, COMPLETED, MAX_STEPS, RUNNING, DT_MIN],
+        [NONFINITE, COMPLETED, COMPLETED, RUNNING, COMPLETED, MAX_STEPS, RUNNING, DT_MIN],
         FAILED,
     ).astype(c["status"].dtype)
     # A failure after the state left float range (e.g. steps collapsing on NaNs) is that.

@@ -50,11 +50,14 @@ class Transition(eqx.Module):
         Its time is located by root finding on the solver's dense output.
     - `direction`: `None` for either sign change, `True` for an upcrossing (negative to positive)
         only, `False` for a downcrossing only.
+    - `terminal`: end the solve there (status `"completed"`, `t_final` the transition's
+        time): e.g. `gflow.converged`.
     """
 
     name: str
     condition: Callable[[Any, Any], Scalar]
     direction: bool | None = None
+    terminal: bool = False
 
     def __check_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -66,6 +69,8 @@ class Transition(eqx.Module):
                 f"transition {self.name!r}: direction must be None, True or False, "
                 f"got {self.direction!r}"
             )
+        if not isinstance(self.terminal, bool):
+            raise InputError(f"transition {self.name!r}: terminal must be True or False")
 
 
 _DEFAULT_SAVE_POINTS = 200
@@ -355,6 +360,7 @@ def _prepare(
         observers=observers,
         conditions=tuple(tr.condition for tr in transitions),
         directions=directions,
+        terminal=_host_array([tr.terminal for tr in transitions] + [False], dtype=bool),
         ts=_host_array(ts),
         t1=_host_array(t1),
         dt0=None if dt0 is None else _host_array(dt0),
@@ -642,6 +648,7 @@ def _fingerprint(setup: _Setup, ts, t0, t1, checkpoint_steps) -> dict[str, str]:
         controller_coefficients=[getattr(plan.controller, name, None)
                                  for name in ("pcoeff", "icoeff", "dcoeff")],
         directions=np.asarray(plan.directions), observers=sorted(setup.observers),
+        terminal=np.asarray(plan.terminal),
     )
     return fingerprint(
         initial_state=setup.y0, data=setup.flow.data, save_times=ts,

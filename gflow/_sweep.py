@@ -811,7 +811,7 @@ def _member(point, info, out, group, t0, t1, max_steps, dt0, keep_trajectories) 
         transitions=done["transitions"],
         final=jtu.tree_map(np.asarray, out["final"]),
         t_final=done["t_final"],
-        stats=engine.member_stats(done, solver, dt0 is not None),
+        stats=engine.member_stats(done, solver, dt0 is not None, carry.get("work")),
         group=group,
         trajectory=trajectory,
     )

@@ -15,7 +15,10 @@ without `reset_steps` non-stiff ones in a row switch to the implicit method. In 
 one warm-started power iteration a step (one Hessian-vector product at the linearisation the
 step makes anyway) tracks `λ_max`; `nonstiff_steps` steps in a row with `h λ_max` below
 `nonstiff_fraction` of the limit switch back (Tsit5 would take that step stably, for fewer
-evaluations).
+evaluations), and so do steps that cost more per unit time (gradients + 2 × Hessian-vector
+products over `h`) than Tsit5 held at its stability limit would (6 evaluations per
+`stiff_fraction · 3.507 / λ_max`): the switch must pay. Switching in again after that needs
+`backoff_factor` times as many stiff steps each time.
 
 Both branches produce the same dense output (`PolynomialInterpolation`: Tsit5's quartic
 continuous extension in monomial form, or the implicit step's cubic Hermite), so save times,
@@ -42,8 +45,8 @@ import numpy as np
 import optimistix as optx
 
 from ._implicit import (
-    DEGREE, GRADIENTS, INITIAL_RATE, NewtonKrylovESDIRK, PolynomialInterpolation, WORK_FIELDS,
-    int_dtype,
+    DEGREE, GRADIENTS, HVPS, INITIAL_RATE, NewtonKrylovESDIRK, PolynomialInterpolation,
+    WORK_FIELDS, int_dtype,
 )
 
 # Tsit5's stability interval on the negative real axis (|R(z)| <= 1 for -3.507 <= z <= 0),
@@ -80,7 +83,10 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         above `stiff_fraction` of Tsit5's stability limit; `stiff_steps` such accepted steps,
         with no run of `reset_steps` non-stiff ones between them, switch to implicit.
     - `nonstiff_fraction`, `nonstiff_steps`: `nonstiff_steps` accepted implicit steps in a row
-        with `h λ_max` below `nonstiff_fraction` of the limit switch back to Tsit5.
+        with `h λ_max` below `nonstiff_fraction` of the limit, or costing more per unit time
+        than Tsit5 held at `stiff_fraction` of its limit would, switch back to Tsit5.
+    - `backoff_factor`: after a switch back for cost, the next switch to implicit needs this
+        many times as many stiff steps as the last.
 
     The tolerances of the implicit stages are the step-size controller's (filled in by
     `diffrax.diffeqsolve` through `root_finder`).
@@ -92,6 +98,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
     reset_steps: int = eqx.field(static=True, default=6)
     nonstiff_fraction: float = eqx.field(static=True, default=0.5)
     nonstiff_steps: int = eqx.field(static=True, default=5)
+    backoff_factor: int = eqx.field(static=True, default=4)
     root_finder: optx.AbstractRootFinder = diffrax.with_stepsize_controller_tols(
         diffrax.VeryChord)()
     root_find_max_steps: int = eqx.field(static=True, default=6)
@@ -121,6 +128,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             tsit5=self.explicit.init(terms, t0, t1, y0, args),
             stiff_count=jnp.asarray(0, int_dtype()),
             calm_count=jnp.asarray(0, int_dtype()),
+            backoffs=jnp.asarray(0, int_dtype()),
             probe=jnp.zeros_like(flat),
             rate=jnp.asarray(INITIAL_RATE, dtype),
             work=jnp.zeros(len(SWITCH_FIELDS), int_dtype()),
@@ -155,7 +163,10 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         calm = jnp.where(stiff, 0, state["calm_count"] + 1)
         count = jnp.where(stiff, state["stiff_count"] + 1,
                           jnp.where(calm >= self.reset_steps, 0, state["stiff_count"]))
-        switch = count >= self.stiff_steps
+        # After the implicit method was left for costing more, switching again needs
+        # `backoff_factor` times as many stiff steps (no switching back and forth).
+        needed = self.stiff_steps * self.backoff_factor ** jnp.minimum(state["backoffs"], 8)
+        switch = count >= needed
         work = state["work"].at[GRADIENTS].add(6 + first_step.astype(int_dtype()))
         work = work.at[EXPLICIT_STEPS].add(1)
         coeffs = jtu.tree_map(
@@ -184,9 +195,16 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         y1, y_error, dense, work, rate, result, j_probe = self._implicit().step_with_jvp(
             terms, t0, t1, y0, args, state["rate"], probe)
         lam = jnp.linalg.norm(j_probe)
-        h_lam = (t1 - t0) * lam
-        calm = jnp.where(h_lam < self.nonstiff_fraction * TSIT5_STABILITY_LIMIT,
-                         state["calm_count"] + 1, 0)
+        h = t1 - t0
+        h_lam = h * lam
+        # Not stiff any more: Tsit5 would take this step stably.
+        calm_step = h_lam < self.nonstiff_fraction * TSIT5_STABILITY_LIMIT
+        # Or stiff but not paying: this step cost more per unit time than Tsit5 held at its
+        # stability limit would (6 evaluations per `stiff_fraction · limit / λ_max`).
+        cost = work[GRADIENTS] + 2 * work[HVPS]
+        explicit_rate = 6 * lam / (self.stiff_fraction * TSIT5_STABILITY_LIMIT)
+        dear_step = cost > explicit_rate * h
+        calm = jnp.where(calm_step | dear_step, state["calm_count"] + 1, 0)
         was = state["implicit"]
         back = was & (calm >= self.nonstiff_steps)
         stays = was & ~back
@@ -203,6 +221,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             calm_count=jnp.where(stays, calm, 0),
             probe=j_probe / jnp.where(lam > 0, lam, 1.0),
             rate=rate,
+            backoffs=state["backoffs"] + (back & dear_step & ~calm_step).astype(int_dtype()),
             work=_record_switch(total, back),
             switch_times=_record_time(state["switch_times"], state["work"][SWITCHES], back, t1),
         )

@@ -51,15 +51,16 @@ def _fixed_step_errors(n_steps, t1=2.0):
     a = jnp.asarray(SPECTRUM[1:])  # the smooth part: order is about the non-stiff regime
     term = diffrax.ODETerm(lambda t, y, args: -a * y)
     h = t1 / n_steps
-    ends = jnp.linspace(0.0, t1, n_steps + 1)
+    ends = np.linspace(0.0, t1, n_steps + 1)
     mids = ends[:-1] + 0.37 * h
+    ts = np.sort(np.concatenate([ends, mids]))  # diffrax saves at increasing times
     sol = diffrax.diffeqsolve(
-        term, solver, 0.0, t1, h, jnp.asarray(THETA0[1:]),
-        saveat=diffrax.SaveAt(ts=jnp.concatenate([ends, mids])),
+        term, solver, 0.0, t1, h, jnp.asarray(THETA0[1:]), saveat=diffrax.SaveAt(ts=ts),
         stepsize_controller=diffrax.ConstantStepSize())
-    exact = THETA0[1:] * np.exp(-np.outer(np.concatenate([ends, mids]), SPECTRUM[1:]))
-    err = np.abs(np.asarray(sol.ys) - exact)
-    return err[: n_steps + 1].max(), err[n_steps + 1:].max()
+    exact = THETA0[1:] * np.exp(-np.outer(ts, SPECTRUM[1:]))
+    err = np.abs(np.asarray(sol.ys) - exact).max(axis=1)
+    at_end = np.isin(ts, ends)
+    return err[at_end].max(), err[~at_end].max()
 
 
 def test_esdirk_order_and_dense_output_order_on_a_linear_flow():
@@ -179,3 +180,17 @@ def test_tsit5_stability_limit_constant():
         a[i + 1, : len(row)] = row
     stable = lambda z: abs(1 + z * tab.b_sol @ np.linalg.solve(np.eye(7) - z * a, np.ones(7))) <= 1
     assert stable(-(TSIT5_STABILITY_LIMIT - 1e-3)) and not stable(-(TSIT5_STABILITY_LIMIT + 1e-3))
+
+
+def test_converged_ends_the_solve_where_the_gradient_falls_below_tol():
+    flow = _quadratic_flow()
+    tol = 1e-6
+    traj = gflow.solve(flow, 1e4, rtol=1e-6, solver="auto", observers={"theta": _state},
+                       transitions=[gflow.converged(flow, tol)])
+    assert traj.status == "completed"
+    t_conv = traj.transitions["converged"]
+    assert traj.t_final == t_conv < 1e4
+    # ‖∇L(t)‖ = ‖A exp(-At) θ0‖ crosses tol at t_conv (closed form, to the solve's accuracy).
+    grad_norm = lambda t: np.linalg.norm(SPECTRUM * THETA0 * np.exp(-SPECTRUM * t))
+    assert abs(grad_norm(t_conv) / tol - 1) < 1e-3
+    assert traj.ts[-1] <= t_conv
