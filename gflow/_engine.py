@@ -564,5 +564,6 @@ def member_stats(done: dict, solver: diffrax.AbstractSolver, dt0_given: bool,
     counted = work_stats(solver, work)
     evaluations = vector_field_evaluations(solver, stats["num_steps"], stats["segments"], dt0_given)
     if evaluations is None and counted:
-        evaluations = counted["cost"]
+        evaluations = counted["cost"] + counted.pop("rejected_step_cost") * stats[
+            "num_rejected_steps"]
     return dict(stats) | dict(vector_field_evaluations=evaluations) | counted

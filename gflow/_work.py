@@ -2,7 +2,10 @@
 solvers, accumulated over a solve's segments in the engine's carry.
 
 The counters cover accepted steps: diffrax discards the solver state of a rejected step, so
-its work is not in them (`num_rejected_steps` says how many there were).
+its work is not in them (`num_rejected_steps` says how many there were). `gflow.solve`'s
+`vector_field_evaluations` adds Tsit5's 6 evaluations per rejected step for the switching
+solver (exact while every rejected step is an explicit one; a rejected implicit step costs
+more than that) and nothing for the ESDIRK alone.
 """
 
 import jax.numpy as jnp
@@ -54,13 +57,15 @@ def add_work(solver, work: dict, solver_state: PyTree) -> dict:
 
 def work_stats(solver, work: dict | None) -> dict:
     """The counters of a host carry's work record as `stats` entries: each field, the switch
-    times, and `cost` (gradients + 2 × Hessian-vector products)."""
+    times, `cost` (gradients + 2 × Hessian-vector products of the accepted steps) and
+    `rejected_step_cost` (what `member_stats` charges each rejected step)."""
     fields = _fields(solver)
     if fields is None or not work:
         return {}
     counts = [int(x) for x in work["counts"]]
     out = dict(zip(fields, counts))
     out["cost"] = counts[GRADIENTS] + 2 * counts[HVPS]
+    out["rejected_step_cost"] = 6 if isinstance(solver, StiffSwitching) else 0
     if "switch_times" in work:
         n = min(counts[SWITCHES], SOLVE_SWITCH_SLOTS)
         out["switch_times"] = [float(t) for t in list(work["switch_times"])[:n]]
