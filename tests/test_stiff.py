@@ -192,9 +192,13 @@ def test_converged_ends_the_solve_where_the_gradient_falls_below_tol():
     assert traj.status == "completed"
     t_conv = traj.transitions["converged"]
     assert traj.t_final == t_conv < 1e4
-    # ‖∇L(t)‖ = ‖A exp(-At) θ0‖ crosses tol at t_conv (closed form, to the solve's accuracy).
+    # The solve stops on the root: ‖∇L‖ = ‖Aθ‖ of its final state is tol (root finder's
+    # accuracy), and there the closed form ‖A exp(-At) θ0‖ agrees to the state's accuracy
+    # (gflow's atol, rtol × the initial scale, is 3% of the slowest component by then).
+    final = np.asarray(traj.final.theta)
+    assert abs(np.linalg.norm(SPECTRUM * final) / tol - 1) < 1e-6
     grad_norm = lambda t: np.linalg.norm(SPECTRUM * THETA0 * np.exp(-SPECTRUM * t))
-    assert abs(grad_norm(t_conv) / tol - 1) < 1e-3
+    assert abs(grad_norm(t_conv) / tol - 1) < 0.1
     assert traj.ts[-1] <= t_conv
 
 
