@@ -52,6 +52,7 @@ class PolynomialInterpolation(diffrax.AbstractLocalInterpolation):
     coeffs: PyTree[Array]
 
     def evaluate(self, t0, t1=None, left=True):
+        """The interpolant at `t0`, or its increment from `t0` to `t1`."""
         del left
         if t1 is not None:
             return jtu.tree_map(lambda a, b: a - b, self.evaluate(t1), self.evaluate(t0))
@@ -118,21 +119,26 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
 
     @property
     def tableau(self):
+        """The Butcher tableau of `method` (diffrax's)."""
         return _TABLEAUX[self.method].tableau
 
     def order(self, terms):
+        """The order of the method (its error estimate's is one less)."""
         return _TABLEAUX[self.method]().order(terms)
 
     def init(self, terms, t0, t1, y0, args):
+        """The solver state: zeroed work counters and the initial Newton rate."""
         del terms, t0, t1, args
         dtype = jnp.result_type(*jtu.tree_leaves(y0))
         return dict(work=jnp.zeros(len(WORK_FIELDS), dtype=int_dtype()),
                     rate=jnp.asarray(INITIAL_RATE, dtype))
 
     def func(self, terms, t0, y0, args):
+        """The vector field at `(t0, y0)`."""
         return terms.vf(t0, y0, args)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        """One step from `t0` to `t1` (diffrax's solver interface)."""
         del made_jump
         y1, y_error, dense_info, work, rate, result, _ = self.step_with_jvp(
             terms, t0, t1, y0, args, solver_state["rate"])

@@ -107,10 +107,12 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
     interpolation_cls: ClassVar = PolynomialInterpolation
 
     def order(self, terms):
+        """5: Tsit5's and Kværnø 5's order."""
         return 5
 
     @property
     def explicit(self) -> diffrax.Tsit5:
+        """The explicit solver (Tsit5)."""
         return diffrax.Tsit5()
 
     def _implicit(self) -> NewtonKrylovESDIRK:
@@ -118,9 +120,11 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         return eqx.tree_at(lambda s: s.root_finder, self.implicit, self.root_finder)
 
     def func(self, terms, t0, y0, args):
+        """The vector field at `(t0, y0)`."""
         return terms.vf(t0, y0, args)
 
     def init(self, terms, t0, t1, y0, args):
+        """The solver state: explicit mode, Tsit5's state, detector and work counters."""
         flat, _ = jax.flatten_util.ravel_pytree(y0)
         dtype = flat.dtype
         return dict(
@@ -137,6 +141,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        """One step in the current mode (diffrax's solver interface)."""
         implicit_now = eqxi.unvmap_any(solver_state["implicit"])
         return jax.lax.cond(
             implicit_now,
