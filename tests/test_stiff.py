@@ -71,7 +71,7 @@ def test_esdirk_order_and_dense_output_order_on_a_linear_flow():
     assert np.all(orders[:, 1] > 3.6), (errors, orders)
 
 
-@pytest.mark.parametrize("solver", ["esdirk", "auto"])
+@pytest.mark.parametrize("solver", [pytest.param("esdirk", marks=pytest.mark.slow), "auto"])
 def test_stiff_linear_flow_matches_closed_form_at_save_times(solver):
     flow = _quadratic_flow()
     ts = np.linspace(0.0, 40.0, 161)
