@@ -36,10 +36,11 @@ _EXPORTS = {
     "Sensitivity": ("._sensitivity", "Sensitivity"),
     "ScalingFit": ("._sweep", "ScalingFit"),
     "ScalingLaw": ("._scaling", "ScalingLaw"),
+    "SolveSpec": ("._spec", "SolveSpec"),
     "Sweep": ("._sweep", "Sweep"),
     "SweepMember": ("._sweep", "SweepMember"),
     "Trajectory": ("._trajectory", "Trajectory"),
-    "Transition": ("._solve", "Transition"),
+    "Transition": ("._spec", "Transition"),
     "auto_solver": ("._solvers", "auto_solver"),
     "critical_points": ("._critical", "critical_points"),
     "error_estimates": ("._solve", "error_estimates"),
@@ -100,9 +101,9 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
     from ._scaling import ScalingLaw as ScalingLaw
     from ._sensitivity import Sensitivity as Sensitivity, sensitivity as sensitivity
     from ._solve import (
-        Transition as Transition, error_estimates as error_estimates,
-        pid_controller as pid_controller, solve as solve,
+        error_estimates as error_estimates, pid_controller as pid_controller, solve as solve,
     )
+    from ._spec import SolveSpec as SolveSpec, Transition as Transition
     from ._solvers import auto_solver as auto_solver
     from ._sweep import (
         ScalingFit as ScalingFit,

@@ -75,8 +75,9 @@ def run(args, resolved, problem, traj, out: Path) -> list[str]:
         try:
             result = sensitivity(
                 lambda q: build(q).flow, p, settings.t1, transitions=lambda q: build(q).transitions,
-                t0=settings.t0, solver=settings.solver, rtol=settings.rtol, atol=settings.atol,
-                max_steps=settings.max_steps,
+                # The options the run itself had (PI control included).
+                **{k: v for k, v in presets.solve_options(settings).items()
+                   if k != "checkpoint_steps"},
             )
         except InputError as e:
             extra["sensitivity"] = dict(parameter=name, error=str(e))

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _defaults
 from ._errors import InputError
 from ._grids import linear_grid, log_grid
 from ._solvers import SOLVER_NAMES
@@ -74,18 +75,18 @@ class SolveSettings:
 
     t1: float
     t0: float = 0.0
-    solver: str = "tsit5"
-    rtol: float = 1e-8
+    solver: str = _defaults.SOLVER
+    rtol: float = _defaults.RTOL
     atol: float | None = None
-    max_steps: int = 100_000
-    save_points: int = 200
+    max_steps: int = _defaults.MAX_STEPS
+    save_points: int = _defaults.SAVE_POINTS
     grid: str = "log"
     refine: bool = False
     certify: bool = False
     checkpoint_steps: int = 0
     x32: bool = False
-    pcoeff: float = 0.0
-    icoeff: float = 1.0
+    pcoeff: float = _defaults.PCOEFF
+    icoeff: float = _defaults.ICOEFF
 
     def __post_init__(self):
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)):

@@ -42,6 +42,7 @@ similar difficulty together (e.g. sweep seeds at one `eps`) for the best through
 """
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -61,19 +62,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jaxtyping import ArrayLike, Float
 
+from . import _engine as engine
 from ._errors import InputError
 from ._flow import GradientFlow
-from ._grids import log_grid
-from . import _engine as engine
-from ._solve import (
-    _DEFAULT_SAVE_POINTS,
-    Transition,
-    _controller_alias,
-    _prepare as _solve_prepare,
-    _resolve_ts,
-)
+from ._results import member_stats, outcome, trajectory
 from ._scaling import ScalingLaw
-from ._solvers import make_solver, solver_name
+from ._solve import checked_flow
+from ._solvers import solver_name
+from ._spec import (
+    DEFAULT_ICOEFF, DEFAULT_MAX_STEPS, DEFAULT_PCOEFF, DEFAULT_RTOL,
+    DEFAULT_SOLVER, SolveSpec, Transition,
+)
 from ._stats import fit_line
 from ._trajectory import (
     Trajectory,
@@ -98,10 +97,10 @@ _RESERVED_AXES = ("status", "t_final", "steps")
 # One member's whole solve: the engine's `run`, then the observers at the final state
 
 
-def _member_solve(plan: engine.Plan, carry: dict, final_observers: dict) -> dict:
+def _member_solve(plan: engine.Plan, carry: engine.Carry, final_observers: dict) -> dict:
     """`gflow.solve`'s engine run for one member, plus the observables at its end."""
     c = engine.run(plan, carry, engine.ALL_SEGMENTS)
-    return dict(carry=c, final=engine.observe(plan.flow, final_observers, c["y"]))
+    return dict(carry=c, final=engine.observe(plan.flow, final_observers, c.y))
 
 
 def _group(keys: list) -> list[list[int]]:
@@ -223,6 +222,7 @@ class SweepMember(eqx.Module):
         timings are per group, in `Sweep.groups`.
     - `group`: index into `Sweep.groups` of the compiled program that ran this member.
     - `trajectory`: the full `Trajectory` when the sweep kept trajectories, else `None`.
+    - `spec`: the `gflow.SolveSpec` the member ran.
     """
 
     point: dict[str, Any]
@@ -234,6 +234,7 @@ class SweepMember(eqx.Module):
     stats: dict[str, Any]
     group: int
     trajectory: Trajectory | None = None
+    spec: SolveSpec | None = None
 
     @property
     def completed(self) -> bool:
@@ -339,7 +340,8 @@ class Sweep(eqx.Module):
     - `groups`: one dict per compiled program: `members` (indices), `size`, `batch`
         (`"map"`, `"vmap"` or `"loop"`), `devices` (over all processes), `processes`,
         `compile_seconds`, `run_seconds`.
-    - `t0`, `t1`, `solver`, `rtol`: the shared settings.
+    - `t0`, `t1`, `solver`, `rtol`: the shared settings (`rtol` the step-size controller's, as
+        `Trajectory.rtol`).
     """
 
     axes: dict[str, tuple]
@@ -655,25 +657,16 @@ def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
         getattr(built, "transitions", None) or ()
     )
 
-def _prepare(
-    flow, observers, transitions, *, t0, t1, solver, rtol, atol, ts, max_steps, dt0,
-    stepsize_controller, keep_trajectories,
-) -> tuple[tuple, dict]:
-    """`_member_solve`'s arguments for one member, prepared by `gflow.solve`'s own `_prepare`,
-    and the host-side facts needed to report it."""
-    all_observers = {"loss": flow.loss} | dict(observers or {})
+def _prepare(flow: GradientFlow, spec: SolveSpec, keep_trajectories: bool) -> tuple[tuple, dict]:
+    """`_member_solve`'s arguments for one member's `spec`, and what is needed to report it."""
+    flow = checked_flow(flow)
+    observers = spec.with_loss(flow)
     # Without trajectories only the final state is observed: the segments save the loss once.
-    saved = all_observers if keep_trajectories else {"loss": all_observers["loss"]}
-    setup = _solve_prepare(
-        flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=saved,
-        transitions=transitions, max_steps=max_steps, dt0=dt0,
-        stepsize_controller=stepsize_controller, ts=ts,
-    )
-    final = {"loss": setup.flow.loss} | dict(observers or {})
-    _, _, plan_key = engine.split(setup.plan)
-    template = engine.carry_template(setup.plan, plan_key)
-    args = (setup.plan, engine.start(template, setup.y0, t0), final)
-    return args, dict(setup=setup)
+    plan = spec.plan(flow, observers if keep_trajectories else {"loss": observers["loss"]})
+    _, _, plan_key = engine.split(plan)
+    template = engine.carry_template(plan, plan_key)
+    args = (plan, engine.start(template, flow.params, spec.t0), observers)
+    return args, dict(flow=flow, spec=spec)
 
 
 def sweep(
@@ -684,11 +677,11 @@ def sweep(
     mode: str = "grid",
     batch: str = "auto",
     t0: float = 0.0,
-    solver: str | diffrax.AbstractSolver = "auto",
-    rtol: float = 1e-8,
+    solver: str | diffrax.AbstractSolver = DEFAULT_SOLVER,
+    rtol: float = DEFAULT_RTOL,
     atol: float | None = None,
     ts: ArrayLike | None = None,
-    max_steps: int = 100_000,
+    max_steps: int = DEFAULT_MAX_STEPS,
     dt0: float | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     observers: Mapping[str, Callable] | None = None,
@@ -696,6 +689,9 @@ def sweep(
     keep_trajectories: bool = False,
     callback: Callable[[int, SweepMember], None] | None = None,
     controller: diffrax.AbstractStepSizeController | None = None,
+    pcoeff: float = DEFAULT_PCOEFF,
+    icoeff: float = DEFAULT_ICOEFF,
+    spec: SolveSpec | None = None,
 ) -> Sweep:
     """Solve the gradient flows of many points at once and collect their stage times.
 
@@ -712,7 +708,11 @@ def sweep(
         local devices, or every process's after `jax.distributed.initialize` (module notes).
     - `t0`, `solver`, `rtol`, `atol`, `ts`, `max_steps`, `dt0`, `stepsize_controller`: as
         `gflow.solve`, for every member (`atol=None` is scaled to each member's own init);
-        `controller` is an alias of `stepsize_controller`.
+        `controller` is an alias of `stepsize_controller`; `pcoeff`, `icoeff` the default
+        controller's PID coefficients. Each member runs the `gflow.SolveSpec` that
+        `gflow.solve(flow, t1, **these)` would (`SweepMember.spec`).
+    - `spec`: instead of those options, one `gflow.SolveSpec` for every member (its `atol` is
+        then shared); the problem's own observers and transitions are added to it.
     - `observers`, `transitions`: added after the problem's own (if `make_flow` returns one).
     - `keep_trajectories`: keep each member's full `Trajectory` (observables at the save times
         `ts`, default a 200-point log grid); otherwise only observables at the final state.
@@ -730,25 +730,28 @@ def sweep(
     if batch not in BATCH_MODES:
         raise InputError(f"batch must be one of {', '.join(BATCH_MODES)}, got {batch!r}")
     points = sweep_points(over, mode)
-    t0, t1 = float(t0), float(t1)
-    solver = make_solver(solver, rtol)
-    if ts is None:
-        ts = log_grid(t0, t1, _DEFAULT_SAVE_POINTS) if keep_trajectories else np.asarray([t1])
-    ts = _resolve_ts(ts, t0, t1)
+    if spec is not None and not isinstance(spec, SolveSpec):
+        raise InputError(f"spec must be a gflow.SolveSpec, got {type(spec).__name__}")
+    if ts is None and not keep_trajectories:
+        ts = [t1]  # only the final state is observed
     batch = _default_batch() if batch == "auto" else batch
 
-    stepsize_controller = _controller_alias(stepsize_controller, controller)
     all_args, infos = [], []
     for point in points:
         flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
-        args, info = _prepare(
-            flow,
-            own_observers | dict(observers or {}),
-            own_transitions + tuple(transitions),
-            t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, ts=ts, max_steps=max_steps,
-            dt0=dt0, stepsize_controller=stepsize_controller,
-            keep_trajectories=keep_trajectories,
-        )
+        if spec is None:
+            member_spec = SolveSpec.from_options(
+                flow, t1, t0=t0, solver=solver, rtol=rtol, atol=atol, ts=ts,
+                observers=own_observers | dict(observers or {}),
+                transitions=own_transitions + tuple(transitions), max_steps=max_steps,
+                dt0=dt0, stepsize_controller=stepsize_controller, controller=controller,
+                pcoeff=pcoeff, icoeff=icoeff,
+            )
+        else:
+            member_spec = dataclasses.replace(
+                spec, observers=own_observers | dict(spec.observers),
+                transitions=own_transitions + tuple(spec.transitions))
+        args, info = _prepare(flow, member_spec, keep_trajectories)
         all_args.append(args)
         infos.append(info)
 
@@ -757,6 +760,7 @@ def sweep(
     if jax.process_count() > 1:
         _check_same_groups(groups, all_args)
 
+    first = infos[0]["spec"]
     members: list[SweepMember | None] = [None] * len(points)
     group_infos = []
     for g, indices in enumerate(groups):
@@ -764,8 +768,7 @@ def sweep(
         outputs, info = _run_group([all_args[i] for i in indices], key, rebuild, batch)
         group_infos.append(dict(members=list(indices)) | info)
         for i, out in zip(indices, outputs):
-            members[i] = _member(points[i], infos[i], out, g, t0, t1, int(max_steps), dt0,
-                                 keep_trajectories)
+            members[i] = _member(points[i], infos[i], out, g, keep_trajectories)
             if callback is not None:
                 callback(i, members[i])
     return Sweep(
@@ -773,10 +776,10 @@ def sweep(
         mode=mode,
         members=tuple(members),
         groups=tuple(group_infos),
-        t0=t0,
-        t1=t1,
-        solver=solver_name(solver),
-        rtol=float(rtol),
+        t0=first.t0,
+        t1=first.t1,
+        solver=solver_name(first.solver),
+        rtol=first.rtol,
     )
 
 def _check_same_groups(groups: list[list[int]], all_args: list[tuple]) -> None:
@@ -792,18 +795,14 @@ def _check_same_groups(groups: list[list[int]], all_args: list[tuple]) -> None:
             "make_flow built different members (groups or array shapes) on different processes"
         ) from None
 
-def _member(point, info, out, group, t0, t1, max_steps, dt0, keep_trajectories) -> SweepMember:
+def _member(point, info, out, group, keep_trajectories) -> SweepMember:
     """A `SweepMember` (and its `Trajectory`) from the program's outputs for one member."""
-    setup = info["setup"]
-    carry, solver = out["carry"], setup.plan.solver
-    done = engine.outcome(carry, setup.names, max_steps)
-    trajectory = None
+    spec = info["spec"]
+    carry = out["carry"]
+    done = outcome(carry, [tr.name for tr in spec.transitions], spec.max_steps)
+    traj = None
     if keep_trajectories:
-        trajectory = engine.trajectory(
-            carry, flow=setup.flow, ts=setup.ts, names=setup.names, t0=t0, t1=t1,
-            solver=solver, rtol=setup.rtol, atol=setup.atol, max_steps=max_steps,
-            dt0_given=dt0 is not None,
-        )
+        traj = trajectory(carry, flow=info["flow"], spec=spec)
     return SweepMember(
         point=dict(point),
         status=done["status"],
@@ -811,7 +810,8 @@ def _member(point, info, out, group, t0, t1, max_steps, dt0, keep_trajectories) 
         transitions=done["transitions"],
         final=jtu.tree_map(np.asarray, out["final"]),
         t_final=done["t_final"],
-        stats=engine.member_stats(done, solver, dt0 is not None),
+        stats=member_stats(done, spec.solver),
         group=group,
-        trajectory=trajectory,
+        trajectory=traj,
+        spec=spec,
     )

@@ -305,11 +305,8 @@ def _run(args) -> int:
         settings.t1,
         mode=mode,
         batch=args.batch,
-        t0=settings.t0,
-        solver=settings.solver,
-        rtol=settings.rtol,
-        atol=settings.atol,
-        max_steps=settings.max_steps,
+        # The options a solve of this config runs with (PI control included): the same spec.
+        **{k: v for k, v in presets.solve_options(settings).items() if k != "checkpoint_steps"},
         callback=progress,
     )
     failed = [m for m in result.members if not m.completed]

@@ -161,6 +161,8 @@ class Trajectory:
     - `at_transitions`: `{transition name: {observable name: value}}`, every observable at the
         state where each reached transition was located (the root finder's state, which no
         save time holds unless one is placed there).
+    - `spec`: the `gflow.SolveSpec` the solve ran (re-solves, e.g. `gflow.critical_points`,
+        run the same solve from it); `None` for a trajectory loaded from disk.
     """
 
     ts: np.ndarray  # (n,)
@@ -182,6 +184,7 @@ class Trajectory:
     criteria: dict[str, str] = dataclasses.field(default_factory=dict)
     references: dict[str, dict[str, float | np.ndarray]] = dataclasses.field(default_factory=dict)
     at_transitions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    spec: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def completed(self) -> bool:

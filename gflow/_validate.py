@@ -63,12 +63,22 @@ def check_times(t0: Any, t1: Any) -> None:
 def check_settings(*, t0, t1, rtol, atol, max_steps, dt0) -> None:
     """Ranges of a solve's settings (see `gflow.solve`)."""
     check_times(t0, t1)
+    check_tolerances(rtol, atol)
+    check_steps(t0=t0, t1=t1, max_steps=max_steps, dt0=dt0)
+
+
+def check_tolerances(rtol, atol) -> None:
+    """`rtol` in (0, 1); `atol` positive and finite, or `None`."""
     if not (_is_real(rtol) and 0 < float(rtol) < 1):
         raise InputError(f"rtol must be a number in (0, 1), got {rtol!r}")
     if atol is not None and not (
         _is_real(atol) and float(atol) > 0 and math.isfinite(float(atol))
     ):
         raise InputError(f"atol must be a positive number or None, got {atol!r}")
+
+
+def check_steps(*, t0, t1, max_steps, dt0) -> None:
+    """`max_steps` a positive integer diffrax can count; `dt0` in (0, t1 - t0] or `None`."""
     if isinstance(max_steps, (bool, np.bool_)) or not isinstance(max_steps, numbers.Integral) \
             or not 1 <= int(max_steps) <= _MAX_STEPS:
         raise InputError(f"max_steps must be an integer between 1 and {_MAX_STEPS}, got "

@@ -21,7 +21,8 @@ from .._config import (
     read_toml,
 )
 from .._errors import InputError
-from .._solve import _prepare as _solve_prepare, pid_controller, solve
+from .._solve import solve
+from .._spec import SolveSpec
 from .._trajectory import Trajectory
 # The problem builders and their helpers are public here (the `X as X` form re-exports).
 from ._anchor import anchor as anchor
@@ -181,23 +182,25 @@ def check(resolved: Resolved) -> Problem:
                         f"{', '.join(sorted(names))}"
                     )
         # What gflow.solve validates before it compiles (the first pass's save times).
-        _solve_prepare(problem.flow, **_solve_arguments(problem, settings),
-                       ts=settings.save_times())
+        solve_spec(problem, settings, settings.save_times())
     return problem
 
 
-def _solve_arguments(problem: Problem, settings: SolveSettings) -> dict:
-    """The arguments of `gflow.solve` (and of its validation) a config sets."""
-    controller = None
-    if (settings.pcoeff, settings.icoeff) != (0.0, 1.0):
-        controller = pid_controller(
-            problem.flow, settings.rtol, settings.atol, t0=settings.t0, t1=settings.t1,
-            pcoeff=settings.pcoeff, icoeff=settings.icoeff,
-        )
+def solve_options(settings: SolveSettings) -> dict:
+    """The options of `gflow.SolveSpec.from_options` (and `gflow.solve`, `gflow.sweep`) that
+    a `[solve]` table sets, besides the problem's own observers and transitions."""
     return dict(
-        t0=settings.t0, t1=settings.t1, solver=settings.solver, rtol=settings.rtol,
-        atol=settings.atol, observers=problem.observers, transitions=problem.transitions,
-        max_steps=settings.max_steps, dt0=None, stepsize_controller=controller,
+        t0=settings.t0, solver=settings.solver, rtol=settings.rtol, atol=settings.atol,
+        max_steps=settings.max_steps, pcoeff=settings.pcoeff, icoeff=settings.icoeff,
+        checkpoint_steps=settings.checkpoint_steps or None,
+    )
+
+
+def solve_spec(problem: Problem, settings: SolveSettings, ts) -> SolveSpec:
+    """The `gflow.SolveSpec` a `[solve]` table gives for `problem`, saving at `ts`."""
+    return SolveSpec.from_options(
+        problem.flow, settings.t1, observers=problem.observers,
+        transitions=problem.transitions, ts=ts, **solve_options(settings),
     )
 
 
@@ -246,13 +249,11 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
             checkpoint = Path(checkpoint_dir) / f"checkpoint-{stage}.eqx"
         return solve(
             problem.flow,
-            **_solve_arguments(problem, settings),
-            ts=ts,
+            solve_spec(problem, settings, ts),
             # Passes after the first say which they are on their bar.
             progress=progress and (True if stage == "first" else f"{stage} pass"),
             certify=certify,
             checkpoint=checkpoint,
-            checkpoint_steps=settings.checkpoint_steps or None,
             resume=resume,
         )
 
