@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true",
                    help="print the resolved config as TOML and exit (save, edit, pass back)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--progress", action="store_true", help="show a progress bar over flow time")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar over flow time (the default when stderr is a "
+                        "terminal, unless --quiet)")
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
                    help="run on this JAX platform (default: JAX's choice)")
     p.add_argument("--certify", action=argparse.BooleanOptionalAction, default=None,
@@ -184,6 +186,14 @@ def _write_timings(out: Path, session: "_Session", traj) -> None:
     timings["main_seconds"] = time.perf_counter() - session.started
     atomic_write_bytes(out / "timings.json",
                        (json.dumps(timings, indent=2, allow_nan=False) + "\n").encode())
+
+
+def _show_progress(args) -> bool:
+    """A bar when asked for, or by default on a terminal; `--quiet` wins. The bar is drawn by
+    the host between chunks of the solve: the compiled program and its steps are the same."""
+    if args.quiet:
+        return False
+    return bool(args.progress) or sys.stderr.isatty()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -589,7 +599,7 @@ def _run(args, session: _Session) -> int:
     try:
         with session.timed("solve_seconds"):
             problem, traj = presets.run(
-                resolved, progress=args.progress, checkpoint_dir=out, resume=bool(args.resume),
+                resolved, progress=_show_progress(args), checkpoint_dir=out, resume=bool(args.resume),
                 problem=problem,
             )
     except InputError:

@@ -164,7 +164,7 @@ def test_critical_points_re_solve_is_the_solve(saxe_flow, saxe_target, monkeypat
         return out
 
     monkeypatch.setattr(critical, "solve", spy)
-    gflow.critical_points(saxe_flow, traj)
+    gflow.critical_points(traj, saxe_flow)
     rerun = seen[0]
     _assert_same(traj, rerun)
     assert rerun.spec.stepsize_controller.pcoeff == 0.3
