@@ -279,6 +279,8 @@ def _prepare(
     """
     check_inputs(flow, t0=t0, t1=t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0,
                  observers=observers, transitions=transitions)
+    # Real scalars of any kind (np.float32(1e-6), a 0-d array) from here on as Python floats.
+    rtol, atol = float(rtol), None if atol is None else float(atol)
     if not (math.isfinite(t0) and math.isfinite(t1)):
         raise InputError(f"t0 and t1 must be finite, got t0={t0}, t1={t1}")
     if not t1 > t0:
