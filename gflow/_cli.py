@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             _quiet_stdout()
             print(f"gflow: error: {session.os_error_message(e)}", file=sys.stderr)
+            session.remove_unstarted()  # a run that could not write its config leaves nothing
             return EXIT_ENVIRONMENT
         except KeyboardInterrupt:
             print(f"gflow: {session.interrupted_message()}", file=sys.stderr)

@@ -26,6 +26,9 @@ from ._errors import InputError
 from ._config import MAX_HORIZON
 
 _MAX_STEPS = 2**31 - 1  # diffrax counts steps in int32
+# An observer's name becomes a figure's file name (and its temporary file's, 20 bytes more):
+# file systems allow 255 bytes.
+_MAX_NAME_BYTES = 200
 
 
 def _is_real(x: Any) -> bool:
@@ -273,6 +276,9 @@ def _check_functions(flow, *, observers, transitions) -> None:
                 f"observer name {name!r}: names are non-empty strings other than 't' (the "
                 "time axis)"
             )
+        if len(name.encode()) > _MAX_NAME_BYTES:
+            raise InputError(f"observer name {name[:40]!r}... is {len(name.encode())} bytes "
+                             f"long: at most {_MAX_NAME_BYTES} (it names a figure's file)")
         if not callable(obs):
             raise InputError(f"observer {name!r} must be callable as observer(model, data)")
         out = _traced(obs, f"observer {name!r}", model, data)

@@ -274,7 +274,7 @@ def test_load_like_of_another_structure_is_refused(tmp_path):
         b: jnp.ndarray
 
     model = Two(jnp.ones(3), jnp.ones(4))
-    flow = gflow.GradientFlow(lambda m, d: jnp.sum(m.a**2) + jnp.sum(m.b**2), model)
+    flow = gflow.GradientFlow(model, lambda m, d: jnp.sum(m.a**2) + jnp.sum(m.b**2), None)
     traj = gflow.solve(flow, 0.1, ts=np.linspace(0, 0.1, 4))
     traj.save(tmp_path)
     assert gflow.load(tmp_path, like=model).final.b.shape == (4,)
@@ -288,7 +288,7 @@ def test_load_like_of_another_structure_is_refused(tmp_path):
 
 
 def test_names_round_trip_and_never_collide(tmp_path):
-    flow = gflow.GradientFlow(lambda m, d: jnp.sum(m**2), jnp.ones(2))
+    flow = gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(m**2), None)
     observers = {"a/b": lambda m, d: m[0], "a": {"b": lambda m, d: m[1] * 2}, "x%y": lambda m, d: m[0]}
     traj = gflow.solve(flow, 0.1, ts=np.linspace(0, 0.1, 3),
                        observers={"a/b": observers["a/b"], "x%y": observers["x%y"],
@@ -306,7 +306,7 @@ def test_save_removes_its_own_stale_transitions_file(finished, tmp_path):
     assert (run / "transitions.npz").is_file()
     traj = gflow.load(run)
     (run / "mine.npz").write_bytes(b"mine")
-    plain = gflow.solve(gflow.GradientFlow(lambda m, d: jnp.sum(m**2), jnp.ones(2)), 0.1,
+    plain = gflow.solve(gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(m**2), None), 0.1,
                         ts=np.linspace(0, 0.1, 3))
     plain.save(run)  # reaches no transition
     assert not (run / "transitions.npz").exists() and (run / "mine.npz").read_bytes() == b"mine"
@@ -318,15 +318,17 @@ def test_save_removes_its_own_stale_transitions_file(finished, tmp_path):
 
 
 def test_wrong_signatures_and_a_single_transition_are_one_line():
-    flow = gflow.GradientFlow(lambda m, d: jnp.sum(m**2), jnp.ones(2))
+    flow = gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(m**2), None)
     with pytest.raises(gflow.InputError, match=r"observer 'n' .* must be callable as \(model, "
                                                r"data\)"):
         gflow.solve(flow, 1.0, observers={"n": lambda m: jnp.sum(m)})
     with pytest.raises(gflow.InputError, match=r"loss .* must be callable as \(model, data\)"):
-        gflow.solve(gflow.GradientFlow(lambda m: jnp.sum(m**2), jnp.ones(2)), 1.0)
+        gflow.solve(gflow.GradientFlow(jnp.ones(2), lambda m: jnp.sum(m**2), None), 1.0)
     one = gflow.Transition("half", lambda m, d: jnp.sum(m**2) - 1.0)
     with pytest.raises(gflow.InputError, match=r"pass \[transition\]"):
         gflow.solve(flow, 1.0, transitions=one)
+    with pytest.raises(gflow.InputError, match="at most 200"):
+        gflow.solve(flow, 1.0, observers={"x" * 300: lambda m, d: m[0]})
     traj = gflow.solve(flow, 1.0, rtol=np.float32(1e-6))
     assert traj.completed and traj.rtol == pytest.approx(1e-6)
 
@@ -436,7 +438,7 @@ def test_a_full_disk_at_any_write_of_a_sweep_keeps_every_member(tmp_path, capsys
 
 
 def test_library_save_on_a_full_disk_says_the_result_is_intact(tmp_path, monkeypatch):
-    flow = gflow.GradientFlow(lambda m, d: jnp.sum(m**2), jnp.ones(2))
+    flow = gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(m**2), None)
     traj = gflow.solve(flow, 0.1, ts=np.linspace(0, 0.1, 3))
     with monkeypatch.context() as m:
         _FullDisk(m, 2)
@@ -446,3 +448,49 @@ def test_library_save_on_a_full_disk_says_the_result_is_intact(tmp_path, monkeyp
     assert gflow.load(tmp_path / "a").ts.shape == (3,)
     assert zipfile.is_zipfile(tmp_path / "a" / "trajectory.npz")
     assert info.value.errno == errno.ENOSPC
+
+
+# --------------------------------------------------------------------------------------------
+# Configs written by tomli-w, commented by --show; sweep observers per member
+
+
+def test_show_is_valid_commented_toml_for_any_string(tmp_path, capsys):
+    import tomllib
+
+    text = (Path(gflow.presets.__file__).parent / "deep-linear.toml").read_text()
+    text = text.replace('description = "', 'description = "two\\nlines \\u0001 \\"quoted\\" ')
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert main([str(path), "--show", "--set", "plot.labels={\"a.b\" = [\"x\"]}"]) == \
+        EXIT_BAD_INPUT  # no observable a.b: the dotted key is one name, not a table
+    capsys.readouterr()
+    assert main([str(path), "--show"]) == 0
+    shown = capsys.readouterr().out
+    back = tomllib.loads(shown)
+    assert back["preset"]["description"].startswith("two\nlines \x01 \"quoted\" ")
+    assert back["problem"] == tomllib.loads(text)["problem"]
+    lines = shown.splitlines()
+    eps = lines.index("eps = 0.001")
+    assert lines[eps - 1].startswith("# the init scale of every weight")
+    assert any(line.startswith("# ") and "relative tolerance" in line for line in lines)
+
+
+def test_sweep_observers_holding_one_members_init_are_refused_and_the_right_way_works():
+    from types import SimpleNamespace
+
+    def make(eps):
+        return gflow.GradientFlow(eps * jnp.ones(3), lambda m, d: jnp.sum(m**2), None)
+
+    change = gflow.observers.relative_change(lambda m: m, make(1e-3).model)
+    with pytest.raises(gflow.InputError, match="build it in make_flow"):
+        gflow.sweep(make, {"eps": [1e-2, 1e-3]}, 1.0, observers={"change": change})
+
+    def make_own(eps):
+        flow = make(eps)
+        return SimpleNamespace(flow=flow, observers={
+            "change": gflow.observers.relative_change(lambda m: m, flow.model)})
+
+    sweep = gflow.sweep(make_own, {"eps": [1e-2, 1e-3]}, 1.0, rtol=1e-10)
+    # dθ/dt = -2θ: θ(1) = θ0 e^-2, so the relative change is 1 - e^-2 for every member.
+    for member in sweep:
+        assert float(member.final["change"]) == pytest.approx(1 - np.exp(-2.0), rel=1e-7)
