@@ -489,6 +489,10 @@ def _run(args, session: _Session) -> int:
     # Before the preset is built: its eager programs are cached too (and a refused input's
     # are taken out again, see `_Session.forget_compilations`).
     session.cache = _enable_compilation_cache()
+    if args.list and args.resume:
+        raise InputError(f"--resume continues {args.resume} with its own config.toml and "
+                         "flags; drop --list (only --progress, --quiet and --platform go with "
+                         "it)")
     if args.list:
         for name in presets.preset_names():
             config = presets.preset_config(name)

@@ -256,10 +256,17 @@ def check_new(out: Path, *, overwrite: bool, kind: str, finished_file: str,
     if manifest.get("kind") not in (kind, "files") and listed(out):
         raise InputError(f"{flag} {out} holds a gflow {manifest.get('kind')}, not a {kind}: "
                          "give another directory")
-    if (out / finished_file).is_file() and not overwrite:
+    if overwrite:
+        return
+    if (out / finished_file).is_file():
         resume = f"continue it with --resume {out}, " if resume_hint else ""
         raise InputError(f"{flag} {out} already holds a {kind}: {resume}replace it with "
                          "--overwrite, or give another directory")
+    kept = listed(out)
+    if kept:  # e.g. a library save, or a sweep's members.jsonl: results, not leftovers
+        raise InputError(f"{flag} {out} holds files of an earlier gflow write "
+                         f"({kept[0].relative_to(out)}, ...): replace them with --overwrite, "
+                         "or give another directory")
 
 
 def in_use(out: Path) -> bool:

@@ -109,7 +109,13 @@ def _check_finite(tree: PyTree, what: str) -> None:
 def _resolve_ts(ts, t0: float, t1: float) -> np.ndarray:
     if ts is None:
         return log_grid(t0, t1, _DEFAULT_SAVE_POINTS)
-    ts = np.asarray(ts, dtype=np.float64)
+    try:
+        given = np.asarray(ts)
+        if np.iscomplexobj(given):
+            raise TypeError
+        ts = np.asarray(given, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"ts must be a 1-d array of real save times, got {ts!r:.60}") from None
     if ts.ndim != 1 or ts.size == 0:
         raise InputError(f"ts must be a non-empty 1-d array of save times, got shape {ts.shape}")
     if not np.all(np.isfinite(ts)):
@@ -490,6 +496,10 @@ def solve(
     if checkpoint is not None and checkpoint.is_dir():
         # Refused before anything is computed: a run would otherwise fail at its first write.
         raise InputError(f"checkpoint {checkpoint} is a directory: give a file path")
+    if checkpoint is not None:
+        parent = next((p for p in checkpoint.parents if os.path.lexists(p)), None)
+        if parent is not None and not parent.is_dir():
+            raise InputError(f"checkpoint {checkpoint}: {parent} is a file, not a directory")
     run = functools.partial(_integrate, t0=t0, t1=t1, max_steps=max_steps, dt0=dt0,
                             checkpoint_steps=checkpoint_steps, resume=resume)
     if not certify:

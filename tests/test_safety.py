@@ -85,6 +85,9 @@ def _user_folder(path: Path) -> Path:
 def _cases(tmp_path: Path, finished: Path) -> list[tuple[str, object, list[str], str, Path]]:
     """(name, entry, argv, message, directory that must stay byte-for-byte as it was)."""
     user = _user_folder(tmp_path / "user")
+    saved = tmp_path / "saved"  # a library save: results without a config
+    gflow.solve(gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(m**2), None), 0.1,
+                ts=np.linspace(0, 0.1, 3)).save(saved)
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     deep = tmp_path / "deep.toml"
@@ -102,6 +105,8 @@ def _cases(tmp_path: Path, finished: Path) -> list[tuple[str, object, list[str],
         ("user folder, --overwrite", main, TINY + ["--out", str(user), "--overwrite"],
          "--overwrite replaces only a gflow run's own files", user),
         ("finished run", main, TINY + ["--out", str(run)], "already holds a run", run),
+        ("a library save", main, TINY + ["--out", str(saved)],
+         "holds files of an earlier gflow write", saved),
         ("sweep into a user folder", sweep_main, SWEEP + ["--out", str(user)],
          "holding other files", user),
         ("sweep into a run", sweep_main, SWEEP + ["--out", str(run), "--overwrite"],
@@ -126,6 +131,9 @@ def _cases(tmp_path: Path, finished: Path) -> list[tuple[str, object, list[str],
          "drop --no-figures", run),
         ("--resume with --critical-points", main, ["--resume", str(run), "--critical-points"],
          "drop --critical-points", run),
+        ("--resume with --list", main, ["--resume", str(run), "--list"], "drop --list", run),
+        ("--resume with --sensitivity", main, ["--resume", str(run), "--sensitivity", "eps"],
+         "drop --sensitivity", run),
         ("--resume of a finished run", main, ["--resume", str(run)],
          "the run has finished; redraw its figures with python -m gflow.plot", run),
     ]
@@ -317,7 +325,7 @@ def test_save_removes_its_own_stale_transitions_file(finished, tmp_path):
 # Library messages
 
 
-def test_wrong_signatures_and_a_single_transition_are_one_line():
+def test_wrong_signatures_and_a_single_transition_are_one_line(tmp_path):
     flow = gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(m**2), None)
     with pytest.raises(gflow.InputError, match=r"observer 'n' .* must be callable as \(model, "
                                                r"data\)"):
@@ -329,6 +337,12 @@ def test_wrong_signatures_and_a_single_transition_are_one_line():
         gflow.solve(flow, 1.0, transitions=one)
     with pytest.raises(gflow.InputError, match="at most 200"):
         gflow.solve(flow, 1.0, observers={"x" * 300: lambda m, d: m[0]})
+    (Path(tmp_path) / "afile").write_text("a file")
+    with pytest.raises(gflow.InputError, match="is a file, not a directory"):
+        gflow.solve(flow, 1.0, checkpoint=tmp_path / "afile" / "c.eqx")
+    for ts in ("abc", np.array([0.1, 0.5]) + 1j):
+        with pytest.raises(gflow.InputError, match="ts must be a 1-d array of real save times"):
+            gflow.solve(flow, 1.0, ts=ts)
     traj = gflow.solve(flow, 1.0, rtol=np.float32(1e-6))
     assert traj.completed and traj.rtol == pytest.approx(1e-6)
 
