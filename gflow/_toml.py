@@ -79,11 +79,13 @@ def field_comments(documented: Any) -> dict[str, str]:
             continue
         body = " ".join(bullet[2:].split())
         body = re.split(r"\s\*\*\w", body)[0]  # the next section's heading ends the list
-        head, sep, text = body.partition(": ")
-        if not sep:
-            continue
-        for name in re.findall(r"`(\w+)`", head):
-            comments.setdefault(name, text.replace("`", ""))
+        # One bullet may document several fields: "`a`: text; `b`: text".
+        for part in re.split(r";\s+(?=`\w+`(?:, `\w+`)*: )", body):
+            head, sep, text = part.partition(": ")
+            if not sep:
+                continue
+            for name in re.findall(r"`(\w+)`", head):
+                comments.setdefault(name, text.replace("`", ""))
     return comments
 
 
