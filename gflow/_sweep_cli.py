@@ -301,7 +301,7 @@ def _key(point: dict) -> tuple:
 def _run(args, session: _SweepSession) -> int:
     import jax
 
-    from . import _rundir, presets
+    from . import presets
     from ._config import parse_value
     from ._sweep import sweep, sweep_points
 

@@ -508,3 +508,12 @@ def test_sweep_observers_holding_one_members_init_are_refused_and_the_right_way_
     # dθ/dt = -2θ: θ(1) = θ0 e^-2, so the relative change is 1 - e^-2 for every member.
     for member in sweep:
         assert float(member.final["change"]) == pytest.approx(1 - np.exp(-2.0), rel=1e-7)
+
+
+def test_a_failing_sweep_member_warns_in_one_line(tmp_path, capsys):
+    argv = SWEEP + ["--set", "solve.max_steps=3", "--out", str(tmp_path / "sweep")]
+    assert sweep_main(argv) == 3  # EXIT_RUN_FAILED: the files are written all the same
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "warnings.warn" not in err, err
+    assert all(line.startswith("gflow: ") for line in err.splitlines()), err
+    assert (tmp_path / "sweep" / "sweep.json").is_file()
