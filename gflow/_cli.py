@@ -335,6 +335,12 @@ class _Session:
         if self.run_dir is None or not (self.run_dir / "config.toml").is_file():
             return "interrupted before the run started; nothing was written"
         from ._checkpoint import checked_checkpoint
+        from ._rundir import read_manifest
+
+        with contextlib.suppress(InputError):
+            if (read_manifest(self.run_dir) or {}).get("state") in ("figures", "timings"):
+                return ("interrupted after the results were written; draw the figures with "
+                        f"python -m gflow.solve --resume {self.run_dir}")
 
         times = []
         for path in self.run_dir.glob(_CHECKPOINTS):
