@@ -504,6 +504,7 @@ def _run(args, session: _Session) -> int:
             config = presets.preset_config(name)
             default = " (default)" if name == presets.DEFAULT_PRESET else ""
             print(f"{name:<16} {config.get('preset', {}).get('description', '')}{default}")
+        sys.stdout.flush()  # a closed or full output is reported here, in one line
         return 0
 
     overrides = list(args.set)
