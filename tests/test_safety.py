@@ -353,9 +353,10 @@ def test_wrong_signatures_and_a_single_transition_are_one_line(tmp_path):
 
 def test_closed_pipe_and_full_device_are_one_line(tmp_path):
     code = "import sys; from gflow._cli import main; sys.exit(main())"
-    pipe = subprocess.run(f"{sys.executable} -c '{code}' --list | head -c 10", shell=True,
-                          capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in pipe.stderr and pipe.stderr.count("\n") <= 1, pipe.stderr
+    for command in ("--list | head -c 10", "deep-linear --show | true"):
+        pipe = subprocess.run(f"{sys.executable} -c '{code}' {command}", shell=True,
+                              capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in pipe.stderr and pipe.stderr.count("\n") <= 1, pipe.stderr
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-c", code, "--list"], stdout=full,
                               stderr=subprocess.PIPE, text=True, timeout=120)
