@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from . import _defaults
+from . import _toml
 from ._errors import InputError
+from ._rundir import check_name
 from ._grids import linear_grid, log_grid
 from ._solvers import SOLVER_NAMES
 
@@ -296,17 +298,21 @@ def read_toml(path: str | Path) -> dict:
     """A TOML file as a dict, with a one-line error naming the file when it is malformed."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise InputError(f"config file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise InputError(f"malformed config {path}: {e}".splitlines()[0]) from None
     except OSError as e:  # a directory, no permission, a name too long
         raise InputError(f"cannot read config {path}: {e.strerror or e}") from None
+    return _toml.loads(text, str(path))
 
 
 def parse_value(text: str) -> Any:
     """A `--set` value: a TOML literal (`1e-3`, `true`, `[1, 2]`, `"s"`) or else a bare string."""
+    if _toml._nesting(text) > _toml.MAX_DEPTH:
+        raise InputError(f"--set value {text[:40]}...: nested deeper than {_toml.MAX_DEPTH} "
+                         "levels")
     try:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
@@ -353,30 +359,26 @@ def check_tables(config: dict) -> None:
         value = config.get("preset", {}).get(key)
         if value is not None and not isinstance(value, str):
             raise InputError(f"preset.{key} must be a string, got {value!r}")
+    name = config.get("preset", {}).get("name")
+    if name is not None:
+        check_name(name)
 
 
-def dumps_toml(config: dict) -> str:
-    """`config` as TOML text (tables of scalars and lists; `None` values are omitted)."""
+def dumps_toml(config: dict, comments: bool = False, problem: Any = None) -> str:
+    """`config` as TOML text (tables of scalars, lists and tables; `None` values are omitted),
+    written by `tomli-w`.
 
-    def literal(value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return repr(value)
-        if isinstance(value, str):
-            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(value, (list, tuple)):
-            return "[" + ", ".join(literal(v) for v in value) + "]"
-        if isinstance(value, dict):
-            return "{" + ", ".join(f"{k} = {literal(v)}" for k, v in value.items()) + "}"
-        raise TypeError(f"cannot write {value!r} as TOML")
+    **Arguments:**
 
-    lines = []
-    for table in ("preset", "problem", "solve", "plot"):
-        values = config.get(table)
-        if not values:
-            continue
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {literal(v)}" for k, v in values.items() if v is not None]
-        lines.append("")
-    return "\n".join(lines)
+    - `config`: the tables.
+    - `comments`: write above each key what it means: the `[solve]` and `[plot]` fields'
+        documentation, and that of `problem` (the problem builder, a documented function) for
+        `[problem]` (`python -m gflow.solve --show`).
+    """
+    notes = None
+    if comments:
+        notes = dict(solve=_toml.field_comments(SolveSettings),
+                     plot=_toml.field_comments(PlotSettings))
+        if problem is not None:
+            notes["problem"] = _toml.field_comments(problem)
+    return _toml.dumps(config, notes)

@@ -32,7 +32,6 @@ from ._errors import InputError
 from ._flow import GradientFlow
 from ._progress import FlowTimeBar
 from ._results import trajectory
-from ._solvers import is_adaptive, solver_name
 from ._spec import (
     DEFAULT_ICOEFF, DEFAULT_MAX_STEPS, DEFAULT_PCOEFF, DEFAULT_RTOL, DEFAULT_SOLVER, DTMIN,
     SolveSpec, Transition, _pid_controller, default_atol,
@@ -246,6 +245,10 @@ def solve(
         # Refused before anything is computed: a run would otherwise fail at its first write.
         raise InputError(f"checkpoint {checkpoint} is a directory: give a file path")
     flow = checked_flow(flow)
+    if checkpoint is not None:
+        parent = next((p for p in checkpoint.parents if os.path.lexists(p)), None)
+        if parent is not None and not parent.is_dir():
+            raise InputError(f"checkpoint {checkpoint}: {parent} is a file, not a directory")
     if not certify:
         return _integrate(flow, spec, resume=resume, checkpoint=checkpoint, progress=progress,
                           meter=progress_meter)

@@ -147,9 +147,12 @@ def _save_times(ts, t0: float, t1: float) -> np.ndarray:
     if ts is None:
         return log_grid(t0, t1, DEFAULT_SAVE_POINTS)
     try:
-        ts = np.asarray(ts, dtype=np.float64)
+        given = np.asarray(ts)
+        if np.iscomplexobj(given):
+            raise TypeError
+        ts = np.asarray(given, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError("ts must be a 1-d array of real save times") from None
+        raise InputError(f"ts must be a 1-d array of real save times, got {ts!r:.60}") from None
     if ts.ndim != 1 or ts.size == 0:
         raise InputError(f"ts must be a non-empty 1-d array of save times, got shape {ts.shape}")
     return ts
@@ -217,7 +220,7 @@ class SolveSpec(eqx.Module):
                              f"{type(self.observers).__name__}")
         for name, obs in self.observers.items():
             if not isinstance(name, str) or not callable(obs):
-                raise InputError(f"observer {name!r} must be a callable observer(model, data)")
+                raise InputError(f"observer {name!r} must be callable as observer(model, data)")
         if not isinstance(self.transitions, tuple):
             raise InputError("transitions must be a tuple of gflow.Transition objects")
         for tr in self.transitions:

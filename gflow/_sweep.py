@@ -81,6 +81,8 @@ from ._trajectory import (
     _json_ready,
     atomic_write_bytes,
     package_versions,
+    remove_stale,
+    write_manifest,
 )
 
 
@@ -242,6 +244,26 @@ class SweepMember(eqx.Module):
         return self.status == "completed"
 
 
+def member_summary(m: SweepMember) -> dict[str, Any]:
+    """One member's entry of `sweep.json` (JSON-ready; final observables with more than 64
+    numbers are left out)."""
+    final = {
+        name: value
+        for name, value in _flat_names(m.final).items()
+        if np.size(value) <= _MAX_JSON_OBSERVABLE_SIZE
+    }
+    return _json_ready(dict(
+        point=m.point,
+        status=m.status,
+        message=m.message,
+        t_final=m.t_final,
+        transitions=m.transitions,
+        stats=m.stats,
+        group=m.group,
+        final={k: np.asarray(v, dtype=float).tolist() for k, v in final.items()},
+    ))
+
+
 class ScalingFit(eqx.Module):
     """A least-squares scaling law of a transition time against a swept parameter.
 
@@ -385,25 +407,7 @@ class Sweep(eqx.Module):
     def summary(self) -> dict[str, Any]:
         """The JSON-ready content of `sweep.json` (non-finite numbers as `null`); final
         observables with more than 64 numbers are left out."""
-        members = []
-        for m in self.members:
-            final = {
-                name: value
-                for name, value in _flat_names(m.final).items()
-                if np.size(value) <= _MAX_JSON_OBSERVABLE_SIZE
-            }
-            members.append(
-                dict(
-                    point=m.point,
-                    status=m.status,
-                    message=m.message,
-                    t_final=m.t_final,
-                    transitions=m.transitions,
-                    stats=m.stats,
-                    group=m.group,
-                    final={k: np.asarray(v, dtype=float).tolist() for k, v in final.items()},
-                )
-            )
+        members = [member_summary(m) for m in self.members]
         return _json_ready(
             dict(
                 axes={k: list(v) for k, v in self.axes.items()},
@@ -441,7 +445,22 @@ class Sweep(eqx.Module):
         The directory's path.
         """
         path = Path(path)
+        if os.path.lexists(path) and not path.is_dir():
+            raise InputError(f"cannot save the sweep to {path}: it exists and is not a "
+                             "directory")
         path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._save(path, extra, fits)
+        except OSError as e:
+            e.add_note(f"gflow: this Sweep is intact in memory: call its save() again (into "
+                       f"{path} once it has room, or elsewhere)")
+            raise
+        return path
+
+    def _save(self, path: Path, extra, fits) -> None:
+        # The directory's manifest lists what gflow wrote there: figures of an earlier save
+        # that this one does not redraw are removed, a user's files are not.
+        write_manifest(path)
         extra = dict(extra or {}) | ({"fits": [f.summary() for f in fits]} if fits else {})
         summary = self.summary() | _json_ready(extra)
         text = json.dumps(summary, indent=2, default=_json_default, allow_nan=False)
@@ -453,13 +472,14 @@ class Sweep(eqx.Module):
         for row in rows:
             writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
         atomic_write_bytes(path / MEMBERS_FILE, buffer.getvalue().encode())
-        for fit in fits:
+        names = [f"figures/{fit.transition}_vs_{fit.against}".replace("/", "__")
+                 .replace("figures__", "figures/", 1) + ".png" for fit in fits]
+        remove_stale(path, set(names), among=lambda name: name.startswith("figures/"))
+        for fit, name in zip(fits, names):
             (path / "figures").mkdir(exist_ok=True)
             buffer = io.BytesIO()
             plot_fit(fit, self).savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-            name = f"{fit.transition}_vs_{fit.against}".replace("/", "__")
-            atomic_write_bytes(path / "figures" / f"{name}.png", buffer.getvalue())
-        return path
+            atomic_write_bytes(path / name, buffer.getvalue())
 
     def fit(
         self,
@@ -736,9 +756,10 @@ def sweep(
         ts = [t1]  # only the final state is observed
     batch = _default_batch() if batch == "auto" else batch
 
-    all_args, infos = [], []
+    all_args, infos, models = [], [], []
     for point in points:
         flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
+        models.append(flow.model)
         if spec is None:
             member_spec = SolveSpec.from_options(
                 flow, t1, t0=t0, solver=solver, rtol=rtol, atol=atol, ts=ts,
@@ -755,6 +776,7 @@ def sweep(
         all_args.append(args)
         infos.append(info)
 
+    _check_shared_observers(spec.observers if spec is not None else observers, models)
     splits = [engine.split(args) for args in all_args]
     groups = _group([key for _, _, key in splits])
     if jax.process_count() > 1:
@@ -781,6 +803,48 @@ def sweep(
         solver=solver_name(first.solver),
         rtol=first.rtol,
     )
+
+def _held_arrays(fn, depth: int = 0) -> list[np.ndarray]:
+    """The arrays an observer holds: its module fields' and, for a function, those of the
+    variables it closes over (one level of nesting)."""
+    arrays = [np.asarray(x) for x in jtu.tree_leaves(eqx.filter(fn, eqx.is_array))]
+    if depth < 2:
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(value):
+                arrays += _held_arrays(value, depth + 1)
+            else:
+                arrays += [np.asarray(x) for x in jtu.tree_leaves(eqx.filter(value, eqx.is_array))]
+    return arrays
+
+
+def _digest(x: np.ndarray) -> tuple:
+    return (x.shape, str(x.dtype), zlib.crc32(np.ascontiguousarray(x).tobytes()))
+
+
+def _check_shared_observers(observers: Mapping[str, Callable] | None, models: list) -> None:
+    """`sweep(observers=...)` are shared by every member: one holding a member's own initial
+    arrays (e.g. `observers.relative_change(where, initial_model)` built from one member's
+    model) would compare every other member with that one. Refused in one line that says how
+    to give each member its own: from `make_flow`."""
+    if not observers or len(models) < 2:
+        return
+    per_member = [{_digest(np.asarray(x)) for x in jtu.tree_leaves(eqx.filter(m, eqx.is_array))}
+                  for m in models]
+    everywhere = set.intersection(*per_member)
+    for name, obs in observers.items():
+        for x in _held_arrays(obs):
+            d = _digest(x)
+            if d not in everywhere and any(d in member for member in per_member):
+                raise InputError(
+                    f"observer {name!r} holds an array of one member's model (an initial "
+                    "model?) and would compare every member with that one: build it in "
+                    "make_flow from the member's own model and return it there, e.g. "
+                    "SimpleNamespace(flow=flow, observers={...})")
+
 
 def _check_same_groups(groups: list[list[int]], all_args: list[tuple]) -> None:
     """Every process must run the same programs on arrays of the same shapes, in the same

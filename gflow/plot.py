@@ -6,7 +6,9 @@ Figures are `matplotlib.figure.Figure`s built directly: no pyplot, no backend sw
 state; `savefig` picks the renderer for each format.
 """
 
+import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -365,7 +367,13 @@ def save_figures(
 def _parser():
     import argparse
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            # One line, no usage block, as every other error of gflow's commands.
+            print(f"gflow.plot: error: {message} (see --help)", file=sys.stderr)
+            raise SystemExit(2)
+
+    parser = Parser(
         prog="python -m gflow.plot",
         description="Redraw the figures of a saved run (RUN_DIR/figures) with its [plot] settings.")
     parser.add_argument("run_dir", metavar="RUN_DIR")
@@ -379,23 +387,33 @@ def _parser():
 def main(argv: list[str] | None = None) -> int:
     """`python -m gflow.plot RUN_DIR [--linear] [--formats png,pdf]`: redraw a saved run's
     figures; returns the exit status."""
-    from ._trajectory import load
+    from ._rundir import describe_os_error
+    from ._trajectory import read_run
 
-    args = _parser().parse_args(argv)
     try:
-        traj = load(args.run_dir)
-        plot = (traj.config or {}).get("plot", {})
-        axis = "linear" if args.linear else plot.get("time_axis", "log")
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code
+    figures = Path(args.run_dir) / "figures"
+    try:
+        traj, plot = read_run(args.run_dir)
+        if os.path.lexists(figures) and not figures.is_dir():
+            raise InputError(f"{figures} exists and is not a directory: move it aside")
+        axis = "linear" if args.linear else plot["time_axis"]
         formats = (tuple(f.strip() for f in args.formats.split(",")) if args.formats
-                   else tuple(plot.get("formats", ("png",))))
-        paths = save_figures(
-            traj, Path(args.run_dir) / "figures", time_axis=axis, labels=plot.get("labels"),
-            heatmaps=tuple(plot.get("heatmaps", ())), formats=formats,
-        )
+                   else plot["formats"])
+        paths = save_figures(traj, figures, time_axis=axis, labels=plot["labels"],
+                             heatmaps=plot["heatmaps"], formats=formats)
+        print(f"wrote {len(paths)} figures to {figures}")
+        sys.stdout.flush()
     except InputError as e:
         print(f"gflow.plot: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(paths)} figures to {Path(args.run_dir) / 'figures'}")
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"gflow.plot: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -181,9 +181,46 @@ def check(resolved: Resolved) -> Problem:
                         f"plot.{field}: no observable {name!r} in this problem; observables: "
                         f"{', '.join(sorted(names))}"
                     )
+        _check_plot_shapes(problem, plot)
         # What gflow.solve validates before it compiles (the first pass's save times).
         solve_spec(problem, settings, settings.save_times())
     return problem
+
+
+def _check_plot_shapes(problem: Problem, plot) -> None:
+    """`plot.labels` name one label per component of their observable, and `plot.heatmaps`
+    square-matrix observables (shapes by abstract evaluation: nothing is compiled)."""
+    observers = {"loss": problem.flow.loss, **problem.observers}
+    flow = problem.flow
+
+    def leaves(name: str) -> list:
+        top, _, rest = name.partition("/")
+        out = jax.eval_shape(observers[top], flow.model, flow.data)
+        for part in rest.split("/") if rest else ():
+            if not isinstance(out, dict) or part not in out:
+                raise InputError(f"plot: observable {top!r} has no part {rest!r}")
+            out = out[part]
+        return jax.tree_util.tree_leaves(out)
+
+    for name, labels in plot.labels.items():
+        found = leaves(name)
+        if found and all(len(leaf.shape) >= 2 for leaf in found):
+            continue  # a heatmap's row names
+        if len(found) > 1 and all(leaf.shape == () for leaf in found):
+            count = len(found)  # a dict of scalars: one figure, a line each
+        elif len(found) == 1:
+            count = math.prod(found[0].shape)
+        else:
+            continue  # one figure per leaf: labels do not apply to the group
+        if count != len(labels):
+            raise InputError(f"plot.labels.{name}: {len(labels)} label(s) for {count} "
+                             f"component(s) of the observable {name!r}")
+    for name in plot.heatmaps:
+        for leaf in leaves(name):
+            if len(leaf.shape) != 2 or leaf.shape[0] != leaf.shape[1]:
+                raise InputError(f"plot.heatmaps: {name!r} is not a square matrix (shape "
+                                 f"{leaf.shape}): only square-matrix observables are drawn "
+                                 "as heatmaps")
 
 
 def solve_options(settings: SolveSettings) -> dict:
