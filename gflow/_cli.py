@@ -595,6 +595,8 @@ def _run(args, session: _Session) -> int:
         if not args.resume:  # bad input found late still leaves nothing of a new run
             _rundir.clear(out)
             session.remove_unstarted()
+        else:  # a refused resume (a checkpoint of another problem) changes nothing
+            session.claim.undo_adoption()
         raise
 
     # Results first (summary.json, trajectory.npz), figures after: they are redrawable.

@@ -321,6 +321,14 @@ class Claim:
         self.directory = directory
         self.lock = lock
         self.created = created
+        self.adopted = False  # whether `adopt` gave a run of older gflow its manifest
+
+    def undo_adoption(self) -> None:
+        """Remove the manifest `adopt` wrote (a resume refused: the directory as it was)."""
+        if self.adopted:
+            with contextlib.suppress(OSError):
+                (self.directory / MANIFEST_FILE).unlink()
+            self.adopted = False
 
     def set_state(self, state: str) -> None:
         write_manifest(self.directory, state=state)
@@ -410,6 +418,7 @@ def adopt(out: Path, flag: str = "--resume") -> Claim:
         if read_manifest(out) is None:
             names = [p.name for p in out.iterdir() if _KNOWN.match(p.name) and p.is_file()]
             write_manifest(out, kind="run", state="solving", add=tuple(names))
+            held.adopted = True
     except BaseException:
         held.release(remove_lock=False)
         raise

@@ -518,3 +518,26 @@ def test_a_failing_sweep_member_warns_in_one_line(tmp_path, capsys):
     assert "Traceback" not in err and "warnings.warn" not in err, err
     assert all(line.startswith("gflow: ") for line in err.splitlines()), err
     assert (tmp_path / "sweep" / "sweep.json").is_file()
+
+
+def test_a_refused_resume_leaves_no_lock_no_manifest_and_no_cache_entry(tmp_path):
+    """A checkpoint of another problem (the config edited after the run started) is refused
+    in one line; the directory stays byte for byte as it was (no lock, no manifest), and the
+    compilation cache (a fresh one, in a real process) holds no entry of the refused run."""
+    from gflow import presets
+    from gflow._config import dumps_toml
+
+    out = tmp_path / "run"
+    overrides = ["problem.width=2", "problem.singular_values=[1.5]", "solve.save_points=12",
+                 "solve.t1=6"]
+    presets.run(presets.resolve("deep-linear", overrides), checkpoint_dir=out)
+    edited = presets.resolve("deep-linear", overrides + ["problem.eps=0.002"])
+    (out / "config.toml").write_text(dumps_toml(edited.config))
+    before, cache = _tree(out), tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "gflow.solve", "--resume", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"GFLOW_CACHE_DIR": str(cache)})
+    assert proc.returncode == EXIT_BAD_INPUT
+    _one_line(proc.stderr, "belongs to another problem")
+    assert _tree(out) == before
+    assert not cache.exists() or not list(cache.iterdir())
