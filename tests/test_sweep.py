@@ -331,14 +331,18 @@ def test_cli_writes_members_json_and_scaling_figure(tmp_path, capsys):
     assert "[8/8]" in report and "1 compiled program(s)" in report
     rows = np.genfromtxt(out / "members.csv", delimiter=",", names=True, dtype=None,
                          encoding="utf-8")
-    assert rows.dtype.names == ("eps", "seed", "status", "mode1_learned", "mode2_learned",
-                                "t_final", "steps")
+    # The final observables follow the transition times (members.csv has them since the
+    # sweep's results became a table to keep working with: the columns changed on purpose).
+    assert rows.dtype.names[:7] == ("eps", "seed", "status", "mode1_learned", "mode2_learned",
+                                    "t_final", "steps")
+    summary = json.loads((out / "sweep.json").read_text())
+    np.testing.assert_array_equal(rows["final_loss"],
+                                  [m["final"]["loss"] for m in summary["members"]])
     assert len(rows) == 8 and set(rows["status"]) == {"completed"}
     for row in rows:
         for k, s in enumerate((2.0, 1.0)):
             exact = saxe_half_rise_time(s, row["eps"] ** 2)  # each factor carries eps
             assert row[f"mode{k + 1}_learned"] == pytest.approx(exact, rel=10 * RTOL)
-    summary = json.loads((out / "sweep.json").read_text())
     # Each member was built by its own call of the preset's builder (new closures), yet all
     # share one compiled program.
     assert len(summary["groups"]) == 1 and summary["groups"][0]["size"] == 8
