@@ -22,10 +22,10 @@ not from a step end: diffrax's `Event` truncates the step at the root and return
 interpolated state (the step end is not kept; keeping it would mean saving every step). What
 that costs is one interpolation error per transition. With Tsit5 (the default) the dense
 output is as accurate as the steps (its save-grid error is measured at about 1x rtol in
-benchmarks/RESULTS.md), so a restart adds an error of the order of one step's, against the
+docs/results.md), so a restart adds an error of the order of one step's, against the
 hundreds of steps that make up the global error: it does not matter there. With Dopri8 it
 does at tight tolerances: its dense output is 50-150x its rtol, and a Dopri8 rtol-1e-12
-solve with transitions strays ~6e-12 from the same solve without them (RESULTS.md).
+solve with transitions strays ~6e-12 from the same solve without them (docs/results.md).
 """
 
 import collections
@@ -238,7 +238,7 @@ def _segment(plan: Plan, c: dict) -> dict:
     # Only the controller's state is saved, for the host (`outcome`), and none is passed in:
     # every segment starts its solver and controller afresh, as a new diffeqsolve from the
     # segment's start. Passing them in (to resume the step-size history across a transition)
-    # measured 2-4% slower on a small solve (benchmarks/RESULTS.md), and buys nothing after a
+    # measured 2-4% slower on a small solve (docs/results.md), and buys nothing after a
     # transition, where the step was cut at the root and the first stage must be evaluated
     # again anyway.
     saveat = diffrax.SaveAt(

@@ -13,8 +13,8 @@ import numpy as np
 from ._errors import InputError
 from ._trajectory import Trajectory, _flat_names
 
-# A repr line longer than this ends in "…, (+k more)": a preset records dozens of observables.
-_LINE = 160
+# A repr list longer than this ends in "…, (+k more)": a preset records dozens of observables.
+_LINE = 84
 
 
 def _number(x: Any) -> str:
