@@ -78,7 +78,7 @@ def _public_paths() -> dict[str, str]:
             if inspect.ismodule(value) or not qualname or where == module.__name__:
                 continue
             if "._" in f"{where}.{qualname}":
-                paths[f"{where}.{qualname}"] = f"gflow.{package}.{name}"
+                paths.setdefault(f"{where}.{qualname}", f"gflow.{package}.{name}")
     return paths
 
 

@@ -924,9 +924,9 @@ def main(argv=None) -> int:
 SUITE_TITLE = "Exact flow against gradient descent, bare diffrax, scipy and torchdiffeq"
 SUITE_SUMMARY = (
     "Three problems: (a) `deep-linear` (512 parameters), (b) `cooccurrence` (57,344), (c) "
-    "the two-stage attention model of Chen & Luo's theorems (264). Every method is scored by its largest relative state error "
-    "over the save grid against a Dopri8 reference at rtol 1e-12 (cross-checked with scipy's "
-    "DOP853); gradient descent's iterate k is compared with the flow at t = kη. Wall times "
+    "the two-stage attention model of Chen & Luo's theorems (264). Every method is scored by "
+    "its largest relative state error over the save grid against a Dopri8 reference at rtol "
+    "1e-12 (cross-checked with scipy's DOP853); gradient descent's iterate k is compared with the flow at t = kη. Wall times "
     "exclude compilation. The detailed tables (every method and setting, matched-error "
     "ratios) are in the run's `report.md` beside its JSON.")
 
@@ -943,7 +943,8 @@ def suite_rows(data: dict, figures_dir: Path) -> tuple[list[dict], list[Path]]:
         rows.append(dict(quantity=f"compile seconds of the default CLI run, {run['run']}",
                          value=run["compile_seconds"], unit="s",
                          detail=f"`{run['preset']}` preset; whole process "
-                                f"{run['process_seconds']:.1f} s, solve {run['run_seconds']:.1f} s"))
+                                f"{run['process_seconds']:.1f} s, "
+                                f"solve {run['run_seconds']:.1f} s"))
     for m in data.get("memory") and data.get("memory_verdict") or ():
         rows.append(dict(
             quantity=f"peak memory growth over {m['steps'][0]}–{m['steps'][1]} steps, "

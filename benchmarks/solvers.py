@@ -622,7 +622,8 @@ def _write_suite(workloads: dict, info: dict, command: str, figures_dir: Path,
             mm = [x for x in w["analysis"]["matched"] if x["solver"] == pick]
             if not mm:
                 continue
-            where = f"{w['tag']} {w['name']}, auto = {pick} (errors {_span([x['error'] for x in mm])})"
+            errors = _span([x["error"] for x in mm])
+            where = f"{w['tag']} {w['name']}, auto = {pick} (errors {errors})"
             ratios = [x["evaluation_ratio"] for x in mm]
             met = sum(r is not None and r <= 0.7 for r in ratios)
             known = sum(r is not None for r in ratios)

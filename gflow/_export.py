@@ -157,15 +157,20 @@ def trajectory_to_xarray(traj: Trajectory):
     return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 
+def _reached(sweep, name: str) -> int:
+    return sum(math.isfinite(m.transitions.get(name, math.nan)) for m in sweep.members)
+
+
 def sweep_repr(sweep) -> str:
     """A few lines: axes, members by status, transitions reached, compiled programs."""
     statuses: dict[str, int] = {}
     for m in sweep.members:
         statuses[m.status] = statuses.get(m.status, 0) + 1
-    axes = [f"{name}={_listing([_number(v) if isinstance(v, (int, float)) else repr(v) for v in values], 60)}"
+    axes = [f"{name}=" + _listing([_number(v) if isinstance(v, (int, float)) else repr(v)
+                                   for v in values], 60)
             for name, values in sweep.axes.items()]
-    reached = [f"{name} {sum(math.isfinite(m.transitions.get(name, math.nan)) for m in sweep.members)}"
-               f"/{len(sweep.members)}" for name in sweep.transition_names]
+    reached = [f"{name} {_reached(sweep, name)}/{len(sweep.members)}"
+               for name in sweep.transition_names]
     lines = [
         f"Sweep({len(sweep.members)} members ({sweep.mode}), "
         + ", ".join(f"{k} {v}" for k, v in statuses.items())

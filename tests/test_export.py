@@ -5,7 +5,6 @@ import json
 import re
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import equinox as eqx
@@ -101,8 +100,9 @@ def test_run_directories_without_component_names_still_load(traj, tmp_path):
 
 
 def test_sweep_repr_table_and_pandas():
-    flow_of = lambda eps: gflow.GradientFlow(Pair(jnp.array(eps), jnp.full(3, eps)), _loss,
-                                             jnp.array([3.0, 2.0, 1.0]))
+    def flow_of(eps):
+        return gflow.GradientFlow(Pair(jnp.array(eps), jnp.full(3, eps)), _loss,
+                                  jnp.array([3.0, 2.0, 1.0]))
     result = gflow.sweep(flow_of, {"eps": [1e-2, 1e-3, 1e-4]}, t1=20.0, rtol=1e-8,
                          observers={"w": lambda m, d: m.w},
                          transitions=[gflow.Transition("half", lambda m, d: m.a * m.w[0] - 1.5,
