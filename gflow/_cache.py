@@ -43,13 +43,22 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     return cache
 
 
+# Set beside JAX_COMPILATION_CACHE_DIR when gflow chose it, so that a child process (which
+# inherits both) tells gflow's choice from its user's and follows its own GFLOW_CACHE_DIR.
+_MARKER = "GFLOW_JAX_CACHE_DIR_SET"
+
+
 def enable_by_default() -> None:
     """What `import gflow` does (see the module docstring); imports no JAX."""
-    if os.environ.get("GFLOW_CACHE_DIR") == "" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if chosen and os.environ.get(_MARKER) == chosen:  # gflow's choice, inherited
+        del os.environ["JAX_COMPILATION_CACHE_DIR"]
+        chosen = None
+    if os.environ.get("GFLOW_CACHE_DIR") == "" or chosen:
         return
     if "jax" in sys.modules:
         if sys.modules["jax"].config.jax_compilation_cache_dir is None:
             enable_compilation_cache()
     else:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = default_cache_dir()
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_MARKER] = default_cache_dir()
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -2,6 +2,7 @@
 component names in trajectory.npz, and the compilation cache of scripts and notebooks."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -149,3 +150,24 @@ def test_second_run_of_the_readme_example_compiles_nothing(tmp_path):
     assert first.get(misses, 0) > 0  # the first process compiled and wrote its programs
     # The second compiled nothing: every program it needed came from the cache.
     assert second.get(misses, 0) == 0 and second[hits] == second[requests] > 0
+
+
+def test_cache_directory_follows_each_process_own_setting(tmp_path):
+    # A child process inherits gflow's choice for its parent and follows its own
+    # GFLOW_CACHE_DIR; "" turns the default off; a JAX_COMPILATION_CACHE_DIR of the user's wins.
+    probe = "import gflow, jax; print(jax.config.jax_compilation_cache_dir)"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMP", "GFLOW_"))}
+    parent = dict(base, GFLOW_CACHE_DIR=str(tmp_path / "parent"))
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, subprocess, sys; import gflow; "
+         f"os.environ['GFLOW_CACHE_DIR'] = {str(tmp_path / 'child')!r}; "
+         f"subprocess.run([sys.executable, '-c', {probe!r}], check=True)"],
+        env=parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "child")
+    off = subprocess.run([sys.executable, "-c", probe], env=dict(base, GFLOW_CACHE_DIR=""),
+                         capture_output=True, text=True, check=True)
+    assert off.stdout.strip() == "None"
+    own = subprocess.run([sys.executable, "-c", probe],
+                         env=dict(base, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "own")),
+                         capture_output=True, text=True, check=True)
+    assert own.stdout.strip() == str(tmp_path / "own")
