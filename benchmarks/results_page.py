@@ -134,10 +134,13 @@ def _machine(m: dict) -> str:
 
 
 def load_suites(directory: Path = RESULTS_DIR) -> list[dict]:
-    """Every suite's JSON in `directory`, checked, in page order."""
+    """Every suite's JSON in `directory`, checked, in page order (other JSON there, a suite's
+    raw data, is skipped)."""
     suites = []
     for path in sorted(Path(directory).glob("*.json")):
         data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not {"suite", "rows"} & set(data):
+            continue  # a suite's raw data written beside its rows (e.g. a --quick --out run)
         check_suite(data, str(path))
         data["_dir"] = path.parent
         suites.append(data)
