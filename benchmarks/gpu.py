@@ -16,7 +16,7 @@ Measures, on whatever `jax.default_backend()` is:
 Smoke-tested on CPU (`--quick`): there the float32 solve stops with the engine's error (a
 float32 state under gflow's float64 default; recorded in the JSON, the rest goes on), so item 2's
 float32 row needs the engine's float32 mode. Not run on an accelerator in the session that wrote it (no accelerator was lent); nothing here is tuned to a
-result. Writes one JSON file and prints a Markdown summary for benchmarks/RESULTS.md.
+result. Writes one JSON file and prints a Markdown summary for docs/results.md.
 """
 
 import argparse

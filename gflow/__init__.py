@@ -9,6 +9,11 @@ read when equinox is first imported) unless the environment already sets it: gfl
 failure through each solve's `status`, and a raising check embeds a host callback that makes
 JAX's persistent compilation cache miss in every new process.
 
+JAX's persistent compilation cache is on (`gflow.enable_compilation_cache`): programs compiled
+once are loaded, not compiled again, by the next process, in `$GFLOW_CACHE_DIR` (default
+`~/.cache/gflow/jax`); `GFLOW_CACHE_DIR=""` or a `JAX_COMPILATION_CACHE_DIR` of your own turns
+gflow's default off.
+
 The public names are imported on first use (PEP 562), so that `import gflow` costs nothing
 until something is used, and `python -m gflow.plot` draws a saved run without importing JAX.
 """
@@ -23,6 +28,10 @@ if "jax" in _sys.modules:
     _sys.modules["jax"].config.update("jax_enable_x64", True)
 else:
     _os.environ["JAX_ENABLE_X64"] = "1"
+
+from ._cache import enable_by_default as _enable_cache_by_default
+
+_enable_cache_by_default()
 
 __version__ = "0.1.0"
 
@@ -43,6 +52,7 @@ _EXPORTS = {
     "Transition": ("._spec", "Transition"),
     "auto_solver": ("._solvers", "auto_solver"),
     "critical_points": ("._critical", "critical_points"),
+    "enable_compilation_cache": ("._cache", "enable_compilation_cache"),
     "error_estimates": ("._solve", "error_estimates"),
     "linear_grid": ("._grids", "linear_grid"),
     "load": ("._trajectory", "load"),
@@ -92,6 +102,7 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
         tasks as tasks,
         theory as theory,
     )
+    from ._cache import enable_compilation_cache as enable_compilation_cache
     from ._critical import CriticalPoint as CriticalPoint, critical_points as critical_points
     from ._dop853 import DOP853 as DOP853
     from ._errors import InputError as InputError

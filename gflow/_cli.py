@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -78,18 +79,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _enable_compilation_cache() -> "_CacheEntries":
-    """JAX's persistent compilation cache, so a repeated run skips compilation.
+    """JAX's persistent compilation cache, so a repeated run skips compilation (see
+    `gflow.enable_compilation_cache`), and its entries now, for a refused command to remove
+    what it added."""
+    from ._cache import enable_compilation_cache
 
-    Every program is kept, however quick to compile: building a preset runs dozens of small
-    eager programs (random init, data), each compiled in a fresh process otherwise (2-5 s of
-    a run).
-    """
-    import jax
-
-    cache = os.environ.get("GFLOW_CACHE_DIR") or str(Path.home() / ".cache" / "gflow" / "jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return _CacheEntries(Path(cache))
+    return _CacheEntries(Path(enable_compilation_cache()))
 
 
 class _CacheEntries:
@@ -125,6 +120,10 @@ def _select_platform(name: str) -> None:
         raise InputError(f"--platform {name}: no {name} is available to JAX here")
 
 
+# The report's widest line (a terminal of 100 columns).
+REPORT_WIDTH = 100
+
+
 def _format_time(t) -> str:
     return "not reached" if t is None or not math.isfinite(t) else f"{t:.10g}"
 
@@ -154,12 +153,17 @@ def _report(traj, problem, out: Path) -> str:
             error = errors.get(name)
             pm = f" ± {error:.1e}" if error is not None and math.isfinite(error) else ""
             flag = "  [order uncertain]" if name in overlapping else ""
-            lines.append(f"  {name:<{width}}  {_format_time(t):>16}{pm}   {criterion}{flag}")
+            head = f"  {name:<{width}}  {_format_time(t):>16}{pm}   "
+            lines += textwrap.wrap(criterion + flag, REPORT_WIDTH, initial_indent=head,
+                                   subsequent_indent=" " * len(head)) or [head.rstrip()]
     if traj.predictions:
         lines.append("predictions")
         lines += render_predictions(traj.predictions)
     lines.append(f"written     {out}")
-    return "\n".join(lines)
+    # No line past REPORT_WIDTH: a long status message or path continues under its value.
+    return "\n".join(part for line in lines for part in (
+        textwrap.wrap(line, REPORT_WIDTH, subsequent_indent=" " * 12, break_on_hyphens=False,
+                      break_long_words=False) if len(line) > REPORT_WIDTH else [line]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,10 +514,15 @@ def _run(args, session: _Session) -> int:
                          "flags; drop --list (only --progress, --quiet and --platform go with "
                          "it)")
     if args.list:
-        for name in presets.preset_names():
+        names = presets.preset_names()
+        column = max(map(len, names)) + 2
+        for name in names:
             config = presets.preset_config(name)
-            default = " (default)" if name == presets.DEFAULT_PRESET else ""
-            print(f"{name:<16} {config.get('preset', {}).get('description', '')}{default}")
+            default = "(default) " if name == presets.DEFAULT_PRESET else ""
+            description = default + config.get("preset", {}).get("description", "")
+            print("\n".join(textwrap.wrap(
+                description, REPORT_WIDTH, initial_indent=f"{name:<{column}}",
+                subsequent_indent=" " * column, break_on_hyphens=False)) or name)
         sys.stdout.flush()  # a closed or full output is reported here, in one line
         return 0
 

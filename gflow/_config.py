@@ -72,7 +72,7 @@ class SolveSettings:
     - `pcoeff`, `icoeff`: the coefficients of diffrax's `PIDController` (its names and its
         defaults: 0 and 1, integral control). PI control (e.g. 0.3 and 0.4) damps the step
         size's oscillation where steps are limited by stability rather than accuracy, with
-        fewer rejected steps (measured on `rank-collapse` in benchmarks/RESULTS.md).
+        fewer rejected steps (measured on `rank-collapse` in docs/results.md).
     """
 
     t1: float

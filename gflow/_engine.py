@@ -20,7 +20,7 @@ as one call. After a transition the next segment starts afresh (a new first step
 truncates the step at the root and returns only the interpolated state. What that costs is one
 interpolation error per transition: about one step's error with Tsit5, whose dense output is as
 accurate as its steps; with Dopri8, whose dense output is 50-150x its rtol, a rtol-1e-12 solve
-with transitions strays ~6e-12 from the same solve without them (benchmarks/RESULTS.md).
+with transitions strays ~6e-12 from the same solve without them (docs/results.md).
 
 Under `vmap` (sweeps on accelerators) a `lax.switch` or `lax.cond` with a batched index would
 compute every branch for every member. Every running member of a batch looks for the same

@@ -27,7 +27,7 @@ same `θ(t*)`.
 
 The cost is one solve plus one forward-mode solve (a Jacobian-vector product per stage: about
 two to three gradients), against two solves for a central difference (see
-benchmarks/RESULTS.md).
+docs/results.md).
 """
 
 import math

@@ -293,7 +293,7 @@ def _cores_shared_by(solves: int) -> contextlib.AbstractContextManager:
     XLA's own thread pool is one per process and shared; the LAPACK behind `jnp.linalg` on
     CPU (observers' and conditions' SVDs, through SciPy's OpenBLAS) starts a pool per call
     with every core. Two solves calling it at once then run twice the threads the machine
-    has: on the 2-core machine of benchmarks/RESULTS.md the default preset's observers took
+    has: on the 2-core machine of docs/results.md the default preset's observers took
     2.3x as long as alone, and certify's two solves 1.9x.
     """
     try:

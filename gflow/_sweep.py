@@ -92,6 +92,8 @@ SWEEP_FILE = "sweep.json"
 MEMBERS_FILE = "members.csv"
 # Final observables up to this many numbers go into sweep.json (matrices would swamp it).
 _MAX_JSON_OBSERVABLE_SIZE = 64
+# ... and into members.csv up to this many (one column each).
+_MAX_CSV_OBSERVABLE_SIZE = 8
 _RESERVED_AXES = ("status", "t_final", "steps")
 
 
@@ -378,6 +380,30 @@ class Sweep(eqx.Module):
     def __len__(self) -> int:
         return len(self.members)
 
+    def __repr__(self) -> str:
+        from ._export import sweep_repr
+
+        return sweep_repr(self)
+
+    def _repr_html_(self) -> str:
+        from ._export import sweep_html
+
+        return sweep_html(self)
+
+    def to_pandas(self):
+        """`table()` as a `pandas.DataFrame`, one row per member (needs `pip install
+        gflow[xarray]`).
+
+        **Returns:**
+
+        A `pandas.DataFrame` with the swept axes, `status`, each transition time (`nan` if
+        not reached), `t_final`, `steps` and the final observables (`final_<name>`, see
+        `table`).
+        """
+        from ._export import sweep_to_pandas
+
+        return sweep_to_pandas(self)
+
     def __iter__(self) -> Iterator[SweepMember]:
         return iter(self.members)
 
@@ -394,14 +420,25 @@ class Sweep(eqx.Module):
 
     def table(self) -> list[dict[str, Any]]:
         """One row per member: its point, status, every transition time (`nan` if not
-        reached), `t_final` and steps."""
+        reached), `t_final`, steps, and the final observables of at most 8 numbers:
+        `final_<name>` for a scalar, `final_<name>_<k>` for the k-th entry of a vector (`nan`
+        where a member lacks one)."""
         names = self.transition_names
+        finals = [
+            {f"final_{name}" + (f"_{k}" if np.ndim(value) else ""): float(x)
+             for name, value in _flat_names(m.final).items()
+             if np.size(value) <= _MAX_CSV_OBSERVABLE_SIZE
+             for k, x in enumerate(np.ravel(np.asarray(value, dtype=float)))}
+            for m in self.members
+        ]
+        columns = dict.fromkeys(c for final in finals for c in final)
         return [
             dict(m.point)
             | dict(status=m.status)
             | {name: m.transitions.get(name, math.nan) for name in names}
             | dict(t_final=m.t_final, steps=m.stats["num_steps"])
-            for m in self.members
+            | {c: final.get(c, math.nan) for c in columns}
+            for m, final in zip(self.members, finals)
         ]
 
     def summary(self) -> dict[str, Any]:
@@ -629,7 +666,7 @@ def _axes(over: Mapping[str, Sequence]) -> dict[str, list]:
     for name, values in over.items():
         if not isinstance(name, str) or not name:
             raise InputError(f"axis names must be non-empty strings, got {name!r}")
-        if name in _RESERVED_AXES:
+        if name in _RESERVED_AXES or name.startswith("final_"):
             raise InputError(f"{name!r} cannot name an axis: it is a column of Sweep.table()")
         if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
             raise InputError(f"axis {name!r} must be a sequence of values, got {values!r}")

@@ -25,6 +25,9 @@ TRAJECTORY_FILE = "trajectory.npz"
 SUMMARY_FILE = "summary.json"
 AT_TRANSITIONS_FILE = "transitions.npz"
 FINAL_FILE = "final.eqx"
+# trajectory.npz stores the names of an observable's components beside it, under this prefix
+# (a string array; files written before it have none, and read as before).
+COMPONENTS_PREFIX = "components::"
 
 _VERSIONED = ("gflow", "jax", "jaxlib", "diffrax", "equinox", "optax", "numpy")
 
@@ -167,6 +170,13 @@ class Trajectory:
         save time holds unless one is placed there).
     - `spec`: the `gflow.SolveSpec` the solve ran (re-solves, e.g. `gflow.critical_points`,
         run the same solve from it); `None` for a trajectory loaded from disk.
+    - `components`: `{observable: (name of each component, ...)}`: what the last axis of an
+        observable holds, e.g. `{"stable_rank": ("W_Q", "W_K", "W_V", "W1")}` (presets fill it
+        from their `[plot] labels`). Saved in `trajectory.npz`, used by `to_xarray` and the
+        figures' legends.
+
+    `repr` gives a few lines (status, shapes, transitions); in a notebook `_repr_html_` a
+    table. `to_xarray()` returns an `xarray.Dataset` (the `xarray` extra).
     """
 
     ts: np.ndarray  # (n,)
@@ -189,6 +199,34 @@ class Trajectory:
     references: dict[str, dict[str, float | np.ndarray]] = dataclasses.field(default_factory=dict)
     at_transitions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     spec: Any = dataclasses.field(default=None, repr=False, compare=False)
+    components: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        from ._export import trajectory_repr
+
+        return trajectory_repr(self)
+
+    def _repr_html_(self) -> str:
+        from ._export import trajectory_html
+
+        return trajectory_html(self)
+
+    def to_xarray(self):
+        """The save times and observables as an `xarray.Dataset` (needs `pip install
+        gflow[xarray]`).
+
+        One variable per observable (nested observables as `a/b`), dimension `t` first; an
+        observable with named components (see `components`) has them as the coordinate of its
+        last axis (`<name>_component`), other axes are `<name>_dim<k>`. Transitions, status,
+        solver and tolerances are the dataset's attributes.
+
+        **Returns:**
+
+        An `xarray.Dataset`.
+        """
+        from ._export import trajectory_to_xarray
+
+        return trajectory_to_xarray(self)
 
     @property
     def completed(self) -> bool:
@@ -245,9 +283,12 @@ class Trajectory:
         written = {TRAJECTORY_FILE, FINAL_FILE, SUMMARY_FILE}
         arrays = {"t": np.asarray(self.ts)}
         for name, value in _flat_names(self.observables).items():
-            if name == "t":
-                raise InputError("an observable may not be named 't' (the time axis)")
+            if name == "t" or name.startswith(COMPONENTS_PREFIX):
+                raise InputError(f"an observable may not be named {name!r} (reserved)")
             arrays[name] = value
+            names = self.components.get(name)
+            if names:
+                arrays[COMPONENTS_PREFIX + name] = np.asarray(names, dtype=np.str_)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         atomic_write_bytes(path / TRAJECTORY_FILE, buffer.getvalue())
@@ -307,6 +348,8 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
     if "t" not in arrays:
         raise InputError(f"{where} is damaged: it has no time axis 't'")
     ts = arrays.pop("t")
+    components = {name[len(COMPONENTS_PREFIX):]: tuple(str(c) for c in arrays.pop(name))
+                  for name in list(arrays) if name.startswith(COMPONENTS_PREFIX)}
     if ts.ndim != 1 or not np.issubdtype(ts.dtype, np.number):
         raise InputError(f"{where} is damaged: 't' has shape {ts.shape} and dtype {ts.dtype}")
     for name, value in arrays.items():
@@ -360,6 +403,7 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
         criteria=summary.get("criteria", {}),
         references=references,
         at_transitions=at_transitions,
+        components=components,
     )
 
 

@@ -442,7 +442,7 @@ def assumption1_rates(
     """Chen & Luo's Assumption-1 satisfaction rates `(|A1|/d, |A2|/d²)` (their Fig. 2a).
 
     With `W_v = v W_V` (entries `W_{v,i}`), `W1^{(i)}` the i-th column and `W1_i` the i-th row of
-    `W1`, `W2_i` the i-th entry of `W2` (papers.md §1):
+    `W1`, `W2_i` the i-th entry of `W2` (docs/science.md §1):
 
     - `A1`: the indices `i` with `W2_i (W_v W1^{(i)}) > 0` and `W_{v,i} (W1_i W2) > 0`;
     - `A2`: the ordered pairs `(i, j)`, `i = j` included, with

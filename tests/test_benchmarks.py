@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ROOT / "benchmarks" / "RESULTS.md"
+COMMITTED = ROOT / "docs" / "results.md"  # the results page: a quick run never touches it
 
 
 def _digest(path: Path) -> str | None:
@@ -27,7 +27,7 @@ def quick_run(quick_benchmark):
     # Started by conftest.py when collection ended, so that it runs alongside the suite.
     out, before, returncode, stderr = quick_benchmark
     assert returncode == 0, stderr[-3000:]
-    assert _digest(COMMITTED) == before, "the quick run must not touch benchmarks/RESULTS.md"
+    assert _digest(COMMITTED) == before, "the quick run must not touch docs/results.md"
     data = json.loads((out.parent / "results.json").read_text())
     assert list(data["workloads"]) == ["deep-linear", "rank-collapse"]
     workload = data["workloads"]["deep-linear"]["data"]
@@ -247,3 +247,38 @@ def test_solvers_quick_run(tmp_path):
         # auto's state at the save times against the Dopri8 reference (steps at save times).
         assert m["error"] < 10 * rtol, (rtol, m["error"])
     assert (tmp_path / "deep-linear-solvers-work-precision.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_page_is_generated_from_the_suites_json():
+    # docs/results.md is exactly what `python -m benchmarks.results_page` makes of the
+    # committed JSON: one command, no hand edits.
+    from benchmarks import results_page
+
+    assert results_page.main(["--check"]) == 0
+    suites = results_page.load_suites()
+    assert [s["suite"] for s in suites][:2] == ["gd-and-competitors", "auto-solver"]
+    page = COMMITTED.read_text()
+    for s in suites:
+        assert f"## {s['title']}" in page and s["machine"]["cpu"] in page
+        quantities = [r["quantity"] for r in s["rows"]]
+        assert len(quantities) == len(set(quantities)) > 0  # one current row per quantity
+    assert "## What earlier rounds concluded" in page
+
+
+def test_a_new_suite_plugs_into_the_page(tmp_path):
+    from benchmarks.results_page import load_suites, render, write_suite
+
+    machine = dict(cpu="test CPU", usable_cores=2, jax_backend="cpu", date="today")
+    write_suite("probe", title="A new suite", command="python -m benchmarks.probe",
+                machine=machine, directory=tmp_path,
+                rows=[dict(quantity="overhead", value=1.07, unit="×", target="≤ 1.1",
+                           verdict="met"),
+                      dict(quantity="not measured here", value=float("nan"))])
+    data = json.loads((tmp_path / "probe.json").read_text())  # no NaN in the JSON
+    assert data["rows"][1]["value"] is None
+    page = render(load_suites(tmp_path), "")
+    assert "## A new suite" in page and "| overhead | 1.07 × | ≤ 1.1 | met |" in page
+    assert "| not measured here | — |" in page and "test CPU" in page
+    with pytest.raises(ValueError, match="twice"):
+        write_suite("bad", title="t", command="c", machine=machine, directory=tmp_path,
+                    rows=[dict(quantity="q", value=1), dict(quantity="q", value=2)])

@@ -77,6 +77,7 @@ def test_list_and_show(capsys):
     listed = capsys.readouterr().out
     assert "deep-linear" in listed and "cooccurrence" in listed
     assert "rank-collapse" in listed and "(default)" in listed.split("rank-collapse")[1].splitlines()[0]
+    assert max(map(len, listed.splitlines())) <= 100  # descriptions wrap in their column
     assert main(["deep-linear", "--show", "--set", "problem.eps=0.002"]) == 0
     shown = capsys.readouterr().out
     assert "eps = 0.002" in shown and "[solve]" in shown

@@ -322,4 +322,5 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
                    for name, p in predictions.items()}
     return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions,
                                         criteria=dict(problem.criteria),
-                                        references=references)
+                                        references=references,
+                                        components=dict(resolved.plot.labels))

@@ -1,4 +1,4 @@
-"""Problem builder for the anchor-function task (Zhang et al.; papers.md §4).
+"""Problem builder for the anchor-function task (Zhang et al.; docs/science.md §4).
 
 Compare two initialization rates by running the preset twice, e.g.
 
@@ -108,7 +108,7 @@ def anchor(
         held-out `(4,3)` samples.
     - `length`: sequence length; `d`, `m`, `layers`: decoder width, FFN width, attention layers.
     - `gamma`: initialization rate, every entry `N(0, d_in^{−2 gamma})`; large `gamma` is a
-        small init (papers.md §4: favours the compositional answer).
+        small init (docs/science.md §4: favours the compositional answer).
     - `seed`: seeds data and init.
     - `activation`: FFN activation (`"tanh"`, `"gelu"`, `"identity"`).
     - `train_embeddings`: let the token and position embeddings evolve.

@@ -1,4 +1,4 @@
-"""Problem builder for the word co-occurrence transformer (Yang et al.; papers.md §2).
+"""Problem builder for the word co-occurrence transformer (Yang et al.; docs/science.md §2).
 
 **Init.** The paper says "Kaiming initialization" without a variance. The default here is He
 (Kaiming) normal on the fan-in with the ReLU gain √2, `torch.nn.init.kaiming_normal_`'s default:

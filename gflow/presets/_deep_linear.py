@@ -1,4 +1,4 @@
-"""Problem builder for deep linear networks (papers.md §5)."""
+"""Problem builder for deep linear networks (docs/science.md §5)."""
 
 import equinox as eqx
 import jax

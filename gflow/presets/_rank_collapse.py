@@ -1,6 +1,6 @@
 """Problem builder `rank-collapse`: Chen & Luo's own experiment by exact gradient flow.
 
-The multi-class anchor-function decoder of their Sec. 5 / App. B (papers.md §1b): one layer, one
+The multi-class anchor-function decoder of their Sec. 5 / App. B (docs/science.md §1b): one layer, one
 head, no residual, no LayerNorm, tanh FFN with `d_ff = 2 d_model`; the token embedding, the
 positional embedding and the output projection are fixed; `W_Q, W_K, W_V (d×d)`, `W1 (d×d_ff)`,
 `W2 (d_ff×d)` learn from `N(0, σ²)`, `σ = d_model^(−0.85)`; cross-entropy on the last token.
@@ -190,7 +190,7 @@ def rank_collapse(
     readout_std: float | None = None,
     eps: float | None = None,
 ) -> Problem:
-    """Chen & Luo's anchor-function decoder (papers.md §1b) under exact gradient flow.
+    """Chen & Luo's anchor-function decoder (docs/science.md §1b) under exact gradient flow.
 
     **Arguments:**
 
@@ -328,6 +328,6 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
     held = float(np.asarray(traj.observables["held_out_accuracy"][-1]))
     out["held_out_accuracy"] = Prediction.qualitative(
         f"near chance ({chance:.3g}): one layer without residual cannot locate the token after "
-        "the anchor (papers.md §1b)", f"held-out {held:.3g}, train {train:.3g}", holds=None,
+        "the anchor (docs/science.md §1b)", f"held-out {held:.3g}, train {train:.3g}", holds=None,
         basis="arg-max accuracy at the end on a second draw of the task, beside training")
     return out

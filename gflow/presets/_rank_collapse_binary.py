@@ -1,4 +1,4 @@
-"""Problem builder `rank-collapse-binary`: the setting of Chen & Luo's theorems (papers.md §1).
+"""Problem builder `rank-collapse-binary`: the setting of Chen & Luo's theorems (docs/science.md §1).
 
 A binary task with exponential loss and a scalar readout `W2 ∈ R^d`: the setting in which the
 stage-1 blow-up bound, the stage-2 closed form and Assumption 1 are stated. The paper's own
