@@ -612,8 +612,6 @@ def _run(args, session: _Session) -> int:
         with session.timed("figures_seconds"):
             save_figures(traj, out / "figures", time_axis=plot.time_axis, labels=plot.labels,
                          heatmaps=plot.heatmaps, formats=plot.formats)
-            if problem.figures is not None:
-                problem.figures(traj, out / "figures")
     _write_timings(out, session, traj)
     if not args.quiet:
         print("\n".join([_report(traj, problem, out)] + instruments))

@@ -275,7 +275,7 @@ def test_reduced_rank_collapse_transitions_and_states_there(tmp_path):
     predictions = summary["predictions"]
     assert summary["stats"].get("passes", 1) == 1  # the figures needed no second solve
     traj = gflow.load(out)
-    from gflow._paper_figures import heatmap_times  # the figure's columns: not public API
+    from gflow.figures import heatmap_times
     assert heatmap_times(traj) == {"t0": 0.0, **times, "end": 300.0}
     # The state recorded at each transition meets its criterion there (the condition is 0).
     assert list(traj.at_transitions) == list(times)
