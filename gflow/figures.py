@@ -62,6 +62,7 @@ def math_label(label: str) -> str:
     if not all(mathy) or not any(re.search(r"[_^]|W\d|mu\d", t) for t in tokens):
         return label
     text = re.sub(r"\bW(\d+)", r"W_{\1}", label)
+    text = re.sub(r"_([A-Za-z0-9]{2,})", r"_{\1}", text)  # W_out: the whole subscript
     text = re.sub(r"\bmu(\d+)", r"\\mu_{\1}", text)
     text = text.replace("^T", r"^\top")
     return f"${text}$"
@@ -410,7 +411,8 @@ def chen_luo_figure1(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
         (`{group: (n, k, k)}`), `relative_change`, `effective_rank`, `stable_rank` (one
         column per group) and `loss`; optionally `held_out_loss`, `train_accuracy`,
         `held_out_accuracy`.
-    - `fig`: a `matplotlib` `Figure` or `SubFigure` to draw into (default a new figure).
+    - `fig`: a `matplotlib` `Figure` or `SubFigure` to draw into (default a new figure of
+        the layout's size; margins are in inches, so a given one should be about as large).
     - `time_axis`: of `TIME_AXES`.
 
     **Returns:**
@@ -540,7 +542,8 @@ def chen_luo_figure2(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
 
     - `traj`: a `rank-collapse` or `rank-collapse-binary` trajectory (observables `norm`,
         `cosine`; optionally `assumption1_rates`, `singular_vectors`).
-    - `fig`: a `matplotlib` `Figure` or `SubFigure` to draw into (default a new figure).
+    - `fig`: a `matplotlib` `Figure` or `SubFigure` to draw into (default a new figure of
+        the layout's size; margins are in inches, so a given one should be about as large).
     - `time_axis`: of `TIME_AXES`.
 
     **Returns:**
@@ -614,7 +617,8 @@ def yang_figure1(traj: Trajectory, *, fig=None, time_axis: str = "log"):
 
     - `traj`: a `cooccurrence` trajectory (observables `scores` `(n, 3, 3)`, `type_losses`,
         `loss`).
-    - `fig`: a `matplotlib` `Figure` or `SubFigure` to draw into (default a new figure).
+    - `fig`: a `matplotlib` `Figure` or `SubFigure` to draw into (default a new figure of
+        the layout's size; margins are in inches, so a given one should be about as large).
     - `time_axis`: of `TIME_AXES`.
 
     **Returns:**
@@ -623,11 +627,13 @@ def yang_figure1(traj: Trajectory, *, fig=None, time_axis: str = "log"):
     """
     scores = np.asarray(traj.observables["scores"], dtype=float)
     columns = states(traj)
-    fig = _new_figure(fig, max(12.0, 2.6 * len(columns) + 1.0), 9.0)
+    fig = _new_figure(fig, max(14.0, 2.6 * len(columns) + 1.0), 9.5)
     width, height = _size(fig)
-    top = fig.add_gridspec(1, 2, **_margins(width, height, left=0.85, right=2.0, bottom=4.3,
+    # In inches: each line panel keeps room on its right for its legend (and the second
+    # panel's axis labels); the heat maps below, under the line panels' axis labels.
+    top = fig.add_gridspec(1, 2, **_margins(width, height, left=0.85, right=1.1, bottom=4.9,
                                              top=0.95),
-                           wspace=_spacing(width - 2.85, 2, 1.0))
+                           wspace=_spacing(width - 1.95, 2, 2.8))
     ax_a = fig.add_subplot(top[0])
     rows = time_rows(traj, time_axis)
     ts = np.asarray(traj.ts, dtype=float)[rows]
@@ -657,7 +663,7 @@ def yang_figure1(traj: Trajectory, *, fig=None, time_axis: str = "log"):
     mark_transitions(ax_b, traj)
     # Right margin of the top row is the legends' room; the bottom row uses the full width.
     bottom = fig.add_gridspec(1, len(columns), **_margins(width, height, left=0.7, right=0.9,
-                                                           bottom=0.85, top=5.6),
+                                                           bottom=0.75, top=6.1),
                               wspace=_spacing(width - 1.6, len(columns), 1.25))
     shown = np.stack([np.asarray(values_["scores"], dtype=float) for _, _, values_ in columns])
     first = float(np.max(np.abs(shown[0]))) or 1.0
@@ -685,7 +691,7 @@ def yang_figure1(traj: Trajectory, *, fig=None, time_axis: str = "log"):
     if panels:
         fig.colorbar(image, ax=panels, shrink=0.8).set_label("change of the score since $t_0$",
                                                              fontsize=8)
-    fig.text(0.7 / width, 1 - 5.05 / height, "(c) score matrix at $t_0$, and its change at "
+    fig.text(0.7 / width, 4.0 / height, "(c) score matrix at $t_0$, and its change at "
              "each located transition and at the end", fontsize=9, va="bottom")
     fig.suptitle("Yang et al.'s Fig. 1 by exact gradient flow", fontsize=11,
                  y=1 - 0.1 / height)

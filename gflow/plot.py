@@ -164,6 +164,7 @@ def plot_observable(
     if time_axis not in TIME_AXES:
         raise InputError(f"time_axis must be one of {', '.join(TIME_AXES)}, got {time_axis!r}")
     values, names = _series(traj, name, tuple(labels))
+    styles = _layer_styles(names)
     names = [math_label(n) for n in names]
     rows = time_rows(traj, time_axis)
     ts, values = np.asarray(traj.ts)[rows], values[rows]
@@ -232,8 +233,8 @@ def plot_observable(
         for j in range(k):
             # A component a theory curve follows is solid (dashed in its colour is the
             # theory).
-            ax.plot(ts, values[:, j], lw=1.6, color=pick(j),
-                    ls="-" if j in followed else _dash(j),
+            c, ls = styles[j] if styles else (pick(j), "-" if j in followed else _dash(j))
+            ax.plot(ts, values[:, j], lw=1.6, color=c, ls=ls,
                     label=names[j] if k > 1 else None)
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
@@ -267,7 +268,8 @@ def plot_observable(
     mark_transitions(ax, traj)
     if own:
         _layout(fig, ax, side, label_rows(ax))
-        caption(fig, _caption(traj, levels, curves, colourmap), bottom=0.08)
+        caption(fig, _caption(traj, levels, curves, colourmap, bool(styles) and not colourmap),
+                bottom=0.08)
     return fig
 
 
@@ -285,6 +287,21 @@ def _shared_label(labels: list[str]) -> str:
         return labels[0]
     return "closed form" + (f" {suffixes.pop()}" if len(suffixes) == 1 and
                             all(label.endswith(")") for label in labels) else "")
+
+
+def _layer_styles(names: list[str]) -> list[tuple[str, str]] | None:
+    """Colour by group and dash pattern by layer for names of a multi-layer model (`W_Q^1`,
+    `W_Q^2`, ..., `W_out`), else `None`."""
+    import re
+
+    parsed = [re.fullmatch(r"(.+?)\^(\d+)", n) for n in names]
+    if sum(p is not None for p in parsed) < 2 or len({p[2] for p in parsed if p}) < 2:
+        return None
+    bases = list(dict.fromkeys(p[1] if p else n for p, n in zip(parsed, names)))
+    layers = sorted({int(p[2]) for p in parsed if p})
+    return [(colour(bases.index(p[1] if p else n)),
+             ("-", "--", "-.", ":")[layers.index(int(p[2])) % 4] if p else "-")
+            for p, n in zip(parsed, names)]
 
 
 def _dash(j: int):
@@ -318,9 +335,10 @@ def _levels(ax, levels: dict[str, float]) -> None:
                     color="0.3")
 
 
-def _caption(traj: Trajectory, levels: dict, curves: list, colourmap: bool) -> str:
+def _caption(traj: Trajectory, levels: dict, curves: list, colourmap: bool,
+             layers: bool) -> str:
     """One line saying what the figure's lines are."""
-    parts = []
+    parts = ["colour: group; solid: layer 1, dashed: layer 2"] if layers else []
     if any(math.isfinite(t) for t in traj.transitions.values()):
         parts.append("dashed verticals: located transitions")
     if levels:
