@@ -33,6 +33,13 @@ from ._errors import InputError
 from ._trajectory import Trajectory, atomic_write_bytes
 
 
+__all__ = [
+    "PALETTE", "TIME_AXES", "adjacent_similarity", "caption", "chen_luo_figure1",
+    "chen_luo_figure2", "colour", "format_time", "format_time_axis", "heatmap_times",
+    "label_rows", "mark_transitions", "math_label", "paper_figures", "save_index",
+    "stack_rows", "states", "time_rows", "transition_label", "yang_figure1",
+]
+
 # Okabe & Ito's colour-blind-safe qualitative palette (yellow replaced by olive, which reads
 # on white), blue first.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",

@@ -122,7 +122,7 @@ def test_one_time_axis_for_every_panel(time_axis, scale):
 
 def test_yang_figure_and_plot_observable_draw_into_a_callers_axes():
     traj = _yang()
-    fig = Figure()
+    fig = Figure(figsize=(14, 9.5))
     assert figures.yang_figure1(traj, fig=fig) is fig
     assert [ax.get_title()[:3] for ax in fig.axes if ax.lines] == ["(a)", "(b)"]
     ours = Figure()
