@@ -36,7 +36,7 @@ from ._trajectory import Trajectory, atomic_write_bytes
 __all__ = [
     "PALETTE", "TIME_AXES", "adjacent_similarity", "caption", "chen_luo_figure1",
     "chen_luo_figure2", "colour", "format_time", "format_time_axis", "heatmap_times",
-    "label_rows", "mark_transitions", "math_label", "paper_figures", "save_index",
+    "label_rows", "log_y_axis", "mark_transitions", "math_label", "paper_figures", "save_index",
     "stack_rows", "states", "time_rows", "transition_label", "yang_figure1",
 ]
 
@@ -280,15 +280,22 @@ def _lines(ax, traj, values, labels, *, time_axis, log_y=False, ylabel="", colou
                 label=math_label(labels[k]) if k < len(labels) else f"[{k}]")
     format_time_axis(ax, traj, time_axis)
     if log_y:
-        _log_y(ax)
+        log_y_axis(ax, values)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
 
 
-def _log_y(ax) -> None:
+def log_y_axis(ax, values=None) -> None:
+    """A log y axis with plain-text labels; labels at 1, 2, 5 of each decade where the data
+    span fewer than two decades (a bare `10` would be the only label)."""
     from matplotlib import ticker
 
     ax.set_yscale("log", nonpositive="mask")
+    if values is not None:
+        positive = np.asarray(values, dtype=float)
+        positive = positive[np.isfinite(positive) & (positive > 0)]
+        if positive.size and positive.max() / positive.min() < 100:
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
@@ -520,9 +527,11 @@ def _loss_panel(ax, traj: Trajectory, time_axis: str) -> None:
                 handles += twin.plot(ts, np.asarray(traj.observables[key])[rows], lw=1.1,
                                      color=colour(2 + k), ls="-.")
                 names.append(key.replace("_", " "))
+        for label, level in _references(traj, "held_out_accuracy").items():
+            _level(twin, level, label, colour_=colour(3))
         twin.set_ylabel("accuracy (dash-dot)")
         twin.set_ylim(-0.02, 1.02)
-    ax.legend(handles, names, fontsize=7, loc="lower left", framealpha=0.85)
+    ax.legend(handles, names, fontsize=7, loc="center left", framealpha=0.85)
     ax.set_title("(e) loss and accuracy", fontsize=9)
 
 
@@ -608,9 +617,10 @@ def chen_luo_figure2(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
     ax.legend(fontsize=7, loc="best", framealpha=0.85)
     mark_transitions(ax, traj)
     fig.suptitle("Chen & Luo's Fig. 2 by exact gradient flow", fontsize=11, y=1 - 0.1 / height)
-    caption(fig, "Dashed vertical lines: located transitions. Outer parameters stay "
-            "quasi-static in direction (b) and O(1) in norm while $W_Q$, $W_K$ grow (c).",
-            bottom=0.1)
+    static = (f"quasi-static in direction ({chr(ord('a') + k - 1)}) and "
+              if "singular_vectors" in traj.observables else "")
+    caption(fig, f"Dashed vertical lines: located transitions. The outer parameters stay "
+            f"{static}O(1) in norm while $W_Q$, $W_K$ grow ({chr(ord('a') + k)}).", bottom=0.1)
     return fig
 
 

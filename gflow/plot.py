@@ -17,7 +17,7 @@ import numpy as np
 from ._errors import InputError
 from ._trajectory import Trajectory, _flat_names, atomic_write_bytes
 from .figures import (
-    PALETTE, TIME_AXES, caption, colour, format_time, format_time_axis, label_rows,
+    PALETTE, TIME_AXES, caption, colour, format_time, format_time_axis, label_rows, log_y_axis,
     mark_transitions, math_label, paper_figures, time_rows, transition_label,
 )
 
@@ -60,7 +60,7 @@ _OBSERVABLES = {
     "stable_rank": ("Stable rank of each group", r"stable rank $\|W\|_F^2\,/\,\|W\|_2^2$",
                     "linear"),
     "conserved_drift": ("Drift of the conserved quantities (an integration check)",
-                        "relative drift", "auto"),
+                        r"$\|Q(t) - Q(0)\|_F$", "auto"),
     "value_misalignment": (r"Misalignment of the columns of $W_V$ with $v$",
                            r"mean $1 - |\cos(W_V[:, k], v)|$", "auto"),
     "energy": ("Outer energy", r"$E = W_v W_1 W_2$", "auto"),
@@ -242,11 +242,7 @@ def plot_observable(
     # exact zeros (e.g. the change at t0) are simply not drawn there.
     if (yscale == "auto" and positive.size and np.all(finite >= 0)
             and positive.max() / positive.min() > 1e3):
-        from matplotlib import ticker
-
-        ax.set_yscale("log", nonpositive="mask")
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        log_y_axis(ax, positive)
     format_time_axis(ax, traj, time_axis)
     _levels(ax, levels)
     theory = []
@@ -348,7 +344,8 @@ def _caption(traj: Trajectory, levels: dict, curves: list, colourmap: bool,
         parts.append("thin dashed: closed form")
     if colourmap:
         parts.append("colour: component index")
-    return ("; ".join(parts) + ".").capitalize() if parts else ""
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "." if parts else ""
 
 
 def _references(references: dict, name: str, n: int) -> tuple[dict[str, float], list]:

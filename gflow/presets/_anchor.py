@@ -174,7 +174,7 @@ def anchor(
         # A model that has learnt nothing about the pair answers any token: 1/V each.
         chance = {f"chance 1/{VOCAB}": 1.0 / VOCAB}
         return {"held_out_accuracy": chance, "held_out_probability": chance,
-                "loss": {"uniform log V": math.log(VOCAB)}}
+                "loss": {r"uniform $\log V$": math.log(VOCAB)}}
 
     flow = GradientFlow(model, cross_entropy, task.train, trainable=model.trainable_spec())
     return Problem(flow, observers, transitions, criteria, predict, references=references)

@@ -276,7 +276,7 @@ def rank_collapse(
     def references(traj):
         # At small init the logits are ~0: every token equally likely, the loss log V (the
         # stage-1 plateau); a model that cannot locate the answer is right by chance.
-        plateau = {"plateau log V": math.log(vocab)}
+        plateau = {r"plateau $\log V$": math.log(vocab)}
         return {"loss": plateau, "held_out_loss": plateau,
                 "held_out_accuracy": {f"chance 1/{KEY_COUNT + 1}": chance}}
 
