@@ -73,6 +73,10 @@ _OBSERVABLES = {
 }
 
 
+# {matrix observable: (row axis, column axis)} of the heat maps.
+_MATRIX_AXES = {"scores": ("key word", "query word"), "cosine": ("row", "row")}
+
+
 def describe(name: str) -> tuple[str, str, str]:
     """`(title, y label, y scale)` of observable `name`: a shipped preset's observable gets its
     title in words and its mathematics as mathtext; any other its name as words, y scale
@@ -412,9 +416,10 @@ def plot_heatmaps(traj: Trajectory, name: str, *, times=None, labels: tuple[str,
                           interpolation="nearest")
         # The state shown: the last save at or before the time asked for.
         ax.set_title(f"{label}\n($t$={format_time(ts[i])})", fontsize=8)
-        ax.set_xlabel("column", fontsize=7)
+        row_axis, column_axis = _MATRIX_AXES.get(name.split("/")[0], ("row", "column"))
+        ax.set_xlabel(column_axis, fontsize=7)
         if j == 0:
-            ax.set_ylabel("row", fontsize=7)
+            ax.set_ylabel(row_axis, fontsize=7)
         for axis, n in ((ax.xaxis, cols), (ax.yaxis, rows)):
             # Named rows get every tick; indices only the first and last (ticks are most of
             # a heatmap's drawing time), row ticks only on the first panel.

@@ -98,7 +98,11 @@ def cooccurrence(
             ),
         }
 
-    return Problem(flow, cooccurrence_observers(), transitions, criteria, predict)
+    def references(traj):
+        return {"margin": {"0: every sample classified correctly": 0.0}}
+
+    return Problem(flow, cooccurrence_observers(), transitions, criteria, predict,
+                   references=references)
 
 
 def loss_rise(ts, curve) -> tuple[float, float]:
