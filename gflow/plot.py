@@ -248,7 +248,6 @@ def plot_observable(
             and positive.max() / positive.min() > 1e3):
         log_y_axis(ax, positive)
     format_time_axis(ax, traj, time_axis)
-    _levels(ax, levels)
     theory = []
     for i, (label, curve) in enumerate(curves):
         # Drawn over its component, thin, so that where they part both stay visible.
@@ -257,6 +256,7 @@ def plot_observable(
                           label=label if not highlight or i == 0 else None)
     if highlight and theory:
         theory[0].set_label(curves_label)
+    _levels(ax, levels, values)
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -321,18 +321,54 @@ def _layout(fig, ax, side: float, rows: int) -> None:
                         bottom=_BOTTOM / height, top=1 - top / height)
 
 
-def _levels(ax, levels: dict[str, float]) -> None:
-    """Reference levels: dotted lines named inside the axes' left edge; equal levels share one
-    line and one label (e.g. s_1/2 = s_3 when s = 4, 3, 2, 1)."""
+def _levels(ax, levels: dict[str, float], values: np.ndarray) -> None:
+    """Reference levels: dotted lines named inside the axes at the end (left or right) where
+    the data `(n, k)` lie farther from them; equal levels share one
+    line and one label (e.g. s_1/2 = s_3 when s = 4, 3, 2, 1), and labels of close levels are
+    pushed apart upwards so that they never overlap. Call with the axes' y scale set."""
     shared: dict[float, list[str]] = {}
     for label, level in levels.items():
         if math.isfinite(level):
             shared.setdefault(float(level), []).append(math_label(label))
-    for level, labels in shared.items():
+    for level in shared:
         ax.axhline(level, color="0.45", ls=":", lw=1.1, zorder=1.5)
-        ax.annotate(" = ".join(labels), (0.01, level), xycoords=("axes fraction", "data"),
-                    xytext=(0, 1.5), textcoords="offset points", va="bottom", fontsize=7,
-                    color="0.3")
+    if not shared:
+        return
+    ax.get_ylim()  # autoscale now, with the levels in
+    heights = {level: ax.transData.transform((0.0, level))[1] for level in shared}
+    gap = 9.0 * ax.figure.dpi / 72  # one 7-point line
+    # Labels closer than a line apart form a cluster, spread a line apart about the
+    # cluster's own mean height (the least total displacement for equal spacing).
+    clusters: list[list[float]] = []
+    for level in sorted(shared, key=heights.get):
+        if clusters and heights[level] - heights[clusters[-1][-1]] < gap:
+            clusters[-1].append(level)
+        else:
+            clusters.append([level])
+    placed: dict[float, float] = {}
+    for cluster in clusters:
+        centre = np.mean([heights[level] for level in cluster])
+        for i, level in enumerate(cluster):
+            placed[level] = centre + (i - (len(cluster) - 1) / 2) * gap
+    # The data's display heights at each end, against the labels' heights.
+    def distance(rows):
+        ends = values[rows][np.isfinite(values[rows])]
+        if not ends.size:
+            return math.inf
+        drawn = np.array([ax.transData.transform((0.0, v))[1] for v in ends
+                          if ax.get_yscale() != "log" or v > 0] or [math.inf])
+        return min(abs(drawn[:, None] - np.array(list(placed.values()))[None, :]).min(), 1e9)
+
+    tenth = max(len(values) // 10, 1)
+    right = distance(slice(-tenth, None)) > distance(slice(0, tenth))
+    for level, labels in shared.items():
+        lift = (placed[level] - heights[level]) * 72 / ax.figure.dpi
+        ax.annotate(" = ".join(labels), (0.99 if right else 0.01, level),
+                    xycoords=("axes fraction", "data"), xytext=(0, 1.5 + lift),
+                    textcoords="offset points", va="bottom", ha="right" if right else "left",
+                    fontsize=7, color="0.3",
+                    # Over the other levels' lines where labels had to be spread apart.
+                    bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.85))
 
 
 def _caption(traj: Trajectory, levels: dict, curves: list, colourmap: bool,

@@ -146,13 +146,19 @@ def test_transition_labels_never_overlap_each_other_nor_the_title(time_axis):
     crowded = {"a_first": 50.0, "b_second": 50.5, "c_third": 51.0, "d_fourth": 51.5,
                "late_one": 90.0}
     traj = dataclasses.replace(traj, transitions=crowded)
-    fig = plot_observable(traj, "loss", time_axis=time_axis)
+    # Three reference levels within 1% of each other too.
+    fig = plot_observable(traj, "loss", time_axis=time_axis,
+                          references={"level a": 2.0, "level b": 2.01, "level c": 2.02})
     (ax,) = fig.axes
     renderer = _drawn(fig)
     labels = [t for t in ax.texts if "$t$=" in t.get_text()]
     assert len(labels) == len(crowded)
+    levels = [t for t in ax.texts if t.get_text().startswith("level")]
+    assert len(levels) == 3
     boxes = [t.get_window_extent(renderer) for t in labels]
     for a, b in itertools.combinations(boxes, 2):
+        assert not _overlap(a, b)
+    for a, b in itertools.combinations([t.get_window_extent(renderer) for t in levels], 2):
         assert not _overlap(a, b)
     title = ax.title.get_window_extent(renderer)
     assert not any(_overlap(title, box) for box in boxes)
