@@ -63,6 +63,7 @@ _EXPORTS = {
     "solve": ("._solve", "solve"),
     "sweep": ("._sweep", "sweep"),
     "sweep_points": ("._sweep", "sweep_points"),
+    "figures": (".figures", None),
     "measures": (".measures", None),
     "models": (".models", None),
     "observers": (".observers", None),
@@ -95,6 +96,7 @@ def __dir__() -> list[str]:
 
 if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
     from . import (
+        figures as figures,
         measures as measures,
         models as models,
         observers as observers,

@@ -632,8 +632,6 @@ def _finish(args, session: _Session, resolved, problem, traj, out: Path,
         with session.timed("figures_seconds"):
             save_figures(traj, out / "figures", time_axis=plot.time_axis, labels=plot.labels,
                          heatmaps=plot.heatmaps, formats=plot.formats)
-            if problem.figures is not None:
-                problem.figures(traj, out / "figures")
     _write_timings(out, session, traj)
     session.claim.set_state("finished")
     if not args.quiet:

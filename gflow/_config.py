@@ -6,7 +6,7 @@ A configuration has four tables:
 - `problem`: `kind` (a registered problem builder) and its keyword arguments, checked against
   the builder's signature;
 - `solve`: the `SolveSettings` below, passed to `gflow.solve`;
-- `plot`: `time_axis = "log" | "linear"`.
+- `plot`: `time_axis = "log" | "linear" | "stages"`.
 """
 
 import dataclasses
@@ -192,7 +192,8 @@ class PlotSettings:
 
     **Fields:**
 
-    - `time_axis`: `"log"` for multi-scale dynamics, else `"linear"`.
+    - `time_axis`: `"log"` for multi-scale dynamics, `"stages"` for a linear axis on which
+        every stage (between located transitions) has the same width, else `"linear"`.
     - `labels`: `{observable: [name of each component]}` for the figures' legends, e.g.
         `stable_rank = ["W_Q", "W_K", "W_V", "W1"]`.
     - `heatmaps`: matrix-valued observables drawn as heatmaps at t0, each transition and the
@@ -207,8 +208,9 @@ class PlotSettings:
     formats: tuple[str, ...] = ("png",)
 
     def __post_init__(self):
-        if self.time_axis not in ("log", "linear"):
-            raise InputError(f"plot.time_axis must be 'log' or 'linear', got {self.time_axis!r}")
+        if self.time_axis not in ("log", "linear", "stages"):
+            raise InputError(
+                f"plot.time_axis must be 'log', 'linear' or 'stages', got {self.time_axis!r}")
         if not self.formats or any(f not in ("png", "pdf", "svg") for f in self.formats):
             raise InputError(
                 f"plot.formats must list formats among png, pdf, svg, got {list(self.formats)}")

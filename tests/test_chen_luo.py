@@ -284,7 +284,7 @@ def test_reduced_rank_collapse_transitions_and_states_there(tmp_path, capsys):
     assert len(repr(traj)) <= 1000 and len(repr(traj).splitlines()) <= 6
     assert traj.components["stable_rank"] == ("W_Q", "W_K", "W_V", "W1", "W2")
     assert list(traj.to_xarray()["stable_rank_component"].values)[:2] == ["W_Q", "W_K"]
-    from gflow._paper_figures import heatmap_times  # the figure's columns: not public API
+    from gflow.figures import heatmap_times
     assert heatmap_times(traj) == {"t0": 0.0, **times, "end": 300.0}
     # The state recorded at each transition meets its criterion there (the condition is 0).
     assert list(traj.at_transitions) == list(times)

@@ -13,7 +13,7 @@ import pytest
 import gflow
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBMODULES = ("models", "tasks", "theory", "observers", "measures", "presets")
+SUBMODULES = ("models", "tasks", "theory", "observers", "measures", "presets", "figures")
 
 
 def public_names(module) -> list[str]:

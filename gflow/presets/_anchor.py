@@ -21,6 +21,8 @@ took ~4 min for `t = 150` at 22 % training accuracy); this preset shows the tren
 full effect. `γ = 0.3` is stiff after the fit: `--t1 100` suffices for it.
 """
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -168,5 +170,11 @@ def anchor(
             ),
         }
 
+    def references(traj):
+        # A model that has learnt nothing about the pair answers any token: 1/V each.
+        chance = {f"chance 1/{VOCAB}": 1.0 / VOCAB}
+        return {"held_out_accuracy": chance, "held_out_probability": chance,
+                "loss": {r"uniform $\log V$": math.log(VOCAB)}}
+
     flow = GradientFlow(model, cross_entropy, task.train, trainable=model.trainable_spec())
-    return Problem(flow, observers, transitions, criteria, predict)
+    return Problem(flow, observers, transitions, criteria, predict, references=references)

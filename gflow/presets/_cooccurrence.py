@@ -30,7 +30,6 @@ from .._solve import Transition
 from ..models import CooccurrenceTransformer, cooccurrence_loss
 from ..tasks import cooccurrence as cooccurrence_data, cooccurrence_observers, phase1_condition
 from ..theory import fit_inverse_loss
-from .._paper_figures import yang_figures
 from .._prediction import Prediction
 from ._problem import Problem, scaled_init
 
@@ -99,8 +98,11 @@ def cooccurrence(
             ),
         }
 
+    def references(traj):
+        return {"margin": {"0: every sample classified correctly": 0.0}}
+
     return Problem(flow, cooccurrence_observers(), transitions, criteria, predict,
-                   figures=yang_figures)
+                   references=references)
 
 
 def loss_rise(ts, curve) -> tuple[float, float]:

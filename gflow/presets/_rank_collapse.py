@@ -49,7 +49,7 @@ from .. import measures
 from .. import observers as obs
 from .._errors import InputError
 from .._flow import GradientFlow
-from .._paper_figures import chen_luo_figures, save_index
+from ..figures import save_index
 from .._prediction import Prediction
 from .._solve import Transition
 from ..models._decoder import Decoder, TokenData, accuracy, cross_entropy
@@ -273,8 +273,15 @@ def rank_collapse(
     def predict(traj):
         return rank_collapse_predictions(traj, chance)
 
+    def references(traj):
+        # At small init the logits are ~0: every token equally likely, the loss log V (the
+        # stage-1 plateau); a model that cannot locate the answer is right by chance.
+        plateau = {r"plateau $\log V$": math.log(vocab)}
+        return {"loss": plateau, "held_out_loss": plateau,
+                "held_out_accuracy": {f"chance 1/{KEY_COUNT + 1}": chance}}
+
     flow = GradientFlow(model, cross_entropy, train, trainable=model.trainable_spec())
-    return Problem(flow, observers, transitions, criteria, predict, figures=chen_luo_figures)
+    return Problem(flow, observers, transitions, criteria, predict, references=references)
 
 
 # The targets x + shift, x among the 96 keys, shift 0 or 1: 97 possible answers.
