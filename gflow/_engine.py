@@ -43,6 +43,7 @@ import optimistix as optx
 from jaxtyping import Array, PyTree, Scalar
 
 from ._flow import GradientFlow
+from ._precision import FLOAT64, Precision
 from ._progress import SegmentMeter
 from ._solvers import solver_name, vector_field_evaluations
 from ._trajectory import Trajectory
@@ -93,6 +94,7 @@ class Plan(NamedTuple):
     meter: diffrax.AbstractProgressMeter
     max_steps: int  # Python ints, static: `split` keeps every non-array leaf in the key
     segment_steps: int
+    precision: Precision = FLOAT64  # in which types the velocity is computed
 
 
 def _observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
@@ -107,7 +109,7 @@ def _observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
 # interpolation), and a segment observes in three places: the default preset's program traced
 # its observers 7 and its gradient 5 times (measured), about a quarter of its tracing.
 _observe_once = eqx.filter_jit(_observe)
-_velocity_once = eqx.filter_jit(lambda flow, y: flow.velocity(y))
+_velocity_once = eqx.filter_jit(lambda flow, precision, y: precision.velocity(flow, y))
 
 
 def observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
@@ -119,13 +121,13 @@ def observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
     return _observe_once(flow, observers, y)
 
 
-def _term(flow: GradientFlow) -> diffrax.ODETerm:
-    return diffrax.ODETerm(lambda t, y, args: _velocity_once(flow, y))
+def _term(flow: GradientFlow, precision: Precision) -> diffrax.ODETerm:
+    return diffrax.ODETerm(lambda t, y, args: _velocity_once(flow, precision, y))
 
 
 def _controller_init(plan: Plan, y: PyTree, t0) -> PyTree:
     """The controller's initial state at `t0` (diffrax's own `init`), for its structure."""
-    term = _term(plan.flow)
+    term = _term(plan.flow, plan.precision)
     dt0 = plan.t1 - t0 if plan.dt0 is None else plan.dt0
     _, state = plan.controller.init(
         term, t0, plan.t1, y, dt0, None, plan.solver.func, plan.solver.error_order(term)
@@ -175,7 +177,7 @@ def _segment(plan: Plan, c: dict) -> dict:
     `segment_steps` steps; returns the carry after it."""
     flow, index, y0, t0, t1 = plan.flow, c["index"], c["y"], c["t"], plan.t1
     n = len(plan.conditions)
-    term = _term(flow)
+    term = _term(flow, plan.precision)
 
     # Parameter names matter: diffrax calls these by keyword during root finding.
     def diverged(t, y, args, **kwargs):

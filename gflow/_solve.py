@@ -32,6 +32,7 @@ from ._checkpoint import Carry, fingerprint, read_checkpoint, write_checkpoint
 from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
+from ._precision import FLOAT64, Precision
 from ._progress import FlowTimeBar, SegmentMeter
 from ._root_find import BracketingSecant
 from ._solvers import is_adaptive, make_solver, solver_name
@@ -267,11 +268,13 @@ class _Setup(NamedTuple):
     atol: float
     y0: PyTree
     ts: np.ndarray
+    precision: Precision = FLOAT64
 
 
 def _prepare(
     flow: GradientFlow, *, t0: float, t1: float, solver, rtol, atol, observers, transitions,
     max_steps, dt0, stepsize_controller, ts, segment_steps=None, meter=None,
+    precision: str | Precision = FLOAT64,
 ) -> _Setup:
     """Validate a solve's inputs and build the engine's `Plan`; shared with `gflow.sweep`.
 
@@ -310,6 +313,10 @@ def _prepare(
     if len(set(names)) != len(names):
         raise InputError(f"transition names must be unique, got {names}")
     ts = _resolve_ts(ts, t0, t1)
+    # Under "float32" the solve holds float32 copies of everything it is given (the float64
+    # init cast, not another draw); the floor is measured on what was given.
+    precision, given_flow = Precision.of(precision), flow
+    flow, observers, transitions = precision.cast((flow, observers, transitions))
     y0 = flow.params
     target = jax.dtypes.canonicalize_dtype(jnp.float64)
     if any(jnp.result_type(x) != target for x in jtu.tree_leaves(y0)):
@@ -339,6 +346,7 @@ def _prepare(
         controller = _controller_with_array_tolerances(controller)
     used = _tolerances(controller)
     rtol, atol = used if used is not None else (float(rtol), float(atol))
+    precision.check_rtol(given_flow, rtol)
     if isinstance(controller, diffrax.ConstantStepSize) and dt0 is None:
         raise InputError("a constant step size needs dt0")
     # Root finding on the dense output: well below the solver's own error, so the located time
@@ -364,8 +372,10 @@ def _prepare(
         meter=_NO_PROGRESS if meter is None else meter,
         max_steps=int(max_steps),
         segment_steps=int(min(segment_steps or max_steps, max_steps)),
+        precision=precision,
     )
-    return _Setup(flow, plan, observers, transitions, names, float(rtol), float(atol), y0, ts)
+    return _Setup(flow, plan, observers, transitions, names, float(rtol), float(atol), y0, ts,
+                  precision)
 
 
 def status_message(status: str, t_final: float, max_steps: int) -> str:
@@ -405,6 +415,7 @@ def solve(
     checkpoint_steps: int | None = None,
     resume: bool = False,
     controller: diffrax.AbstractStepSizeController | None = None,
+    precision: str | Precision = "float64",
 ) -> Trajectory:
     """Integrate the gradient flow from `t0` to `t1`.
 
@@ -452,6 +463,13 @@ def solve(
     - `resume`: continue from `checkpoint` if that file exists (it must come from this same
         problem: init, data, save times and settings are checked). The result equals, bit for
         bit, that of a run never interrupted; a checkpoint written at the end returns at once.
+    - `precision`: `"float64"`, `"mixed"` (float64 time and state, float32 loss and gradient),
+        `"float32"` or a `gflow.Precision` (which also sets the matmul precision). Every
+        policy starts from the same init (the given one, cast). An `rtol` below the policy's
+        floor (`Precision.rtol_floor`: ten times the float32 gradient's measured relative
+        error at the initial state) is refused. `certify`'s reference always runs in float64,
+        so its error estimates cover rounding as well as truncation. Recorded in
+        `Trajectory.stats` (`precision`, `matmul_precision`, `backend`).
 
     **Returns:**
 
@@ -476,12 +494,20 @@ def solve(
     if resume and checkpoint is None:
         raise InputError("resume needs the checkpoint file to resume from")
     meter = SegmentMeter() if progress else progress_meter
-    setup = _prepare(
-        flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=observers,
-        transitions=transitions, max_steps=max_steps, dt0=dt0,
-        stepsize_controller=stepsize_controller, ts=ts, segment_steps=checkpoint_steps,
-        meter=meter,
-    )
+    precision = Precision.of(precision)
+    if not isinstance(transitions, (list, tuple)):  # read twice with certify
+        try:
+            transitions = tuple(transitions)
+        except TypeError:
+            raise InputError(f"transitions must be a sequence of gflow.Transition, got "
+                             f"{transitions!r}") from None
+    with precision.scope():
+        setup = _prepare(
+            flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=observers,
+            transitions=transitions, max_steps=max_steps, dt0=dt0,
+            stepsize_controller=stepsize_controller, ts=ts, segment_steps=checkpoint_steps,
+            meter=meter, precision=precision,
+        )
     if certify and not is_adaptive(setup.plan.solver):
         raise InputError(f"certify needs an adaptive solver, not {solver_name(setup.plan.solver)!r}")
     checkpoint = None if checkpoint is None else Path(checkpoint)
@@ -491,23 +517,31 @@ def solve(
     run = functools.partial(_integrate, t0=t0, t1=t1, max_steps=max_steps, dt0=dt0,
                             checkpoint_steps=checkpoint_steps, resume=resume)
     if not certify:
-        return run(setup, checkpoint=checkpoint, progress=progress)
-    # The reference: the same solver and controller (the same compiled program) at 100x
-    # smaller tolerances. Not Dopri8: its dense output is measured here at 50-150x its rtol
-    # between step ends, which would pollute the observables at the save times.
-    reference_setup = _prepare(
-        flow, t0=t0, t1=t1, solver=setup.plan.solver,
-        rtol=max(setup.rtol / _CERTIFY_FACTOR, 1e-14), atol=setup.atol / _CERTIFY_FACTOR,
-        observers=setup.observers, transitions=setup.transitions, max_steps=max_steps, dt0=dt0,
-        stepsize_controller=(None if stepsize_controller is None
-                             else _tightened(setup.plan.controller, _CERTIFY_FACTOR)),
-        ts=setup.ts, segment_steps=checkpoint_steps,
-        meter=SegmentMeter(bar=np.asarray(1, dtype=np.int32)) if progress else progress_meter,
-    )
+        with precision.scope():
+            return run(setup, checkpoint=checkpoint, progress=progress)
+    # The reference: the same solver and controller (the same compiled program, in float64)
+    # at 100x smaller tolerances, always in float64, so that its difference from the run
+    # covers the run's rounding too. Not Dopri8: its dense output is measured here at
+    # 50-150x its rtol between step ends, which would pollute the observables at the save
+    # times.
+    with jax.enable_x64(True):
+        reference_setup = _prepare(
+            flow, t0=t0, t1=t1, solver=setup.plan.solver,
+            rtol=max(setup.rtol / _CERTIFY_FACTOR, 1e-14), atol=setup.atol / _CERTIFY_FACTOR,
+            observers=observers if precision.policy == "float32" else setup.observers,
+            transitions=transitions if precision.policy == "float32" else setup.transitions,
+            max_steps=max_steps, dt0=dt0,
+            stepsize_controller=(None if stepsize_controller is None
+                                 else _tightened(setup.plan.controller, _CERTIFY_FACTOR)),
+            ts=setup.ts, segment_steps=checkpoint_steps,
+            meter=SegmentMeter(bar=np.asarray(1, dtype=np.int32)) if progress else progress_meter,
+        )
     reference_checkpoint = None if checkpoint is None else checkpoint.with_name(
         f"{checkpoint.stem}-reference{checkpoint.suffix}")
-    # Compiled once, here, before either solve starts: both find it in the cache.
-    compile_seconds = _compile(setup, t0)
+    # Compiled once, here, before either solve starts: both find it in the cache (unless the
+    # run's precision is not float64's).
+    with precision.scope():
+        compile_seconds = _compile(setup, t0)
     # The two solves are independent: the reference runs on a second thread (XLA releases the
     # GIL), so on a machine with two or more cores it costs little wall time on top of the run.
     # If the run fails the reference stops at its next segment boundary, unwaited for.
@@ -516,12 +550,13 @@ def solve(
     try:
         with _cores_shared_by(2):
             pending = pool.submit(
-                run, reference_setup, checkpoint=reference_checkpoint,
+                _in_float64(run), reference_setup, checkpoint=reference_checkpoint,
                 progress="certify: reference" if progress else False, stop=stop,
                 bar_position=1,
             )
-            traj = run(setup, checkpoint=checkpoint, progress=progress,
-                       compile_seconds=compile_seconds)
+            with precision.scope():
+                traj = run(setup, checkpoint=checkpoint, progress=progress,
+                           compile_seconds=compile_seconds)
             reference = pending.result()
     except BaseException:
         stop.set()
@@ -530,6 +565,17 @@ def solve(
     pool.shutdown()
     errors = error_estimates(traj, reference) | {"reference_stats": reference.stats}
     return dataclasses.replace(traj, errors=errors)
+
+
+def _in_float64(fn: Callable) -> Callable:
+    """`fn` called with JAX's x64 on (in whatever thread calls it)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.enable_x64(True):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _cores_shared_by(solves: int) -> contextlib.AbstractContextManager:
@@ -625,7 +671,7 @@ def _integrate(
     return engine.trajectory(
         carry.arrays, flow=setup.flow, ts=ts, names=names, t0=t0, t1=t1, solver=plan.solver,
         rtol=setup.rtol, atol=setup.atol, max_steps=int(max_steps),
-        dt0_given=dt0 is not None, stats=carry.seconds,
+        dt0_given=dt0 is not None, stats=carry.seconds | setup.precision.describe(),
     )
 
 
@@ -638,6 +684,7 @@ def _fingerprint(setup: _Setup, ts, t0, t1, checkpoint_steps) -> dict[str, str]:
         # auto's DOP853 scales its error estimate; the name alone does not tell them apart.
         error_scale=getattr(plan.solver, "error_scale", None),
         gd_step=setup.flow.gd_step,
+        precision=[setup.precision.policy, setup.precision.matmul],
         controller=type(plan.controller).__name__, transitions=setup.names,
         controller_coefficients=[getattr(plan.controller, name, None)
                                  for name in ("pcoeff", "icoeff", "dcoeff")],
