@@ -22,6 +22,7 @@ rounding is part of the measured gradient error, hence of the floor.
 """
 
 import contextlib
+import functools
 import math
 
 import equinox as eqx
@@ -179,6 +180,19 @@ class Precision(eqx.Module):
 
 
 FLOAT64 = Precision.float64()
+
+
+def in_scope(fn):
+    """`fn(..., precision=...)` run inside its precision's `scope()`, with `precision`
+    (a policy's name or a `Precision`) resolved once."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, precision: "str | Precision" = "float64", **kwargs):
+        precision = Precision.of(precision)
+        with precision.scope():
+            return fn(*args, precision=precision, **kwargs)
+
+    return wrapped
 
 
 def _cast(tree: PyTree, dtype) -> PyTree:

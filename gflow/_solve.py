@@ -280,6 +280,10 @@ def _prepare(
 
     Every check here raises a one-line `InputError` before anything is compiled.
     """
+    # Under "float32" the solve holds float32 copies of everything it is given (the float64
+    # init cast, not another draw); the floor is measured on what was given.
+    precision, given_flow = Precision.of(precision), flow
+    flow, observers, transitions = precision.cast((flow, observers, transitions))
     check_inputs(flow, t0=t0, t1=t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0,
                  observers=observers, transitions=transitions)
     if not (math.isfinite(t0) and math.isfinite(t1)):
@@ -313,10 +317,6 @@ def _prepare(
     if len(set(names)) != len(names):
         raise InputError(f"transition names must be unique, got {names}")
     ts = _resolve_ts(ts, t0, t1)
-    # Under "float32" the solve holds float32 copies of everything it is given (the float64
-    # init cast, not another draw); the floor is measured on what was given.
-    precision, given_flow = Precision.of(precision), flow
-    flow, observers, transitions = precision.cast((flow, observers, transitions))
     y0 = flow.params
     target = jax.dtypes.canonicalize_dtype(jnp.float64)
     if any(jnp.result_type(x) != target for x in jtu.tree_leaves(y0)):

@@ -41,6 +41,7 @@ unsharded. On GPU/TPU `vmap` is the default: members step in lock-step, so group
 similar difficulty together (e.g. sweep seeds at one `eps`) for the best throughput.
 """
 
+import contextlib
 import csv
 import io
 import itertools
@@ -65,6 +66,7 @@ from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
 from . import _engine as engine
+from ._precision import FLOAT64, Precision, in_scope
 from ._solve import (
     _DEFAULT_SAVE_POINTS,
     Transition,
@@ -657,7 +659,7 @@ def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
 
 def _prepare(
     flow, observers, transitions, *, t0, t1, solver, rtol, atol, ts, max_steps, dt0,
-    stepsize_controller, keep_trajectories,
+    stepsize_controller, keep_trajectories, precision=FLOAT64,
 ) -> tuple[tuple, dict]:
     """`_member_solve`'s arguments for one member, prepared by `gflow.solve`'s own `_prepare`,
     and the host-side facts needed to report it."""
@@ -667,15 +669,16 @@ def _prepare(
     setup = _solve_prepare(
         flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=saved,
         transitions=transitions, max_steps=max_steps, dt0=dt0,
-        stepsize_controller=stepsize_controller, ts=ts,
+        stepsize_controller=stepsize_controller, ts=ts, precision=precision,
     )
-    final = {"loss": setup.flow.loss} | dict(observers or {})
+    final = precision.cast({"loss": setup.flow.loss} | dict(observers or {}))
     _, _, plan_key = engine.split(setup.plan)
     template = engine.carry_template(setup.plan, plan_key)
     args = (setup.plan, engine.start(template, setup.y0, t0), final)
     return args, dict(setup=setup)
 
 
+@in_scope
 def sweep(
     make_flow: Callable[..., Any],
     over: Mapping[str, Sequence],
@@ -696,6 +699,7 @@ def sweep(
     keep_trajectories: bool = False,
     callback: Callable[[int, SweepMember], None] | None = None,
     controller: diffrax.AbstractStepSizeController | None = None,
+    precision: str | Precision = "float64",
 ) -> Sweep:
     """Solve the gradient flows of many points at once and collect their stage times.
 
@@ -717,6 +721,9 @@ def sweep(
     - `keep_trajectories`: keep each member's full `Trajectory` (observables at the save times
         `ts`, default a 200-point log grid); otherwise only observables at the final state.
     - `callback`: `callback(index, member)` as each member's result is ready (progress).
+    - `precision`: as `gflow.solve`'s, for every member (each member's floor is measured on
+        its own init); `make_flow` is called with x64 on, so every precision sweeps the same
+        inits.
 
     **Returns:**
 
@@ -740,14 +747,16 @@ def sweep(
     stepsize_controller = _controller_alias(stepsize_controller, controller)
     all_args, infos = [], []
     for point in points:
-        flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
+        with jax.enable_x64(True) if precision.policy == "float32" else contextlib.nullcontext():
+            built = make_flow(**point)
+        flow, own_observers, own_transitions = _flow_parts(built, point)
         args, info = _prepare(
             flow,
             own_observers | dict(observers or {}),
             own_transitions + tuple(transitions),
             t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, ts=ts, max_steps=max_steps,
             dt0=dt0, stepsize_controller=stepsize_controller,
-            keep_trajectories=keep_trajectories,
+            keep_trajectories=keep_trajectories, precision=precision,
         )
         all_args.append(args)
         infos.append(info)

@@ -234,10 +234,6 @@ def _run(args) -> int:
         if value is not None:
             overrides.append(f"solve.{flag}={value!r}" if flag == "solver" else f"solve.{flag}={value}")
     base = presets.resolve(args.config, overrides)
-    if base.solve.x32:
-        raise InputError(
-            "solve.x32: sweeps run in float64 only (float32 is python -m gflow.solve's)"
-        )
     fields = set(base.config.get("problem", {})) - {"kind"}
     literals: dict[str, list[str]] = {}
     for item in args.over:
@@ -311,6 +307,7 @@ def _run(args) -> int:
         atol=settings.atol,
         max_steps=settings.max_steps,
         callback=progress,
+        precision=settings.precision_policy(),
     )
     failed = [m for m in result.members if not m.completed]
     if not lead:  # every process holds the same result, hence the same exit status

@@ -162,15 +162,18 @@ def build(resolved: Resolved) -> Problem:
 
 def check(resolved: Resolved) -> Problem:
     """Build the problem and run every check `run` would make before computing anything
-    (the `[plot]` names, `gflow.solve`'s own input checks), without compiling.
+    (the `[plot]` names, `gflow.solve`'s own input checks), without compiling (but for the two
+    gradient evaluations that measure a float32 precision's tolerance floor).
 
     **Returns:**
 
     The problem, to pass on to `run`.
     """
     settings = resolved.solve
-    with jax.enable_x64(not settings.x32):
-        problem = build(resolved)
+    # Built in float64 whatever the precision: every precision starts from the same init
+    # (the solve casts it).
+    problem = build(resolved)
+    with settings.precision_policy().scope():
         names = {"loss", *problem.observers}
         plot = resolved.plot
         for field, given in (("heatmaps", plot.heatmaps), ("labels", tuple(plot.labels))):
@@ -198,6 +201,7 @@ def _solve_arguments(problem: Problem, settings: SolveSettings) -> dict:
         t0=settings.t0, t1=settings.t1, solver=settings.solver, rtol=settings.rtol,
         atol=settings.atol, observers=problem.observers, transitions=problem.transitions,
         max_steps=settings.max_steps, dt0=None, stepsize_controller=controller,
+        precision=settings.precision_policy(),
     )
 
 
@@ -231,9 +235,7 @@ def run(
     warning = settings.precision_warning()
     if warning:
         warnings.warn(warning, stacklevel=2)
-    # float32 on request, for this run only: the process keeps gflow's float64 default.
-    with jax.enable_x64(not settings.x32):
-        return _run(resolved, progress, checkpoint_dir, resume, problem)
+    return _run(resolved, progress, checkpoint_dir, resume, problem)
 
 
 def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, Trajectory]:
