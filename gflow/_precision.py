@@ -80,14 +80,17 @@ class Precision(eqx.Module):
 
     @classmethod
     def float64(cls) -> "Precision":
+        """Everything in float64 (gflow's default)."""
         return cls("float64")
 
     @classmethod
     def mixed(cls, matmul: str = "highest") -> "Precision":
+        """float64 time and state, float32 loss and gradient under `matmul` precision."""
         return cls("mixed", matmul)
 
     @classmethod
     def float32(cls, matmul: str = "highest") -> "Precision":
+        """Everything in float32 (time included), matrix products under `matmul`."""
         return cls("float32", matmul)
 
     @classmethod
@@ -103,6 +106,7 @@ class Precision(eqx.Module):
 
     @property
     def state_dtype(self):
+        """The dtype of the solve's state (and time): float32 under `"float32"`."""
         return jnp.float32 if self.policy == "float32" else jnp.float64
 
     def scope(self) -> contextlib.AbstractContextManager:

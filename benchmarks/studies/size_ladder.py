@@ -83,6 +83,34 @@ def run_size(d: int, t1: float, precision: str) -> dict:
     return row
 
 
+def costs(d: int, repeats: int = 3) -> dict:
+    """Best wall time of one velocity `-∇L` and of one observation (every observer and
+    transition condition of the preset) at size `d`, jitted, on this machine."""
+    import equinox as eqx
+    import jax
+
+    import gflow.presets as presets
+
+    from .._harness import best_time
+
+    problem = presets.build(presets.resolve("rank-collapse", overrides(d, default_t1(d),
+                                                                       "float64")))
+    flow = problem.flow
+    y = flow.params
+    velocity = eqx.filter_jit(lambda flow, y: flow.velocity(y))
+    conditions = tuple(tr.condition for tr in problem.transitions)
+    observe = eqx.filter_jit(lambda flow, y: (
+        {k: o(flow.combine(y), flow.data) for k, o in problem.observers.items()},
+        [c(flow.combine(y), flow.data) for c in conditions]))
+    out = dict(d=d, parameters=sum(x.size for x in jax.tree_util.tree_leaves(y)))
+    for name, fn in (("velocity", velocity), ("observation", observe)):
+        jax.block_until_ready(fn(flow, y))
+        timing = best_time(lambda: jax.block_until_ready(fn(flow, y)), repeats=repeats,
+                           budget_s=60.0)
+        out[f"{name}_seconds"] = timing.wall
+    return out
+
+
 def _finite(x):
     return float(x) if math.isfinite(x) else None
 
@@ -104,6 +132,15 @@ def _group_ranks(r: dict, measure: str) -> str:
     return " / ".join(f"{r[measure][g]:.3g}" for g in GROUPS)
 
 
+def _verdict(row: dict, name: str) -> str:
+    """The claim's verdict, and which rank measure breaks it (from the prediction's text)."""
+    holds, text = row["verdicts"].get(name), row["verdict_text"].get(name) or ""
+    if holds is None:
+        return "—"
+    parts = [f"{m} {'yes' if f'{m} below' in text else 'no'}" for m in ("effective", "stable")]
+    return f"{'holds' if holds else 'fails'} ({', '.join(parts)})"
+
+
 def markdown(rows: list[dict], missing: list[int]) -> str:
     header = ["d", "t1", "status", *TRANSITIONS, "steps", "wall (s)", "held-out / train acc.",
               "drift Q / R (max)", *(v.replace("attention_collapses_below_outer", "below") or "at kq"
@@ -117,7 +154,7 @@ def markdown(rows: list[dict], missing: list[int]) -> str:
             fmt(r["stats"].get("num_steps")), fmt(r["wall_seconds"]),
             f"{r['held_out_accuracy']:.3g} / {r['train_accuracy']:.3g}",
             " / ".join(fmt(x) for x in r["conserved_drift_max"]),
-            *({True: "holds", False: "fails", None: "—"}[r["verdicts"].get(v)] for v in VERDICTS),
+            *(_verdict(r, v) for v in VERDICTS),
         ])
     lines = ["# rank-collapse size ladder (`python -m benchmarks.studies.size_ladder`)", "",
              markdown_table(header, body), "",
@@ -175,8 +212,20 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="float64")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--report", action="store_true", help="only assemble the saved sizes")
+    parser.add_argument("--costs", action="store_true",
+                        help="only measure one velocity and one observation per size "
+                        "(costs.json), to estimate the sizes not run")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.costs:
+        rows = [costs(d) for d in args.sizes]
+        (args.out / "costs.json").write_text(json.dumps(dict(rows=rows, machine=machine()),
+                                                        indent=1) + "\n")
+        for r in rows:
+            print(f"d={r['d']}: {r['parameters']} parameters, velocity "
+                  f"{r['velocity_seconds'] * 1e3:.1f} ms, observation "
+                  f"{r['observation_seconds'] * 1e3:.1f} ms")
+        return 0
     if not args.report:
         t1s = args.t1 or [default_t1(d) for d in args.sizes]
         if len(t1s) != len(args.sizes):
