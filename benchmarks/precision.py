@@ -7,10 +7,11 @@ error bars are.
    float64's init cast (bitwise), the tolerance floor, and each transition's actual error
    against a float64 solve at rtol 1e-12 beside its certified bar, at rtol = the floor and
    at 10x the floor.
-2. rank-collapse (the preset, d = 64): the cost of one velocity evaluation `-∇L` (jitted, best
+2. rank-collapse (the preset, d = 64; `--t1 760` stops after its last transition, 733): the cost of one velocity evaluation `-∇L` (jitted, best
    of several, the three precisions side by side in one process on this machine's CPU), the
    floor, and a certified `"mixed"` solve at rtol 1e-5 (above the floor) against the float64
-   solve at the preset's rtol 1e-6: transition times, bars and wall time per evaluation.
+   solve at the preset's rtol 1e-6: transition times, bars and wall time per evaluation. The
+   solves record the transitions only (the instruments cost more than the flow).
 
 Writes one JSON file and prints a Markdown summary for benchmarks/RESULTS.md.
 """
@@ -102,8 +103,8 @@ def evaluation_costs(flow, repeats: int = 20) -> dict:
     return out
 
 
-def rank_collapse(float64_json: Path | None, mixed_rtol: float) -> dict:
-    resolved = presets.resolve("rank-collapse")
+def rank_collapse(float64_json: Path | None, mixed_rtol: float, t1: float | None) -> dict:
+    resolved = presets.resolve("rank-collapse", [] if t1 is None else [f"solve.t1={t1}"])
     problem = presets.build(resolved)
     costs = evaluation_costs(problem.flow)
     floor, error = gflow.Precision.mixed().rtol_floor(problem.flow)
@@ -117,8 +118,10 @@ def rank_collapse(float64_json: Path | None, mixed_rtol: float) -> dict:
         controller = gflow.pid_controller(problem.flow, rtol, t1=settings.t1,
                                           pcoeff=settings.pcoeff, icoeff=settings.icoeff)
         begin = time.perf_counter()
-        traj = _solve_preset(resolved, problem, rtol=rtol, stepsize_controller=controller,
-                             certify=certify, precision=policy)
+        # The transitions only (their conditions): the instruments cost more than the flow.
+        traj = gflow.solve(problem.flow, settings.t1, ts=settings.save_times(), rtol=rtol,
+                           transitions=problem.transitions, stepsize_controller=controller,
+                           max_steps=settings.max_steps, certify=certify, precision=policy)
         wall = time.perf_counter() - begin
         runs[policy] = dict(
             rtol=rtol, transitions=traj.transitions,
@@ -139,6 +142,11 @@ def rank_collapse(float64_json: Path | None, mixed_rtol: float) -> dict:
 
 def markdown(result: dict) -> str:
     dl, rc = result["deep_linear"], result["rank_collapse"]
+    return "\n\n".join(part for part in (dl and _deep_linear_markdown(dl),
+                                            rc and _rank_collapse_markdown(rc)) if part)
+
+
+def _deep_linear_markdown(dl: dict) -> str:
     lines = ["Initial state (deep-linear) against float64's init cast: " + ", ".join(
         f"{p} {'bitwise equal' if v['bitwise_equal'] else 'DIFFERS'} ({v['dtype']})"
         for p, v in dl["initial_states"].items()) + ".", ""]
@@ -150,8 +158,12 @@ def markdown(result: dict) -> str:
          "certified bar", "covered", "steps"],
         [[r["policy"], fmt(r["rtol"]), r["transition"], fmt(r["actual_error"]), fmt(r["bar"]),
           "yes" if r["covered"] else "NO", r["steps"]] for r in dl["rows"]]))
+    return "\n".join(lines)
+
+
+def _rank_collapse_markdown(rc: dict) -> str:
     c = rc["evaluation_costs"]
-    lines += ["", f"rank-collapse (d = 64) velocity `-∇L`, best of 20 on this CPU: " + ", ".join(
+    lines = [f"rank-collapse (d = 64) velocity `-∇L`, best of 20 on this CPU: " + ", ".join(
         f"{p} {v['seconds'] * 1e3:.2f} ms ({c['float64']['seconds'] / v['seconds']:.2f}x "
         "float64's speed)" for p, v in c.items())
         + f"; mixed's floor {fmt(rc['floor'])} (gradient error {fmt(rc['gradient_error'])}).",
@@ -159,7 +171,7 @@ def markdown(result: dict) -> str:
     lines.append(markdown_table(
         ["transition", "mixed (rtol 1e-5, certified)", "bar", "float64 (rtol 1e-6)",
          "|difference|", "within mixed's bar"],
-        [[r["transition"], fmt(r["t_mixed"], 6), fmt(r["bar_mixed"]), fmt(r["t_float64"], 6),
+        [[r["transition"], f"{r['t_mixed']:.6f}", fmt(r["bar_mixed"]), f"{r['t_float64']:.6f}",
           fmt(r["difference"]), "yes" if r["within_bar"] else "NO"] for r in rc["rows"]]))
     m = rc["runs"]["mixed"]
     lines += ["", f"mixed run: {m['steps']} steps, {m['evaluations']} evaluations, run "
@@ -174,16 +186,20 @@ def main(argv=None) -> int:
     parser.add_argument("--mixed-rtol", type=float, default=1e-5)
     parser.add_argument("--float64-run", type=Path, default=None,
                         help="a JSON with the float64 run's `transitions` (skips solving it)")
+    parser.add_argument("--t1", type=float, default=None,
+                        help="rank-collapse's horizon (default the preset's 1500)")
     parser.add_argument("--only", choices=("deep-linear", "rank-collapse"), default=None)
     args = parser.parse_args(argv)
     result = dict(machine=machine(), command="python -m benchmarks.precision " + " ".join(
         sys.argv[1:] if argv is None else argv))
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    # One part at a time (`--only`) keeps the other part's saved results.
     result["deep_linear"] = (deep_linear() if args.only in (None, "deep-linear")
-                             else previous["deep_linear"])
-    result["rank_collapse"] = (rank_collapse(args.float64_run, args.mixed_rtol)
+                             else previous.get("deep_linear"))
+    args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    result["rank_collapse"] = (rank_collapse(args.float64_run, args.mixed_rtol, args.t1)
                                if args.only in (None, "rank-collapse")
-                               else previous["rank_collapse"])
+                               else previous.get("rank_collapse"))
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(markdown(result))
     return 0

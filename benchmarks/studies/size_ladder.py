@@ -179,7 +179,7 @@ def figure(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharex=True)
     ds = [r["d"] for r in rows]
     for ax, measure, title in ((axes[0], "effective_rank", "effective rank (Roy–Vetterli)"),
                                (axes[1], "stable_rank", "stable rank")):
@@ -192,13 +192,15 @@ def figure(rows: list[dict], path: Path) -> None:
             ax.plot(ds, end, "s--", color=color, alpha=0.6, label=f"{g} at the end")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xticks(ds, [str(d) for d in ds])
+        ax.set_xticks(SIZES, [str(d) for d in SIZES])
+        ax.set_xlim(SIZES[0] / 1.4, SIZES[-1] * 1.4)
         ax.set_xlabel("d (d_ff = 2d, σ = d^−0.85)")
         ax.set_title(title)
     axes[0].set_ylabel("rank")
-    axes[1].legend(fontsize=7, ncol=2)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)
     fig.suptitle("rank-collapse by exact gradient flow: ranks of every group vs model width")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
