@@ -56,8 +56,8 @@ class Precision(eqx.Module):
     - `policy`: `"float64"`, `"mixed"` (float64 time and state, float32 loss and gradient) or
         `"float32"` (all float32).
     - `matmul`: the precision of float32 matrix products (`jax.default_matmul_precision`),
-        `"highest"` by default: strict float32 on GPU and TPU, where JAX's own default is TF32
-        (GPU) or one bfloat16 pass (TPU). `None` for `"float64"`.
+        `"highest"` by default (`None`): strict float32 on GPU and TPU, where JAX's own
+        default is TF32 (GPU) or one bfloat16 pass (TPU). Not given for `"float64"`.
 
     Use the constructors `Precision.float64()`, `Precision.mixed()`, `Precision.float32()`, or
     pass the policy's name wherever a precision is accepted.
@@ -65,6 +65,11 @@ class Precision(eqx.Module):
 
     policy: str = eqx.field(static=True)
     matmul: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, policy: str, matmul: str | None = None):
+        self.policy = policy
+        # float32 products are strict float32 unless asked otherwise.
+        self.matmul = "highest" if matmul is None and policy != "float64" else matmul
 
     def __check_init__(self):
         if self.policy not in POLICIES:
@@ -99,7 +104,7 @@ class Precision(eqx.Module):
         if isinstance(spec, Precision):
             return spec
         if isinstance(spec, str) and spec in POLICIES:
-            return cls(spec, None if spec == "float64" else "highest")
+            return cls(spec)
         raise InputError(
             f"precision must be one of {', '.join(POLICIES)} or a gflow.Precision, got {spec!r}"
         )

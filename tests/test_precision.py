@@ -4,6 +4,7 @@ bars that hold against float64, the tolerance floor, and what a run records."""
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -119,3 +120,16 @@ def test_bad_precision_is_one_line(problem):
         gflow.Precision.mixed("fast")
     with pytest.raises(gflow.InputError, match="takes no matmul"):
         gflow.Precision("float64", "highest")
+
+
+def test_mixed_computes_the_gradient_in_float32_under_the_matmul_precision(problem):
+    """The velocity's program: float32 products at the requested precision, float64 out."""
+    flow = problem.flow
+    for matmul, name in (("highest", "HIGHEST"), ("default", "DEFAULT")):
+        precision = gflow.Precision.mixed(matmul)
+        jaxpr = str(jax.make_jaxpr(lambda y: precision.velocity(flow, y))(flow.params))
+        dots = [line for line in jaxpr.splitlines() if "dot_general" in line]
+        assert dots and all(":f32[" in line for line in dots), dots
+        assert f"Precision.{name}" in jaxpr or (name == "DEFAULT" and "precision=None" in jaxpr)
+        out = jax.eval_shape(lambda y: precision.velocity(flow, y), flow.params)
+        assert all(x.dtype == jnp.float64 for x in jtu.tree_leaves(out))
