@@ -87,20 +87,28 @@ def deep_linear() -> dict:
                 exact_rtol=1e-12)
 
 
-def evaluation_costs(flow, repeats: int = 20) -> dict:
-    """Best wall time of one jitted velocity under each precision (side by side)."""
+def evaluation_costs(flow, rounds: int = 6, repeats: int = 10) -> dict:
+    """Best wall time of one jitted velocity under each precision, measured in interleaved
+    rounds (each round times every precision), so that a shared machine's load falls alike
+    on all three."""
     velocity = eqx.filter_jit(lambda flow, precision, y: precision.velocity(flow, y))
-    out = {}
+    prepared = {}
     for policy in POLICIES:
         precision = gflow.Precision.of(policy)
         with precision.scope():
             f = precision.cast(flow)
-            y = f.params
-            jax.block_until_ready(velocity(f, precision, y))
-            timing = best_time(lambda: jax.block_until_ready(velocity(f, precision, y)),
-                               repeats=repeats, budget_s=20.0)
-        out[policy] = dict(seconds=timing.wall, median_seconds=timing.wall_median)
-    return out
+            jax.block_until_ready(velocity(f, precision, f.params))
+        prepared[policy] = (precision, f)
+    walls = {policy: [] for policy in POLICIES}
+    for _ in range(rounds):
+        for policy, (precision, f) in prepared.items():
+            with precision.scope():
+                timing = best_time(
+                    lambda: jax.block_until_ready(velocity(f, precision, f.params)),
+                    repeats=repeats, budget_s=10.0)
+            walls[policy].append(timing.wall)
+    return {policy: dict(seconds=min(w), median_seconds=float(np.median(w)), rounds=rounds,
+                         repeats=repeats) for policy, w in walls.items()}
 
 
 def rank_collapse(float64_json: Path | None, mixed_rtol: float, t1: float | None) -> dict:
