@@ -82,7 +82,9 @@ def _public_paths() -> dict[str, str]:
     return paths
 
 
-_SUBMODULE_NAME = re.compile(r"\bgflow\.(\w+)\._\w+\.(\w+)\b")
+# `gflow._spec.DEFAULT_RTOL`, `gflow._solve.Transition` (a name a private module imports),
+# `gflow.tasks._anchor_function.VOCAB`: a private module's name, in a package or at the top.
+_SUBMODULE_NAME = re.compile(r"\bgflow(?:\.(\w+))?\._\w+\.(\w+)\b")
 
 
 def _publish(text: str, paths: dict[str, str]) -> str:
@@ -90,16 +92,16 @@ def _publish(text: str, paths: dict[str, str]) -> str:
                          + r"(?![\w])")
     text = pattern.sub(lambda m: paths[m[0]], text)
 
-    # Constants (no `__module__` to map from), e.g. a default value's title in a signature:
-    # `gflow.tasks._anchor_function.VOCAB` is `gflow.tasks.VOCAB` where the package exports
-    # that name, else just `VOCAB`.
+    # Constants (no `__module__` to map from), e.g. a default value's title in a signature, and
+    # names a private module imports: `gflow.tasks._anchor_function.VOCAB` is
+    # `gflow.tasks.VOCAB` where the package exports that name, else just `VOCAB`.
     def constant(match: re.Match) -> str:
-        package, name = match[1], match[2]
+        package, name = (f"gflow.{match[1]}" if match[1] else "gflow"), match[2]
         try:
-            module = importlib.import_module(f"gflow.{package}")
+            module = importlib.import_module(package)
         except ImportError:
             return name
-        return f"gflow.{package}.{name}" if hasattr(module, name) else name
+        return f"{package}.{name}" if hasattr(module, name) else name
 
     return _SUBMODULE_NAME.sub(constant, text)
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-import gflow
 from gflow.internal import AUTO_CROSSOVER_RTOL, AUTO_DOP853_ERROR_SCALE
 
 from .results_page import RESULTS_DIR, write_suite

@@ -61,8 +61,11 @@ def _parser() -> argparse.ArgumentParser:
                    "sets it)")
     p.add_argument("--no-figures", action="store_true",
                    help="write no figures (python -m gflow.plot RUN_DIR draws them later)")
+    p.add_argument("--precision", choices=("float64", "mixed", "float32"),
+                   help="solve.precision: mixed = float64 state, float32 loss and gradient; "
+                   "an rtol below its measured floor is refused")
     p.add_argument("--x32", action="store_true",
-                   help="compute in float32 instead of float64 (solve.x32); needs rtol >= 1e-5")
+                   help="an alias of --precision float32 (solve.x32)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (every file a run writes there); "
                    "without it a new run goes only to a new or empty directory")
@@ -134,7 +137,8 @@ def _report(traj, problem, out: Path) -> str:
         f"status      {traj.status}" + (f" ({traj.message})" if traj.message else ""),
         f"time        t0={traj.t0:g} -> t_final={_format_time(traj.t_final)} (t1={traj.t1:g})",
         f"solver      {traj.solver}, rtol={traj.rtol:g}, atol={traj.atol:.3g}, "
-        f"{s.get('dtype', 'float64')}",
+        f"{s.get('dtype', 'float64')} (precision {s.get('precision', 'float64')}, matmul "
+        f"{s.get('matmul_precision', 'n/a')}, backend {s.get('backend', '?')})",
         f"steps       {s['num_steps']} ({s['num_accepted_steps']} accepted, "
         f"{s['num_rejected_steps']} rejected) in {s['segments']} segment(s); "
         f"vector-field evaluations {s['vector_field_evaluations']}",
@@ -535,6 +539,8 @@ def _run(args, session: _Session) -> int:
         overrides.append(f"solve.certify={str(args.certify).lower()}")
     if args.x32:
         overrides.append("solve.x32=true")
+    if args.precision is not None:
+        overrides.append(f"solve.precision={args.precision!r}")
     if args.resume:
         out = Path(args.resume)
         given = [name for name, used in (
@@ -547,6 +553,7 @@ def _run(args, session: _Session) -> int:
                          "--x32)")
         remaining = _check_resume(out, given)
         resolved = presets.resolve(str(out / "config.toml"))
+        _cli_instruments.check(args, resolved)  # first: cheaper than a precision's floor
         with session.timed("build_seconds"):
             problem = presets.check(resolved)
         session.claim = _rundir.adopt(out)
@@ -580,9 +587,9 @@ def _run(args, session: _Session) -> int:
         else:
             check_writable(Path("runs"), flag="the default output directory")
         # Every check (gflow.solve's included) before anything is written or compiled.
+        _cli_instruments.check(args, resolved)  # first: cheaper than a precision's floor
         with session.timed("build_seconds"):
             problem = presets.check(resolved)
-        _cli_instruments.check(args, resolved)
         if args.out is not None:
             # With --overwrite the files of the old run (its manifest's) go; nothing else.
             session.claim = _rundir.claim(out, kind="run", overwrite=args.overwrite,

@@ -16,8 +16,9 @@ def check(args, resolved) -> None:
     """Refuse bad instrument flags before anything is written or compiled."""
     if not (args.critical_points or args.sensitivity):
         return
-    if resolved.solve.x32:
-        raise InputError("--critical-points and --sensitivity need float64: drop --x32")
+    if resolved.solve.precision_policy().policy != "float64":
+        raise InputError("--critical-points and --sensitivity need float64: drop --x32 and "
+                         "--precision")
     name = args.sensitivity
     if name is not None:
         value = resolved.problem_args.get(name)

@@ -25,12 +25,10 @@ from . import _toml
 from ._errors import InputError
 from ._rundir import check_name
 from ._grids import linear_grid, log_grid
+from ._precision import MATMUL_PRECISIONS, POLICIES, Precision
 from ._solvers import SOLVER_NAMES
 
 
-# Below this, a float32 solve's error estimates are dominated by rounding: steps shrink until
-# dtmin or max_steps stops the run.
-_X32_MIN_RTOL = 1e-5
 # Below this, float64's own rounding (2.2e-16 relative) dominates a step's error estimate.
 _X64_MIN_RTOL = 1e-14
 # Integers of a config are 64-bit (TOML's own range); step and save counts are also bounded by
@@ -67,8 +65,11 @@ class SolveSettings:
         estimates of every transition and observable.
     - `checkpoint_steps`: when run with checkpoints (`python -m gflow.solve` always is), also
         checkpoint every this many steps, not only at transitions; 0 for transitions only.
-    - `x32`: compute in float32 instead of float64 (faster on some accelerators; tolerances
-        below ~1e-5 cannot be met).
+    - `precision`: `"float64"`, `"mixed"` (float64 time and state, float32 loss and
+        gradient) or `"float32"` (see `gflow.Precision`); an `rtol` below the policy's
+        measured floor is refused. `matmul_precision`: JAX's precision of float32 matrix
+        products (`"highest"`: strict float32 on GPU and TPU).
+    - `x32`: an alias of `precision = "float32"` (kept for older configs).
     - `pcoeff`, `icoeff`: the coefficients of diffrax's `PIDController` (its names and its
         defaults: 0 and 1, integral control). PI control (e.g. 0.3 and 0.4) damps the step
         size's oscillation where steps are limited by stability rather than accuracy, with
@@ -87,6 +88,8 @@ class SolveSettings:
     certify: bool = False
     checkpoint_steps: int = 0
     x32: bool = False
+    precision: str = "float64"
+    matmul_precision: str = "highest"
     pcoeff: float = _defaults.PCOEFF
     icoeff: float = _defaults.ICOEFF
 
@@ -133,19 +136,29 @@ class SolveSettings:
             raise InputError(f"solve.pcoeff must be in [0, 1], got {self.pcoeff}")
         if not (math.isfinite(self.icoeff) and 0 < self.icoeff <= 1):
             raise InputError(f"solve.icoeff must be in (0, 1], got {self.icoeff}")
+        if self.precision not in POLICIES:
+            raise InputError(f"solve.precision must be one of {', '.join(POLICIES)}, "
+                             f"got {self.precision!r}")
+        if self.x32 and self.precision not in ("float64", "float32"):
+            raise InputError(f"solve.x32 means precision float32: drop it or solve.precision "
+                             f"= {self.precision!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise InputError(f"solve.matmul_precision must be one of "
+                             f"{', '.join(MATMUL_PRECISIONS)}, got {self.matmul_precision!r}")
         if self.grid not in ("log", "linear", "loglinear"):
             raise InputError(
                 f"solve.grid must be 'log', 'linear' or 'loglinear', got {self.grid!r}"
             )
 
+    def precision_policy(self) -> Precision:
+        """The `gflow.Precision` these settings ask for (`x32` is `precision = "float32"`)."""
+        policy = "float32" if self.x32 else self.precision
+        return Precision(policy, None if policy == "float64" else self.matmul_precision)
+
     def precision_warning(self) -> str | None:
-        """Why these tolerances cannot be met in the chosen precision, if they cannot."""
-        if self.x32 and self.rtol < _X32_MIN_RTOL:
-            return (
-                f"solve.x32 computes in float32 (resolution {np.finfo(np.float32).eps:.1e}): "
-                f"rtol={self.rtol:g} cannot be met; use rtol >= {_X32_MIN_RTOL:g}, or float64"
-            )
-        if self.rtol < _X64_MIN_RTOL:
+        """Why these tolerances cannot be met in float64, if they cannot (other precisions
+        refuse an rtol below their measured floor: `gflow.Precision.check_rtol`)."""
+        if self.rtol < _X64_MIN_RTOL and self.precision_policy().policy == "float64":
             return (
                 f"solve.rtol={self.rtol:g} is below what float64 resolves "
                 f"({np.finfo(np.float64).eps:.1e}): steps may shrink until max_steps"
@@ -208,9 +221,9 @@ class PlotSettings:
     formats: tuple[str, ...] = ("png",)
 
     def __post_init__(self):
-        if self.time_axis not in ("log", "linear", "stages"):
-            raise InputError(
-                f"plot.time_axis must be 'log', 'linear' or 'stages', got {self.time_axis!r}")
+        if self.time_axis not in _defaults.TIME_AXES:
+            raise InputError(f"plot.time_axis must be one of {', '.join(_defaults.TIME_AXES)}, "
+                             f"got {self.time_axis!r}")
         if not self.formats or any(f not in ("png", "pdf", "svg") for f in self.formats):
             raise InputError(
                 f"plot.formats must list formats among png, pdf, svg, got {list(self.formats)}")

@@ -8,3 +8,5 @@ MAX_STEPS = 100_000
 SAVE_POINTS = 200
 PCOEFF = 0.0  # diffrax's PIDController: integral control
 ICOEFF = 1.0
+# A figure's time axis (`gflow.figures`), as a config's `[plot] time_axis` names it.
+TIME_AXES = ("log", "linear", "stages")

@@ -52,6 +52,7 @@ from diffrax._term import WrapTerm  # what diffeqsolve hands a controller's `ini
 from jaxtyping import Array, PyTree, Scalar
 
 from ._flow import GradientFlow
+from ._precision import FLOAT64, Precision
 from ._status import Status
 
 
@@ -96,6 +97,7 @@ class Plan(NamedTuple):
     meter: diffrax.AbstractProgressMeter  # diffrax's, per segment (gflow's bar is host-side)
     max_steps: int  # Python ints, static: `split` keeps every non-array leaf in the key
     segment_steps: int
+    precision: Precision = FLOAT64  # in which types the velocity is computed
 
 
 class Resumable(diffrax.AbstractAdaptiveStepSizeController):
@@ -149,7 +151,7 @@ def _observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
 # vector field and the save function several times (shapes, closure conversion, the step, the
 # interpolation), and a segment observes in three places.
 _observe_once = eqx.filter_jit(_observe)
-_velocity_once = eqx.filter_jit(lambda flow, y: flow.velocity(y))
+_velocity_once = eqx.filter_jit(lambda flow, precision, y: precision.velocity(flow, y))
 
 
 def observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
@@ -161,8 +163,8 @@ def observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
     return _observe_once(flow, observers, y)
 
 
-def _term(flow: GradientFlow) -> diffrax.ODETerm:
-    return diffrax.ODETerm(lambda t, y, args: _velocity_once(flow, y))
+def _term(flow: GradientFlow, precision: Precision) -> diffrax.ODETerm:
+    return diffrax.ODETerm(lambda t, y, args: _velocity_once(flow, precision, y))
 
 
 def _fresh(plan: Plan, y: PyTree, t0) -> tuple:
@@ -170,7 +172,7 @@ def _fresh(plan: Plan, y: PyTree, t0) -> tuple:
     afresh at `t0` (the solve's start, or a located transition): what `diffeqsolve` itself
     would initialise (it hands `init` a `WrapTerm`, which makes diffrax's PID controller
     start from a step of 0.01 rather than run its initial-step heuristic)."""
-    term = WrapTerm(_term(plan.flow), jnp.asarray(1))
+    term = WrapTerm(_term(plan.flow, plan.precision), jnp.asarray(1))
     controller = _resumable(plan.controller).wrap(jnp.asarray(1))
     t1 = jnp.asarray(plan.t1, dtype=jnp.result_type(t0))
     dt0 = None if plan.dt0 is None else jnp.asarray(plan.dt0, dtype=jnp.result_type(t0))
@@ -278,7 +280,7 @@ def _segment(plan: Plan, c: Carry) -> Carry:
     `segment_steps` steps; returns the carry after it."""
     flow, y0, t0, t1 = plan.flow, c.y, c.t, plan.t1
     n = len(plan.conditions)
-    term = _term(flow)
+    term = _term(flow, plan.precision)
     running = c.status == Status.RUNNING
     uniform_index, agree = _uniform(c.index, running)
 
@@ -343,10 +345,16 @@ def _segment(plan: Plan, c: Carry) -> Carry:
     segment_ts = jnp.where(source < n_ts, plan.ts[jnp.minimum(source, n_ts - 1)], t1)
     struct = jax.eval_shape(lambda y: observe(flow, plan.observers, y), y0)
 
+    def observe_state(y):
+        # diffrax's dense output mixes the state with the (float64) time: the observers see
+        # the state in its own dtype, so both branches of a save agree under any precision.
+        y = jtu.tree_map(lambda a, b: a.astype(b.dtype), y, y0)
+        return observe(flow, plan.observers, y)
+
     def save(t, y, args):
         return jax.lax.cond(
             eqxi.unvmap_any(t < t1),
-            lambda y: observe(flow, plan.observers, y),
+            observe_state,
             lambda y: jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), struct),
             y,
         )
@@ -398,7 +406,7 @@ def _segment(plan: Plan, c: Carry) -> Carry:
     # is `t1` (the save times at `t1`); a segment cut or a failure needs neither.
     here = jax.lax.cond(
         eqxi.unvmap_any(fired | reached),
-        lambda y: observe(flow, plan.observers, y),
+        observe_state,
         lambda y: jtu.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), struct),
         y_end,
     )

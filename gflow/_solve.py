@@ -30,6 +30,7 @@ from . import _engine as engine
 from ._checkpoint import Snapshot, fingerprint, read_checkpoint, write_checkpoint
 from ._errors import InputError
 from ._flow import GradientFlow
+from ._precision import FLOAT64, Precision
 from ._progress import FlowTimeBar
 from ._results import trajectory
 from ._spec import (
@@ -150,6 +151,7 @@ def solve(
     controller: diffrax.AbstractStepSizeController | None = None,
     pcoeff: float = DEFAULT_PCOEFF,
     icoeff: float = DEFAULT_ICOEFF,
+    precision: "str | Precision" = "float64",
 ) -> Trajectory:
     """Integrate the gradient flow from `t0` to `t1`.
 
@@ -202,6 +204,13 @@ def solve(
     - `resume`: continue from `checkpoint` if that file exists (it must come from this same
         problem: init, data, save times and settings are checked). The result equals, bit for
         bit, that of a run never interrupted; a checkpoint written at the end returns at once.
+    - `precision`: `"float64"`, `"mixed"` (float64 time and state, float32 loss and gradient),
+        `"float32"` or a `gflow.Precision` (which also sets the matmul precision). Every
+        policy starts from the same init (the given one, cast). An `rtol` below the policy's
+        floor (`Precision.rtol_floor`: ten times the float32 gradient's measured relative
+        error at the initial state) is refused. `certify`'s reference always runs in float64,
+        so its error estimates cover rounding as well as truncation. Recorded in
+        `Trajectory.stats` (`precision`, `matmul_precision`, `backend`).
 
     **Returns:**
 
@@ -216,6 +225,7 @@ def solve(
             ("dt0", dt0, None), ("stepsize_controller", stepsize_controller, None),
             ("checkpoint_steps", checkpoint_steps, None), ("controller", controller, None),
             ("pcoeff", pcoeff, DEFAULT_PCOEFF), ("icoeff", icoeff, DEFAULT_ICOEFF),
+            ("precision", precision, "float64"),
         ) if value is not default and not (isinstance(value, (int, float, str, tuple))
                                            and value == default)]
         if given:
@@ -229,7 +239,7 @@ def solve(
             flow, t1, t0=t0, solver=solver, rtol=rtol, atol=atol, ts=ts, observers=observers,
             transitions=transitions, max_steps=max_steps, dt0=dt0,
             stepsize_controller=stepsize_controller, controller=controller, pcoeff=pcoeff,
-            icoeff=icoeff, checkpoint_steps=checkpoint_steps,
+            icoeff=icoeff, checkpoint_steps=checkpoint_steps, precision=precision,
         )
     if progress and progress_meter is not None:
         raise InputError("give progress or progress_meter, not both")
@@ -239,7 +249,10 @@ def solve(
         raise InputError(f"progress_meter must be a diffrax progress meter, got {progress_meter!r}")
     if resume and checkpoint is None:
         raise InputError("resume needs the checkpoint file to resume from")
-    reference = spec.tightened(_CERTIFY_FACTOR) if certify else None
+    # certify's reference always runs in float64: its difference from the run then covers the
+    # run's rounding as well as its truncation.
+    reference = (dataclasses.replace(spec.tightened(_CERTIFY_FACTOR), precision=FLOAT64)
+                 if certify else None)
     checkpoint = None if checkpoint is None else Path(checkpoint)
     if checkpoint is not None and checkpoint.is_dir():
         # Refused before anything is computed: a run would otherwise fail at its first write.
@@ -348,7 +361,18 @@ def _snapshot(carry: engine.Carry, seconds: dict) -> Snapshot:
                     True if nonfinite else carry.nan_allowed())
 
 
-def _integrate(
+def _integrate(flow: GradientFlow, spec: SolveSpec, **options) -> Trajectory:
+    """`_integrate_as_given` under `spec.precision`: in its JAX scope (x64 off for
+    `"float32"`, the running thread's JAX configuration otherwise), on the flow and spec as that
+    policy holds them (float32 copies of the given float64 arrays under `"float32"`); the
+    `Trajectory` keeps the spec as given and records the precision in its stats."""
+    precision = spec.precision
+    with precision.scope():
+        traj = _integrate_as_given(precision.cast(flow), precision.cast(spec), **options)
+    return dataclasses.replace(traj, spec=spec, stats=traj.stats | precision.describe())
+
+
+def _integrate_as_given(
     flow: GradientFlow, spec: SolveSpec, *, resume: bool, checkpoint: Path | None,
     progress: bool | str, meter=None, stop: threading.Event | None = None,
     bar_position: int = 0, compile_seconds: dict[str, float] | None = None,

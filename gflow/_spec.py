@@ -26,6 +26,7 @@ from . import _defaults, _engine as engine
 from ._errors import InputError
 from ._flow import GradientFlow
 from ._grids import log_grid
+from ._precision import FLOAT64, Precision
 from ._root_find import BracketingSecant
 from ._solvers import is_adaptive, make_solver, solver_name
 from ._validate import check_functions, check_settings, check_steps, check_times
@@ -182,6 +183,8 @@ class SolveSpec(eqx.Module):
     - `transitions`: the `Transition`s, located in order.
     - `checkpoint_steps`: cut the solve every this many steps (a checkpoint, a progress
         update or a Ctrl-C check between cuts; the cuts do not change the steps), or `None`.
+    - `precision`: a `gflow.Precision`: in which types the velocity is computed (`"float64"`,
+        `"mixed"` or `"float32"`; `from_options` refuses an `rtol` below the policy's floor).
     """
 
     solver: diffrax.AbstractSolver
@@ -194,6 +197,7 @@ class SolveSpec(eqx.Module):
     observers: dict = dataclasses.field(default_factory=dict)
     transitions: tuple = ()
     checkpoint_steps: int | None = None
+    precision: Precision = FLOAT64
 
     def __check_init__(self):
         if not isinstance(self.solver, diffrax.AbstractSolver):
@@ -262,6 +266,7 @@ class SolveSpec(eqx.Module):
         icoeff: float = DEFAULT_ICOEFF,
         checkpoint_steps: int | None = None,
         controller: diffrax.AbstractStepSizeController | None = None,
+        precision: "str | Precision" = "float64",
     ) -> "SolveSpec":
         """The spec of `gflow.solve(flow, t1, **options)`, every option checked here, once,
         before anything is compiled.
@@ -271,7 +276,8 @@ class SolveSpec(eqx.Module):
         dtmin, pcoeff, icoeff)` whose `atol` defaults to `rtol` times the RMS size of
         `flow`'s smallest non-zero trainable leaf. A given `stepsize_controller` (`controller`
         is its alias) brings its own tolerances: `rtol`, `atol`, `pcoeff`, `icoeff` then only
-        choose `"auto"`'s solver.
+        choose `"auto"`'s solver. `precision`: a policy's name or a `gflow.Precision`; an
+        `rtol` below its floor (`Precision.rtol_floor(flow)`) is refused.
 
         **Returns:**
 
@@ -329,8 +335,11 @@ class SolveSpec(eqx.Module):
             observers=observers,
             transitions=transitions,
             checkpoint_steps=None if checkpoint_steps is None else checkpoint_steps,
+            precision=Precision.of(precision),
         )
         check_functions(flow, observers=spec.observers, transitions=spec.transitions)
+        if math.isfinite(spec.rtol):
+            spec.precision.check_rtol(flow, spec.rtol)
         return spec
 
     @property
@@ -396,6 +405,7 @@ class SolveSpec(eqx.Module):
             meter=_NO_PROGRESS if meter is None else meter,
             max_steps=self.max_steps,
             segment_steps=int(min(steps, self.max_steps)),
+            precision=self.precision,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -420,4 +430,5 @@ class SolveSpec(eqx.Module):
             transitions=[tr.name for tr in self.transitions],
             directions=[tr.direction for tr in self.transitions],
             observers=sorted(self.observers),
+            precision=[self.precision.policy, self.precision.matmul],
         )

@@ -63,6 +63,7 @@ from jax.experimental import multihost_utils
 from jaxtyping import ArrayLike, Float
 
 from . import _engine as engine
+from ._precision import Precision
 from ._errors import InputError
 from ._flow import GradientFlow
 from ._results import member_stats, outcome, trajectory
@@ -638,13 +639,11 @@ def plot_fit(fit: ScalingFit, sweep: "Sweep | None" = None):
         basis = f"\n({fit.basis})" if fit.basis else ""
         ax.plot(grid, expected, "--", color="tab:blue", lw=1.2,
                 label=f"theory: {what} {fit.expected:.4g}{basis}")
-    from .plot import _plain_log_ticks
+    from .figures import log_x_axis, log_y_axis
 
-    ax.set_xscale("log")
-    _plain_log_ticks(ax.xaxis)
+    log_x_axis(ax, fit.x)
     if fit.law == "power":
-        ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis)
+        log_y_axis(ax, fit.y)
     ax.set_xlabel(f"{fit.against} (log scale)")
     ax.set_ylabel(f"time of {fit.transition}" + (" (log scale)" if fit.law == "power" else ""))
     law = "T = A x^k" if fit.law == "power" else "T = a + k ln(1/x)"
@@ -717,12 +716,17 @@ def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
 def _prepare(flow: GradientFlow, spec: SolveSpec, keep_trajectories: bool) -> tuple[tuple, dict]:
     """`_member_solve`'s arguments for one member's `spec`, and what is needed to report it."""
     flow = checked_flow(flow)
-    observers = spec.with_loss(flow)
-    # Without trajectories only the final state is observed: the segments save the loss once.
-    plan = spec.plan(flow, observers if keep_trajectories else {"loss": observers["loss"]})
-    _, _, plan_key = engine.split(plan)
-    template = engine.carry_template(plan, plan_key)
-    args = (plan, engine.start(template, flow.params, spec.t0), observers)
+    precision = spec.precision
+    with precision.scope():
+        # Under "float32" the member runs on float32 copies of its float64 init and data.
+        run_flow, run_spec, observers = precision.cast((flow, spec, spec.with_loss(flow)))
+        # Without trajectories only the final state is observed: the segments save the loss
+        # once.
+        plan = run_spec.plan(run_flow, observers if keep_trajectories
+                             else {"loss": observers["loss"]})
+        _, _, plan_key = engine.split(plan)
+        template = engine.carry_template(plan, plan_key)
+        args = (plan, engine.start(template, run_flow.params, spec.t0), observers)
     return args, dict(flow=flow, spec=spec)
 
 
@@ -749,6 +753,7 @@ def sweep(
     pcoeff: float = DEFAULT_PCOEFF,
     icoeff: float = DEFAULT_ICOEFF,
     spec: SolveSpec | None = None,
+    precision: "str | Precision" = "float64",
 ) -> Sweep:
     """Solve the gradient flows of many points at once and collect their stage times.
 
@@ -770,6 +775,8 @@ def sweep(
         `gflow.solve(flow, t1, **these)` would (`SweepMember.spec`).
     - `spec`: instead of those options, one `gflow.SolveSpec` for every member (its `atol` is
         then shared); the problem's own observers and transitions are added to it.
+    - `precision`: as `gflow.solve`'s, for every member (each member's `rtol` floor is measured
+        on its own init; under `"float32"` each member runs on float32 copies of its init).
     - `observers`, `transitions`: added after the problem's own (if `make_flow` returns one).
     - `keep_trajectories`: keep each member's full `Trajectory` (observables at the save times
         `ts`, default a 200-point log grid); otherwise only observables at the final state.
@@ -803,7 +810,7 @@ def sweep(
                 observers=own_observers | dict(observers or {}),
                 transitions=own_transitions + tuple(transitions), max_steps=max_steps,
                 dt0=dt0, stepsize_controller=stepsize_controller, controller=controller,
-                pcoeff=pcoeff, icoeff=icoeff,
+                pcoeff=pcoeff, icoeff=icoeff, precision=precision,
             )
         else:
             member_spec = dataclasses.replace(
@@ -824,7 +831,8 @@ def sweep(
     group_infos = []
     for g, indices in enumerate(groups):
         _, rebuild, key = splits[indices[0]]
-        outputs, info = _run_group([all_args[i] for i in indices], key, rebuild, batch)
+        with infos[indices[0]]["spec"].precision.scope():
+            outputs, info = _run_group([all_args[i] for i in indices], key, rebuild, batch)
         group_infos.append(dict(members=list(indices)) | info)
         for i, out in zip(indices, outputs):
             members[i] = _member(points[i], infos[i], out, g, keep_trajectories)

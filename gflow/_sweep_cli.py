@@ -316,10 +316,6 @@ def _run(args, session: _SweepSession) -> int:
         if value is not None:
             overrides.append(f"solve.{flag}={value!r}" if flag == "solver" else f"solve.{flag}={value}")
     base = presets.resolve(args.config, overrides)
-    if base.solve.x32:
-        raise InputError(
-            "solve.x32: sweeps run in float64 only (float32 is python -m gflow.solve's)"
-        )
     fields = set(base.config.get("problem", {})) - {"kind"}
     literals: dict[str, list[str]] = {}
     for item in args.over:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ._defaults import TIME_AXES
 from ._errors import InputError
 from ._prediction import Prediction
 from ._rundir import atomic_write_bytes, remove_stale, write_manifest  # noqa: F401 (re-exported)
@@ -489,8 +490,8 @@ def read_run(path: str | os.PathLike) -> tuple[Trajectory, dict[str, Any]]:
         raise InputError(f"{where}: the config's [plot] is not a table")
     settings = dict(time_axis=plot.get("time_axis", "log"), labels=plot.get("labels", {}),
                     heatmaps=plot.get("heatmaps", []), formats=plot.get("formats", ["png"]))
-    if settings["time_axis"] not in ("log", "linear"):
-        raise InputError(f"{where}: plot.time_axis must be 'log' or 'linear', got "
+    if settings["time_axis"] not in TIME_AXES:
+        raise InputError(f"{where}: plot.time_axis must be one of {', '.join(TIME_AXES)}, got "
                          f"{settings['time_axis']!r:.60}")
     formats = settings["formats"]
     if (not isinstance(formats, list) or not formats

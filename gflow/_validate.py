@@ -305,11 +305,3 @@ def _check_functions(flow, *, observers, transitions) -> None:
         out = _traced(condition, f"condition of transition {tr.name!r}", model, data)
         _scalar(out, f"the condition of transition {tr.name!r} ({_name(condition)})")
 
-
-def check_inputs(flow, *, t0, t1, rtol, atol, max_steps, dt0, observers, transitions) -> None:
-    """Every check of this module, for `gflow.solve`'s and `gflow.sweep`'s preparation."""
-    if hasattr(transitions, "condition") and hasattr(transitions, "name"):
-        raise InputError(f"transitions must be a list of gflow.Transition, got the single "
-                         f"transition {transitions.name!r}: pass [transition]")
-    check_settings(t0=t0, t1=t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0)
-    check_functions(flow, observers=observers, transitions=transitions)

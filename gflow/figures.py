@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._defaults import TIME_AXES
 from ._errors import InputError
 from ._trajectory import Trajectory, atomic_write_bytes
 
@@ -36,7 +37,7 @@ from ._trajectory import Trajectory, atomic_write_bytes
 __all__ = [
     "PALETTE", "TIME_AXES", "adjacent_similarity", "caption", "chen_luo_figure1",
     "chen_luo_figure2", "colour", "format_time", "format_time_axis", "heatmap_times",
-    "label_rows", "log_y_axis", "mark_transitions", "math_label", "paper_figures", "save_index",
+    "label_rows", "log_x_axis", "log_y_axis", "mark_transitions", "math_label", "paper_figures", "save_index",
     "stack_rows", "states", "time_rows", "transition_label", "yang_figure1",
 ]
 
@@ -44,7 +45,6 @@ __all__ = [
 # on white), blue first.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
            "#999933")
-TIME_AXES = ("log", "linear", "stages")
 _DPI = 110
 _TRANSITION_COLOUR = "0.35"
 _LABEL_SIZE = 7.0  # points, transition and level labels
@@ -288,16 +288,28 @@ def _lines(ax, traj, values, labels, *, time_axis, log_y=False, ylabel="", colou
 def log_y_axis(ax, values=None) -> None:
     """A log y axis with plain-text labels; labels at 1, 2, 5 of each decade where the data
     span fewer than two decades (a bare `10` would be the only label)."""
+    ax.set_yscale("log", nonpositive="mask")
+    _plain_log_labels(ax.yaxis, values)
+
+
+def log_x_axis(ax, values=None) -> None:
+    """`log_y_axis` for the x axis (a swept parameter, say)."""
+    ax.set_xscale("log", nonpositive="mask")
+    _plain_log_labels(ax.xaxis, values)
+
+
+def _plain_log_labels(axis, values) -> None:
+    # Plain text (`1e-06`, `0.01`): matplotlib's default mathtext labels cost most of a simple
+    # figure's drawing time.
     from matplotlib import ticker
 
-    ax.set_yscale("log", nonpositive="mask")
     if values is not None:
         positive = np.asarray(values, dtype=float)
         positive = positive[np.isfinite(positive) & (positive > 0)]
         if positive.size and positive.max() / positive.min() < 100:
-            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def save_index(ts, t: float) -> int:

@@ -463,7 +463,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 _KEYS = {
     "problem": ["kind", "depth", "width", "singular_values", "init", "eps", "seed", "other"],
     "solve": ["t0", "t1", "solver", "rtol", "atol", "max_steps", "save_points", "grid",
-              "refine", "certify", "checkpoint_steps", "x32", "other"],
+              "refine", "certify", "checkpoint_steps", "x32", "precision",
+              "matmul_precision", "other"],
     "plot": ["time_axis", "labels", "heatmaps", "other"],
     "preset": ["name", "description"],
 }

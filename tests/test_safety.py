@@ -325,16 +325,17 @@ def test_save_removes_its_own_stale_transitions_file(finished, tmp_path):
 # Library messages
 
 
-def test_wrong_signatures_and_a_single_transition_are_one_line(tmp_path):
+def test_wrong_signatures_are_one_line_and_a_single_transition_is_accepted(tmp_path):
     flow = gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(m**2), None)
     with pytest.raises(gflow.InputError, match=r"observer 'n' .* must be callable as \(model, "
                                                r"data\)"):
         gflow.solve(flow, 1.0, observers={"n": lambda m: jnp.sum(m)})
     with pytest.raises(gflow.InputError, match=r"loss .* must be callable as \(model, data\)"):
         gflow.solve(gflow.GradientFlow(jnp.ones(2), lambda m: jnp.sum(m**2), None), 1.0)
+    # A single Transition is accepted as the list of it: the loss 2 exp(-4t) halves at ln 2 / 4.
     one = gflow.Transition("half", lambda m, d: jnp.sum(m**2) - 1.0)
-    with pytest.raises(gflow.InputError, match=r"pass \[transition\]"):
-        gflow.solve(flow, 1.0, transitions=one)
+    traj = gflow.solve(flow, 1.0, transitions=one, rtol=1e-8)
+    assert traj.transitions["half"] == pytest.approx(np.log(2) / 4, rel=1e-6)
     with pytest.raises(gflow.InputError, match="at most 200"):
         gflow.solve(flow, 1.0, observers={"x" * 300: lambda m, d: m[0]})
     (Path(tmp_path) / "afile").write_text("a file")

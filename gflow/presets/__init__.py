@@ -163,27 +163,29 @@ def build(resolved: Resolved) -> Problem:
 
 def check(resolved: Resolved) -> Problem:
     """Build the problem and run every check `run` would make before computing anything
-    (the `[plot]` names, `gflow.solve`'s own input checks), without compiling.
+    (the `[plot]` names, `gflow.solve`'s own input checks), without compiling (but for the two
+    gradient evaluations that measure a float32 precision's tolerance floor).
 
     **Returns:**
 
     The problem, to pass on to `run`.
     """
     settings = resolved.solve
-    with jax.enable_x64(not settings.x32):
-        problem = build(resolved)
-        names = {"loss", *problem.observers}
-        plot = resolved.plot
-        for field, given in (("heatmaps", plot.heatmaps), ("labels", tuple(plot.labels))):
-            for name in given:
-                if name.split("/")[0] not in names:
-                    raise InputError(
-                        f"plot.{field}: no observable {name!r} in this problem; observables: "
-                        f"{', '.join(sorted(names))}"
-                    )
-        _check_plot_shapes(problem, plot)
-        # What gflow.solve validates before it compiles (the first pass's save times).
-        solve_spec(problem, settings, settings.save_times())
+    # Built in float64 whatever the precision: every precision starts from the same init
+    # (the solve casts it).
+    problem = build(resolved)
+    names = {"loss", *problem.observers}
+    plot = resolved.plot
+    for field, given in (("heatmaps", plot.heatmaps), ("labels", tuple(plot.labels))):
+        for name in given:
+            if name.split("/")[0] not in names:
+                raise InputError(
+                    f"plot.{field}: no observable {name!r} in this problem; observables: "
+                    f"{', '.join(sorted(names))}"
+                )
+    _check_plot_shapes(problem, plot)
+    # What gflow.solve validates before it compiles (the first pass's save times).
+    solve_spec(problem, settings, settings.save_times())
     return problem
 
 
@@ -230,6 +232,7 @@ def solve_options(settings: SolveSettings) -> dict:
         t0=settings.t0, solver=settings.solver, rtol=settings.rtol, atol=settings.atol,
         max_steps=settings.max_steps, pcoeff=settings.pcoeff, icoeff=settings.icoeff,
         checkpoint_steps=settings.checkpoint_steps or None,
+        precision=settings.precision_policy(),
     )
 
 
@@ -271,9 +274,7 @@ def run(
     warning = settings.precision_warning()
     if warning:
         warnings.warn(warning, stacklevel=2)
-    # float32 on request, for this run only: the process keeps gflow's float64 default.
-    with jax.enable_x64(not settings.x32):
-        return _run(resolved, progress, checkpoint_dir, resume, problem)
+    return _run(resolved, progress, checkpoint_dir, resume, problem)
 
 
 def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, Trajectory]:
