@@ -265,7 +265,8 @@ def solve(
     try:
         with _cores_shared_by(2):
             pending = pool.submit(
-                _integrate, flow, reference, resume=resume, checkpoint=reference_checkpoint,
+                _in_this_precision(_integrate), flow, reference, resume=resume,
+                checkpoint=reference_checkpoint,
                 progress="certify: reference" if progress else False, stop=stop,
                 bar_position=1, meter=progress_meter,
                 interactive=bool(progress) or checkpoint is not None,
@@ -281,6 +282,19 @@ def solve(
     pool.shutdown()
     errors = error_estimates(traj, reference) | {"reference_stats": reference.stats}
     return dataclasses.replace(traj, errors=errors)
+
+
+def _in_this_precision(fn: Callable) -> Callable:
+    """`fn`, to run on another thread in this thread's float precision: JAX's `enable_x64`
+    setting is per thread, and a reference solve built in float64 under a float32 run
+    (`--x32`) would be another program."""
+    x64 = bool(jax.config.jax_enable_x64)
+
+    def run(*args, **kwargs):
+        with jax.enable_x64(x64):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _cores_shared_by(solves: int) -> contextlib.AbstractContextManager:
