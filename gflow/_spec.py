@@ -217,7 +217,7 @@ class SolveSpec(eqx.Module):
                              f"{type(self.observers).__name__}")
         for name, obs in self.observers.items():
             if not isinstance(name, str) or not callable(obs):
-                raise InputError(f"observer {name!r} must be a callable observer(model, data)")
+                raise InputError(f"observer {name!r} must be callable as observer(model, data)")
         if not isinstance(self.transitions, tuple):
             raise InputError("transitions must be a tuple of gflow.Transition objects")
         for tr in self.transitions:
