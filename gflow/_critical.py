@@ -429,8 +429,10 @@ def _resolve(flow: GradientFlow, traj: Trajectory, ts: np.ndarray, observers: di
     # To `t1` as the solve went (the same steps); short of it only where the solve stopped
     # short, at the last time asked for (nothing beyond is needed, and it may not be reached).
     t1 = spec.t1 if traj.status == "completed" or not float(ts[-1]) > spec.t0 else float(ts[-1])
+    # Only what is read here is observed (observers do not change the steps; the transitions,
+    # where the solve restarts, do).
     spec = dataclasses.replace(spec, t1=t1, ts=np.asarray(ts, dtype=np.float64),
-                               observers=dict(spec.observers) | observers)
+                               observers=observers)
     out = solve(flow, spec)
     if out.status != "completed":
         raise InputError(

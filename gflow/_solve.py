@@ -1,8 +1,10 @@
 """`solve`: integrate a `GradientFlow`, record observables, locate transitions.
 
-`solve` validates its inputs and builds a `gflow._engine.Plan`; the engine runs the whole solve
-(every segment, every transition) as one compiled program; `solve` turns the result into a
-`Trajectory`. Checkpoints are the engine's carry, written between calls of one segment each.
+`solve` makes its options one `gflow.SolveSpec` (or takes one), and the spec the engine's
+`Plan`; the engine runs the whole solve (every segment, every transition) as one compiled
+program, called once, or chunk by chunk when a progress bar, a checkpoint file or Ctrl-C needs
+the host between chunks (the cuts do not change the steps); `gflow._results` turns the final
+carry into a `Trajectory`. Checkpoints are the engine's carry.
 """
 
 import concurrent.futures
@@ -194,8 +196,9 @@ def solve(
         every observable. The two solves run at once, on two threads; while they do, each
         one's BLAS/LAPACK calls (the observers' SVDs) use half the cores, through
         `threadpoolctl`, which limits those pools process-wide for that time.
-    - `checkpoint`: a file to which the solve's state is written (atomically) at every segment
-        boundary: after each transition, every `checkpoint_steps` steps, and at the end. With
+    - `checkpoint`: a file to which the solve's state is written (atomically): after the first
+        chunk of steps, after each transition, every `checkpoint_steps` steps (or, without
+        it, every 10 seconds of solving), and at the end. With
         `certify`, the reference solve writes next to it (`<stem>-reference<suffix>`).
     - `checkpoint_steps`: cut the solve into segments of at most this many steps, so that a
         long run without transitions is checkpointed too. A cut does not change the solve
@@ -281,7 +284,8 @@ def solve(
     try:
         with _cores_shared_by(2):
             pending = pool.submit(
-                _integrate, flow, reference, resume=resume, checkpoint=reference_checkpoint,
+                _in_this_precision(_integrate), flow, reference, resume=resume,
+                checkpoint=reference_checkpoint,
                 progress="certify: reference" if progress else False, stop=stop,
                 bar_position=1, meter=progress_meter,
                 interactive=bool(progress) or checkpoint is not None,
@@ -297,6 +301,19 @@ def solve(
     pool.shutdown()
     errors = error_estimates(traj, reference) | {"reference_stats": reference.stats}
     return dataclasses.replace(traj, errors=errors)
+
+
+def _in_this_precision(fn: Callable) -> Callable:
+    """`fn`, to run on another thread in this thread's float precision: JAX's `enable_x64`
+    setting is per thread, and a reference solve built in float64 under a float32 run
+    (`--x32`) would be another program."""
+    x64 = bool(jax.config.jax_enable_x64)
+
+    def run(*args, **kwargs):
+        with jax.enable_x64(x64):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _cores_shared_by(solves: int) -> contextlib.AbstractContextManager:
@@ -404,45 +421,35 @@ def _integrate_as_given(
     bar = FlowTimeBar(spec.t0, spec.t1, desc=progress if isinstance(progress, str) else None,
                       names=names, position=bar_position)
     program = None
-    written = time.monotonic()
-    unwritten = False
+    written = -math.inf  # the first call's carry is written at once: Ctrl-C resumes from it
     with bar if progress else contextlib.nullcontext():
-        try:
-            while int(carry.status) == Status.RUNNING:
-                if progress:
-                    index = int(carry.index)
-                    bar.segment(float(carry.t), names[index] if index < len(names) else "")
-                if stop is not None and stop.is_set():
-                    raise _Stopped
-                if program is None:
-                    program, spent = _program(parts, carry)
-                    seconds = {k: v + spent.get(k, 0.0) for k, v in seconds.items()}
-                begin = time.perf_counter()
+        while int(carry.status) == Status.RUNNING:
+            if progress:
                 index = int(carry.index)
-                out = program(arrays, carry, np.asarray(per_call, dtype=np.int32))
-                status = int(out.status)  # waits for the call
-                elapsed = time.perf_counter() - begin
-                seconds["run_seconds"] += elapsed
-                if interactive and not every_cut:
-                    ran = max(int(out.segments) - int(carry.segments), 1)
-                    per_call = int(min(max(_CALL_SECONDS * ran / max(elapsed, 1e-6), 1),
-                                       2 * per_call))
-                carry = out
-                unwritten = True
-                if checkpoint is not None and (
-                        every_cut or status != Status.RUNNING or int(carry.index) != index
-                        or time.monotonic() - written > _CHECKPOINT_SECONDS):
-                    write_checkpoint(checkpoint, _snapshot(carry, seconds), digests)
-                    written, unwritten = time.monotonic(), False
-        except KeyboardInterrupt:
-            # Ctrl-C between two calls: what was computed is kept for `resume`.
-            if checkpoint is not None and unwritten:
+                bar.segment(float(carry.t), names[index] if index < len(names) else "")
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            if program is None:
+                program, spent = _program(parts, carry)
+                seconds = {k: v + spent.get(k, 0.0) for k, v in seconds.items()}
+            begin = time.perf_counter()
+            index = int(carry.index)
+            out = program(arrays, carry, np.asarray(per_call, dtype=np.int32))
+            status = int(out.status)  # waits for the call
+            elapsed = time.perf_counter() - begin
+            seconds["run_seconds"] += elapsed
+            if interactive and not every_cut:
+                ran = max(int(out.segments) - int(carry.segments), 1)
+                per_call = int(min(max(_CALL_SECONDS * ran / max(elapsed, 1e-6), 1),
+                                   2 * per_call))
+            carry = out
+            if checkpoint is not None and (
+                    every_cut or status != Status.RUNNING or int(carry.index) != index
+                    or time.monotonic() - written > _CHECKPOINT_SECONDS):
                 write_checkpoint(checkpoint, _snapshot(carry, seconds), digests)
-            raise
+                written = time.monotonic()
         if progress:
             bar.segment(float(carry.t))
-    if checkpoint is not None and unwritten:
-        write_checkpoint(checkpoint, _snapshot(carry, seconds), digests)
     if interactive and spec.checkpoint_steps is None:
         # The chunks a bar or a checkpoint file asked for are not the solve's segments (they do
         # not change its steps): report the segments a solve without them has.
