@@ -36,6 +36,7 @@ Nothing here is tuned to a result.
 """
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -220,10 +221,16 @@ def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float)
     # The gradient again, in this section's process state: ratios side by side.
     g = _best(lambda: grad(flow, y), repeats, 60.0)
     out = dict(gradient_seconds=g, conditions={}, observers={})
+    cond = eqx.filter_jit(lambda fl, y, c: c(fl.combine(y), fl.data))
     for tr in problem.transitions:
-        cond = eqx.filter_jit(lambda fl, y, c: c(fl.combine(y), fl.data))
-        s = _best(lambda cond=cond, tr=tr: cond(flow, y, tr.condition), repeats, 60.0)
+        s = _best(lambda tr=tr: cond(flow, y, tr.condition), repeats, 60.0)
         out["conditions"][tr.name] = dict(seconds=s, gradients=s / g)
+        if getattr(tr.condition, "iterations", None) is not None:
+            # The same condition with σ_max by SVD (what it was before Lanczos): before and
+            # after, side by side in one process.
+            by_svd = dataclasses.replace(tr.condition, iterations=None)
+            s = _best(lambda by_svd=by_svd: cond(flow, y, by_svd), min(repeats, 2), 60.0)
+            out["conditions"][tr.name] |= dict(svd_seconds=s, svd_gradients=s / g)
     observe = eqx.filter_jit(lambda fl, y, obs: {k: o(fl.combine(y), fl.data)
                                                  for k, o in obs.items()})
     observers = {"loss": flow.loss} | dict(problem.observers)
@@ -239,6 +246,10 @@ def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float)
         out["observers"][name] = dict(
             seconds=s, gradients=s / g,
             bytes=int(sum(np.asarray(x).nbytes for x in jtu.tree_leaves(value))))
+        if getattr(obs, "iterations", None) is not None:
+            by_svd = dataclasses.replace(obs, iterations=None)
+            s = _best(lambda by_svd=by_svd, name=name: observe(flow, y, {name: by_svd}), 1, 0.0)
+            out["observers"][name] |= dict(svd_seconds=s, svd_gradients=s / g)
     timed = [v for v in out["observers"].values() if isinstance(v, dict)]
     out["observation"] = dict(
         complete=len(timed) == len(observers),
