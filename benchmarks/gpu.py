@@ -160,8 +160,8 @@ def environment() -> dict:
     return dict(
         backend=jax.default_backend(), device_kind=device.device_kind,
         device_count=jax.device_count(), versions=versions,
-        x64=bool(jax.config.read("jax_enable_x64")),
-        default_matmul_precision=str(jax.config.read("jax_default_matmul_precision")),
+        x64=bool(jax.config.jax_enable_x64),
+        default_matmul_precision=str(jax.config.jax_default_matmul_precision),
         machine=machine(),
     )
 
