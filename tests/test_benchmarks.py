@@ -7,6 +7,7 @@ Only accuracy and counts are asserted (they are reproducible); never a wall-cloc
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -282,3 +283,34 @@ def test_a_new_suite_plugs_into_the_page(tmp_path):
     with pytest.raises(ValueError, match="twice"):
         write_suite("bad", title="t", command="c", machine=machine, directory=tmp_path,
                     rows=[dict(quantity="q", value=1), dict(quantity="q", value=2)])
+@pytest.mark.slow
+def test_gpu_probe_quick(tmp_path):
+    """`python -m benchmarks.gpu --quick` (the accelerator probe's recipe on CPU at a small
+    size) writes every section, none failed; the float32 gradients stay float32 (not promoted
+    to gflow's float64); XLA's FLOP count is positive; the estimate adds up."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--quick", "--budget", "3600", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=3600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    sections = ("environment", "gradient", "linalg", "instruments", "step_floor",
+                "capped_solve", "sweep", "certify", "checkpoint", "estimate")
+    for name in sections:
+        assert name in data and "error" not in data[name] and "skipped" not in data[name], name
+    assert data["environment"]["x64"] is True
+    gradient = data["gradient"]
+    assert gradient["float64"]["velocity_dtype"] == "float64"
+    for name in ("float32_default", "float32_highest"):
+        assert gradient[name]["velocity_dtype"] == "float32"
+    assert gradient["float64"]["flops"] > 0
+    instruments = data["instruments"]
+    assert set(instruments["conditions"]) == {"condensation", "stage2_onset", "kq_collapse"}
+    assert instruments["observation"]["complete"]
+    assert data["capped_solve"]["steps"] == 10 and data["capped_solve"]["status"] == "max_steps"
+    assert data["checkpoint"]["resumed_equal"]
+    est = data["estimate"]
+    assert est["total_seconds"] == pytest.approx(
+        est["flow_seconds"] + est["conditions_seconds"] + est["observation_seconds"])
