@@ -171,7 +171,7 @@ def _clipped_controller(p: Problem, rtol: float) -> diffrax.AbstractStepSizeCont
     """The PID controller with a step ending at every save time.
 
     Saved values are then step ends, not dense-output interpolants: diffrax's Dopri8 dense
-    output is far less accurate than its steps (see RESULTS.md). Tolerances are arrays so that
+    output is far less accurate than its steps (see docs/results.md). Tolerances are arrays so that
     one compiled program serves every rtol.
     """
     return diffrax.ClipStepSizeController(

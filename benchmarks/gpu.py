@@ -1,28 +1,50 @@
-"""Issue 14's accelerator measurements, as a recipe to run where a GPU or TPU is available.
+"""A one-shot accelerator probe: what a lent GPU (or TPU) says about a paper-size run.
 
-    python -m benchmarks.gpu --out gpu.json          # on the accelerator machine (minutes)
-    python -m benchmarks.gpu --quick --out /tmp/g.json   # a smoke test of the recipe (CPU)
+    python -m benchmarks.gpu --out gpu.json                # on the accelerator (<= 10 min)
+    python -m benchmarks.gpu --quick --out /tmp/g.json     # the recipe on CPU, small size
+    python -m benchmarks.gpu --only gradient,instruments,estimate --budget 1200 --out cpu.json
+                                                           # the paper's size on CPU
 
-Measures, on whatever `jax.default_backend()` is:
+The problem is the default preset `rank-collapse` at the paper's size (`problem.d=640`,
+`problem.d_ff=1280`, `problem.n=1000`: 2.87 M parameters; `--quick`: d = 32, d_ff = 64,
+n = 64). Sections, in order, each written to the JSON as soon as it is measured (a run cut
+short keeps what it measured):
 
-1. the cost of one gradient evaluation of workload (b) (co-occurrence, 57,344 parameters),
-   jitted, in float64 and in float32 (the same flow with every array cast);
-2. one `gflow.solve` of (b) with `solver="auto"` in float64 (rtol 1e-8) and float32 (rtol 1e-5):
-   wall time, evaluations, and the wall time per evaluation inside the solver;
-3. sweep throughput of `gflow.sweep` with `batch="vmap"` against `batch="loop"` at 64 and 256
-   members (the deep-linear sweep of `benchmarks.sweep`: init scale × seed), compile excluded.
-   The issue's goal: vmap ≥ 20× the loop's throughput at 256 members on a GPU.
+1. `environment`: device model, backend, versions, x64, default matmul precision, machine;
+2. `gradient`: one jitted velocity `−∇L` in float64, float32 at the default matmul precision
+   (TF32 on recent NVIDIA GPUs) and float32 at `"highest"`: best wall time, XLA's FLOP count
+   (`cost_analysis`) and the achieved TFLOP/s, and the dtype the velocity came out in;
+3. `linalg`: singular values at `d x d` and `d x d_ff` by each `jax.lax.linalg.SvdAlgorithm`
+   the backend accepts, `eigh` of the `d x d` Gram matrix, `σ_max` by 16 Lanczos steps
+   (`gflow.measures.spectral_norm`);
+4. `instruments`: each transition condition, the whole save-time observation and each
+   observer alone, in gradients (ratio to the gradient of section 2, measured in the same
+   process), and the observables' bytes per save time;
+5. `step_floor`: ms per step of a small `deep-linear` solve with `progress` off and on;
+6. `capped_solve`: the paper-size solve with its transitions and cheap observers, capped at 40
+   steps: trace and compile seconds, ms per step, peak device memory;
+7. `sweep`: members per second of `gflow.sweep` under `vmap`, `map` and `loop` at 64 and 256
+   members (`--quick`: 4) of `benchmarks.sweep`'s deep-linear problem;
+8. `certify`: a small `deep-linear` solve with `certify` off and on;
+9. `checkpoint`: the same solve writing a checkpoint every 20 steps, then resumed from it;
+10. `estimate`: the whole default run at this size extrapolated from the numbers above (its
+    assumptions are written beside it).
 
-Smoke-tested on CPU (`--quick`): there the float32 solve stops with the engine's error (a
-float32 state under gflow's float64 default; recorded in the JSON, the rest goes on), so item 2's
-float32 row needs the engine's float32 mode. Not run on an accelerator in the session that wrote it (no accelerator was lent); nothing here is tuned to a
-result. Writes one JSON file and prints a Markdown summary for benchmarks/RESULTS.md.
+A time-budget guard (`--budget`, default 540 s: the probe and its start fit in 10 minutes)
+skips a section whose own estimate would not fit in what is left, and says so in the JSON.
+Nothing here is tuned to a result.
 """
 
 import argparse
+import dataclasses
+import importlib.metadata
 import json
+import os
+import resource
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import equinox as eqx
@@ -32,10 +54,19 @@ import jax.tree_util as jtu
 import numpy as np
 
 import gflow
+from gflow import measures, presets
 
-from . import cooccurrence
 from . import sweep as sweep_benchmark
 from ._harness import best_time, machine
+
+SECTIONS = ("environment", "gradient", "linalg", "instruments", "step_floor", "capped_solve",
+            "sweep", "certify", "checkpoint", "estimate")
+PAPER = dict(d=640, d_ff=1280, n=1000)
+QUICK = dict(d=32, d_ff=64, n=64)
+# The default preset's steps at d = 64 (rtol 1e-6, PI control; benchmarks/RESULTS.md): the
+# estimate's step count, for want of a paper-size run to count them.
+DEFAULT_RUN_STEPS = 1220
+SAVE_POINTS = 200
 
 
 def _cast(tree, dtype):
@@ -44,89 +75,368 @@ def _cast(tree, dtype):
             x.dtype, jnp.floating) else x, tree)
 
 
-def evaluation_cost(flow: gflow.GradientFlow, repeats: int) -> dict:
-    """Best wall time of one jitted velocity `-∇L` in float64 and float32."""
-    out = {}
-    for name, dtype in (("float64", jnp.float64), ("float32", jnp.float32)):
-        f = _cast(flow, dtype)
-        velocity = eqx.filter_jit(lambda flow, params: flow.velocity(params))
-        params = f.params
-        jax.block_until_ready(velocity(f, params))
-        timing = best_time(lambda: jax.block_until_ready(velocity(f, params)),
-                           repeats=repeats, budget_s=10.0)
-        out[name] = dict(seconds=timing.wall, median_seconds=timing.wall_median)
+def _best(fn: Callable, repeats: int, budget_s: float) -> float:
+    jax.block_until_ready(fn())
+    return best_time(lambda: jax.block_until_ready(fn()), repeats=repeats,
+                     budget_s=budget_s).wall
+
+
+def _flops(compiled) -> float | None:
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def _peak_memory() -> dict:
+    stats = {}
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - CPU devices have none
+        pass
+    out = dict(process_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    for key in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit"):
+        if key in stats:
+            out[f"device_{key}"] = int(stats[key])
     return out
 
 
-def solve_cost(flow: gflow.GradientFlow, ts, t1: float, repeats: int) -> dict:
-    out = {}
-    for name, dtype, rtol in (("float64", jnp.float64, 1e-8), ("float32", jnp.float32, 1e-5)):
-        f = _cast(flow, dtype)
-        call = lambda: gflow.solve(f, t1, ts=ts, rtol=rtol)  # noqa: E731
+class Probe:
+    """Runs sections under a wall-time budget and writes the JSON after each."""
+
+    def __init__(self, out: Path, budget_s: float, only: set[str] | None = None):
+        self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
+        self.only = only
+        self.result: dict = {}
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start)
+
+    def section(self, name: str, needs_s: float, fn: Callable[[], dict]) -> dict | None:
+        if self.only is not None and name != "environment" and name not in self.only:
+            return None
+        if needs_s > self.left():
+            self.result[name] = dict(skipped=f"estimated {needs_s:.0f} s, {self.left():.0f} s "
+                                     "of the budget left")
+            print(f"[{name}] skipped ({self.result[name]['skipped']})", flush=True)
+            self._write()
+            return None
+        begin = time.perf_counter()
         try:
-            first = call()
-            timing = best_time(call, repeats=repeats, budget_s=30.0)
-        except Exception as e:  # a dtype the engine refuses: record why, keep measuring
-            out[name] = dict(error=str(e).splitlines()[0])
-            continue
-        traj = timing.outputs[-1]
-        evals = traj.stats["vector_field_evaluations"]
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - one failing section must not lose the others
+            value = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        value["section_seconds"] = time.perf_counter() - begin
+        self.result[name] = value
+        print(f"[{name}] {value['section_seconds']:.1f} s", flush=True)
+        self._write()
+        return value
+
+    def _write(self) -> None:
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text(json.dumps(self.result, indent=1, default=_json_default,
+                                  allow_nan=False))
+        os.replace(tmp, self.out)
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return str(x)
+
+
+def environment() -> dict:
+    versions = {}
+    for package in ("jax", "jaxlib", "diffrax", "equinox", "optimistix", "lineax"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    device = jax.devices()[0]
+    return dict(
+        backend=jax.default_backend(), device_kind=device.device_kind,
+        device_count=jax.device_count(), versions=versions,
+        x64=bool(jax.config.jax_enable_x64),
+        default_matmul_precision=str(jax.config.jax_default_matmul_precision),
+        machine=machine(),
+    )
+
+
+def gradient(flow: gflow.GradientFlow, repeats: int) -> dict:
+    out = {}
+    for name, dtype, precision in (("float64", jnp.float64, None),
+                                   ("float32_default", jnp.float32, None),
+                                   ("float32_highest", jnp.float32, "highest")):
+        arrays, static = eqx.partition(_cast(flow, dtype), eqx.is_array)
+        params = eqx.combine(arrays, static).params
+
+        def velocity_of(arrays, y, static=static):
+            return eqx.combine(arrays, static).velocity(y)
+
+        with jax.default_matmul_precision(precision):
+            compiled = jax.jit(velocity_of).lower(arrays, params).compile()
+        velocity = jax.block_until_ready(compiled(arrays, params))
+        seconds = _best(lambda compiled=compiled, a=arrays, p=params: compiled(a, p),
+                        repeats, 60.0)
+        flops = _flops(compiled)
         out[name] = dict(
-            rtol=rtol, solver=traj.solver, status=traj.status, wall=timing.wall,
-            compile=first.stats["compile_seconds"], evaluations=evals,
-            seconds_per_evaluation=min(t.stats["run_seconds"] for t in timing.outputs) / evals,
+            seconds=seconds, flops=flops,
+            tflops_per_second=None if flops is None else flops / seconds / 1e12,
+            velocity_dtype=str(jnp.result_type(*jtu.tree_leaves(velocity))),
+            matmul_precision=precision or "default",
         )
     return out
 
 
-def sweep_throughput(members: int, repeats: int) -> dict:
+def linalg(d: int, d_ff: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    out = {}
+    for shape in ((d, d), (d, d_ff)):
+        W = jnp.asarray(rng.normal(size=shape))
+        row = {}
+        for algorithm in jax.lax.linalg.SvdAlgorithm.__members__.values():
+            def svd(W, algorithm=algorithm):
+                return jax.lax.linalg.svd(W, full_matrices=False, compute_uv=False,
+                                          algorithm=algorithm)
+            try:
+                fn = jax.jit(svd)
+                row[f"svd_{algorithm.name.lower()}"] = _best(lambda fn=fn: fn(W), repeats, 30.0)
+            except Exception as e:  # noqa: BLE001 - an algorithm this backend lacks
+                row[f"svd_{algorithm.name.lower()}"] = f"unavailable: {type(e).__name__}"
+        gram = jax.jit(lambda W: jnp.linalg.eigvalsh(W @ W.T))
+        row["eigh_of_gram"] = _best(lambda: gram(W), repeats, 30.0)
+        lanczos = jax.jit(lambda W: measures.spectral_norm(W, 16))
+        row["sigma_max_lanczos16"] = _best(lambda: lanczos(W), repeats, 30.0)
+        out[f"{shape[0]}x{shape[1]}"] = row
+    return out
+
+
+def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float) -> dict:
+    flow, y = problem.flow, problem.flow.params
+    grad = eqx.filter_jit(lambda fl, y: fl.velocity(y))
+    # The gradient again, in this section's process state: ratios side by side.
+    g = _best(lambda: grad(flow, y), repeats, 60.0)
+    out = dict(gradient_seconds=g, conditions={}, observers={})
+    cond = eqx.filter_jit(lambda fl, y, c: c(fl.combine(y), fl.data))
+    for tr in problem.transitions:
+        s = _best(lambda tr=tr: cond(flow, y, tr.condition), repeats, 60.0)
+        out["conditions"][tr.name] = dict(seconds=s, gradients=s / g)
+        if getattr(tr.condition, "iterations", None) is not None:
+            # The same condition with σ_max by SVD (what it was before Lanczos): before and
+            # after, side by side in one process.
+            by_svd = dataclasses.replace(tr.condition, iterations=None)
+            s = _best(lambda by_svd=by_svd: cond(flow, y, by_svd), min(repeats, 2), 60.0)
+            out["conditions"][tr.name] |= dict(svd_seconds=s, svd_gradients=s / g)
+    observe = eqx.filter_jit(lambda fl, y, obs: {k: o(fl.combine(y), fl.data)
+                                                 for k, o in obs.items()})
+    observers = {"loss": flow.loss} | dict(problem.observers)
+    spent = 0.0
+    for name, obs in observers.items():
+        if spent > budget_s / 2:
+            out["observers"][name] = "skipped: budget"
+            continue
+        begin = time.perf_counter()
+        s = _best(lambda obs=obs, name=name: observe(flow, y, {name: obs}), 1, 0.0)
+        spent += time.perf_counter() - begin
+        value = observe(flow, y, {name: obs})
+        out["observers"][name] = dict(
+            seconds=s, gradients=s / g,
+            bytes=int(sum(np.asarray(x).nbytes for x in jtu.tree_leaves(value))))
+        if getattr(obs, "iterations", None) is not None:
+            by_svd = dataclasses.replace(obs, iterations=None)
+            s = _best(lambda by_svd=by_svd, name=name: observe(flow, y, {name: by_svd}), 1, 0.0)
+            out["observers"][name] |= dict(svd_seconds=s, svd_gradients=s / g)
+    timed = [v for v in out["observers"].values() if isinstance(v, dict)]
+    out["observation"] = dict(
+        complete=len(timed) == len(observers),
+        seconds=sum(v["seconds"] for v in timed),
+        gradients=sum(v["gradients"] for v in timed),
+        bytes_per_save_time=sum(v["bytes"] for v in timed),
+        note="sum of the observers timed one by one (XLA shares nothing between them)",
+    )
+    return out
+
+
+def _deep_linear(overrides=()):
+    resolved = presets.resolve("deep-linear", list(overrides))
+    return resolved, presets.build(resolved)
+
+
+def _solve_small(problem, resolved, **kwargs):
+    s = resolved.solve
+    return gflow.solve(problem.flow, s.t1, t0=s.t0, rtol=s.rtol, solver=s.solver,
+                       transitions=problem.transitions, **kwargs)
+
+
+def step_floor() -> dict:
+    resolved, problem = _deep_linear()
+    out = {}
+    for progress in (False, True):
+        _solve_small(problem, resolved, progress=progress)  # compiled
+        timing = best_time(lambda p=progress: _solve_small(problem, resolved, progress=p),
+                           repeats=3, budget_s=30.0)
+        traj = timing.outputs[-1]
+        runs = min(t.stats["run_seconds"] for t in timing.outputs)
+        out["progress_on" if progress else "progress_off"] = dict(
+            steps=traj.stats["num_steps"], run_seconds=runs,
+            ms_per_step=1e3 * runs / traj.stats["num_steps"])
+    out["on_over_off"] = out["progress_on"]["ms_per_step"] / out["progress_off"]["ms_per_step"]
+    return out
+
+
+def capped_solve(problem, t1: float, steps: int) -> dict:
+    cheap = {k: problem.observers[k] for k in ("stable_rank", "norm", "relative_change")
+             if k in problem.observers}
+    traj = gflow.solve(problem.flow, t1, rtol=1e-6, solver="tsit5", observers=cheap,
+                       transitions=problem.transitions, max_steps=steps)
+    s = traj.stats
+    return dict(
+        status=traj.status, t_final=traj.t_final, steps=s["num_steps"],
+        evaluations=s["vector_field_evaluations"], trace_seconds=s["trace_seconds"],
+        compile_seconds=s["compile_seconds"], run_seconds=s["run_seconds"],
+        ms_per_step=1e3 * s["run_seconds"] / max(1, s["num_steps"]),
+        observers=sorted(cheap), memory=_peak_memory(),
+    )
+
+
+def sweep(members: int) -> dict:
     make_flow, transitions = sweep_benchmark._problem()
     side = int(round(np.sqrt(members)))
     eps = np.geomspace(1e-2, 1e-5, side)
     grid = [(float(e), int(s)) for e in eps for s in range(members // side)]
     over = {"eps": [g[0] for g in grid], "seed": [g[1] for g in grid]}
     out = {}
-    for batch in ("vmap", "loop"):
-        call = lambda batch=batch: gflow.sweep(  # noqa: E731
-            make_flow, over, sweep_benchmark.T1, mode="zip", batch=batch,
-            rtol=sweep_benchmark.RTOL, transitions=transitions)
+    for batch in ("vmap", "map", "loop"):
+        def call(batch=batch):
+            return gflow.sweep(make_flow, over, sweep_benchmark.T1, mode="zip", batch=batch,
+                               rtol=sweep_benchmark.RTOL, transitions=transitions)
         first = call()
-        timing = best_time(call, repeats=repeats, budget_s=120.0)
+        timing = best_time(call, repeats=2, budget_s=60.0)
         out[batch] = dict(
             members=len(grid), wall=timing.wall,
             compile=sum(g["compile_seconds"] for g in first.groups),
             members_per_second=len(grid) / timing.wall,
             completed=sum(m.status == "completed" for m in timing.outputs[-1].members),
         )
-    out["vmap_over_loop"] = out["vmap"]["members_per_second"] / out["loop"]["members_per_second"]
     return out
+
+
+def certify() -> dict:
+    resolved, problem = _deep_linear()
+    out = {}
+    for on in (False, True):
+        _solve_small(problem, resolved, certify=on)
+        timing = best_time(lambda on=on: _solve_small(problem, resolved, certify=on),
+                           repeats=3, budget_s=30.0)
+        out["on" if on else "off"] = dict(wall=timing.wall)
+    out["on_over_off"] = out["on"]["wall"] / out["off"]["wall"]
+    return out
+
+
+def checkpoint() -> dict:
+    resolved, problem = _deep_linear()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "run.ckpt"
+        plain = _solve_small(problem, resolved, checkpoint_steps=20)
+        begin = time.perf_counter()
+        written = _solve_small(problem, resolved, checkpoint=path, checkpoint_steps=20)
+        with_checkpoints = time.perf_counter() - begin
+        begin = time.perf_counter()
+        resumed = _solve_small(problem, resolved, checkpoint=path, checkpoint_steps=20,
+                               resume=True)
+        resume_seconds = time.perf_counter() - begin
+        size = path.stat().st_size
+    return dict(
+        segments=written.stats["segments"], checkpoint_bytes=size,
+        plain_run_seconds=plain.stats["run_seconds"], with_checkpoints_seconds=with_checkpoints,
+        resume_from_end_seconds=resume_seconds,
+        resumed_equal=bool(resumed.transitions == written.transitions
+                           and np.array_equal(resumed.ts, written.ts)),
+    )
+
+
+def estimate(result: dict) -> dict:
+    """The whole default run at this size, from the measured unit costs."""
+    grad = result.get("gradient", {}).get("float64", {}).get("seconds")
+    ins = result.get("instruments", {})
+    if grad is None or "conditions" not in ins:
+        return dict(skipped="needs the gradient and instruments sections")
+    # Tsit5 with FSAL: 6 new evaluations a step, rejected steps included (their stages are
+    # computed too); one condition evaluation per step (diffrax evaluates the event's
+    # condition at every step end) plus a few for each root found.
+    evaluations = 6 * DEFAULT_RUN_STEPS
+    condition = max(v["seconds"] for v in ins["conditions"].values())
+    observation = ins["observation"]["seconds"]
+    flow_seconds = evaluations * grad
+    conditions_seconds = DEFAULT_RUN_STEPS * condition
+    observation_seconds = (SAVE_POINTS + len(ins["conditions"])) * observation
+    return dict(
+        assumptions=(f"{DEFAULT_RUN_STEPS} steps (the default preset's count at d = 64; the "
+                     "paper-size count is unmeasured), 6 gradients a step, the costliest "
+                     f"condition at every step, the whole observation at {SAVE_POINTS} save "
+                     "times and at each transition"),
+        gradients=evaluations, flow_seconds=flow_seconds, conditions_seconds=conditions_seconds,
+        observation_seconds=observation_seconds,
+        total_seconds=flow_seconds + conditions_seconds + observation_seconds,
+        instruments_fraction=(conditions_seconds + observation_seconds)
+        / (flow_seconds + conditions_seconds + observation_seconds),
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the recipe")
+    parser.add_argument("--quick", action="store_true",
+                        help="d = 32, d_ff = 64, n = 64 and small sweeps: checks the recipe")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    parser.add_argument("--budget", type=float, default=540.0,
+                        help="wall seconds for the whole probe (default 540)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated sections to run (environment always runs)")
     args = parser.parse_args(argv)
-    p = cooccurrence.build()
-    ts = p.ts[:20] if args.quick else p.ts
-    t1 = float(ts[-1]) if args.quick else p.t1
-    repeats = 1 if args.quick else 5
-    result = dict(
-        machine=machine(), backend=jax.default_backend(),
-        evaluation=evaluation_cost(p.flow, repeats),
-        solve=solve_cost(p.flow, ts, t1, repeats),
-        sweep={n: sweep_throughput(n, 1 if args.quick else 3)
-               for n in ((4, 8) if args.quick else (64, 256))},
-    )
-    args.out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"backend {result['backend']}: one evaluation of (b) "
-          + ", ".join(f"{k} {v['seconds'] * 1e3:.3f} ms" for k, v in result["evaluation"].items()))
-    for k, v in result["solve"].items():
-        print(f"  solve {k}: {v}")
-    for n, v in result["sweep"].items():
-        print(f"  sweep {n} members: vmap {v['vmap']['members_per_second']:.1f}/s, loop "
-              f"{v['loop']['members_per_second']:.1f}/s, vmap/loop {v['vmap_over_loop']:.2f}x")
+    if not args.budget > 0:
+        print(f"--budget must be positive, got {args.budget}", file=sys.stderr)
+        return 2
+    if not args.out.parent.is_dir():
+        print(f"--out: no directory {args.out.parent}", file=sys.stderr)
+        return 2
+    only = None if args.only is None else set(args.only.split(","))
+    if only is not None and not only <= set(SECTIONS):
+        print(f"--only: unknown sections {', '.join(sorted(only - set(SECTIONS)))}; known: "
+              f"{', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    size = QUICK if args.quick else PAPER
+    repeats = 2 if args.quick else 5
+    probe = Probe(args.out, args.budget, only)
+    probe.result["size"] = size
+    probe.section("environment", 0, environment)
+    begin = time.perf_counter()
+    resolved = presets.resolve("rank-collapse", [f"problem.{k}={v}" for k, v in size.items()])
+    problem = presets.build(resolved)
+    probe.result["size"]["build_seconds"] = time.perf_counter() - begin
+    probe.result["size"]["parameters"] = int(sum(
+        x.size for x in jtu.tree_leaves(problem.flow.params)))
+    grad = probe.section("gradient", 0, lambda: gradient(problem.flow, repeats))
+    g = (grad or {}).get("float64", {}).get("seconds", 1.0)
+    probe.section("linalg", 10, lambda: linalg(size["d"], size["d_ff"], repeats))
+    # The full observation measured here on CPU: about 60 gradients.
+    probe.section("instruments", 80 * g,
+                  lambda: instruments(problem, g, repeats, max(probe.left(), 1.0)))
+    probe.section("step_floor", 30, step_floor)
+    steps = 10 if args.quick else 40
+    probe.section("capped_solve", 8 * steps * g + 60,
+                  lambda: capped_solve(problem, resolved.solve.t1, steps))
+    probe.section("sweep", 60, lambda: {str(n): sweep(n) for n in
+                                        ((4,) if args.quick else (64, 256))})
+    probe.section("certify", 20, certify)
+    probe.section("checkpoint", 20, checkpoint)
+    probe.section("estimate", 0, lambda: estimate(probe.result))
+    print(json.dumps({k: probe.result[k] for k in ("gradient", "estimate")
+                      if k in probe.result}, indent=1, default=_json_default))
     return 0
 
 

@@ -77,7 +77,7 @@ def child(spec: dict) -> dict:
     import numpy as np
 
     import gflow
-    import gflow._engine
+    import gflow.internal
     import gflow.presets
 
     from ._workload import initial_rms
@@ -108,7 +108,7 @@ def child(spec: dict) -> dict:
     traj = solve(spec["rtol"])
     seconds = time.perf_counter() - start
     peak_rss = _peak_rss()
-    programs = gflow._engine.compiled_programs()
+    programs = gflow.internal.compiled_programs()
     analyses = [a for a in (_memory_analysis(c) for c in programs) if a is not None]
     return dict(
         spec,

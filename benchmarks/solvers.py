@@ -1,6 +1,6 @@
 """Issue 14: `solver="auto"` (Tsit5 / DOP853) against scipy's DOP853 at matched trajectory error.
 
-    python -m benchmarks.solvers                     # (a), (b), (c); writes RESULTS.md's section
+    python -m benchmarks.solvers                     # (a), (b), (c): benchmarks/results/auto-solver*
     python -m benchmarks.solvers --only deep-linear  # one workload (the others' rows are kept)
     python -m benchmarks.solvers --quick --out /tmp/solvers   # the smoke test's run
 
@@ -12,9 +12,10 @@ model, all in one process, interleaved by tolerance. Reported: gradient evaluati
 time of each at matched error (interpolated log–log on the competitor's curve), the
 crossover, and the evaluations against an estimated physical limit (see `_limit`).
 
-Writes a block delimited by `BEGIN`/`END` markers into `RESULTS.md` (replacing the previous
-one; `python -m benchmarks.run` keeps it), `solvers.json` (every number) and one
-work–precision figure per workload next to it.
+Writes the detailed report (a block delimited by `BEGIN`/`END` markers in `report.md`,
+replacing the previous one), `solvers.json` (every number) and one work–precision figure per
+workload into `benchmarks/results/auto-solver/`, and the results page's rows into
+`benchmarks/results/auto-solver.json` (`benchmarks.results_page`).
 """
 
 import argparse
@@ -27,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-import gflow
-from gflow._solvers import AUTO_CROSSOVER_RTOL, AUTO_DOP853_ERROR_SCALE
+from gflow.internal import AUTO_CROSSOVER_RTOL, AUTO_DOP853_ERROR_SCALE
+
+from .results_page import RESULTS_DIR, write_suite
 
 from . import cooccurrence, deep_linear, rank_collapse
 from ._harness import (
@@ -53,6 +55,7 @@ from ._workload import (
 )
 
 HERE = Path(__file__).resolve().parent
+REPORT = "report.md"
 BEGIN = "<!-- solvers:begin (python -m benchmarks.solvers) -->"
 END = "<!-- solvers:end -->"
 # Butcher's bound: an explicit Runge–Kutta method of order 8 has at least 11 stages.
@@ -560,10 +563,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("deep-linear", "cooccurrence", "rank-collapse"))
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the section and figures from solvers.json, run nothing")
-    parser.add_argument("--out", type=Path, help="directory for RESULTS.md, solvers.json and "
-                        "figures (default: benchmarks/)")
+    parser.add_argument("--out", type=Path, help="directory for the detailed report.md, "
+                        f"solvers.json and figures (default: benchmarks/results/{SUITE}/); the "
+                        "suite's rows go to benchmarks/results/ (into --out when given)")
     args = parser.parse_args(argv)
-    out = (args.out or HERE).resolve()
+    out = (args.out or RESULTS_DIR / SUITE).resolve()
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.solvers" + (" --quick" if args.quick else "") + (
         f" --only {args.only}" if args.only else "")
@@ -580,8 +584,10 @@ def main(argv=None) -> int:
             workloads[name] = w | dict(results=results, analysis=analyse(results, name))
             _figure(workloads[name], out)
         json_path.write_text(json.dumps(_jsonable(stored | dict(workloads=workloads)), indent=1))
-        write_section(out / "RESULTS.md", _section(workloads, stored["machine"],
+        write_section(out / REPORT, _section(workloads, stored["machine"],
                                                    stored["command"], stored["seconds"], out))
+        _write_suite(workloads, stored["machine"], stored["command"], out,
+                     out if args.out else RESULTS_DIR)
         return 0
     for name, (tag, build, plan) in _workloads(args.quick).items():
         if args.only and name != args.only:
@@ -595,9 +601,55 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     json_path.write_text(json.dumps(_jsonable(dict(
         command=command, machine=info, seconds=seconds, workloads=workloads)), indent=1))
-    write_section(out / "RESULTS.md", _section(workloads, info, command, seconds, out))
-    log(f"wrote {out / 'RESULTS.md'} ({seconds:.0f} s)")
+    write_section(out / REPORT, _section(workloads, info, command, seconds, out))
+    _write_suite(workloads, info, command, out, out if args.out else RESULTS_DIR)
+    log(f"wrote {out / REPORT} ({seconds:.0f} s)")
     return 0
+
+
+SUITE = "auto-solver"
+
+
+def _write_suite(workloads: dict, info: dict, command: str, figures_dir: Path,
+                 directory: Path) -> Path:
+    """The results page's rows: per workload and solver `auto` picks, the ranges over the
+    measured tolerances of its cost against scipy's DOP853, the ideal 8th-order method and
+    torchdiffeq at matched error."""
+    rows = []
+    for w in workloads.values():
+        for pick in ("tsit5", "dop853"):
+            mm = [x for x in w["analysis"]["matched"] if x["solver"] == pick]
+            if not mm:
+                continue
+            errors = _span([x["error"] for x in mm])
+            where = f"{w['tag']} {w['name']}, auto = {pick} (errors {errors})"
+            ratios = [x["evaluation_ratio"] for x in mm]
+            met = sum(r is not None and r <= 0.7 for r in ratios)
+            known = sum(r is not None for r in ratios)
+            rows += [
+                dict(quantity=f"{where}: evaluations / scipy DOP853's at matched error",
+                     value=_span(ratios), target="≤ 0.7", verdict=f"{met} of {known} met"),
+                dict(quantity=f"{where}: evaluations / an ideal 8th-order method's",
+                     value=_span([x["over_limit"] for x in mm])),
+                dict(quantity=f"{where}: wall speed-up against scipy DOP853",
+                     value=_span([x["wall_speedup"] for x in mm]), target="≥ 3",
+                     detail=f"CPU speed-up {_span([x['cpu_speedup'] for x in mm])}"),
+                dict(quantity=f"{where}: evaluations / torchdiffeq dopri5's",
+                     value=_span([x.get("torch_evaluation_ratio") for x in mm]),
+                     detail="wall speed-up "
+                            f"{_span([x.get('torch_wall_speedup') for x in mm])}"),
+            ]
+    figures = [figures_dir / f"{w['name']}-solvers-work-precision.png" for w in workloads.values()]
+    return write_suite(
+        SUITE, title='`solver="auto"` against scipy\'s DOP853 and torchdiffeq at matched error',
+        command=command, machine=info, rows=rows, figures=[f for f in figures if f.is_file()],
+        directory=directory,
+        summary=f'`solver="auto"` (the default) is Tsit5 at rtol ≥ {AUTO_CROSSOVER_RTOL:g} and '
+                f"DOP853 (its error estimate scaled by {AUTO_DOP853_ERROR_SCALE:g}) below. Same "
+                "problems, reference and error measure as the section above; scipy's and "
+                "torchdiffeq's costs are interpolated log–log between their measured "
+                "tolerances to gflow's error. The ideal 8th-order method: DOP853's accepted "
+                "steps × 11 stages (Butcher's bound). Ranges are over the measured tolerances.")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ read when equinox is first imported) unless the environment already sets it: gfl
 failure through each solve's `status`, and a raising check embeds a host callback that makes
 JAX's persistent compilation cache miss in every new process.
 
+JAX's persistent compilation cache is on (`gflow.enable_compilation_cache`): programs compiled
+once are loaded, not compiled again, by the next process, in `$GFLOW_CACHE_DIR` (default
+`~/.cache/gflow/jax`); `GFLOW_CACHE_DIR=""` or a `JAX_COMPILATION_CACHE_DIR` of your own turns
+gflow's default off.
+
 The public names are imported on first use (PEP 562), so that `import gflow` costs nothing
 until something is used, and `python -m gflow.plot` draws a saved run without importing JAX.
 """
@@ -24,6 +29,10 @@ if "jax" in _sys.modules:
 else:
     _os.environ["JAX_ENABLE_X64"] = "1"
 
+from ._cache import enable_by_default as _enable_cache_by_default
+
+_enable_cache_by_default()
+
 __version__ = "0.1.0"
 
 # {public name: (module, attribute)}; attribute None for a submodule.
@@ -33,18 +42,21 @@ _EXPORTS = {
     "GradientFlow": ("._flow", "GradientFlow"),
     "InputError": ("._errors", "InputError"),
     "NewtonKrylovESDIRK": ("._implicit", "NewtonKrylovESDIRK"),
+    "Precision": ("._precision", "Precision"),
     "Prediction": ("._prediction", "Prediction"),
     "Sensitivity": ("._sensitivity", "Sensitivity"),
     "ScalingFit": ("._sweep", "ScalingFit"),
     "ScalingLaw": ("._scaling", "ScalingLaw"),
+    "SolveSpec": ("._spec", "SolveSpec"),
     "StiffSwitching": ("._switching", "StiffSwitching"),
     "Sweep": ("._sweep", "Sweep"),
     "SweepMember": ("._sweep", "SweepMember"),
     "Trajectory": ("._trajectory", "Trajectory"),
-    "Transition": ("._solve", "Transition"),
+    "Transition": ("._spec", "Transition"),
     "auto_solver": ("._solvers", "auto_solver"),
     "converged": ("._convergence", "converged"),
     "critical_points": ("._critical", "critical_points"),
+    "enable_compilation_cache": ("._cache", "enable_compilation_cache"),
     "error_estimates": ("._solve", "error_estimates"),
     "linear_grid": ("._grids", "linear_grid"),
     "load": ("._trajectory", "load"),
@@ -55,6 +67,7 @@ _EXPORTS = {
     "solve": ("._solve", "solve"),
     "sweep": ("._sweep", "sweep"),
     "sweep_points": ("._sweep", "sweep_points"),
+    "figures": (".figures", None),
     "measures": (".measures", None),
     "models": (".models", None),
     "observers": (".observers", None),
@@ -87,6 +100,7 @@ def __dir__() -> list[str]:
 
 if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
     from . import (
+        figures as figures,
         measures as measures,
         models as models,
         observers as observers,
@@ -94,6 +108,7 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
         tasks as tasks,
         theory as theory,
     )
+    from ._cache import enable_compilation_cache as enable_compilation_cache
     from ._convergence import converged as converged
     from ._critical import CriticalPoint as CriticalPoint, critical_points as critical_points
     from ._dop853 import DOP853 as DOP853
@@ -101,13 +116,14 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
     from ._flow import GradientFlow as GradientFlow
     from ._grids import linear_grid as linear_grid, log_grid as log_grid
     from ._implicit import NewtonKrylovESDIRK as NewtonKrylovESDIRK
+    from ._precision import Precision as Precision
     from ._prediction import Prediction as Prediction
     from ._scaling import ScalingLaw as ScalingLaw
     from ._sensitivity import Sensitivity as Sensitivity, sensitivity as sensitivity
     from ._solve import (
-        Transition as Transition, error_estimates as error_estimates,
-        pid_controller as pid_controller, solve as solve,
+        error_estimates as error_estimates, pid_controller as pid_controller, solve as solve,
     )
+    from ._spec import SolveSpec as SolveSpec, Transition as Transition
     from ._solvers import auto_solver as auto_solver
     from ._switching import StiffSwitching as StiffSwitching
     from ._sweep import (

@@ -1,11 +1,9 @@
-"""Checkpoints of a solve between its segments, and the fingerprint tying one to its problem.
+"""A store for a solve's progress: a pytree of arrays, written atomically with a fingerprint
+of the problem it belongs to, and read back only into a problem with the same fingerprint.
 
-A solve is a chain of segments (one per transition, optionally cut every `checkpoint_steps`
-steps), run by `gflow._engine.run`. Between segments everything needed to continue is the
-engine's carry: the state, the solver's and step-size controller's states, what has been
-recorded so far, as arrays. Writing it at every segment boundary and continuing from it gives
-the same result, bit for bit, as never stopping: the continued run executes the same compiled
-program on the same inputs.
+What the tree holds is the caller's business (`gflow.solve` stores the engine's carry); the
+store knows its leaves by their paths only. The writer says which leaves may hold NaN by design;
+every other floating leaf must be finite for the file to be resumed from.
 """
 
 import hashlib
@@ -19,23 +17,19 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
-from ._engine import NONFINITE
 from ._errors import InputError
 from ._trajectory import atomic_write_bytes
 
-_FORMAT = "gflow-checkpoint-4"
+_FORMAT = "gflow-checkpoint-5"
 
 
-class Carry(NamedTuple):
-    """Where a solve stands between two segments."""
+class Snapshot(NamedTuple):
+    """What a checkpoint holds: a pytree of arrays and the seconds spent computing it."""
 
-    arrays: PyTree  # the engine's carry (host arrays)
-    seconds: dict[str, float]  # compile_seconds and run_seconds spent so far
-
-    @property
-    def t(self) -> float:
-        """The flow time reached."""
-        return float(self.arrays["t"])
+    arrays: PyTree  # host or device arrays
+    seconds: dict[str, float]  # e.g. compile_seconds and run_seconds spent so far
+    t: float  # the flow time reached (for messages and the metadata)
+    nan_allowed: PyTree  # bools over `arrays`' leaves (or a prefix): NaN there is no damage
 
 
 def fingerprint(**parts: Any) -> dict[str, str]:
@@ -57,7 +51,7 @@ def fingerprint(**parts: Any) -> dict[str, str]:
 
 
 def _names(tree: PyTree) -> list[str]:
-    """`carry/<key>/<key>...` for each leaf of the engine's carry, in leaf order."""
+    """`carry/<key>/<key>...` for each leaf of the stored tree, in leaf order."""
 
     def part(k):
         for attr in ("key", "name", "idx"):
@@ -69,17 +63,16 @@ def _names(tree: PyTree) -> list[str]:
             for path, _ in jtu.tree_flatten_with_path(tree)[0]]
 
 
-# Carry parts that hold nan by design (save times and transitions not reached yet); every
-# other part is finite unless the state diverged.
-_MAY_BE_NAN = ("carry/observables/", "carry/at_transitions/", "carry/found")
-
-
-def write_checkpoint(path: Path, carry: Carry, digests: dict[str, str]) -> None:
-    """Write `carry` to `path` atomically (a kill never leaves a partial checkpoint)."""
-    leaves = jtu.tree_leaves(carry.arrays)
-    arrays = {name: np.asarray(leaf) for name, leaf in zip(_names(carry.arrays), leaves)}
-    meta = dict(format=_FORMAT, fingerprint=digests, seconds=carry.seconds, t=carry.t,
-                nonfinite=int(carry.arrays["status"]) == NONFINITE)
+def write_checkpoint(path: Path, snapshot: Snapshot, digests: dict[str, str]) -> None:
+    """Write `snapshot` to `path` atomically (a kill never leaves a partial checkpoint)."""
+    leaves = jtu.tree_leaves(snapshot.arrays)
+    names = _names(snapshot.arrays)
+    arrays = {name: np.asarray(leaf) for name, leaf in zip(names, leaves)}
+    allowed = jtu.tree_leaves(jtu.tree_map(
+        lambda flag, sub: jtu.tree_map(lambda _: bool(flag), sub),
+        snapshot.nan_allowed, snapshot.arrays))
+    meta = dict(format=_FORMAT, fingerprint=digests, seconds=snapshot.seconds, t=snapshot.t,
+                may_be_nan=[name for name, ok in zip(names, allowed) if ok])
     arrays["meta"] = np.asarray(json.dumps(meta))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -88,7 +81,7 @@ def write_checkpoint(path: Path, carry: Carry, digests: dict[str, str]) -> None:
 
 
 # What a checkpoint's metadata holds, and the types it must have.
-_META = dict(format=str, fingerprint=dict, seconds=dict, t=(int, float), nonfinite=bool)
+_META = dict(format=str, fingerprint=dict, seconds=dict, t=(int, float), may_be_nan=list)
 
 
 def checked_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -114,8 +107,9 @@ def checked_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
             raise InputError(f"checkpoint {path} is damaged: its metadata lacks a valid {key!r}")
     if not math.isfinite(meta["t"]):
         raise InputError(f"checkpoint {path} is damaged: t={meta['t']}")
+    may_be_nan = set(meta["may_be_nan"])
     for name, arr in arrays.items():
-        if meta["nonfinite"] or name.startswith(_MAY_BE_NAN):
+        if name in may_be_nan:
             continue
         if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
             raise InputError(f"checkpoint {path} holds non-finite values in {name}: refusing "
@@ -123,14 +117,14 @@ def checked_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     return arrays, meta
 
 
-def read_checkpoint(path: Path, digests: dict[str, str], like: PyTree) -> Carry:
-    """The `Carry` saved at `path`, checked against this problem's fingerprint.
+def read_checkpoint(path: Path, digests: dict[str, str], like: PyTree) -> Snapshot:
+    """The `Snapshot` saved at `path`, checked against this problem's fingerprint.
 
     **Arguments:**
 
     - `path`: a file written by `write_checkpoint`.
     - `digests`: this problem's `fingerprint`; every part must match the saved one.
-    - `like`: a carry of this problem's structure (its leaves give shapes and dtypes).
+    - `like`: a tree of this problem's structure (its leaves give shapes and dtypes).
     """
     arrays, meta = checked_checkpoint(path)
     for name, digest in digests.items():
@@ -150,4 +144,5 @@ def read_checkpoint(path: Path, digests: dict[str, str], like: PyTree) -> Carry:
             )
     saved = [np.asarray(s, dtype=leaf.dtype) for s, leaf in zip(saved, leaves)]
     seconds = {k: float(v) for k, v in meta.get("seconds", {}).items()}
-    return Carry(jtu.tree_unflatten(treedef, saved), seconds)
+    return Snapshot(jtu.tree_unflatten(treedef, saved), seconds, float(meta["t"]),
+                    jtu.tree_unflatten(treedef, [n in set(meta["may_be_nan"]) for n in _names(like)]))

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from ._errors import InputError
 from ._prediction import render_predictions
 
+EXIT_ENVIRONMENT = 1  # the file system or the output failed (full, read-only, closed)
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 3
 
@@ -48,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true",
                    help="print the resolved config as TOML and exit (save, edit, pass back)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--progress", action="store_true", help="show a progress bar over flow time")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar over flow time (the default when stderr is a "
+                        "terminal, unless --quiet)")
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"),
                    help="run on this JAX platform (default: JAX's choice)")
     p.add_argument("--certify", action=argparse.BooleanOptionalAction, default=None,
@@ -57,8 +61,11 @@ def _parser() -> argparse.ArgumentParser:
                    "sets it)")
     p.add_argument("--no-figures", action="store_true",
                    help="write no figures (python -m gflow.plot RUN_DIR draws them later)")
+    p.add_argument("--precision", choices=("float64", "mixed", "float32"),
+                   help="solve.precision: mixed = float64 state, float32 loss and gradient; "
+                   "an rtol below its measured floor is refused")
     p.add_argument("--x32", action="store_true",
-                   help="compute in float32 instead of float64 (solve.x32); needs rtol >= 1e-5")
+                   help="an alias of --precision float32 (solve.x32)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (every file a run writes there); "
                    "without it a new run goes only to a new or empty directory")
@@ -74,18 +81,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, so a repeated run skips compilation.
+def _enable_compilation_cache() -> "_CacheEntries":
+    """JAX's persistent compilation cache, so a repeated run skips compilation (see
+    `gflow.enable_compilation_cache`), and its entries now, for a refused command to remove
+    what it added."""
+    from ._cache import enable_compilation_cache
 
-    Every program is kept, however quick to compile: building a preset runs dozens of small
-    eager programs (random init, data), each compiled in a fresh process otherwise (2-5 s of
-    a run).
-    """
-    import jax
+    return _CacheEntries(Path(enable_compilation_cache()))
 
-    cache = os.environ.get("GFLOW_CACHE_DIR") or str(Path.home() / ".cache" / "gflow" / "jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+class _CacheEntries:
+    """The compilation cache's entries when a command started: a command refused for bad
+    input removes the entries it added (bad input writes nothing, the cache included)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.before = self._entries()
+
+    def _entries(self) -> set[str]:
+        try:
+            return set(os.listdir(self.directory))
+        except OSError:
+            return set()
+
+    def forget_new(self) -> None:
+        for name in self._entries() - self.before:
+            with contextlib.suppress(OSError):
+                (self.directory / name).unlink()
 
 
 def _select_platform(name: str) -> None:
@@ -101,6 +123,10 @@ def _select_platform(name: str) -> None:
         raise InputError(f"--platform {name}: no {name} is available to JAX here")
 
 
+# The report's widest line (a terminal of 100 columns).
+REPORT_WIDTH = 100
+
+
 def _format_time(t) -> str:
     return "not reached" if t is None or not math.isfinite(t) else f"{t:.10g}"
 
@@ -111,7 +137,8 @@ def _report(traj, problem, out: Path) -> str:
         f"status      {traj.status}" + (f" ({traj.message})" if traj.message else ""),
         f"time        t0={traj.t0:g} -> t_final={_format_time(traj.t_final)} (t1={traj.t1:g})",
         f"solver      {traj.solver}, rtol={traj.rtol:g}, atol={traj.atol:.3g}, "
-        f"{s.get('dtype', 'float64')}",
+        f"{s.get('dtype', 'float64')} (precision {s.get('precision', 'float64')}, matmul "
+        f"{s.get('matmul_precision', 'n/a')}, backend {s.get('backend', '?')})",
         f"steps       {s['num_steps']} ({s['num_accepted_steps']} accepted, "
         f"{s['num_rejected_steps']} rejected) in {s['segments']} segment(s); "
         f"vector-field evaluations {s['vector_field_evaluations']}",
@@ -130,12 +157,17 @@ def _report(traj, problem, out: Path) -> str:
             error = errors.get(name)
             pm = f" ± {error:.1e}" if error is not None and math.isfinite(error) else ""
             flag = "  [order uncertain]" if name in overlapping else ""
-            lines.append(f"  {name:<{width}}  {_format_time(t):>16}{pm}   {criterion}{flag}")
+            head = f"  {name:<{width}}  {_format_time(t):>16}{pm}   "
+            lines += textwrap.wrap(criterion + flag, REPORT_WIDTH, initial_indent=head,
+                                   subsequent_indent=" " * len(head)) or [head.rstrip()]
     if traj.predictions:
         lines.append("predictions")
         lines += render_predictions(traj.predictions)
     lines.append(f"written     {out}")
-    return "\n".join(lines)
+    # No line past REPORT_WIDTH: a long status message or path continues under its value.
+    return "\n".join(part for line in lines for part in (
+        textwrap.wrap(line, REPORT_WIDTH, subsequent_indent=" " * 12, break_on_hyphens=False,
+                      break_long_words=False) if len(line) > REPORT_WIDTH else [line]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, session)
         except InputError as e:
             print(f"gflow: error: {e}", file=sys.stderr)
+            if session.cache is not None:
+                session.cache.forget_new()
             return EXIT_BAD_INPUT
+        except OSError as e:
+            _quiet_stdout()
+            print(f"gflow: error: {session.os_error_message(e)}", file=sys.stderr)
+            session.remove_unstarted()  # a run that could not write its config leaves nothing
+            return EXIT_ENVIRONMENT
         except KeyboardInterrupt:
             print(f"gflow: {session.interrupted_message()}", file=sys.stderr)
             session.remove_unstarted()
@@ -186,6 +225,23 @@ def _write_timings(out: Path, session: "_Session", traj) -> None:
                        (json.dumps(timings, indent=2, allow_nan=False) + "\n").encode())
 
 
+def _show_progress(args) -> bool:
+    """A bar when asked for, or by default on a terminal; `--quiet` wins. The bar is drawn by
+    the host between chunks of the solve: the compiled program and its steps are the same."""
+    if args.quiet:
+        return False
+    return bool(args.progress) or sys.stderr.isatty()
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null after it failed (a closed pipe, a full device), so
+    that the interpreter's own flush at exit prints no second error."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"gflow: warning: {message}", file=sys.stderr)
 
@@ -208,7 +264,8 @@ def _exit_interrupted() -> None:
 _UNSAFE_MODULES = ("jax", "jaxlib", "equinox", "diffrax", "optimistix", "lineax", "mlir",
                    "matplotlib", "importlib", "tqdm")
 # Functions that finish what they write before an interrupt may stop them.
-_UNSAFE_FUNCTIONS = ("atomic_write_bytes", "write_checkpoint", "save", "save_figures")
+_UNSAFE_FUNCTIONS = ("atomic_write_bytes", "_write_atomically", "append_line", "write_checkpoint",
+                     "save", "save_figures")
 
 
 def _safe_to_interrupt(frame) -> bool:
@@ -273,13 +330,13 @@ class _DeferredInterrupt:
 
 
 class _Session:
-    """What a command holds: the run directory's lock, and what to say if interrupted."""
+    """What a command holds: the run directory's claim (lock), and what to say if interrupted."""
 
     def __init__(self):
         self.run_dir: Path | None = None
         self.t0: float | None = None
-        self.lock = None
-        self.created: list[Path] = []  # directories made for a new run, outermost first
+        self.claim = None  # gflow._rundir.Claim of the run directory, once held
+        self.cache = None  # the compilation cache's entries at the start (_CacheEntries)
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}  # seconds of each phase, for timings.json
 
@@ -296,6 +353,12 @@ class _Session:
         if self.run_dir is None or not (self.run_dir / "config.toml").is_file():
             return "interrupted before the run started; nothing was written"
         from ._checkpoint import checked_checkpoint
+        from ._rundir import read_manifest
+
+        with contextlib.suppress(InputError):
+            if (read_manifest(self.run_dir) or {}).get("state") in ("figures", "timings"):
+                return ("interrupted after the results were written; draw the figures with "
+                        f"python -m gflow.solve --resume {self.run_dir}")
 
         times = []
         for path in self.run_dir.glob(_CHECKPOINTS):
@@ -307,78 +370,40 @@ class _Session:
         return (f"interrupted at t={t:.10g}; resume with python -m gflow.solve --resume "
                 f"{self.run_dir}")
 
-    def remove_unstarted(self) -> None:
-        """Remove what a new run made before its config.toml: the lock file and the
-        directories it created (nothing, once the run directory holds a config)."""
-        if self.run_dir is None or (self.run_dir / "config.toml").exists():
-            return
-        self.release()
-        with contextlib.suppress(OSError):
-            (self.run_dir / LOCK_FILE).unlink()
-        for path in reversed(self.created):
-            with contextlib.suppress(OSError):
-                path.rmdir()
+    def os_error_message(self, e: OSError) -> str:
+        """One line for an operating-system failure (full disk, read-only, closed output):
+        what failed, and how to finish the run once it is fixed."""
+        from ._rundir import describe_os_error, read_manifest
 
-    def acquire(self, out: Path) -> None:
-        """Hold `out`'s lock file for the rest of the command, or refuse in one line."""
-        self.lock = _try_lock(out)
-        if self.lock is None:
-            raise InputError(f"--out {out} is in use by another gflow process (its lock "
-                             f"{out / LOCK_FILE} is held)")
+        line = describe_os_error(e)
+        run = self.run_dir
+        if run is None or not (run / "config.toml").is_file():
+            return line + ("; nothing of the run was kept" if run is not None else "")
+        try:
+            state = (read_manifest(run) or {}).get("state")
+        except InputError:
+            state = None
+        if state == "finished":
+            return f"{line}; the run is complete in {run}"
+        return f"{line}; then finish the run with python -m gflow.solve --resume {run}"
+
+    def remove_unstarted(self) -> None:
+        """Undo what a new run made before its config.toml: its manifest, the lock file and
+        the directories it created (nothing, once the run directory holds a config)."""
+        if self.claim is None or (self.claim.directory / "config.toml").exists():
+            return
+        self.claim.abandon()
+        self.claim = None
 
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.close()  # closing the file releases the flock
-            self.lock = None
+        """Drop the lock and remove its file (a run directory keeps no lock when done)."""
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
 
-# The lock file of a run directory: an exclusive flock on it marks the directory in use.
-LOCK_FILE = ".gflow.lock"
 # What a run directory may hold besides its results: checkpoints to resume from.
 _CHECKPOINTS = "checkpoint-*.eqx"
-# Everything a run writes into its directory (results, checkpoints, unfinished writes, lock).
-_RUN_ENTRIES = ("config.toml", "summary.json", "trajectory.npz", "transitions.npz", "final.eqx",
-                "timings.json", "figures",
-                _CHECKPOINTS, ".*.tmp", LOCK_FILE)
-
-
-def _try_lock(out: Path, create: bool = True):
-    """An open lock file of `out` holding an exclusive flock, or None when another process
-    holds it (or, with `create=False`, when there is no lock file)."""
-    import fcntl
-
-    path = out / LOCK_FILE
-    if not create and not path.is_file():
-        return None
-    f = open(path, "a" if create else "r")  # "a": created if missing, never truncated
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
-
-
-def _in_use(out: Path) -> bool:
-    """Whether another process holds `out`'s lock (checked without writing anything)."""
-    import fcntl
-
-    path = out / LOCK_FILE
-    if not path.is_file():
-        return False
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
-
-
-def _run_entries(out: Path) -> tuple[list[Path], list[Path]]:
-    """`out`'s entries a run writes, and the others."""
-    entries = sorted(out.iterdir())
-    ours = {p for pattern in _RUN_ENTRIES for p in out.glob(pattern)}
-    return [p for p in entries if p in ours], [p for p in entries if p not in ours]
 
 
 def check_writable(out: Path, flag: str = "--out") -> None:
@@ -392,6 +417,9 @@ def check_writable(out: Path, flag: str = "--out") -> None:
         raise InputError(f"{flag} is empty: give a directory")
     if "\0" in str(out):
         raise InputError(f"{flag} contains a NUL character")
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(out)):
+        raise InputError(f"{flag} {str(out)!r} contains a control character (a newline?): "
+                         "give a plain path")
     absolute = Path(os.path.abspath(out))
     try:
         name_max = os.pathconf(os.getcwd(), "PC_NAME_MAX")
@@ -422,57 +450,16 @@ def check_writable(out: Path, flag: str = "--out") -> None:
                          f"({reason})") from None
 
 
-def _check_run_directory(out: Path, overwrite: bool) -> None:
-    """A new run may go to `out`: a new or empty directory (or one holding only what a run
-    killed before its config was written leaves), or, with --overwrite, a run directory;
-    never a directory another process is using."""
-    check_writable(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
-    if _in_use(out):
-        raise InputError(f"--out {out} is in use by another gflow process")
-    ours, others = _run_entries(out)
-    if others:
-        raise InputError(
-            f"--out {out} is a directory holding other files ({others[0].name}, ...): give a "
-            "new or empty directory"
-        )
-    if (out / "config.toml").exists() and not overwrite:
-        raise InputError(
-            f"--out {out} already holds a run: continue it with --resume {out}, replace it "
-            "with --overwrite, or give another directory"
-        )
+def _check_resume(out: Path, given: list[str]) -> str:
+    """`out` is a run directory --resume can continue; one line saying why not otherwise.
 
+    **Returns:**
 
-def _remove_run(out: Path) -> None:
-    """Remove every file a run wrote to `out` (for --overwrite; the lock file stays)."""
-    import shutil
-
-    ours, _ = _run_entries(out)
-    for path in ours:
-        if path.name == LOCK_FILE:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _created_parents(out: Path) -> list[Path]:
-    """The directories `out.mkdir(parents=True)` would create, outermost first."""
-    missing = []
-    path = Path(os.path.abspath(out))
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    return missing[::-1]
-
-
-def _check_resume(out: Path, given: list[str]) -> None:
-    """`out` is a run directory --resume can continue; one line saying why not otherwise."""
+    What remains: `"solve"` (from its checkpoints), or `"figures"` (the results are written,
+    the figures and timings.json not yet).
+    """
     from ._checkpoint import checked_checkpoint
+    from ._rundir import in_use, read_manifest
 
     if not out.is_dir():
         raise InputError(f"--resume {out}: not a gflow run directory (no such directory)")
@@ -485,15 +472,25 @@ def _check_resume(out: Path, given: list[str]) -> None:
         raise InputError(f"--resume {out}: not a gflow run directory (no config.toml)")
     if given:
         raise InputError(
-            f"--resume continues {out} with its own config.toml; drop {', '.join(given)}"
+            f"--resume continues {out} with its own config.toml and flags; drop "
+            f"{', '.join(given)} (only --progress, --quiet and --platform go with it)"
         )
+    manifest = read_manifest(out)
+    if manifest is not None and manifest.get("kind") not in ("run", "files"):
+        raise InputError(f"--resume {out}: it holds a gflow {manifest.get('kind')}, not a run")
+    state = (manifest or {}).get("state")
     checkpoints = sorted(out.glob(_CHECKPOINTS))
-    if not checkpoints and (out / "summary.json").is_file():
-        raise InputError(f"--resume {out}: the run has finished (no checkpoint left)")
-    if _in_use(out):
+    if state == "finished" or (manifest is None and not checkpoints
+                               and (out / "summary.json").is_file()):
+        raise InputError(f"--resume {out}: the run has finished; redraw its figures with "
+                         f"python -m gflow.plot {out}")
+    if in_use(out):
         raise InputError(f"--resume {out}: the run is in use by another gflow process")
+    if state == "figures":
+        return "figures"
     for path in checkpoints:
         checked_checkpoint(path)
+    return "solve"
 
 
 def _certify_by_default(resolved) -> bool:
@@ -507,19 +504,30 @@ def _certify_by_default(resolved) -> bool:
 
 def _run(args, session: _Session) -> int:
     with session.timed("import_seconds"):  # JAX, diffrax, equinox, ... come in here
-        from . import _cli_instruments, presets
+        from . import _cli_instruments, _rundir, presets
         from ._config import dumps_toml
         from ._trajectory import atomic_write_bytes
 
     if args.platform:
         _select_platform(args.platform)
-    # Before the preset is built: its eager programs are cached too.
-    _enable_compilation_cache()
+    # Before the preset is built: its eager programs are cached too (and a refused input's
+    # are taken out again, see `_Session.forget_compilations`).
+    session.cache = _enable_compilation_cache()
+    if args.list and args.resume:
+        raise InputError(f"--resume continues {args.resume} with its own config.toml and "
+                         "flags; drop --list (only --progress, --quiet and --platform go with "
+                         "it)")
     if args.list:
-        for name in presets.preset_names():
+        names = presets.preset_names()
+        column = max(map(len, names)) + 2
+        for name in names:
             config = presets.preset_config(name)
-            default = " (default)" if name == presets.DEFAULT_PRESET else ""
-            print(f"{name:<16} {config.get('preset', {}).get('description', '')}{default}")
+            default = "(default) " if name == presets.DEFAULT_PRESET else ""
+            description = default + config.get("preset", {}).get("description", "")
+            print("\n".join(textwrap.wrap(
+                description, REPORT_WIDTH, initial_indent=f"{name:<{column}}",
+                subsequent_indent=" " * column, break_on_hyphens=False)) or name)
+        sys.stdout.flush()  # a closed or full output is reported here, in one line
         return 0
 
     overrides = list(args.set)
@@ -531,22 +539,33 @@ def _run(args, session: _Session) -> int:
         overrides.append(f"solve.certify={str(args.certify).lower()}")
     if args.x32:
         overrides.append("solve.x32=true")
+    if args.precision is not None:
+        overrides.append(f"solve.precision={args.precision!r}")
     if args.resume:
         out = Path(args.resume)
-        given = [name for name, used in (("CONFIG", args.config), ("--out", args.out is not None),
-                                         ("--show", args.show), ("--overwrite", args.overwrite))
-                 if used]
-        if overrides and not given:
-            given = ["the overrides"]
-        _check_resume(out, given)
+        given = [name for name, used in (
+            ("CONFIG", args.config), ("--out", args.out is not None), ("--show", args.show),
+            ("--overwrite", args.overwrite), ("--no-figures", args.no_figures),
+            ("--critical-points", args.critical_points),
+            ("--sensitivity", args.sensitivity is not None)) if used]
+        if overrides:
+            given.append("the overrides (--set, --t1, --rtol, --atol, --solver, --certify, "
+                         "--x32)")
+        remaining = _check_resume(out, given)
         resolved = presets.resolve(str(out / "config.toml"))
+        _cli_instruments.check(args, resolved)  # first: cheaper than a precision's floor
         with session.timed("build_seconds"):
             problem = presets.check(resolved)
-        _cli_instruments.check(args, resolved)
-        session.acquire(out)
+        session.claim = _rundir.adopt(out)
         # A kill mid-write leaves its temporary file (never a partial file under a final name).
-        for leftover in out.glob(".*.tmp"):
+        for leftover in _rundir.own_temporaries(out):
             leftover.unlink()
+        session.run_dir, session.t0 = out, resolved.solve.t0
+        if remaining == "figures":
+            from ._trajectory import load
+
+            traj = load(out)
+            return _finish(args, session, resolved, problem, traj, out, instruments=[])
     else:
         source = args.config or presets.DEFAULT_PRESET
         resolved = presets.resolve(source, overrides)
@@ -554,67 +573,75 @@ def _run(args, session: _Session) -> int:
             resolved = presets.resolve(source, overrides + ["solve.certify=true"])
         if args.show:
             presets.check(resolved)  # ranges a builder checks are bad input here too
-            print(dumps_toml(resolved.config), end="")
+            print(dumps_toml(resolved.config, comments=True,
+                             problem=presets.PROBLEMS[resolved.problem_kind]), end="")
+            sys.stdout.flush()  # a closed output is reported here, in one line
             return 0
         if args.out is not None:
             out = Path(args.out)
             if not args.out:
                 raise InputError("--out is empty: give a directory")
+            check_writable(out)
+            _rundir.check_new(out, overwrite=args.overwrite, kind="run",
+                              finished_file="config.toml")
         else:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            out = Path("runs") / f"{resolved.name}-{stamp}"
-        _check_run_directory(out, args.overwrite)
-        # Every check (gflow.solve's included) before anything is written.
+            check_writable(Path("runs"), flag="the default output directory")
+        # Every check (gflow.solve's included) before anything is written or compiled.
+        _cli_instruments.check(args, resolved)  # first: cheaper than a precision's floor
         with session.timed("build_seconds"):
             problem = presets.check(resolved)
-        _cli_instruments.check(args, resolved)
-        created = _created_parents(out)
-        out.mkdir(parents=True, exist_ok=True)
-        session.run_dir, session.created = out, created
-        try:
-            session.acquire(out)
-        except InputError:
-            for path in reversed(created):  # a race lost to another process: leave no dirs
-                with contextlib.suppress(OSError):
-                    path.rmdir()
-            raise
-        # With --overwrite the old run; else at most what a kill before the first config
-        # write left (checked above): the directory then holds this run alone.
-        _remove_run(out)
-
-    session.run_dir, session.t0 = out, resolved.solve.t0
-    if not args.resume:
+        if args.out is not None:
+            # With --overwrite the files of the old run (its manifest's) go; nothing else.
+            session.claim = _rundir.claim(out, kind="run", overwrite=args.overwrite,
+                                          finished_file="config.toml")
+        else:
+            session.claim = _rundir.claim_default(Path("runs"), resolved.name, kind="run")
+        out = session.claim.directory
+        session.run_dir, session.t0 = out, resolved.solve.t0
         # The config first: an interrupted run directory is then resumable.
         atomic_write_bytes(out / "config.toml", dumps_toml(resolved.config).encode())
+        session.claim.set_state("solving")
     try:
         with session.timed("solve_seconds"):
             problem, traj = presets.run(
-                resolved, progress=args.progress, checkpoint_dir=out, resume=bool(args.resume),
+                resolved, progress=_show_progress(args), checkpoint_dir=out, resume=bool(args.resume),
                 problem=problem,
             )
     except InputError:
         if not args.resume:  # bad input found late still leaves nothing of a new run
-            _remove_run(out)
+            _rundir.clear(out)
             session.remove_unstarted()
+        else:  # a refused resume (a checkpoint of another problem) changes nothing
+            session.claim.undo_adoption()
         raise
 
     # Results first (summary.json, trajectory.npz), figures after: they are redrawable.
     with session.timed("save_seconds"):
         traj.save(out)
-    # Results are complete: the checkpoints have served.
-    for checkpoint in out.glob(_CHECKPOINTS):
-        checkpoint.unlink()
     instruments = _cli_instruments.run(args, resolved, problem, traj, out)
-    if not args.no_figures:
+    # Results are complete: the checkpoints have served; what remains is the figures.
+    session.claim.set_state("figures" if not args.no_figures else "timings")
+    for checkpoint in out.glob(_CHECKPOINTS):
+        _rundir.remove(checkpoint)
+    return _finish(args, session, resolved, problem, traj, out, instruments)
+
+
+def _finish(args, session: _Session, resolved, problem, traj, out: Path,
+            instruments: list[str]) -> int:
+    """The figures (unless the run was started with --no-figures), timings.json and the
+    report: the last phase of a run, which --resume redoes when it was cut short."""
+    from ._rundir import read_manifest
+
+    if (read_manifest(out) or {}).get("state") == "figures":
         from .plot import save_figures
 
         plot = resolved.plot
         with session.timed("figures_seconds"):
             save_figures(traj, out / "figures", time_axis=plot.time_axis, labels=plot.labels,
                          heatmaps=plot.heatmaps, formats=plot.formats)
-            if problem.figures is not None:
-                problem.figures(traj, out / "figures")
     _write_timings(out, session, traj)
+    session.claim.set_state("finished")
     if not args.quiet:
         print("\n".join([_report(traj, problem, out)] + instruments))
+        sys.stdout.flush()  # a closed or full output is reported here, in one line
     return 0 if traj.status == "completed" else EXIT_RUN_FAILED

@@ -16,8 +16,9 @@ def check(args, resolved) -> None:
     """Refuse bad instrument flags before anything is written or compiled."""
     if not (args.critical_points or args.sensitivity):
         return
-    if resolved.solve.x32:
-        raise InputError("--critical-points and --sensitivity need float64: drop --x32")
+    if resolved.solve.precision_policy().policy != "float64":
+        raise InputError("--critical-points and --sensitivity need float64: drop --x32 and "
+                         "--precision")
     name = args.sensitivity
     if name is not None:
         value = resolved.problem_args.get(name)
@@ -75,8 +76,9 @@ def run(args, resolved, problem, traj, out: Path) -> list[str]:
         try:
             result = sensitivity(
                 lambda q: build(q).flow, p, settings.t1, transitions=lambda q: build(q).transitions,
-                t0=settings.t0, solver=settings.solver, rtol=settings.rtol, atol=settings.atol,
-                max_steps=settings.max_steps,
+                # The options the run itself had (PI control included).
+                **{k: v for k, v in presets.solve_options(settings).items()
+                   if k != "checkpoint_steps"},
             )
         except InputError as e:
             extra["sensitivity"] = dict(parameter=name, error=str(e))

@@ -6,7 +6,7 @@ A configuration has four tables:
 - `problem`: `kind` (a registered problem builder) and its keyword arguments, checked against
   the builder's signature;
 - `solve`: the `SolveSettings` below, passed to `gflow.solve`;
-- `plot`: `time_axis = "log" | "linear"`.
+- `plot`: `time_axis = "log" | "linear" | "stages"`.
 """
 
 import dataclasses
@@ -20,14 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from . import _defaults
+from . import _toml
 from ._errors import InputError
+from ._rundir import check_name
 from ._grids import linear_grid, log_grid
+from ._precision import MATMUL_PRECISIONS, POLICIES, Precision
 from ._solvers import SOLVER_NAMES
 
 
-# Below this, a float32 solve's error estimates are dominated by rounding: steps shrink until
-# dtmin or max_steps stops the run.
-_X32_MIN_RTOL = 1e-5
 # Below this, float64's own rounding (2.2e-16 relative) dominates a step's error estimate.
 _X64_MIN_RTOL = 1e-14
 # Integers of a config are 64-bit (TOML's own range); step and save counts are also bounded by
@@ -64,28 +65,33 @@ class SolveSettings:
         estimates of every transition and observable.
     - `checkpoint_steps`: when run with checkpoints (`python -m gflow.solve` always is), also
         checkpoint every this many steps, not only at transitions; 0 for transitions only.
-    - `x32`: compute in float32 instead of float64 (faster on some accelerators; tolerances
-        below ~1e-5 cannot be met).
+    - `precision`: `"float64"`, `"mixed"` (float64 time and state, float32 loss and
+        gradient) or `"float32"` (see `gflow.Precision`); an `rtol` below the policy's
+        measured floor is refused. `matmul_precision`: JAX's precision of float32 matrix
+        products (`"highest"`: strict float32 on GPU and TPU).
+    - `x32`: an alias of `precision = "float32"` (kept for older configs).
     - `pcoeff`, `icoeff`: the coefficients of diffrax's `PIDController` (its names and its
         defaults: 0 and 1, integral control). PI control (e.g. 0.3 and 0.4) damps the step
         size's oscillation where steps are limited by stability rather than accuracy, with
-        fewer rejected steps (measured on `rank-collapse` in benchmarks/RESULTS.md).
+        fewer rejected steps (measured on `rank-collapse` in docs/results.md).
     """
 
     t1: float
     t0: float = 0.0
-    solver: str = "tsit5"
-    rtol: float = 1e-8
+    solver: str = _defaults.SOLVER
+    rtol: float = _defaults.RTOL
     atol: float | None = None
-    max_steps: int = 100_000
-    save_points: int = 200
+    max_steps: int = _defaults.MAX_STEPS
+    save_points: int = _defaults.SAVE_POINTS
     grid: str = "log"
     refine: bool = False
     certify: bool = False
     checkpoint_steps: int = 0
     x32: bool = False
-    pcoeff: float = 0.0
-    icoeff: float = 1.0
+    precision: str = "float64"
+    matmul_precision: str = "highest"
+    pcoeff: float = _defaults.PCOEFF
+    icoeff: float = _defaults.ICOEFF
 
     def __post_init__(self):
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)):
@@ -130,19 +136,29 @@ class SolveSettings:
             raise InputError(f"solve.pcoeff must be in [0, 1], got {self.pcoeff}")
         if not (math.isfinite(self.icoeff) and 0 < self.icoeff <= 1):
             raise InputError(f"solve.icoeff must be in (0, 1], got {self.icoeff}")
+        if self.precision not in POLICIES:
+            raise InputError(f"solve.precision must be one of {', '.join(POLICIES)}, "
+                             f"got {self.precision!r}")
+        if self.x32 and self.precision not in ("float64", "float32"):
+            raise InputError(f"solve.x32 means precision float32: drop it or solve.precision "
+                             f"= {self.precision!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise InputError(f"solve.matmul_precision must be one of "
+                             f"{', '.join(MATMUL_PRECISIONS)}, got {self.matmul_precision!r}")
         if self.grid not in ("log", "linear", "loglinear"):
             raise InputError(
                 f"solve.grid must be 'log', 'linear' or 'loglinear', got {self.grid!r}"
             )
 
+    def precision_policy(self) -> Precision:
+        """The `gflow.Precision` these settings ask for (`x32` is `precision = "float32"`)."""
+        policy = "float32" if self.x32 else self.precision
+        return Precision(policy, None if policy == "float64" else self.matmul_precision)
+
     def precision_warning(self) -> str | None:
-        """Why these tolerances cannot be met in the chosen precision, if they cannot."""
-        if self.x32 and self.rtol < _X32_MIN_RTOL:
-            return (
-                f"solve.x32 computes in float32 (resolution {np.finfo(np.float32).eps:.1e}): "
-                f"rtol={self.rtol:g} cannot be met; use rtol >= {_X32_MIN_RTOL:g}, or float64"
-            )
-        if self.rtol < _X64_MIN_RTOL:
+        """Why these tolerances cannot be met in float64, if they cannot (other precisions
+        refuse an rtol below their measured floor: `gflow.Precision.check_rtol`)."""
+        if self.rtol < _X64_MIN_RTOL and self.precision_policy().policy == "float64":
             return (
                 f"solve.rtol={self.rtol:g} is below what float64 resolves "
                 f"({np.finfo(np.float64).eps:.1e}): steps may shrink until max_steps"
@@ -189,7 +205,8 @@ class PlotSettings:
 
     **Fields:**
 
-    - `time_axis`: `"log"` for multi-scale dynamics, else `"linear"`.
+    - `time_axis`: `"log"` for multi-scale dynamics, `"stages"` for a linear axis on which
+        every stage (between located transitions) has the same width, else `"linear"`.
     - `labels`: `{observable: [name of each component]}` for the figures' legends, e.g.
         `stable_rank = ["W_Q", "W_K", "W_V", "W1"]`.
     - `heatmaps`: matrix-valued observables drawn as heatmaps at t0, each transition and the
@@ -204,8 +221,9 @@ class PlotSettings:
     formats: tuple[str, ...] = ("png",)
 
     def __post_init__(self):
-        if self.time_axis not in ("log", "linear"):
-            raise InputError(f"plot.time_axis must be 'log' or 'linear', got {self.time_axis!r}")
+        if self.time_axis not in _defaults.TIME_AXES:
+            raise InputError(f"plot.time_axis must be one of {', '.join(_defaults.TIME_AXES)}, "
+                             f"got {self.time_axis!r}")
         if not self.formats or any(f not in ("png", "pdf", "svg") for f in self.formats):
             raise InputError(
                 f"plot.formats must list formats among png, pdf, svg, got {list(self.formats)}")
@@ -295,17 +313,21 @@ def read_toml(path: str | Path) -> dict:
     """A TOML file as a dict, with a one-line error naming the file when it is malformed."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise InputError(f"config file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise InputError(f"malformed config {path}: {e}".splitlines()[0]) from None
     except OSError as e:  # a directory, no permission, a name too long
         raise InputError(f"cannot read config {path}: {e.strerror or e}") from None
+    return _toml.loads(text, str(path))
 
 
 def parse_value(text: str) -> Any:
     """A `--set` value: a TOML literal (`1e-3`, `true`, `[1, 2]`, `"s"`) or else a bare string."""
+    if _toml._nesting(text) > _toml.MAX_DEPTH:
+        raise InputError(f"--set value {text[:40]}...: nested deeper than {_toml.MAX_DEPTH} "
+                         "levels")
     try:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
@@ -352,30 +374,26 @@ def check_tables(config: dict) -> None:
         value = config.get("preset", {}).get(key)
         if value is not None and not isinstance(value, str):
             raise InputError(f"preset.{key} must be a string, got {value!r}")
+    name = config.get("preset", {}).get("name")
+    if name is not None:
+        check_name(name)
 
 
-def dumps_toml(config: dict) -> str:
-    """`config` as TOML text (tables of scalars and lists; `None` values are omitted)."""
+def dumps_toml(config: dict, comments: bool = False, problem: Any = None) -> str:
+    """`config` as TOML text (tables of scalars, lists and tables; `None` values are omitted),
+    written by `tomli-w`.
 
-    def literal(value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, (int, float)):
-            return repr(value)
-        if isinstance(value, str):
-            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(value, (list, tuple)):
-            return "[" + ", ".join(literal(v) for v in value) + "]"
-        if isinstance(value, dict):
-            return "{" + ", ".join(f"{k} = {literal(v)}" for k, v in value.items()) + "}"
-        raise TypeError(f"cannot write {value!r} as TOML")
+    **Arguments:**
 
-    lines = []
-    for table in ("preset", "problem", "solve", "plot"):
-        values = config.get(table)
-        if not values:
-            continue
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {literal(v)}" for k, v in values.items() if v is not None]
-        lines.append("")
-    return "\n".join(lines)
+    - `config`: the tables.
+    - `comments`: write above each key what it means: the `[solve]` and `[plot]` fields'
+        documentation, and that of `problem` (the problem builder, a documented function) for
+        `[problem]` (`python -m gflow.solve --show`).
+    """
+    notes = None
+    if comments:
+        notes = dict(solve=_toml.field_comments(SolveSettings),
+                     plot=_toml.field_comments(PlotSettings))
+        if problem is not None:
+            notes["problem"] = _toml.field_comments(problem)
+    return _toml.dumps(config, notes)

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 
 from ._errors import InputError
 from ._flow import GradientFlow
-from ._solve import Transition
+from ._spec import Transition
 
 
 def converged(flow: GradientFlow, tol: float, name: str = "converged") -> Transition:

@@ -40,6 +40,7 @@ the loss of the trajectory falls through `L* − ΔL/2`, linearly interpolated b
 (so it is as accurate as the save grid).
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +58,7 @@ from ._errors import InputError
 from ._flow import GradientFlow
 from ._hessian import top_eigenpairs
 from ._solve import solve
-from ._solvers import SOLVER_NAMES
+from ._spec import SolveSpec
 from ._trajectory import Trajectory, _finite_or_none
 
 # A plateau's ‖∇L‖ dips at least this factor below what it rises to on each side.
@@ -419,13 +420,20 @@ def critical_points(
 
 
 def _resolve(flow: GradientFlow, traj: Trajectory, ts: np.ndarray, observers: dict):
-    """`flow` re-integrated as `traj` was, saving `observers` at `ts`."""
-    solver = traj.solver if traj.solver in SOLVER_NAMES else "tsit5"
-    t1 = float(ts[-1])
-    if not t1 > traj.t0:  # only the initial state is asked for: no integration
-        t1 = traj.t0 + 1.0
-    out = solve(flow, t1, t0=traj.t0, solver=solver, rtol=traj.rtol, atol=traj.atol, ts=ts,
-                observers=observers)
+    """`flow` re-integrated as `traj` was (its `SolveSpec`: the same solver, controller,
+    transitions and steps), saving `observers` at `ts`."""
+    spec = traj.spec
+    if spec is None:  # a trajectory loaded from disk: its recorded settings
+        spec = SolveSpec.from_options(flow, traj.t1, t0=traj.t0, solver=traj.solver,
+                                      rtol=traj.rtol, atol=traj.atol)
+    # To `t1` as the solve went (the same steps); short of it only where the solve stopped
+    # short, at the last time asked for (nothing beyond is needed, and it may not be reached).
+    t1 = spec.t1 if traj.status == "completed" or not float(ts[-1]) > spec.t0 else float(ts[-1])
+    # Only what is read here is observed (observers do not change the steps; the transitions,
+    # where the solve restarts, do).
+    spec = dataclasses.replace(spec, t1=t1, ts=np.asarray(ts, dtype=np.float64),
+                               observers=observers)
+    out = solve(flow, spec)
     if out.status != "completed":
         raise InputError(
             f"re-integrating the flow to the seed times failed ({out.status}: {out.message})"

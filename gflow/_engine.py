@@ -3,62 +3,65 @@
 A solve is a chain of segments: a `diffrax.diffeqsolve` from where the previous one stopped
 until `t1`, the next transition (an `Event` whose condition is picked by `lax.switch` from the
 transition index), a failure, or a cut every `segment_steps` steps. `run` chains them in a
-`lax.while_loop`, each segment a fresh `diffeqsolve` from where the previous one stopped, so
-that the whole solve is one pure, traceable function of arrays:
+`lax.while_loop`, so that the whole solve is one pure, traceable function of arrays:
 
-- `gflow.solve` compiles `run` once per problem structure and calls it once (or once per
-  segment, writing a checkpoint of the carry in between: the same program on the same inputs,
-  hence bit for bit the same result);
+- `gflow.solve` compiles `run` once per problem structure and calls it once, or chunk by chunk
+  (a checkpoint, a progress update or a Ctrl-C check between chunks);
 - `gflow.sweep` maps (`lax.map`, `vmap`, `shard_map`) the same `run` over members;
 - `certify` calls the same compiled `run` again: tolerances are arrays in the `Plan`, not
   static, so the tighter reference solve needs no new compilation.
 
-Only arrays cross `lax.switch`, the loop carry and the program boundary: the model is split
-into its trainable arrays (the state) and the rest, which the branches close over (an
-`eqx.nn.MLP`'s activation function, strings, Python ints stay static).
+A cut does not change the solve: the solver's state (its first-same-as-last stage), the
+step-size controller's state and the step size it proposed cross it in the carry, and the
+next segment's `diffeqsolve` continues from them. So a solve cut every step takes exactly
+the steps of one never cut, and a chunked (checkpointed, resumed) run is bit for bit the same
+as one call. After a transition the next segment starts afresh (a new first step, as
+`diffeqsolve` chooses one), from the dense-output state at the located time: diffrax's `Event`
+truncates the step at the root and returns only the interpolated state. What that costs is one
+interpolation error per transition: about one step's error with Tsit5, whose dense output is as
+accurate as its steps; with Dopri8, whose dense output is 50-150x its rtol, a rtol-1e-12 solve
+with transitions strays ~6e-12 from the same solve without them (docs/results.md).
 
-After a transition the next segment starts from the dense-output state at the located time,
-not from a step end: diffrax's `Event` truncates the step at the root and returns only the
-interpolated state (the step end is not kept; keeping it would mean saving every step). What
-that costs is one interpolation error per transition. With Tsit5 (the default) the dense
-output is as accurate as the steps (its save-grid error is measured at about 1x rtol in
-benchmarks/RESULTS.md), so a restart adds an error of the order of one step's, against the
-hundreds of steps that make up the global error: it does not matter there. With Dopri8 it
-does at tight tolerances: its dense output is 50-150x its rtol, and a Dopri8 rtol-1e-12
-solve with transitions strays ~6e-12 from the same solve without them (RESULTS.md).
+Under `vmap` (sweeps on accelerators) a `lax.switch` or `lax.cond` with a batched index would
+compute every branch for every member. Every running member of a batch looks for the same
+transition (a segment ends for all of them at once, each at its own event), so the index is
+made uniform with `eqx.internal.unvmap_max` and only the active condition runs; the rare batch
+whose running members disagree (a sweep cut into chunks) takes the batched branch instead.
+The other conditions of the engine (observing at the end of a segment or at a save time) are
+taken when any member needs them.
+
+Only arrays cross `lax.switch`, the loop carry and the program boundary: the model is split
+into its trainable arrays (the state) and the rest, which the branches close over.
 """
 
 import collections
-import math
+import dataclasses
+import time
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
+from diffrax._term import WrapTerm  # what diffeqsolve hands a controller's `init`
 from jaxtyping import Array, PyTree, Scalar
 
 from ._flow import GradientFlow
-from ._progress import SegmentMeter
-from ._solvers import solver_name, vector_field_evaluations
-from ._trajectory import Trajectory
-from ._work import add_work, work_stats, work_template
+from ._precision import FLOAT64, Precision
+from ._status import Status
+from ._work import add_work, work_template
 
-
-# One status enumeration for solve and sweep. RUNNING marks a carry whose solve goes on.
-STATUSES = ("completed", "max_steps", "nonfinite", "dt_min", "failed")
-COMPLETED, MAX_STEPS, NONFINITE, DT_MIN, FAILED = range(len(STATUSES))
-RUNNING = -1
 
 # A state whose squared norm passes this (or is NaN) has diverged: float64 squares overflow at
 # ~1e154, and no gradient flow of interest lives out there.
 DIVERGED_SQUARED_NORM = 1e200
 
-# Segments a single call of `run` may take when the solve is not checkpointed: no limit.
+# Segments a single call of `run` may take when the solve is not chunked: no limit.
 ALL_SEGMENTS = 2**30
 
 
@@ -73,12 +76,13 @@ def diverged_squared_norm(tree: PyTree) -> float:
 
 
 class Plan(NamedTuple):
-    """Everything a solve runs on, arrays and static parts together.
+    """Everything a solve runs on, arrays and static parts together (built from a
+    `gflow.SolveSpec` by `gflow._results.plan`).
 
     Partitioned by `eqx.is_array` (`split`), its arrays are the program's inputs and
     everything else (functions, solver, settings) the program's identity. A named tuple, not
     an `eqx.Module`: it is a record built on every solve, and equinox's construction checks
-    cost about 180 µs for these fields (measured), a tenth of a small solve's host work.
+    cost about 180 µs for these fields, a tenth of a small solve's host work.
     """
 
     flow: GradientFlow
@@ -92,9 +96,50 @@ class Plan(NamedTuple):
     solver: diffrax.AbstractSolver
     controller: diffrax.AbstractStepSizeController
     root_finder: optx.AbstractRootFinder
-    meter: diffrax.AbstractProgressMeter
+    meter: diffrax.AbstractProgressMeter  # diffrax's, per segment (gflow's bar is host-side)
     max_steps: int  # Python ints, static: `split` keeps every non-array leaf in the key
     segment_steps: int
+    precision: Precision = FLOAT64  # in which types the velocity is computed
+
+
+class Resumable(diffrax.AbstractAdaptiveStepSizeController):
+    """An adaptive step-size controller whose state also holds the step it proposes next, so
+    that a `diffeqsolve` continued from its state (`controller_state=`, `dt0=` that step)
+    takes the steps the uninterrupted solve would have taken."""
+
+    controller: diffrax.AbstractAdaptiveStepSizeController
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return Resumable(self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        tnext, state = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        return tnext, (state, jnp.asarray(tnext - t0))
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
+                        controller_state):
+        keep, next_t0, next_t1, jump, state, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state[0])
+        return keep, next_t0, next_t1, jump, (state, jnp.asarray(next_t1 - next_t0)), result
+
+
+def _resumable(controller: diffrax.AbstractStepSizeController):
+    """The controller the engine steps with: adaptive ones remember their next step."""
+    if isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
+        return Resumable(controller)
+    return controller
 
 
 def _observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
@@ -106,10 +151,9 @@ def _observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
 # Traced once per program, not at each of the places a solve calls them: a jitted function
 # called again with the same structure inside one trace reuses its jaxpr. diffrax traces the
 # vector field and the save function several times (shapes, closure conversion, the step, the
-# interpolation), and a segment observes in three places: the default preset's program traced
-# its observers 7 and its gradient 5 times (measured), about a quarter of its tracing.
+# interpolation), and a segment observes in three places.
 _observe_once = eqx.filter_jit(_observe)
-_velocity_once = eqx.filter_jit(lambda flow, y: flow.velocity(y))
+_velocity_once = eqx.filter_jit(lambda flow, precision, y: precision.velocity(flow, y))
 
 
 def observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
@@ -121,64 +165,130 @@ def observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
     return _observe_once(flow, observers, y)
 
 
-def _term(flow: GradientFlow) -> diffrax.ODETerm:
-    return diffrax.ODETerm(lambda t, y, args: _velocity_once(flow, y))
+def _term(flow: GradientFlow, precision: Precision) -> diffrax.ODETerm:
+    return diffrax.ODETerm(lambda t, y, args: _velocity_once(flow, precision, y))
 
 
-def _controller_init(plan: Plan, y: PyTree, t0) -> PyTree:
-    """The controller's initial state at `t0` (diffrax's own `init`), for its structure."""
-    term = _term(plan.flow)
-    dt0 = plan.t1 - t0 if plan.dt0 is None else plan.dt0
-    _, state = plan.controller.init(
-        term, t0, plan.t1, y, dt0, None, plan.solver.func, plan.solver.error_order(term)
-    )
-    return state
+def _fresh(plan: Plan, y: PyTree, t0) -> tuple:
+    """The first step size, controller state and solver state of a segment that starts
+    afresh at `t0` (the solve's start, or a located transition): what `diffeqsolve` itself
+    would initialise (it hands `init` a `WrapTerm`, which makes diffrax's PID controller
+    start from a step of 0.01 rather than run its initial-step heuristic)."""
+    term = WrapTerm(_term(plan.flow, plan.precision), jnp.asarray(1))
+    controller = _resumable(plan.controller).wrap(jnp.asarray(1))
+    t1 = jnp.asarray(plan.t1, dtype=jnp.result_type(t0))
+    dt0 = None if plan.dt0 is None else jnp.asarray(plan.dt0, dtype=jnp.result_type(t0))
+    tnext, controller_state = controller.init(
+        term, t0, t1, y, dt0, None, plan.solver.func, plan.solver.error_order(term))
+    tnext = jnp.minimum(tnext, t1)
+    solver_state = plan.solver.init(term, t0, tnext, y, None)
+    return tnext - t0, controller_state, solver_state
 
 
-def initial_carry(plan: Plan, y0: PyTree, t0) -> dict:
-    """The carry a solve starts from (traceable; `carry_template` evaluates it once).
+class Carry(eqx.Module):
+    """Where a solve stands between segments: the engine's loop carry, arrays only.
 
-    It holds no solver state: each segment starts its solver afresh (see `_segment`). The
-    controller state is the last segment's, kept for what the host reads from it (whether
-    steps were held at `dtmin`), zeros of its structure until a segment has run.
+    **Fields:**
+
+    - `t`, `y`: the flow time reached and the state there.
+    - `index`: the transition looked for next.
+    - `fresh`: whether the next segment starts afresh (at `t0` and after a transition) or
+        continues the steps of the last one (after a cut), from `dt`, `controller_state` and
+        `solver_state`, the step size proposed next and the controller's and solver's states.
+    - `observables`: at each save time (NaN until reached); `found`: each transition's time
+        (NaN until located); `at_transitions`: the observables there (NaN until reached).
+    - `status`: a `Status` code, `Status.RUNNING` while the solve goes on.
+    - `steps`: steps since the last transition (`max_steps` limits these); `counts`: steps,
+        accepted, rejected; `segments`: segments run; `starts`: segments started afresh.
+    - `work`: the work counters of a solver that keeps them (`gflow`'s implicit and switching
+        solvers; empty otherwise), summed over the segments (`gflow._work`).
     """
-    # As arrays (a wrapping controller may hold Python bools): the carry holds arrays only.
-    # `filter_eval_shape` traces the plan's arrays too: host (numpy) tolerances would not mix
-    # with diffrax's tree arithmetic outside a trace.
-    controller_state = jtu.tree_map(
-        lambda s: jnp.zeros(jnp.shape(s), jnp.result_type(s)),
-        eqx.filter_eval_shape(lambda p, y, t: _controller_init(p, y, t), plan, y0, t0),
-    )
+
+    t: Array
+    y: PyTree
+    index: Array
+    fresh: Array
+    dt: Array
+    controller_state: PyTree
+    solver_state: PyTree
+    observables: PyTree
+    found: Array
+    at_transitions: PyTree
+    status: Array
+    steps: Array
+    counts: Array
+    segments: Array
+    starts: Array
+    work: PyTree
+
+    # The fields that hold NaN by design (save times and transitions not reached yet); every
+    # other field is finite unless the state diverged.
+    NAN_BY_DESIGN: ClassVar[tuple[str, ...]] = ("observables", "found", "at_transitions")
+
+    def nan_allowed(self) -> "Carry":
+        """A tree of bools over this carry's leaves: where NaN is no sign of damage."""
+        return Carry(**{
+            field.name: jtu.tree_map(lambda _, n=field.name: n in self.NAN_BY_DESIGN,
+                                     getattr(self, field.name))
+            for field in dataclasses.fields(self)
+        })
+
+
+def initial_carry(plan: Plan, y0: PyTree, t0) -> Carry:
+    """The carry a solve starts from (traceable; `carry_template` evaluates it once)."""
+
+    def zeros_like_shapes(tree):
+        # As arrays (a controller may hold Python bools): the carry holds arrays only.
+        return jtu.tree_map(lambda s: jnp.zeros(jnp.shape(s), jnp.result_type(s)), tree)
+
+    dt, controller_state, solver_state = zeros_like_shapes(eqx.filter_eval_shape(
+        lambda p, y, t: _fresh(p, y, t), plan, y0, jnp.asarray(t0, dtype=plan.ts.dtype)))
     struct = eqx.filter_eval_shape(lambda p, y: observe(p.flow, p.observers, y), plan, y0)
     n_ts = plan.ts.shape[0]
+    n = len(plan.conditions)
     int_ = jnp.asarray(0).dtype
-    return dict(
+
+    def nans(lead):
+        return jtu.tree_map(lambda s: jnp.full((lead,) + s.shape, jnp.nan, s.dtype), struct)
+
+    return Carry(
         t=jnp.asarray(t0, dtype=plan.ts.dtype),
-        index=jnp.asarray(0, dtype=jnp.int32),
         y=y0,
+        index=jnp.asarray(0, dtype=jnp.int32),
+        fresh=jnp.asarray(True),
+        dt=jnp.asarray(dt, dtype=plan.ts.dtype),
         controller_state=controller_state,
-        # nan where a save time was not (yet) reached.
-        observables=jtu.tree_map(lambda s: jnp.full((n_ts,) + s.shape, jnp.nan, s.dtype), struct),
-        found=jnp.full((len(plan.conditions),), jnp.nan, dtype=plan.ts.dtype),
-        # The observables at each located transition (nan until it is reached): the state
-        # there is the root finder's, which no save time holds.
-        at_transitions=jtu.tree_map(
-            lambda s: jnp.full((len(plan.conditions),) + s.shape, jnp.nan, s.dtype), struct
-        ),
-        status=jnp.asarray(RUNNING, dtype=jnp.int32),
-        steps=jnp.asarray(0, dtype=int_),  # since the last transition: max_steps limits these
-        counts=jnp.zeros(3, dtype=int_),  # steps, accepted, rejected
+        solver_state=solver_state,
+        observables=nans(n_ts),
+        found=jnp.full((n,), jnp.nan, dtype=plan.ts.dtype),
+        # The state at a located transition is the root finder's, which no save time holds.
+        at_transitions=nans(n),
+        status=jnp.asarray(Status.RUNNING, dtype=jnp.int32),
+        steps=jnp.asarray(0, dtype=int_),
+        counts=jnp.zeros(3, dtype=int_),
         segments=jnp.asarray(0, dtype=int_),
+        starts=jnp.asarray(0, dtype=int_),
         work=work_template(plan.solver, plan.ts.dtype),
     )
 
 
-def _segment(plan: Plan, c: dict) -> dict:
+def _uniform(index, running):
+    """`index` made unbatched under `vmap` when every running member agrees on it (and
+    whether they do); outside `vmap`, `index` itself."""
+    active = jnp.where(running, index, -1)
+    top = eqxi.unvmap_max(active)
+    low = -eqxi.unvmap_max(jnp.where(running, -index, 1))
+    return jnp.maximum(top, 0), (top == low) | (top < 0)
+
+
+def _segment(plan: Plan, c: Carry) -> Carry:
     """One diffrax solve from the carry `c` until `t1`, the next transition, a failure or
     `segment_steps` steps; returns the carry after it."""
-    flow, index, y0, t0, t1 = plan.flow, c["index"], c["y"], c["t"], plan.t1
+    flow, y0, t0, t1 = plan.flow, c.y, c.t, plan.t1
     n = len(plan.conditions)
-    term = _term(flow)
+    term = _term(flow, plan.precision)
+    running = c.status == Status.RUNNING
+    uniform_index, agree = _uniform(c.index, running)
 
     # Parameter names matter: diffrax calls these by keyword during root finding.
     def diverged(t, y, args, **kwargs):
@@ -193,23 +303,34 @@ def _segment(plan: Plan, c: dict) -> dict:
     ] + [lambda y: jnp.asarray(1.0, dtype=float)]
 
     def condition(y):
-        return jax.lax.switch(index, branches, y)
+        if n == 0:
+            return branches[0](y)
+        # A real branch for the batch when its members agree (an unbatched predicate); the
+        # batched switch, which computes every condition, only when they do not.
+        return jax.lax.cond(
+            agree,
+            lambda y: jax.lax.switch(uniform_index, branches, y),
+            lambda y: jax.lax.switch(c.index, branches, y),
+            y,
+        )
 
-    direction = plan.directions[index]
+    direction = plan.directions[c.index]
     # Either direction: the first change away from the sign at the segment's start. The
-    # wanted crossing is then always an upcrossing for diffrax.
-    # A cond, not a where: the condition (an SVD, say) is evaluated only when it is needed.
-    sign = jax.lax.cond(
-        direction == 0,
-        lambda: jnp.where(condition(y0) > 0, -1.0, 1.0).astype(direction.dtype),
-        lambda: direction,
-    )
-
-    def transition(t, y, args, **kwargs):
-        del t, args, kwargs
-        return sign * condition(y)
-
+    # wanted crossing is then always an upcrossing for diffrax. A cond, not a where: the
+    # condition (an SVD, say) is evaluated only when it is needed.
     if n:
+        sign = jax.lax.cond(
+            eqxi.unvmap_any(direction == 0),
+            lambda: jnp.where(
+                direction == 0, jnp.where(condition(y0) > 0, -1.0, 1.0), direction
+            ).astype(direction.dtype),
+            lambda: direction,
+        )
+
+        def transition(t, y, args, **kwargs):
+            del t, args, kwargs
+            return sign * condition(y)
+
         # Tree order decides which event wins when both trigger on one step: divergence first.
         event = diffrax.Event(
             [diverged, transition], root_finder=plan.root_finder, direction=[None, True]
@@ -222,7 +343,7 @@ def _segment(plan: Plan, c: dict) -> dict:
     # interpolation at the segment's first step, in every segment. A pad at `t1` costs one
     # only at the end of the last segment, and observes nothing: the observer is skipped at
     # `t1`, whose save times are observed on the end state instead (below).
-    first = c["segments"] == 0
+    first = c.segments == 0
     n_ts = plan.ts.shape[0]
     ours = (plan.ts > t0) | (first & (plan.ts >= t0))
     skip = n_ts - jnp.sum(ours)
@@ -230,20 +351,30 @@ def _segment(plan: Plan, c: dict) -> dict:
     segment_ts = jnp.where(source < n_ts, plan.ts[jnp.minimum(source, n_ts - 1)], t1)
     struct = jax.eval_shape(lambda y: observe(flow, plan.observers, y), y0)
 
+    def observe_state(y):
+        # diffrax's dense output mixes the state with the (float64) time: the observers see
+        # the state in its own dtype, so both branches of a save agree under any precision.
+        y = jtu.tree_map(lambda a, b: a.astype(b.dtype), y, y0)
+        return observe(flow, plan.observers, y)
+
     def save(t, y, args):
         return jax.lax.cond(
-            t < t1,
-            lambda y: observe(flow, plan.observers, y),
+            eqxi.unvmap_any(t < t1),
+            observe_state,
             lambda y: jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), struct),
             y,
         )
 
-    # Only the controller's state is saved, for the host (`outcome`), and none is passed in:
-    # every segment starts its solver and controller afresh, as a new diffeqsolve from the
-    # segment's start. Passing them in (to resume the step-size history across a transition)
-    # measured 2-4% slower on a small solve (benchmarks/RESULTS.md), and buys nothing after a
-    # transition, where the step was cut at the root and the first stage must be evaluated
-    # again anyway.
+    # Where the last segment was cut, its steps go on: the solver's and controller's states
+    # and the proposed step cross the cut. After a transition (and at the start) the segment
+    # starts afresh, as a new diffeqsolve would.
+    dt, controller_state, solver_state = jax.lax.cond(
+        eqxi.unvmap_any(c.fresh),
+        lambda: jtu.tree_map(
+            lambda new, old: jnp.where(c.fresh, new, old),
+            _fresh(plan, y0, t0), (c.dt, c.controller_state, c.solver_state)),
+        lambda: (c.dt, c.controller_state, c.solver_state),
+    )
     saveat = diffrax.SaveAt(
         subs=[
             diffrax.SubSaveAt(ts=segment_ts, fn=save),
@@ -252,24 +383,23 @@ def _segment(plan: Plan, c: dict) -> dict:
         controller_state=True,
         solver_state=True,
     )
-    meter = plan.meter
-    if isinstance(meter, SegmentMeter):
-        meter = meter.at_segment(t0, index)
     sol = diffrax.diffeqsolve(
         term,
         plan.solver,
         t0,
         t1,
-        plan.dt0,
+        dt,
         y0,
         saveat=saveat,
-        stepsize_controller=plan.controller,
+        stepsize_controller=_resumable(plan.controller),
         event=event,
         max_steps=plan.segment_steps,
         throw=False,
-        progress_meter=meter,
+        progress_meter=plan.meter,
+        solver_state=solver_state,
+        controller_state=controller_state,
     )
-    t_end = sol.ts[1][0].astype(c["t"].dtype)
+    t_end = sol.ts[1][0].astype(c.t.dtype)
     y_end = jtu.tree_map(lambda leaf: leaf[0], sol.ys[1])
 
     result, results = sol.result, diffrax.RESULTS
@@ -281,8 +411,8 @@ def _segment(plan: Plan, c: dict) -> dict:
     # The end state is observed when a transition fired there (its observables) or when it
     # is `t1` (the save times at `t1`); a segment cut or a failure needs neither.
     here = jax.lax.cond(
-        fired | reached,
-        lambda y: observe(flow, plan.observers, y),
+        eqxi.unvmap_any(fired | reached),
+        observe_state,
         lambda y: jtu.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), struct),
         y_end,
     )
@@ -298,23 +428,24 @@ def _segment(plan: Plan, c: dict) -> dict:
                         saved[unrolled].astype(old.dtype))
         return jnp.where(covered.reshape(shape), new, old)
 
-    observables = jtu.tree_map(merge, c["observables"], sol.ys[0], here)
-    this = fired & (jnp.arange(n) == index)
+    observables = jtu.tree_map(merge, c.observables, sol.ys[0], here)
+    this = fired & (jnp.arange(n) == c.index)
     at_transitions = jtu.tree_map(
         lambda old, new: jnp.where(
             this.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype)[None], old
         ),
-        c["at_transitions"],
+        c.at_transitions,
         here,
     )
-    seg_steps = jnp.asarray(sol.stats["num_steps"]).astype(c["steps"].dtype)
-    steps = c["steps"] + seg_steps
+    seg_steps = jnp.asarray(sol.stats["num_steps"]).astype(c.steps.dtype)
+    steps = c.steps + seg_steps
     max_reached = result == results.max_steps_reached
     status = jnp.select(
         [
             blown,
             fired & (t_end >= t1),
-            fired & plan.terminal[index],
+            # A terminal transition (e.g. `gflow.converged`) ends the solve where it fired.
+            fired & plan.terminal[c.index],
             fired,
             result == results.successful,
             # A cut every segment_steps steps goes on from the last step's end.
@@ -322,43 +453,55 @@ def _segment(plan: Plan, c: dict) -> dict:
             max_reached,
             result == results.dt_min_reached,
         ],
-        [NONFINITE, COMPLETED, COMPLETED, RUNNING, COMPLETED, MAX_STEPS, RUNNING, DT_MIN],
-        FAILED,
-    ).astype(c["status"].dtype)
+        [Status.NONFINITE, Status.COMPLETED, Status.COMPLETED, Status.RUNNING,
+         Status.COMPLETED, Status.MAX_STEPS, Status.RUNNING, Status.DT_MIN],
+        Status.FAILED,
+    )
     # A failure after the state left float range (e.g. steps collapsing on NaNs) is that.
-    failed = (status != RUNNING) & (status != COMPLETED)
+    failed = (status != Status.RUNNING) & (status != Status.COMPLETED)
     status = jnp.where(
         failed & jnp.logical_not(squared_norm(y_end) < diverged_squared_norm(y_end)),
-        NONFINITE,
+        Status.NONFINITE,
         status,
-    ).astype(c["status"].dtype)
+    )
     counts = jnp.stack(
         [sol.stats["num_steps"], sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"]]
-    ).astype(c["counts"].dtype)
-    out = dict(
+    )
+    # The step proposed next, from the controller's state (a constant step: dt0 again).
+    if isinstance(plan.controller, diffrax.AbstractAdaptiveStepSizeController):
+        next_dt = sol.controller_state[1]
+    else:
+        next_dt = dt
+    out = Carry(
         t=t_end,
-        index=c["index"] + fired.astype(c["index"].dtype),
         y=y_end,
+        index=c.index + fired,
+        fresh=fired,
+        dt=next_dt,
         controller_state=sol.controller_state,
+        solver_state=sol.solver_state,
         observables=observables,
-        found=jnp.where(this, t_end, c["found"]),
+        found=jnp.where(this, t_end, c.found),
         at_transitions=at_transitions,
         status=status,
-        steps=jnp.where(fired, 0, steps).astype(c["steps"].dtype),
-        counts=c["counts"] + counts,
-        segments=c["segments"] + 1,
-        work=add_work(plan.solver, c["work"], sol.solver_state),
+        steps=jnp.where(fired, 0, steps),
+        counts=c.counts + counts,
+        segments=c.segments + 1,
+        starts=c.starts + c.fresh,
+        # What the solver counted in this segment: its state at the end less the one it
+        # started from (a cut continues the last segment's state and its counts).
+        work=add_work(plan.solver, c.work, solver_state, sol.solver_state),
     )
     # Exactly the carry's types, so the loop (and a resumed checkpoint) sees one structure.
     return jtu.tree_map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), out, c)
 
 
-def run(plan: Plan, carry: dict, max_segments) -> dict:
+def run(plan: Plan, carry: Carry, max_segments) -> Carry:
     """Run segments from `carry` until the solve ends or `max_segments` more have run."""
-    start = carry["segments"]
+    start = carry.segments
 
     def going(c):
-        return (c["status"] == RUNNING) & (c["segments"] - start < max_segments)
+        return (c.status == Status.RUNNING) & (c.segments - start < max_segments)
 
     return jax.lax.while_loop(going, lambda c: _segment(plan, c), carry)
 
@@ -420,7 +563,7 @@ def split(tree: PyTree) -> tuple[list, Any, Hashable | None]:
     return arrays, rebuild, key
 
 
-def carry_template(plan: Plan, key: Hashable | None) -> dict:
+def carry_template(plan: Plan, key: Hashable | None) -> Carry:
     """`initial_carry` for `plan` as host arrays (built once per structure: it costs
     milliseconds); `t` and `y` are placeholders, replaced by `start`."""
     entry = CACHE.get(("template", key))
@@ -430,9 +573,10 @@ def carry_template(plan: Plan, key: Hashable | None) -> dict:
     return entry
 
 
-def start(template: dict, y0: PyTree, t0) -> dict:
+def start(template: Carry, y0: PyTree, t0) -> Carry:
     """The initial carry: `template` at state `y0` and time `t0`."""
-    return dict(template, t=np.asarray(t0, dtype=template["t"].dtype), y=y0)
+    return eqx.tree_at(lambda c: (c.t, c.y), template,
+                       (np.asarray(t0, dtype=template.t.dtype), y0))
 
 
 def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> tuple[Callable, float, float]:
@@ -445,8 +589,6 @@ def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> t
     makes JAX's persistent compilation cache miss in every new process. With that cache warm,
     compiling is a cache read, while tracing is paid in every process.
     """
-    import time
-
     entry = CACHE.get(key)
     if entry is not None:
         return entry, 0.0, 0.0
@@ -468,7 +610,7 @@ def solve_program(rebuild: Callable) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------
-# Host side: what a finished carry says
+# Host side
 
 
 def to_host(tree: PyTree) -> PyTree:
@@ -481,89 +623,3 @@ def to_host(tree: PyTree) -> PyTree:
     `device_get`'s overlapped copies do.
     """
     return jtu.tree_map(np.asarray, tree)
-
-
-def _held_at_dtmin(controller_state) -> bool:
-    """Whether diffrax's PID controller had clipped the step to its `dtmin` (the last entry of
-    its state): a divergence then is not told by the flow alone."""
-    leaves = jtu.tree_leaves(controller_state)
-    return bool(leaves) and getattr(leaves[-1], "dtype", None) == bool and bool(leaves[-1])
-
-
-def outcome(carry: dict, names: list[str], max_steps: int) -> dict[str, Any]:
-    """Status, message, transition times, end time and step counts of a host carry."""
-    from ._solve import status_message  # the message wording lives with solve's docs
-
-    status_index = int(carry["status"])
-    status = "failed" if status_index == RUNNING else STATUSES[status_index]
-    t_final = float(carry["t"])
-    counts = [int(x) for x in carry["counts"]]
-    message = status_message(status, t_final, max_steps)
-    if status == "nonfinite" and _held_at_dtmin(carry["controller_state"]):
-        # Told apart from a divergence of the flow itself: the step could shrink no further.
-        message += ("; steps were held at the smallest allowed step: a blow-up, or a flow too "
-                    "stiff for that step")
-    return dict(
-        status=status,
-        message=message,
-        transitions={name: float(t) for name, t in zip(names, np.asarray(carry["found"]))},
-        t_final=t_final,
-        stats=dict(
-            num_steps=counts[0],
-            num_accepted_steps=counts[1],
-            num_rejected_steps=counts[2],
-            segments=int(carry["segments"]),
-        ),
-    )
-
-
-def trajectory(
-    carry: dict, *, flow: GradientFlow, ts: np.ndarray, names: list[str], t0: float, t1: float,
-    solver: diffrax.AbstractSolver, rtol: float, atol: float, max_steps: int, dt0_given: bool,
-    stats: dict | None = None,
-) -> Trajectory:
-    """The `Trajectory` of a finished host carry (solve's, or a sweep member's)."""
-    done = outcome(carry, names, max_steps)
-    t_final = done["t_final"]
-    saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
-    keep = (lambda x: x) if saved.all() else (lambda x: x[saved])
-    found = np.asarray(carry["found"])
-    at_transitions = {
-        name: jtu.tree_map(lambda x, k=k: np.asarray(x)[k], carry["at_transitions"])
-        for k, name in enumerate(names) if math.isfinite(float(found[k]))
-    }
-    return Trajectory(
-        ts=keep(ts),
-        observables=jtu.tree_map(lambda x: keep(np.asarray(x)), carry["observables"]),
-        transitions=done["transitions"],
-        # Device arrays already from `gflow.solve`; host arrays from a sweep or a checkpoint.
-        # Through the class: equinox wraps a method looked up on an instance in a new module,
-        # which costs about 70 µs, a tenth of a small solve's host work (measured).
-        final=type(flow).combine(flow, jtu.tree_map(
-            lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), carry["y"])),
-        t0=t0,
-        t1=t1,
-        t_final=t_final,
-        status=done["status"],
-        message=done["message"],
-        stats=member_stats(done, solver, dt0_given, carry.get("work")) | dict(
-            dtype=str(jnp.result_type(*jtu.tree_leaves(carry["y"]))),
-        ) | dict(stats or {}),
-        solver=solver_name(solver),
-        rtol=float(rtol),
-        atol=float(atol),
-        at_transitions=at_transitions,
-    )
-
-
-def member_stats(done: dict, solver: diffrax.AbstractSolver, dt0_given: bool,
-                 work: dict | None = None) -> dict:
-    """Step counts, segments and vector-field evaluations of an `outcome` (with the work
-    counters of a solver that keeps them: `work`, the carry's record)."""
-    stats = done["stats"]
-    counted = work_stats(solver, work)
-    evaluations = vector_field_evaluations(solver, stats["num_steps"], stats["segments"], dt0_given)
-    if evaluations is None and counted:
-        evaluations = counted["cost"] + counted.pop("rejected_step_cost") * stats[
-            "num_rejected_steps"]
-    return dict(stats) | dict(vector_field_evaluations=evaluations) | counted

@@ -182,7 +182,9 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
         # (the operator's eigenvalues are >= 1 where it is positive definite, so the
         # solution's error is as small): a stage's first Newton iteration then solves its
         # linear part to the Newton tolerance, in the controller's own (RMS) norm.
-        cg_atol = self.krylov_tol * scale / gamma
+        # A tolerance, not a function of the state: no derivative flows through it (lineax
+        # refuses a solver with tangents, and forward-mode sensitivities run this solver).
+        cg_atol = jax.lax.stop_gradient(self.krylov_tol * scale / gamma)
 
         def newton(base, k_guess, t_stage, rate):
             # Solve k = h f(base + γ k) for the stage increment k. Converged once the change,

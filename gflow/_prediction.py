@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import textwrap
 from typing import Any, Literal
 
 
@@ -104,6 +105,10 @@ class Prediction:
                    entry.get("holds"))
 
 
+# A predicted or measured text longer than this is printed under its row.
+_MAX_CELL = 30
+
+
 def _number(x: float | None) -> str:
     return "-" if x is None else f"{x:.8g}"
 
@@ -118,16 +123,19 @@ def _outcome(p: Prediction) -> str:
     return "as predicted" if p.holds else "not as predicted"
 
 
-def render_predictions(predictions: dict[str, Prediction]) -> list[str]:
-    """The predictions table: one row shape for every kind.
+def render_predictions(predictions: dict[str, Prediction], width: int = 100) -> list[str]:
+    """The predictions table: one row shape for every kind, no line wider than `width`.
 
     Columns: name, kind, predicted (a bound carries its relation, e.g. `≤ 29339.4`), measured
     (`± error` where certified), outcome (relative error, holds / VIOLATED, or as predicted /
-    not as predicted), basis.
+    not as predicted), basis. A predicted or measured text longer than 30 characters shows as
+    `(below)` in its cell and in full, wrapped, on the lines under its row; so does a basis
+    that would push its row past `width`.
 
     **Arguments:**
 
     - `predictions`: `{name: Prediction}`.
+    - `width`: the widest line allowed.
 
     **Returns:**
 
@@ -136,7 +144,7 @@ def render_predictions(predictions: dict[str, Prediction]) -> list[str]:
     if not predictions:
         return []
     symbol = {"<=": "≤", ">=": "≥", "<": "<", ">": ">", None: ""}
-    rows = []
+    rows, below = [], []
     for name, p in predictions.items():
         if p.kind == "qualitative":
             predicted, measured = p.predicted, "-" if p.measured is None else p.measured
@@ -146,13 +154,28 @@ def render_predictions(predictions: dict[str, Prediction]) -> list[str]:
             measured = _number(p.measured)
             if p.error is not None and p.measured is not None:
                 measured += f" ± {p.error:.1e}"
-        rows.append((name, p.kind, predicted, measured, _outcome(p), p.basis))
+        long = [(label, text) for label, text in (("predicted", predicted),
+                                                  ("measured", measured))
+                if len(text) > _MAX_CELL]
+        cells = [text if len(text) <= _MAX_CELL else "(below)" for text in (predicted, measured)]
+        rows.append((name, p.kind, *cells, _outcome(p), p.basis))
+        below.append(long)
     header = ("", "kind", "predicted", "measured", "outcome", "basis")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     lines = []
-    for row in [header, *rows]:
+    for k, row in enumerate([header, *rows]):
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
         cells += [row[i].rjust(widths[i]) for i in (2, 3)]
-        cells += [row[4].ljust(widths[4]), row[5]]
-        lines.append("  " + "  ".join(cells).rstrip())
+        cells += [row[4].ljust(widths[4])]
+        line = "  " + "  ".join(cells)
+        extra = [] if k == 0 else below[k - 1]
+        if row[5] and len(line) + 2 + len(row[5]) <= width:
+            line += "  " + row[5]
+        elif row[5] and k > 0:
+            extra = extra + [("basis", row[5])]
+        lines.append(line.rstrip())
+        for label, text in extra:
+            lines += textwrap.wrap(text, width, initial_indent=f"      {label}: ",
+                                   subsequent_indent=" " * (8 + len(label)),
+                                   break_on_hyphens=False)
     return lines

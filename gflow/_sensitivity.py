@@ -27,7 +27,7 @@ same `θ(t*)`.
 
 The cost is one solve plus one forward-mode solve (a Jacobian-vector product per stage: about
 two to three gradients), against two solves for a central difference (see
-benchmarks/RESULTS.md).
+docs/results.md).
 """
 
 import math
@@ -45,8 +45,8 @@ from jaxtyping import PyTree
 
 from ._errors import InputError
 from ._flow import GradientFlow
-from ._solve import Transition, solve
-from ._solvers import make_solver
+from ._solve import solve
+from ._spec import SolveSpec, Transition
 from ._trajectory import Trajectory, _finite_or_none
 
 # Relative step of the central differences of the construction: ∛(float64 eps), the step that
@@ -67,6 +67,9 @@ class Sensitivity(eqx.Module):
         differentiated with respect to `p` (module docstring).
     - `trajectory`: the solve that located the times.
     - `seconds`: `{"solve": ..., "tangent": ...}` wall seconds (compile included).
+    - `tangent_steps`: the steps of the forward-mode solve (to the last located time), the
+        solve's own steps to there: the same solver and controller, restarted at each
+        transition.
     """
 
     p: float
@@ -76,6 +79,7 @@ class Sensitivity(eqx.Module):
     construction: str
     trajectory: Trajectory
     seconds: dict[str, float]
+    tangent_steps: int = 0
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record (no NaN or inf: those become `None`)."""
@@ -128,14 +132,6 @@ def _construction_tangent(make_flow, p: float, flow: GradientFlow) -> tuple[PyTr
     return tangent, "central-difference"
 
 
-def _options(traj: Trajectory, solve_options: dict) -> tuple:
-    solver = make_solver(solve_options.get("solver", "tsit5"))
-    controller = solve_options.get("controller")
-    if controller is None:
-        controller = diffrax.PIDController(rtol=traj.rtol, atol=traj.atol)
-    return solver, controller, int(solve_options.get("max_steps", 100_000)), solve_options.get("dt0")
-
-
 def sensitivity(
     make_flow: Callable[[float], GradientFlow],
     p: float,
@@ -156,9 +152,10 @@ def sensitivity(
     - `t1`: end time of the solve.
     - `transitions`: the `Transition`s, or a function `p -> transitions` when their conditions
         depend on `p` through what they close over.
-    - `**solve_options`: passed to `gflow.solve` (`t0`, `solver`, `rtol`, `atol`, `max_steps`,
-        `ts`, `observers`, `dt0`, `controller`, ...); the forward-mode solve uses the same
-        solver, controller and tolerances.
+    - `**solve_options`: the options of `gflow.solve` (`t0`, `solver`, `rtol`, `atol`,
+        `max_steps`, `ts`, `observers`, `dt0`, `stepsize_controller`, `pcoeff`, ...), made into
+        one `gflow.SolveSpec`: the forward-mode solve runs its solver and step-size controller,
+        restarting at each located transition as the solve does, so it takes the same steps.
 
     **Returns:**
 
@@ -177,12 +174,13 @@ def sensitivity(
     for key in ("transitions", "certify", "checkpoint", "resume", "checkpoint_steps"):
         if key in solve_options:
             raise InputError(f"sensitivity does not take the solve option {key!r}")
-    t0 = float(solve_options.get("t0", 0.0))
     solve_options = dict(solve_options)
     solve_options.setdefault("ts", [t1])  # only the times are needed, not a curve
+    spec = SolveSpec.from_options(flow, t1, transitions=found, **solve_options)
+    t0 = spec.t0
 
     start = time.perf_counter()
-    traj = solve(flow, t1, transitions=found, **solve_options)
+    traj = solve(flow, spec)
     solve_seconds = time.perf_counter() - start
 
     times = {tr.name: float(traj.transitions[tr.name]) for tr in found}
@@ -190,9 +188,10 @@ def sensitivity(
     derivatives = {name: math.nan for name in times}
     start = time.perf_counter()
     construction = "none"
+    tangent_steps = 0
     if reached:
         tangent, construction = _construction_tangent(make_flow, p, flow)
-        parts = _implicit(flow, tangent, reached, times, t0, traj, solve_options)
+        parts, tangent_steps = _implicit(flow, tangent, reached, times, spec)
         closure = _closure_terms(transitions, p, flow, parts) if callable(transitions) else {}
         for name, (numerator, rate, _) in parts.items():
             numerator += closure.get(name, 0.0)
@@ -207,31 +206,59 @@ def sensitivity(
         p=p, times=times, derivatives=derivatives, exponents=exponents,
         construction=construction, trajectory=traj,
         seconds=dict(solve=solve_seconds, tangent=tangent_seconds),
+        tangent_steps=tangent_steps,
     )
 
 
 @eqx.filter_jit
-def _tangent_solve(dynamic, tangent, static, conditions, save, t0, solver, controller, max_steps,
-                   dt0):
-    """Conditions at the located times and their derivatives along `tangent`, by `jax.jvp`
-    through `diffeqsolve` (forward mode). Module-level and `filter_jit`ted, so a problem whose
-    functions are the same objects reuses the compiled program."""
+def _tangent_solve(dynamic, tangent, static, conditions, times, t0, solver, controller,
+                   max_steps, dt0):
+    """Conditions at the located `times` and their derivatives along `tangent`, by `jax.jvp`
+    through `diffeqsolve` (forward mode), and the steps taken. One `diffeqsolve` from each
+    located time to the next, as the solve restarts at each transition: the same steps.
+    Module-level and `filter_jit`ted, so a problem whose functions are the same objects
+    reuses the compiled program."""
+
+    solver = _forward_mode(solver)
 
     def conditions_at_times(dynamic):
         f = eqx.combine(dynamic, static)
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, args: f.velocity(y)), solver, t0, save[-1], dt0,
-            f.params, saveat=diffrax.SaveAt(ts=save), stepsize_controller=controller,
-            adjoint=diffrax.ForwardMode(), max_steps=max_steps, throw=False,
-        )
-        states = [jtu.tree_map(lambda leaf, k=k: leaf[k], sol.ys) for k in range(len(conditions))]
+        term = diffrax.ODETerm(lambda t, y, args: f.velocity(y))
+        y, start, states, failed, steps = f.params, t0, [], jnp.asarray(0.0), 0
+        for k in range(len(conditions)):
+            sol = diffrax.diffeqsolve(
+                term, solver, start, times[k], dt0, y, saveat=diffrax.SaveAt(t1=True),
+                stepsize_controller=controller, adjoint=diffrax.ForwardMode(),
+                max_steps=max_steps, throw=False,
+            )
+            y = jtu.tree_map(lambda leaf: leaf[-1], sol.ys)
+            states.append(y)
+            failed = jnp.maximum(
+                failed, jnp.asarray(sol.result != diffrax.RESULTS.successful, dtype=float))
+            steps = steps + sol.stats["num_steps"]
+            start = times[k]
         values = jnp.stack([jnp.asarray(c(f.combine(y), f.data), dtype=float)
                             for c, y in zip(conditions, states)])
-        failed = jnp.asarray(sol.result != diffrax.RESULTS.successful, dtype=float)
-        return values, states, failed
+        return values, states, failed, jnp.asarray(steps, dtype=float)
 
-    (_, states, failed), (numerators, _, _) = jax.jvp(conditions_at_times, (dynamic,), (tangent,))
-    return numerators, states, failed
+    (_, states, failed, steps), (numerators, _, _, _) = jax.jvp(
+        conditions_at_times, (dynamic,), (tangent,))
+    return numerators, states, failed, steps
+
+
+def _forward_mode(solver):
+    """`solver` with every Runge–Kutta solver inside it (e.g. the Tsit5 of `StiffSwitching`)
+    looping over its stages in `"lax"` kind, as `diffrax.ForwardMode` makes a top-level one
+    do: their default checkpointed loop has a custom VJP, which `jax.jvp` cannot go through.
+    The values (hence the steps) are the same."""
+
+    def default_loop(x):
+        return isinstance(x, diffrax.AbstractRungeKutta) and x.scan_kind is None
+
+    return jtu.tree_map(
+        lambda x: eqx.tree_at(lambda s: s.scan_kind, x, "lax", is_leaf=lambda v: v is None)
+        if default_loop(x) else x,
+        solver, is_leaf=default_loop)
 
 
 @eqx.filter_jit
@@ -244,23 +271,23 @@ def _transversality(flow, conditions, states):
     ])
 
 
-def _implicit(flow, tangent, reached, times, t0, traj, solve_options) -> dict[str, tuple]:
+def _implicit(flow, tangent, reached, times, spec) -> tuple[dict[str, tuple], int]:
     """`{name: (N, D, θ(t*))}` at each reached transition: the numerator
-    `N = ∂c/∂θ·∂θ(t*)/∂p + ∂c/∂P·∂P/∂p` at fixed time (forward mode through the solve) and the
-    denominator `D = ∇c·θ̇`."""
-    solver, controller, max_steps, dt0 = _options(traj, solve_options)
+    `N = ∂c/∂θ·∂θ(t*)/∂p + ∂c/∂P·∂P/∂p` at fixed time (forward mode through the solve of
+    `spec`) and the denominator `D = ∇c·θ̇`."""
     order = sorted(range(len(reached)), key=lambda k: times[reached[k].name])
-    save = jnp.asarray([times[reached[k].name] for k in order], dtype=float)
+    located = jnp.asarray([times[reached[k].name] for k in order], dtype=float)
     dynamic, static = eqx.partition(flow, eqx.is_inexact_array)
     conditions = tuple(reached[k].condition for k in order)
-    numerators, states, failed = _tangent_solve(
-        dynamic, tangent, static, conditions, save, t0, solver, controller, max_steps, dt0)
+    numerators, states, failed, steps = _tangent_solve(
+        dynamic, tangent, static, conditions, located, spec.t0, spec.solver,
+        spec.stepsize_controller, spec.max_steps, spec.dt0)
     if float(failed):
         raise InputError("the forward-mode solve to the transition times failed")
     rates = np.asarray(_transversality(flow, conditions, states))
     numerators = np.asarray(numerators)
     return {reached[k].name: (float(numerators[j]), float(rates[j]), states[j])
-            for j, k in enumerate(order)}
+            for j, k in enumerate(order)}, int(steps)
 
 
 def _closure_terms(transitions, p, flow, parts) -> dict[str, float]:

@@ -1,14 +1,15 @@
 """`solve`: integrate a `GradientFlow`, record observables, locate transitions.
 
-`solve` validates its inputs and builds a `gflow._engine.Plan`; the engine runs the whole solve
-(every segment, every transition) as one compiled program; `solve` turns the result into a
-`Trajectory`. Checkpoints are the engine's carry, written between calls of one segment each.
+`solve` makes its options one `gflow.SolveSpec` (or takes one), and the spec the engine's
+`Plan`; the engine runs the whole solve (every segment, every transition) as one compiled
+program, called once, or chunk by chunk when a progress bar, a checkpoint file or Ctrl-C needs
+the host between chunks (the cuts do not change the steps); `gflow._results` turns the final
+carry into a `Trajectory`. Checkpoints are the engine's carry.
 """
 
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import threading
@@ -16,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -25,82 +26,24 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import threadpoolctl
-from jaxtyping import ArrayLike, PyTree, Scalar
+from jaxtyping import ArrayLike, PyTree
 
 from . import _engine as engine
-from ._checkpoint import Carry, fingerprint, read_checkpoint, write_checkpoint
+from ._checkpoint import Snapshot, fingerprint, read_checkpoint, write_checkpoint
 from ._errors import InputError
 from ._flow import GradientFlow
-from ._grids import log_grid
-from ._progress import FlowTimeBar, SegmentMeter
-from ._root_find import BracketingSecant
-from ._solvers import is_adaptive, make_solver, solver_name
+from ._precision import FLOAT64, Precision
+from ._progress import FlowTimeBar
+from ._results import trajectory
+from ._spec import (
+    DEFAULT_ICOEFF, DEFAULT_MAX_STEPS, DEFAULT_PCOEFF, DEFAULT_RTOL, DEFAULT_SOLVER, DTMIN,
+    SolveSpec, Transition, _pid_controller, default_atol,
+)
+from ._status import Status
 from ._trajectory import Trajectory, _flat_names
-from ._validate import check_inputs, check_state_scale, check_times
+from ._validate import check_state_scale
 
-
-class Transition(eqx.Module):
-    """A stage transition, marked by a sign change of `condition` along the flow.
-
-    **Arguments:**
-
-    - `name`: the key of its time in `Trajectory.transitions`.
-    - `condition`: `condition(model, data) -> scalar`; the transition is the first time after
-        the previous transition (transitions are detected in order) at which it changes sign.
-        Its time is located by root finding on the solver's dense output.
-    - `direction`: `None` for either sign change, `True` for an upcrossing (negative to positive)
-        only, `False` for a downcrossing only.
-    - `terminal`: end the solve there (status `"completed"`, `t_final` the transition's
-        time): e.g. `gflow.converged`.
-    """
-
-    name: str
-    condition: Callable[[Any, Any], Scalar]
-    direction: bool | None = None
-    terminal: bool = False
-
-    def __check_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise InputError(f"a Transition needs a non-empty string name, got {self.name!r}")
-        if not callable(self.condition):
-            raise InputError(f"transition {self.name!r}: condition must be callable")
-        if self.direction not in (None, True, False):
-            raise InputError(
-                f"transition {self.name!r}: direction must be None, True or False, "
-                f"got {self.direction!r}"
-            )
-        if not isinstance(self.terminal, bool):
-            raise InputError(f"transition {self.name!r}: terminal must be True or False")
-
-
-_DEFAULT_SAVE_POINTS = 200
-
-# Smallest step, relative to t1 - t0, before a solve is declared singular.
-_DTMIN = 1e-12
-
-
-def _default_atol(params: PyTree, rtol: float) -> float:
-    """`rtol` times the RMS size of the smallest non-zero trainable leaf at t0.
-
-    This resolves every parameter group relative to its own initial scale: a 1e-6-scale
-    initialization is not swamped by an absolute tolerance set for O(1) states.
-    """
-    sizes = [
-        float(np.sqrt(np.mean(np.square(np.asarray(leaf)))))
-        for leaf in jtu.tree_leaves(params)
-        if np.size(leaf) > 0
-    ]
-    sizes = [s for s in sizes if s > 0]
-    return rtol * (min(sizes) if sizes else 1.0)
-
-
-def _host_array(x, dtype=float) -> np.ndarray:
-    """A host array in JAX's default dtype for `dtype` (float64 with gflow; float32 under x32).
-
-    Host arrays go into the compiled program with the call's other inputs: cheaper than an
-    eager `jnp.asarray` each, which dispatches a conversion per value (milliseconds per solve).
-    """
-    return np.asarray(x, dtype=jax.dtypes.canonicalize_dtype(dtype))
+__all__ = ["Transition", "SolveSpec", "solve", "pid_controller", "error_estimates"]
 
 
 def _check_finite(tree: PyTree, what: str) -> None:
@@ -109,21 +52,6 @@ def _check_finite(tree: PyTree, what: str) -> None:
             arr = np.asarray(leaf)
             if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
                 raise InputError(f"{what} has non-finite values at {jtu.keystr(path)}")
-
-
-def _resolve_ts(ts, t0: float, t1: float) -> np.ndarray:
-    if ts is None:
-        return log_grid(t0, t1, _DEFAULT_SAVE_POINTS)
-    ts = np.asarray(ts, dtype=np.float64)
-    if ts.ndim != 1 or ts.size == 0:
-        raise InputError(f"ts must be a non-empty 1-d array of save times, got shape {ts.shape}")
-    if not np.all(np.isfinite(ts)):
-        raise InputError("ts has non-finite save times")
-    if np.any(np.diff(ts) < 0):
-        raise InputError("ts must be non-decreasing")
-    if ts[0] < t0 or ts[-1] > t1:
-        raise InputError(f"ts must lie within [t0, t1] = [{t0}, {t1}]")
-    return ts
 
 
 def _promoted(flow: GradientFlow) -> GradientFlow:
@@ -149,7 +77,7 @@ def _promoted(flow: GradientFlow) -> GradientFlow:
         warnings.warn(
             f"gflow: the model's {jnp.result_type(leaf)} leaf {jtu.keystr(path) or 'model'}{more} "
             f"promoted to {target}, the dtype the solve runs in",
-            stacklevel=3,
+            stacklevel=4,
         )
     params = jtu.tree_map(
         lambda x: x.astype(target)
@@ -159,81 +87,26 @@ def _promoted(flow: GradientFlow) -> GradientFlow:
     return eqx.tree_at(lambda f: f.model, flow, eqx.combine(params, rest))
 
 
-def _controller_with_array_tolerances(controller):
-    """`controller` with float `rtol`/`atol` (its own, or a wrapped controller's) as arrays:
-    floats are static to the engine's program, arrays are data (one program for every
-    tolerance, certify's reference included)."""
-    if hasattr(controller, "rtol") and hasattr(controller, "atol"):
-        return eqx.tree_at(
-            lambda c: (c.rtol, c.atol), controller,
-            (_host_array(controller.rtol), _host_array(controller.atol)),
-        )
-    inner = getattr(controller, "controller", None)
-    if isinstance(inner, diffrax.AbstractStepSizeController):
-        return eqx.tree_at(lambda c: c.controller, controller,
-                           _controller_with_array_tolerances(inner))
-    return controller
-
-
-def _tolerances(controller) -> tuple[float, float] | None:
-    """The `(rtol, atol)` a controller (or the controller it wraps) steps with, if any."""
-    if hasattr(controller, "rtol") and hasattr(controller, "atol"):
-        return float(controller.rtol), float(controller.atol)
-    inner = getattr(controller, "controller", None)
-    return None if inner is None else _tolerances(inner)
-
-
-def _tightened(controller, factor: float):
-    """The same controller with `rtol` and `atol` divided by `factor` (`rtol` not below
-    1e-14): certify's reference keeps the user's controller type and settings."""
-    if hasattr(controller, "rtol") and hasattr(controller, "atol"):
-        rtol = max(float(controller.rtol) / factor, 1e-14)
-        return eqx.tree_at(
-            lambda c: (c.rtol, c.atol), controller,
-            (_host_array(rtol), _host_array(float(controller.atol) / factor)),
-        )
-    inner = getattr(controller, "controller", None)
-    if isinstance(inner, diffrax.AbstractStepSizeController):
-        return eqx.tree_at(lambda c: c.controller, controller, _tightened(inner, factor))
-    raise InputError(
-        f"certify needs a step-size controller with rtol and atol, not {type(controller).__name__}"
-    )
-
-
-def _controller_alias(stepsize_controller, controller):
-    """`stepsize_controller`, or `controller`, its alias (kept for older calls)."""
-    if controller is None:
-        return stepsize_controller
-    if stepsize_controller is not None:
-        raise InputError("give stepsize_controller or its alias controller, not both")
-    return controller
-
-
-# Equinox modules cost tens of microseconds to build; these are immutable, so a solve reuses
-# the ones an earlier solve with the same settings built (bounded caches).
-_NO_PROGRESS = diffrax.NoProgressMeter()
-
-
-@functools.lru_cache(maxsize=64)
-def _pid_controller(
-    rtol: float, atol: float, dtmin: float, dtype, pcoeff: float = 0.0, icoeff: float = 1.0
-) -> diffrax.PIDController:
-    # `dtype` (JAX's default float) is part of the key: the arrays are built in it.
-    # A step below dtmin means the flow is singular there (finite-time blow-up): float64 time
-    # cannot approach a blow-up time closer than ~1e-16 relative, so the state itself never
-    # overflows and only the step size tells.
-    return diffrax.PIDController(
-        rtol=_host_array(rtol), atol=_host_array(atol), dtmin=_host_array(dtmin),
-        pcoeff=pcoeff, icoeff=icoeff,
-    )
+def checked_flow(flow: GradientFlow) -> GradientFlow:
+    """`flow` ready to solve: its trainable leaves in the solve's dtype (promoted with a
+    warning), its initial state and data finite and of a scale float64 resolves."""
+    target = jax.dtypes.canonicalize_dtype(jnp.float64)
+    if any(jnp.result_type(x) != target for x in jtu.tree_leaves(flow.params)):
+        flow = _promoted(flow)
+    host_y0 = engine.to_host(flow.params)
+    _check_finite(host_y0, "the initial state")
+    check_state_scale(host_y0)
+    _check_finite(flow.data, "the data")
+    return flow
 
 
 def pid_controller(
     flow: GradientFlow, rtol: float, atol: float | None = None, *, t1: float, t0: float = 0.0,
-    pcoeff: float = 0.0, icoeff: float = 1.0,
+    pcoeff: float = DEFAULT_PCOEFF, icoeff: float = DEFAULT_ICOEFF,
 ) -> diffrax.PIDController:
     """The step-size controller `gflow.solve` uses by default, with diffrax's PID
-    coefficients to choose: pass it as `stepsize_controller=` for PI control.
+    coefficients to choose: pass it as `stepsize_controller=` for PI control (or give
+    `pcoeff=`, `icoeff=` to `gflow.solve`, which builds this).
 
     **Arguments:**
 
@@ -251,157 +124,24 @@ def pid_controller(
     A `diffrax.PIDController`.
     """
     if atol is None:
-        atol = _default_atol(engine.to_host(flow.params), rtol)
-    return _pid_controller(float(rtol), float(atol), _DTMIN * (float(t1) - float(t0)),
+        atol = default_atol(engine.to_host(flow.params), rtol)
+    return _pid_controller(float(rtol), float(atol), DTMIN * (float(t1) - float(t0)),
                            jax.dtypes.canonicalize_dtype(jnp.float64), float(pcoeff),
                            float(icoeff))
 
 
-@functools.lru_cache(maxsize=64)
-def _root_finder(rtol: float, atol: float, dtype) -> BracketingSecant:
-    return BracketingSecant(rtol=_host_array(rtol), atol=_host_array(atol))
-
-
-class _Setup(NamedTuple):
-    flow: GradientFlow  # with its trainable leaves in the solve's dtype
-    plan: engine.Plan
-    observers: dict
-    transitions: tuple
-    names: list
-    rtol: float  # the controller's
-    atol: float
-    y0: PyTree
-    ts: np.ndarray
-
-
-def _prepare(
-    flow: GradientFlow, *, t0: float, t1: float, solver, rtol, atol, observers, transitions,
-    max_steps, dt0, stepsize_controller, ts, segment_steps=None, meter=None,
-) -> _Setup:
-    """Validate a solve's inputs and build the engine's `Plan`; shared with `gflow.sweep`.
-
-    Every check here raises a one-line `InputError` before anything is compiled.
-    """
-    check_inputs(flow, t0=t0, t1=t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0,
-                 observers=observers, transitions=transitions)
-    if not (math.isfinite(t0) and math.isfinite(t1)):
-        raise InputError(f"t0 and t1 must be finite, got t0={t0}, t1={t1}")
-    if not t1 > t0:
-        raise InputError(f"t1 must be greater than t0, got t0={t0}, t1={t1}")
-    if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
-        raise InputError(f"rtol must be a positive number, got {rtol!r}")
-    if atol is not None and not (
-        isinstance(atol, (int, float)) and atol > 0 and math.isfinite(atol)
-    ):
-        raise InputError(f"atol must be a positive number or None, got {atol!r}")
-    if int(max_steps) != max_steps or max_steps < 1:
-        raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
-    if stepsize_controller is not None and not isinstance(
-        stepsize_controller, diffrax.AbstractStepSizeController
-    ):
-        raise InputError(
-            f"stepsize_controller must be a diffrax step-size controller, got {stepsize_controller!r}"
-        )
-    solver = make_solver(solver, rtol)
-    observers = {"loss": flow.loss} | dict(observers or {})
-    for name, obs in observers.items():
-        if not isinstance(name, str) or not callable(obs):
-            raise InputError(f"observer {name!r} must be a callable observer(model, data)")
-    transitions = tuple(transitions)
-    for tr in transitions:
-        if not isinstance(tr, Transition):
-            raise InputError(f"transitions must be gflow.Transition objects, got {tr!r}")
-    names = [tr.name for tr in transitions]
-    if len(set(names)) != len(names):
-        raise InputError(f"transition names must be unique, got {names}")
-    ts = _resolve_ts(ts, t0, t1)
-    y0 = flow.params
-    target = jax.dtypes.canonicalize_dtype(jnp.float64)
-    if any(jnp.result_type(x) != target for x in jtu.tree_leaves(y0)):
-        flow = _promoted(flow)
-        y0 = flow.params
-    host_y0 = engine.to_host(y0)  # one transfer for the checks and the default atol
-    _check_finite(host_y0, "the initial state")
-    check_state_scale(host_y0)
-    _check_finite(flow.data, "the data")
-
-    if atol is None:
-        atol = _default_atol(host_y0, rtol)
-    # Tolerances travel as arrays, not Python floats: floats are static to the program, and a
-    # new init (hence a new default atol), a new t1 or certify's tighter tolerances would
-    # otherwise recompile it.
-    controller = stepsize_controller
-    if controller is None:
-        if is_adaptive(solver):
-            controller = _pid_controller(float(rtol), float(atol), _DTMIN * (t1 - t0), target)
-        elif dt0 is None:
-            raise InputError(
-                f"solver {solver_name(solver)!r} has no error estimate: pass dt0 for a fixed step"
-            )
-        else:
-            controller = diffrax.ConstantStepSize()
-    else:
-        controller = _controller_with_array_tolerances(controller)
-    used = _tolerances(controller)
-    rtol, atol = used if used is not None else (float(rtol), float(atol))
-    if isinstance(controller, diffrax.ConstantStepSize) and dt0 is None:
-        raise InputError("a constant step size needs dt0")
-    # Root finding on the dense output: well below the solver's own error, so the located time
-    # carries the solver's accuracy and not the root finder's. Never below a few units of
-    # roundoff of the state's dtype (float32 under `--x32`), or the root finder could not end.
-    dtype = jnp.result_type(*jtu.tree_leaves(y0))
-    root_rtol = max(1e-3 * rtol, 8 * float(jnp.finfo(dtype).eps))
-    root_finder = _root_finder(root_rtol, root_rtol * max(abs(t1), abs(t0), 1.0), target)
-    directions = _host_array(
-        [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in transitions] + [0.0]
-    )
-    plan = engine.Plan(
-        flow=flow,
-        observers=observers,
-        conditions=tuple(tr.condition for tr in transitions),
-        directions=directions,
-        terminal=_host_array([tr.terminal for tr in transitions] + [False], dtype=bool),
-        ts=_host_array(ts),
-        t1=_host_array(t1),
-        dt0=None if dt0 is None else _host_array(dt0),
-        solver=solver,
-        controller=controller,
-        root_finder=root_finder,
-        meter=_NO_PROGRESS if meter is None else meter,
-        max_steps=int(max_steps),
-        segment_steps=int(min(segment_steps or max_steps, max_steps)),
-    )
-    return _Setup(flow, plan, observers, transitions, names, float(rtol), float(atol), y0, ts)
-
-
-def status_message(status: str, t_final: float, max_steps: int) -> str:
-    """The one-line explanation of a non-`"completed"` status (empty when completed)."""
-    if status == "completed":
-        return ""
-    if status == "max_steps":
-        return f"reached max_steps={max_steps} before t1"
-    if status == "nonfinite":
-        return f"the state diverged near t={t_final:.16g} (finite-time blow-up?)"
-    if status == "dt_min":
-        return (
-            f"the step size collapsed near t={t_final:.16g}: the flow is singular there "
-            "(finite-time blow-up or a non-smooth loss)"
-        )
-    return "the solver failed"
-
-
 def solve(
     flow: GradientFlow,
-    t1: float,
+    t1: "float | SolveSpec",
     *,
     t0: float = 0.0,
-    solver: str | diffrax.AbstractSolver = "auto",
-    rtol: float = 1e-8,
+    solver: str | diffrax.AbstractSolver = DEFAULT_SOLVER,
+    rtol: float = DEFAULT_RTOL,
     atol: float | None = None,
     ts: ArrayLike | None = None,
     observers: Mapping[str, Callable] | None = None,
     transitions: Sequence[Transition] = (),
-    max_steps: int = 100_000,
+    max_steps: int = DEFAULT_MAX_STEPS,
     progress: bool | str = False,
     dt0: float | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
@@ -411,6 +151,9 @@ def solve(
     checkpoint_steps: int | None = None,
     resume: bool = False,
     controller: diffrax.AbstractStepSizeController | None = None,
+    pcoeff: float = DEFAULT_PCOEFF,
+    icoeff: float = DEFAULT_ICOEFF,
+    precision: "str | Precision" = "float64",
 ) -> Trajectory:
     """Integrate the gradient flow from `t0` to `t1`.
 
@@ -420,7 +163,9 @@ def solve(
         evolve; functions, strings, integers and frozen arrays ride along). Trainable floating
         leaves of another precision than JAX's default (float32 under gflow's float64) are
         promoted, with a one-line warning.
-    - `t1`: end time (`t1 > t0`).
+    - `t1`: end time (`t1 > t0`); or a `gflow.SolveSpec`, which then gives every option of the
+        solve (`t0` to `checkpoint_steps`, `pcoeff`, `icoeff`), and only the options of how it
+        is run (`progress`, `progress_meter`, `certify`, `checkpoint`, `resume`) are given.
     - `t0`: start time.
     - `solver`: `"auto"` (Tsit5 or DOP853 by `rtol`, see `gflow.auto_solver`), a solver name
         (`"tsit5"`, `"dop853"`, `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`, `"euler"`,
@@ -435,11 +180,14 @@ def solve(
     - `transitions`: `Transition`s, located in order by root finding.
     - `max_steps`: step limit (accepted plus rejected) of each segment between transitions.
     - `progress`: show one progress bar over flow time for the whole solve (`True`, or a
-        label to show on it).
+        label to show on it), drawn from the host between chunks of steps (the compiled
+        program holds no callback: the steps are those of a solve without it).
     - `dt0`: initial step; required for `"euler"`, otherwise chosen automatically.
     - `stepsize_controller`: a diffrax step-size controller replacing the default
         `PIDController(rtol, atol, dtmin)`; the `rtol`/`atol` recorded in the `Trajectory` are
         then its own. (`controller` is an alias.)
+    - `pcoeff`, `icoeff`: the default `PIDController`'s coefficients (0 and 1: integral
+        control; e.g. 0.3 and 0.4 for PI control).
     - `progress_meter`: a diffrax progress meter for each segment, instead of `progress`'s
         one bar over the whole solve.
     - `certify`: solve again with the same solver and controller at 100× smaller `rtol` and
@@ -448,86 +196,103 @@ def solve(
         every observable. The two solves run at once, on two threads; while they do, each
         one's BLAS/LAPACK calls (the observers' SVDs) use half the cores, through
         `threadpoolctl`, which limits those pools process-wide for that time.
-    - `checkpoint`: a file to which the solve's state is written (atomically) at every segment
-        boundary: after each transition, every `checkpoint_steps` steps, and at the end. With
+    - `checkpoint`: a file to which the solve's state is written (atomically): after the first
+        chunk of steps, after each transition, every `checkpoint_steps` steps (or, without
+        it, every 10 seconds of solving), and at the end. With
         `certify`, the reference solve writes next to it (`<stem>-reference<suffix>`).
     - `checkpoint_steps`: cut the solve into segments of at most this many steps, so that a
-        long run without transitions is checkpointed too. The cuts are part of the solve (they
-        restart the step-size controller's initial-step heuristic), so compare runs with the
-        same value. `max_steps` is then checked at the cuts.
+        long run without transitions is checkpointed too. A cut does not change the solve
+        (the solver's and controller's states cross it): the steps are those of a run never
+        cut. `max_steps` is then checked at the cuts.
     - `resume`: continue from `checkpoint` if that file exists (it must come from this same
         problem: init, data, save times and settings are checked). The result equals, bit for
         bit, that of a run never interrupted; a checkpoint written at the end returns at once.
+    - `precision`: `"float64"`, `"mixed"` (float64 time and state, float32 loss and gradient),
+        `"float32"` or a `gflow.Precision` (which also sets the matmul precision). Every
+        policy starts from the same init (the given one, cast). An `rtol` below the policy's
+        floor (`Precision.rtol_floor`: ten times the float32 gradient's measured relative
+        error at the initial state) is refused. `certify`'s reference always runs in float64,
+        so its error estimates cover rounding as well as truncation. Recorded in
+        `Trajectory.stats` (`precision`, `matmul_precision`, `backend`).
 
     **Returns:**
 
     A `Trajectory`. Failure is data: a run that exceeds `max_steps` or diverges returns what it
     computed up to that point, with `status` naming what happened.
     """
-    if not isinstance(flow, GradientFlow):
-        raise InputError(f"solve expects a gflow.GradientFlow, got {type(flow).__name__}")
-    check_times(t0, t1)
-    stepsize_controller = _controller_alias(stepsize_controller, controller)
+    if isinstance(t1, SolveSpec):
+        given = [name for name, value, default in (
+            ("t0", t0, 0.0), ("solver", solver, DEFAULT_SOLVER), ("rtol", rtol, DEFAULT_RTOL),
+            ("atol", atol, None), ("ts", ts, None), ("observers", observers, None),
+            ("transitions", transitions, ()), ("max_steps", max_steps, DEFAULT_MAX_STEPS),
+            ("dt0", dt0, None), ("stepsize_controller", stepsize_controller, None),
+            ("checkpoint_steps", checkpoint_steps, None), ("controller", controller, None),
+            ("pcoeff", pcoeff, DEFAULT_PCOEFF), ("icoeff", icoeff, DEFAULT_ICOEFF),
+            ("precision", precision, "float64"),
+        ) if value is not default and not (isinstance(value, (int, float, str, tuple))
+                                           and value == default)]
+        if given:
+            raise InputError(f"solve(flow, spec) takes its options from the spec; got "
+                             f"{', '.join(given)} too")
+        if not isinstance(flow, GradientFlow):
+            raise InputError(f"solve expects a gflow.GradientFlow, got {type(flow).__name__}")
+        spec = t1
+    else:
+        spec = SolveSpec.from_options(
+            flow, t1, t0=t0, solver=solver, rtol=rtol, atol=atol, ts=ts, observers=observers,
+            transitions=transitions, max_steps=max_steps, dt0=dt0,
+            stepsize_controller=stepsize_controller, controller=controller, pcoeff=pcoeff,
+            icoeff=icoeff, checkpoint_steps=checkpoint_steps, precision=precision,
+        )
     if progress and progress_meter is not None:
         raise InputError("give progress or progress_meter, not both")
     if progress_meter is not None and not isinstance(
         progress_meter, diffrax.AbstractProgressMeter
     ):
         raise InputError(f"progress_meter must be a diffrax progress meter, got {progress_meter!r}")
-    t0, t1 = float(t0), float(t1)
-    if checkpoint_steps is not None and not (
-        int(checkpoint_steps) == checkpoint_steps and checkpoint_steps >= 1
-    ):
-        raise InputError(f"checkpoint_steps must be a positive integer, got {checkpoint_steps!r}")
     if resume and checkpoint is None:
         raise InputError("resume needs the checkpoint file to resume from")
-    meter = SegmentMeter() if progress else progress_meter
-    setup = _prepare(
-        flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=observers,
-        transitions=transitions, max_steps=max_steps, dt0=dt0,
-        stepsize_controller=stepsize_controller, ts=ts, segment_steps=checkpoint_steps,
-        meter=meter,
-    )
-    if certify and not is_adaptive(setup.plan.solver):
-        raise InputError(f"certify needs an adaptive solver, not {solver_name(setup.plan.solver)!r}")
+    # certify's reference always runs in float64: its difference from the run then covers the
+    # run's rounding as well as its truncation.
+    reference = (dataclasses.replace(spec.tightened(_CERTIFY_FACTOR), precision=FLOAT64)
+                 if certify else None)
     checkpoint = None if checkpoint is None else Path(checkpoint)
     if checkpoint is not None and checkpoint.is_dir():
         # Refused before anything is computed: a run would otherwise fail at its first write.
         raise InputError(f"checkpoint {checkpoint} is a directory: give a file path")
-    run = functools.partial(_integrate, t0=t0, t1=t1, max_steps=max_steps, dt0=dt0,
-                            checkpoint_steps=checkpoint_steps, resume=resume)
+    flow = checked_flow(flow)
+    if checkpoint is not None:
+        parent = next((p for p in checkpoint.parents if os.path.lexists(p)), None)
+        if parent is not None and not parent.is_dir():
+            raise InputError(f"checkpoint {checkpoint}: {parent} is a file, not a directory")
     if not certify:
-        return run(setup, checkpoint=checkpoint, progress=progress)
+        return _integrate(flow, spec, resume=resume, checkpoint=checkpoint, progress=progress,
+                          meter=progress_meter)
     # The reference: the same solver and controller (the same compiled program) at 100x
     # smaller tolerances. Not Dopri8: its dense output is measured here at 50-150x its rtol
     # between step ends, which would pollute the observables at the save times.
-    reference_setup = _prepare(
-        flow, t0=t0, t1=t1, solver=setup.plan.solver,
-        rtol=max(setup.rtol / _CERTIFY_FACTOR, 1e-14), atol=setup.atol / _CERTIFY_FACTOR,
-        observers=setup.observers, transitions=setup.transitions, max_steps=max_steps, dt0=dt0,
-        stepsize_controller=(None if stepsize_controller is None
-                             else _tightened(setup.plan.controller, _CERTIFY_FACTOR)),
-        ts=setup.ts, segment_steps=checkpoint_steps,
-        meter=SegmentMeter(bar=np.asarray(1, dtype=np.int32)) if progress else progress_meter,
-    )
     reference_checkpoint = None if checkpoint is None else checkpoint.with_name(
         f"{checkpoint.stem}-reference{checkpoint.suffix}")
     # Compiled once, here, before either solve starts: both find it in the cache.
-    compile_seconds = _compile(setup, t0)
+    compile_seconds = _compile(flow, spec, progress_meter, interactive=bool(progress)
+                               or checkpoint is not None)
     # The two solves are independent: the reference runs on a second thread (XLA releases the
     # GIL), so on a machine with two or more cores it costs little wall time on top of the run.
-    # If the run fails the reference stops at its next segment boundary, unwaited for.
+    # If the run fails the reference stops at its next chunk, unwaited for.
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gflow-certify")
     try:
         with _cores_shared_by(2):
             pending = pool.submit(
-                run, reference_setup, checkpoint=reference_checkpoint,
+                _in_this_precision(_integrate), flow, reference, resume=resume,
+                checkpoint=reference_checkpoint,
                 progress="certify: reference" if progress else False, stop=stop,
-                bar_position=1,
+                bar_position=1, meter=progress_meter,
+                interactive=bool(progress) or checkpoint is not None,
             )
-            traj = run(setup, checkpoint=checkpoint, progress=progress,
-                       compile_seconds=compile_seconds)
+            traj = _integrate(flow, spec, resume=resume, checkpoint=checkpoint,
+                              progress=progress, compile_seconds=compile_seconds,
+                              meter=progress_meter)
             reference = pending.result()
     except BaseException:
         stop.set()
@@ -538,6 +303,19 @@ def solve(
     return dataclasses.replace(traj, errors=errors)
 
 
+def _in_this_precision(fn: Callable) -> Callable:
+    """`fn`, to run on another thread in this thread's float precision: JAX's `enable_x64`
+    setting is per thread, and a reference solve built in float64 under a float32 run
+    (`--x32`) would be another program."""
+    x64 = bool(jax.config.jax_enable_x64)
+
+    def run(*args, **kwargs):
+        with jax.enable_x64(x64):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _cores_shared_by(solves: int) -> contextlib.AbstractContextManager:
     """While `solves` solves run at once, each caller's BLAS/LAPACK calls use its share of the
     cores (restored on exit).
@@ -545,7 +323,7 @@ def _cores_shared_by(solves: int) -> contextlib.AbstractContextManager:
     XLA's own thread pool is one per process and shared; the LAPACK behind `jnp.linalg` on
     CPU (observers' and conditions' SVDs, through SciPy's OpenBLAS) starts a pool per call
     with every core. Two solves calling it at once then run twice the threads the machine
-    has: on the 2-core machine of benchmarks/RESULTS.md the default preset's observers took
+    has: on the 2-core machine of docs/results.md the default preset's observers took
     2.3x as long as alone, and certify's two solves 1.9x.
     """
     try:
@@ -555,104 +333,135 @@ def _cores_shared_by(solves: int) -> contextlib.AbstractContextManager:
     return threadpoolctl.threadpool_limits(limits=max(1, cores // solves), user_api="blas")
 
 
-def _program(parts: tuple, carry_arrays: dict) -> tuple[Callable, dict[str, float]]:
+def _program(parts: tuple, carry: engine.Carry) -> tuple[Callable, dict[str, float]]:
     """The compiled engine program of a plan split by `engine.split` (cached), and the seconds
     spent tracing and compiling it (`trace_seconds`, `compile_seconds`; zero when cached)."""
     arrays, rebuild, key = parts
     program, trace, compile_ = engine.compiled(
-        ("solve", key), lambda: engine.solve_program(rebuild), arrays, carry_arrays,
+        ("solve", key), lambda: engine.solve_program(rebuild), arrays, carry,
         np.asarray(1, dtype=np.int32),  # segments per call: data, so any value compiles alike
     )
     return program, dict(trace_seconds=trace, compile_seconds=compile_)
 
 
-def _compile(setup: "_Setup", t0: float) -> dict[str, float]:
-    """Compile (or find cached) the engine program of `setup`'s plan; the seconds it took."""
-    parts = engine.split(setup.plan)
-    template = engine.carry_template(setup.plan, parts[2])
-    return _program(parts, engine.start(template, setup.y0, t0))[1]
+# An interactive solve (a progress bar, a checkpoint file, or a certify reference that may be
+# told to stop) is cut every this many steps, and runs as many of these chunks per call of its
+# program as take about `_CALL_SECONDS`: between calls the host draws progress, writes the
+# checkpoint and honours Ctrl-C. The cuts do not change the steps (see `gflow._engine`).
+_CHUNK_STEPS = 32
+_CALL_SECONDS = 0.25
+# An interactive solve's checkpoint is written at most this often (and at every transition, at
+# the end, and when interrupted), unless `checkpoint_steps` asks for every cut.
+_CHECKPOINT_SECONDS = 10.0
+
+
+def _plan(flow: GradientFlow, spec: SolveSpec, meter, interactive: bool) -> engine.Plan:
+    return spec.plan(flow, segment_steps=spec.checkpoint_steps or (
+        _CHUNK_STEPS if interactive else None), meter=meter)
+
+
+def _compile(flow: GradientFlow, spec: SolveSpec, meter, interactive: bool) -> dict[str, float]:
+    """Compile (or find cached) the engine program of `spec`; the seconds it took."""
+    plan = _plan(flow, spec, meter, interactive)
+    parts = engine.split(plan)
+    template = engine.carry_template(plan, parts[2])
+    return _program(parts, engine.start(template, flow.params, spec.t0))[1]
 
 
 class _Stopped(Exception):
     """The run a concurrent reference solve served has failed: the reference is abandoned."""
 
 
-def _integrate(
-    setup: "_Setup", *, t0: float, t1: float, max_steps: int, dt0, checkpoint_steps,
-    resume: bool, checkpoint: Path | None, progress: bool | str,
-    stop: threading.Event | None = None, bar_position: int = 0,
-    compile_seconds: dict[str, float] | None = None,
+def _snapshot(carry: engine.Carry, seconds: dict) -> Snapshot:
+    nonfinite = int(carry.status) == Status.NONFINITE
+    return Snapshot(carry, dict(seconds), float(carry.t),
+                    True if nonfinite else carry.nan_allowed())
+
+
+def _integrate(flow: GradientFlow, spec: SolveSpec, **options) -> Trajectory:
+    """`_integrate_as_given` under `spec.precision`: in its JAX scope (x64 off for
+    `"float32"`, the running thread's JAX configuration otherwise), on the flow and spec as that
+    policy holds them (float32 copies of the given float64 arrays under `"float32"`); the
+    `Trajectory` keeps the spec as given and records the precision in its stats."""
+    precision = spec.precision
+    with precision.scope():
+        traj = _integrate_as_given(precision.cast(flow), precision.cast(spec), **options)
+    return dataclasses.replace(traj, spec=spec, stats=traj.stats | precision.describe())
+
+
+def _integrate_as_given(
+    flow: GradientFlow, spec: SolveSpec, *, resume: bool, checkpoint: Path | None,
+    progress: bool | str, meter=None, stop: threading.Event | None = None,
+    bar_position: int = 0, compile_seconds: dict[str, float] | None = None,
+    interactive: bool | None = None,
 ) -> Trajectory:
-    """Run the engine on `setup` from `t0` (or from `checkpoint` with `resume`) to its end and
+    """Run the engine on `spec` from `t0` (or from `checkpoint` with `resume`) to its end and
     build the `Trajectory`: the one loop behind `solve` and its certify reference."""
-    plan, names, ts = setup.plan, setup.names, setup.ts
+    if interactive is None:
+        interactive = bool(progress) or checkpoint is not None or stop is not None
+    plan = _plan(flow, spec, meter, interactive)
     parts = engine.split(plan)
     arrays, _, key = parts
     template = engine.carry_template(plan, key)
-    digests = None if checkpoint is None else _fingerprint(setup, ts, t0, t1, checkpoint_steps)
-    carry = None
+    names = [tr.name for tr in spec.transitions]
+    digests = None if checkpoint is None else _fingerprint(flow, spec)
+    carry = engine.start(template, flow.params, spec.t0)
+    seconds = dict(trace_seconds=0.0, compile_seconds=0.0, run_seconds=0.0)
     if resume and checkpoint is not None and checkpoint.is_file():
-        carry = read_checkpoint(checkpoint, digests, engine.start(template, setup.y0, t0))
-    if carry is None:
-        carry = Carry(engine.start(template, setup.y0, t0),
-                      dict(trace_seconds=0.0, compile_seconds=0.0, run_seconds=0.0))
+        saved = read_checkpoint(checkpoint, digests, carry)
+        carry = saved.arrays
+        seconds = {k: saved.seconds.get(k, 0.0) for k in seconds}
     # Compiled before this call (certify compiles once for both solves): counted here.
-    carry = Carry(carry.arrays, {k: carry.seconds.get(k, 0.0) + (compile_seconds or {}).get(k, 0.0)
-                                 for k in ("trace_seconds", "compile_seconds", "run_seconds")})
-    # One segment per call when checkpointing or stoppable (the carry is written, or the stop
-    # checked, between calls), else the whole solve in one call: the same program either way.
-    one_at_a_time = checkpoint is not None or stop is not None
-    chunk = np.asarray(1 if one_at_a_time else engine.ALL_SEGMENTS, dtype=np.int32)
-    bar = FlowTimeBar(t0, t1, desc=progress if isinstance(progress, str) else None, names=names,
-                      position=bar_position)
+    for k, v in (compile_seconds or {}).items():
+        seconds[k] += v
+    # With `checkpoint_steps` every cut is written (one segment per call); otherwise the whole
+    # solve is one call, or, interactive, calls of about `_CALL_SECONDS` each.
+    every_cut = checkpoint is not None and spec.checkpoint_steps is not None
+    per_call = 1 if interactive else engine.ALL_SEGMENTS
+    bar = FlowTimeBar(spec.t0, spec.t1, desc=progress if isinstance(progress, str) else None,
+                      names=names, position=bar_position)
     program = None
+    written = -math.inf  # the first call's carry is written at once: Ctrl-C resumes from it
     with bar if progress else contextlib.nullcontext():
-        if progress:
-            bar.segment(carry.t, names[0] if names else "")
-        while int(carry.arrays["status"]) == engine.RUNNING:
+        while int(carry.status) == Status.RUNNING:
+            if progress:
+                index = int(carry.index)
+                bar.segment(float(carry.t), names[index] if index < len(names) else "")
             if stop is not None and stop.is_set():
                 raise _Stopped
-            seconds = dict(carry.seconds)
             if program is None:
-                program, spent = _program(parts, carry.arrays)
+                program, spent = _program(parts, carry)
                 seconds = {k: v + spent.get(k, 0.0) for k, v in seconds.items()}
             begin = time.perf_counter()
-            out = program(arrays, carry.arrays, chunk)
-            # What the host reads, in one transfer; the state stays where it is (the next
-            # call's input, the final model), and only a checkpoint copies it.
-            out = engine.to_host({k: v for k, v in out.items() if k != "y"}) | {"y": out["y"]}
-            seconds["run_seconds"] += time.perf_counter() - begin
-            carry = Carry(out, seconds)
-            if checkpoint is not None:
-                write_checkpoint(checkpoint, carry, digests)
+            index = int(carry.index)
+            out = program(arrays, carry, np.asarray(per_call, dtype=np.int32))
+            status = int(out.status)  # waits for the call
+            elapsed = time.perf_counter() - begin
+            seconds["run_seconds"] += elapsed
+            if interactive and not every_cut:
+                ran = max(int(out.segments) - int(carry.segments), 1)
+                per_call = int(min(max(_CALL_SECONDS * ran / max(elapsed, 1e-6), 1),
+                                   2 * per_call))
+            carry = out
+            if checkpoint is not None and (
+                    every_cut or status != Status.RUNNING or int(carry.index) != index
+                    or time.monotonic() - written > _CHECKPOINT_SECONDS):
+                write_checkpoint(checkpoint, _snapshot(carry, seconds), digests)
+                written = time.monotonic()
         if progress:
-            bar.segment(carry.t)
+            bar.segment(float(carry.t))
+    if interactive and spec.checkpoint_steps is None:
+        # The chunks a bar or a checkpoint file asked for are not the solve's segments (they do
+        # not change its steps): report the segments a solve without them has.
+        seconds = dict(seconds, segments=int(carry.starts))
+    return trajectory(carry, flow=flow, spec=spec, stats=seconds)
 
-    return engine.trajectory(
-        carry.arrays, flow=setup.flow, ts=ts, names=names, t0=t0, t1=t1, solver=plan.solver,
-        rtol=setup.rtol, atol=setup.atol, max_steps=int(max_steps),
-        dt0_given=dt0 is not None, stats=carry.seconds,
-    )
 
-
-def _fingerprint(setup: _Setup, ts, t0, t1, checkpoint_steps) -> dict[str, str]:
+def _fingerprint(flow: GradientFlow, spec: SolveSpec) -> dict[str, str]:
     """Digests of what determines a solve's result, to refuse resuming another problem."""
-    plan = setup.plan
-    settings = dict(
-        t0=t0, t1=t1, rtol=setup.rtol, atol=setup.atol, max_steps=plan.max_steps,
-        checkpoint_steps=checkpoint_steps, solver=solver_name(plan.solver),
-        # auto's DOP853 scales its error estimate; the name alone does not tell them apart.
-        error_scale=getattr(plan.solver, "error_scale", None),
-        gd_step=setup.flow.gd_step,
-        controller=type(plan.controller).__name__, transitions=setup.names,
-        controller_coefficients=[getattr(plan.controller, name, None)
-                                 for name in ("pcoeff", "icoeff", "dcoeff")],
-        directions=np.asarray(plan.directions), observers=sorted(setup.observers),
-        terminal=np.asarray(plan.terminal),
-    )
     return fingerprint(
-        initial_state=setup.y0, data=setup.flow.data, save_times=ts,
-        settings=list(settings.items()),
+        initial_state=flow.params, data=flow.data, save_times=spec.ts,
+        settings=list((spec.settings() | dict(gd_step=flow.gd_step)).items()),
     )
 
 

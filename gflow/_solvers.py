@@ -30,7 +30,7 @@ _SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
 
 SOLVER_NAMES: tuple[str, ...] = ("auto",) + tuple(_SOLVERS)
 
-# `"auto"` takes DOP853 below this rtol and Tsit5 from it up. Measured (benchmarks/RESULTS.md,
+# `"auto"` takes DOP853 below this rtol and Tsit5 from it up. Measured (docs/results.md,
 # "The auto solver's choice"): at matched trajectory error Tsit5 needs fewer gradient evaluations
 # than DOP853 down to errors of about 1e-8 on the deep-linear flow and 1e-10 on the co-occurrence
 # flow (where Tsit5 at rtol 1e-8 already reaches 4e-11); DOP853 needs fewer below.
@@ -121,22 +121,23 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | No
 
 
 def vector_field_evaluations(
-    solver: diffrax.AbstractSolver, num_steps: int, segments: int, dt0_given: bool
+    solver: diffrax.AbstractSolver, num_steps: int, starts: int
 ) -> int | None:
-    """Vector-field evaluations of a solve of `segments` segments taking `num_steps` steps.
+    """Vector-field evaluations of a solve taking `num_steps` steps, started afresh `starts`
+    times (at `t0` and after each transition; a cut continues the steps of the last segment
+    and pays nothing).
 
-    Each segment of a first-same-as-last method pays one fresh first stage. diffrax's
+    Each fresh start of a first-same-as-last method pays one fresh first stage. diffrax's
     initial-step heuristic costs nothing: in diffrax 0.7 it only runs for a bare `ODETerm`,
-    `diffeqsolve` hands the controller a wrapped term, and the first step is 0.01 (checked
-    against a host-callback counter in tests/test_solvers.py and benchmarks/RESULTS.md). The
-    count is short by one for each rejected *first* attempt of a segment (diffrax keeps the
-    solver state of a rejected step, so the retry evaluates the first stage again; the stats do
-    not say how many there were): exact in most solves, at most a few short. `None` for
-    implicit solvers (see `evaluations_per_step`).
+    `diffeqsolve` hands the controller a wrapped term (the engine does as it does), and the
+    first step is 0.01 (checked against a host-callback counter in tests/test_solvers.py and
+    docs/results.md). The count is short by one for each rejected *first* attempt of a
+    start (diffrax keeps the solver state of a rejected step, so the retry evaluates the first
+    stage again; the stats do not say how many there were): exact in most solves, at most a
+    few short. `None` for implicit solvers (see `evaluations_per_step`).
     """
-    del dt0_given  # the same count with or without dt0 (see above)
     per_step = evaluations_per_step(solver)
     if per_step is None:
         return None
     evals, first_extra = per_step
-    return segments * first_extra + evals * num_steps
+    return starts * first_extra + evals * num_steps

@@ -42,6 +42,7 @@ similar difficulty together (e.g. sweep seeds at one `eps`) for the best through
 """
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -61,19 +62,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jaxtyping import ArrayLike, Float
 
+from . import _engine as engine
+from ._precision import Precision
 from ._errors import InputError
 from ._flow import GradientFlow
-from ._grids import log_grid
-from . import _engine as engine
-from ._solve import (
-    _DEFAULT_SAVE_POINTS,
-    Transition,
-    _controller_alias,
-    _prepare as _solve_prepare,
-    _resolve_ts,
-)
+from ._results import member_stats, outcome, trajectory
 from ._scaling import ScalingLaw
-from ._solvers import make_solver, solver_name
+from ._solve import checked_flow
+from ._solvers import solver_name
+from ._spec import (
+    DEFAULT_ICOEFF, DEFAULT_MAX_STEPS, DEFAULT_PCOEFF, DEFAULT_RTOL,
+    DEFAULT_SOLVER, SolveSpec, Transition,
+)
 from ._stats import fit_line
 from ._trajectory import (
     Trajectory,
@@ -82,6 +82,8 @@ from ._trajectory import (
     _json_ready,
     atomic_write_bytes,
     package_versions,
+    remove_stale,
+    write_manifest,
 )
 
 
@@ -91,6 +93,8 @@ SWEEP_FILE = "sweep.json"
 MEMBERS_FILE = "members.csv"
 # Final observables up to this many numbers go into sweep.json (matrices would swamp it).
 _MAX_JSON_OBSERVABLE_SIZE = 64
+# ... and into members.csv up to this many (one column each).
+_MAX_CSV_OBSERVABLE_SIZE = 8
 _RESERVED_AXES = ("status", "t_final", "steps")
 
 
@@ -98,10 +102,10 @@ _RESERVED_AXES = ("status", "t_final", "steps")
 # One member's whole solve: the engine's `run`, then the observers at the final state
 
 
-def _member_solve(plan: engine.Plan, carry: dict, final_observers: dict) -> dict:
+def _member_solve(plan: engine.Plan, carry: engine.Carry, final_observers: dict) -> dict:
     """`gflow.solve`'s engine run for one member, plus the observables at its end."""
     c = engine.run(plan, carry, engine.ALL_SEGMENTS)
-    return dict(carry=c, final=engine.observe(plan.flow, final_observers, c["y"]))
+    return dict(carry=c, final=engine.observe(plan.flow, final_observers, c.y))
 
 
 def _group(keys: list) -> list[list[int]]:
@@ -223,6 +227,7 @@ class SweepMember(eqx.Module):
         timings are per group, in `Sweep.groups`.
     - `group`: index into `Sweep.groups` of the compiled program that ran this member.
     - `trajectory`: the full `Trajectory` when the sweep kept trajectories, else `None`.
+    - `spec`: the `gflow.SolveSpec` the member ran.
     """
 
     point: dict[str, Any]
@@ -234,11 +239,32 @@ class SweepMember(eqx.Module):
     stats: dict[str, Any]
     group: int
     trajectory: Trajectory | None = None
+    spec: SolveSpec | None = None
 
     @property
     def completed(self) -> bool:
         """Whether the member's solve reached `t1`."""
         return self.status == "completed"
+
+
+def member_summary(m: SweepMember) -> dict[str, Any]:
+    """One member's entry of `sweep.json` (JSON-ready; final observables with more than 64
+    numbers are left out)."""
+    final = {
+        name: value
+        for name, value in _flat_names(m.final).items()
+        if np.size(value) <= _MAX_JSON_OBSERVABLE_SIZE
+    }
+    return _json_ready(dict(
+        point=m.point,
+        status=m.status,
+        message=m.message,
+        t_final=m.t_final,
+        transitions=m.transitions,
+        stats=m.stats,
+        group=m.group,
+        final={k: np.asarray(v, dtype=float).tolist() for k, v in final.items()},
+    ))
 
 
 class ScalingFit(eqx.Module):
@@ -339,7 +365,8 @@ class Sweep(eqx.Module):
     - `groups`: one dict per compiled program: `members` (indices), `size`, `batch`
         (`"map"`, `"vmap"` or `"loop"`), `devices` (over all processes), `processes`,
         `compile_seconds`, `run_seconds`.
-    - `t0`, `t1`, `solver`, `rtol`: the shared settings.
+    - `t0`, `t1`, `solver`, `rtol`: the shared settings (`rtol` the step-size controller's, as
+        `Trajectory.rtol`).
     """
 
     axes: dict[str, tuple]
@@ -353,6 +380,30 @@ class Sweep(eqx.Module):
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def __repr__(self) -> str:
+        from ._export import sweep_repr
+
+        return sweep_repr(self)
+
+    def _repr_html_(self) -> str:
+        from ._export import sweep_html
+
+        return sweep_html(self)
+
+    def to_pandas(self):
+        """`table()` as a `pandas.DataFrame`, one row per member (needs `pip install
+        gflow[xarray]`).
+
+        **Returns:**
+
+        A `pandas.DataFrame` with the swept axes, `status`, each transition time (`nan` if
+        not reached), `t_final`, `steps` and the final observables (`final_<name>`, see
+        `table`).
+        """
+        from ._export import sweep_to_pandas
+
+        return sweep_to_pandas(self)
 
     def __iter__(self) -> Iterator[SweepMember]:
         return iter(self.members)
@@ -370,38 +421,31 @@ class Sweep(eqx.Module):
 
     def table(self) -> list[dict[str, Any]]:
         """One row per member: its point, status, every transition time (`nan` if not
-        reached), `t_final` and steps."""
+        reached), `t_final`, steps, and the final observables of at most 8 numbers:
+        `final_<name>` for a scalar, `final_<name>_<k>` for the k-th entry of a vector (`nan`
+        where a member lacks one)."""
         names = self.transition_names
+        finals = [
+            {f"final_{name}" + (f"_{k}" if np.ndim(value) else ""): float(x)
+             for name, value in _flat_names(m.final).items()
+             if np.size(value) <= _MAX_CSV_OBSERVABLE_SIZE
+             for k, x in enumerate(np.ravel(np.asarray(value, dtype=float)))}
+            for m in self.members
+        ]
+        columns = dict.fromkeys(c for final in finals for c in final)
         return [
             dict(m.point)
             | dict(status=m.status)
             | {name: m.transitions.get(name, math.nan) for name in names}
             | dict(t_final=m.t_final, steps=m.stats["num_steps"])
-            for m in self.members
+            | {c: final.get(c, math.nan) for c in columns}
+            for m, final in zip(self.members, finals)
         ]
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready content of `sweep.json` (non-finite numbers as `null`); final
         observables with more than 64 numbers are left out."""
-        members = []
-        for m in self.members:
-            final = {
-                name: value
-                for name, value in _flat_names(m.final).items()
-                if np.size(value) <= _MAX_JSON_OBSERVABLE_SIZE
-            }
-            members.append(
-                dict(
-                    point=m.point,
-                    status=m.status,
-                    message=m.message,
-                    t_final=m.t_final,
-                    transitions=m.transitions,
-                    stats=m.stats,
-                    group=m.group,
-                    final={k: np.asarray(v, dtype=float).tolist() for k, v in final.items()},
-                )
-            )
+        members = [member_summary(m) for m in self.members]
         return _json_ready(
             dict(
                 axes={k: list(v) for k, v in self.axes.items()},
@@ -439,7 +483,22 @@ class Sweep(eqx.Module):
         The directory's path.
         """
         path = Path(path)
+        if os.path.lexists(path) and not path.is_dir():
+            raise InputError(f"cannot save the sweep to {path}: it exists and is not a "
+                             "directory")
         path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._save(path, extra, fits)
+        except OSError as e:
+            e.add_note(f"gflow: this Sweep is intact in memory: call its save() again (into "
+                       f"{path} once it has room, or elsewhere)")
+            raise
+        return path
+
+    def _save(self, path: Path, extra, fits) -> None:
+        # The directory's manifest lists what gflow wrote there: figures of an earlier save
+        # that this one does not redraw are removed, a user's files are not.
+        write_manifest(path)
         extra = dict(extra or {}) | ({"fits": [f.summary() for f in fits]} if fits else {})
         summary = self.summary() | _json_ready(extra)
         text = json.dumps(summary, indent=2, default=_json_default, allow_nan=False)
@@ -451,13 +510,14 @@ class Sweep(eqx.Module):
         for row in rows:
             writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
         atomic_write_bytes(path / MEMBERS_FILE, buffer.getvalue().encode())
-        for fit in fits:
+        names = [f"figures/{fit.transition}_vs_{fit.against}".replace("/", "__")
+                 .replace("figures__", "figures/", 1) + ".png" for fit in fits]
+        remove_stale(path, set(names), among=lambda name: name.startswith("figures/"))
+        for fit, name in zip(fits, names):
             (path / "figures").mkdir(exist_ok=True)
             buffer = io.BytesIO()
             plot_fit(fit, self).savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-            name = f"{fit.transition}_vs_{fit.against}".replace("/", "__")
-            atomic_write_bytes(path / "figures" / f"{name}.png", buffer.getvalue())
-        return path
+            atomic_write_bytes(path / name, buffer.getvalue())
 
     def fit(
         self,
@@ -579,13 +639,11 @@ def plot_fit(fit: ScalingFit, sweep: "Sweep | None" = None):
         basis = f"\n({fit.basis})" if fit.basis else ""
         ax.plot(grid, expected, "--", color="tab:blue", lw=1.2,
                 label=f"theory: {what} {fit.expected:.4g}{basis}")
-    from .plot import _plain_log_ticks
+    from .figures import log_x_axis, log_y_axis
 
-    ax.set_xscale("log")
-    _plain_log_ticks(ax.xaxis)
+    log_x_axis(ax, fit.x)
     if fit.law == "power":
-        ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis)
+        log_y_axis(ax, fit.y)
     ax.set_xlabel(f"{fit.against} (log scale)")
     ax.set_ylabel(f"time of {fit.transition}" + (" (log scale)" if fit.law == "power" else ""))
     law = "T = A x^k" if fit.law == "power" else "T = a + k ln(1/x)"
@@ -607,7 +665,7 @@ def _axes(over: Mapping[str, Sequence]) -> dict[str, list]:
     for name, values in over.items():
         if not isinstance(name, str) or not name:
             raise InputError(f"axis names must be non-empty strings, got {name!r}")
-        if name in _RESERVED_AXES:
+        if name in _RESERVED_AXES or name.startswith("final_"):
             raise InputError(f"{name!r} cannot name an axis: it is a column of Sweep.table()")
         if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
             raise InputError(f"axis {name!r} must be a sequence of values, got {values!r}")
@@ -655,25 +713,21 @@ def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
         getattr(built, "transitions", None) or ()
     )
 
-def _prepare(
-    flow, observers, transitions, *, t0, t1, solver, rtol, atol, ts, max_steps, dt0,
-    stepsize_controller, keep_trajectories,
-) -> tuple[tuple, dict]:
-    """`_member_solve`'s arguments for one member, prepared by `gflow.solve`'s own `_prepare`,
-    and the host-side facts needed to report it."""
-    all_observers = {"loss": flow.loss} | dict(observers or {})
-    # Without trajectories only the final state is observed: the segments save the loss once.
-    saved = all_observers if keep_trajectories else {"loss": all_observers["loss"]}
-    setup = _solve_prepare(
-        flow, t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, observers=saved,
-        transitions=transitions, max_steps=max_steps, dt0=dt0,
-        stepsize_controller=stepsize_controller, ts=ts,
-    )
-    final = {"loss": setup.flow.loss} | dict(observers or {})
-    _, _, plan_key = engine.split(setup.plan)
-    template = engine.carry_template(setup.plan, plan_key)
-    args = (setup.plan, engine.start(template, setup.y0, t0), final)
-    return args, dict(setup=setup)
+def _prepare(flow: GradientFlow, spec: SolveSpec, keep_trajectories: bool) -> tuple[tuple, dict]:
+    """`_member_solve`'s arguments for one member's `spec`, and what is needed to report it."""
+    flow = checked_flow(flow)
+    precision = spec.precision
+    with precision.scope():
+        # Under "float32" the member runs on float32 copies of its float64 init and data.
+        run_flow, run_spec, observers = precision.cast((flow, spec, spec.with_loss(flow)))
+        # Without trajectories only the final state is observed: the segments save the loss
+        # once.
+        plan = run_spec.plan(run_flow, observers if keep_trajectories
+                             else {"loss": observers["loss"]})
+        _, _, plan_key = engine.split(plan)
+        template = engine.carry_template(plan, plan_key)
+        args = (plan, engine.start(template, run_flow.params, spec.t0), observers)
+    return args, dict(flow=flow, spec=spec)
 
 
 def sweep(
@@ -684,11 +738,11 @@ def sweep(
     mode: str = "grid",
     batch: str = "auto",
     t0: float = 0.0,
-    solver: str | diffrax.AbstractSolver = "auto",
-    rtol: float = 1e-8,
+    solver: str | diffrax.AbstractSolver = DEFAULT_SOLVER,
+    rtol: float = DEFAULT_RTOL,
     atol: float | None = None,
     ts: ArrayLike | None = None,
-    max_steps: int = 100_000,
+    max_steps: int = DEFAULT_MAX_STEPS,
     dt0: float | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     observers: Mapping[str, Callable] | None = None,
@@ -696,6 +750,10 @@ def sweep(
     keep_trajectories: bool = False,
     callback: Callable[[int, SweepMember], None] | None = None,
     controller: diffrax.AbstractStepSizeController | None = None,
+    pcoeff: float = DEFAULT_PCOEFF,
+    icoeff: float = DEFAULT_ICOEFF,
+    spec: SolveSpec | None = None,
+    precision: "str | Precision" = "float64",
 ) -> Sweep:
     """Solve the gradient flows of many points at once and collect their stage times.
 
@@ -712,7 +770,13 @@ def sweep(
         local devices, or every process's after `jax.distributed.initialize` (module notes).
     - `t0`, `solver`, `rtol`, `atol`, `ts`, `max_steps`, `dt0`, `stepsize_controller`: as
         `gflow.solve`, for every member (`atol=None` is scaled to each member's own init);
-        `controller` is an alias of `stepsize_controller`.
+        `controller` is an alias of `stepsize_controller`; `pcoeff`, `icoeff` the default
+        controller's PID coefficients. Each member runs the `gflow.SolveSpec` that
+        `gflow.solve(flow, t1, **these)` would (`SweepMember.spec`).
+    - `spec`: instead of those options, one `gflow.SolveSpec` for every member (its `atol` is
+        then shared); the problem's own observers and transitions are added to it.
+    - `precision`: as `gflow.solve`'s, for every member (each member's `rtol` floor is measured
+        on its own init; under `"float32"` each member runs on float32 copies of its init).
     - `observers`, `transitions`: added after the problem's own (if `make_flow` returns one).
     - `keep_trajectories`: keep each member's full `Trajectory` (observables at the save times
         `ts`, default a 200-point log grid); otherwise only observables at the final state.
@@ -730,42 +794,48 @@ def sweep(
     if batch not in BATCH_MODES:
         raise InputError(f"batch must be one of {', '.join(BATCH_MODES)}, got {batch!r}")
     points = sweep_points(over, mode)
-    t0, t1 = float(t0), float(t1)
-    solver = make_solver(solver, rtol)
-    if ts is None:
-        ts = log_grid(t0, t1, _DEFAULT_SAVE_POINTS) if keep_trajectories else np.asarray([t1])
-    ts = _resolve_ts(ts, t0, t1)
+    if spec is not None and not isinstance(spec, SolveSpec):
+        raise InputError(f"spec must be a gflow.SolveSpec, got {type(spec).__name__}")
+    if ts is None and not keep_trajectories:
+        ts = [t1]  # only the final state is observed
     batch = _default_batch() if batch == "auto" else batch
 
-    stepsize_controller = _controller_alias(stepsize_controller, controller)
-    all_args, infos = [], []
+    all_args, infos, models = [], [], []
     for point in points:
         flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
-        args, info = _prepare(
-            flow,
-            own_observers | dict(observers or {}),
-            own_transitions + tuple(transitions),
-            t0=t0, t1=t1, solver=solver, rtol=rtol, atol=atol, ts=ts, max_steps=max_steps,
-            dt0=dt0, stepsize_controller=stepsize_controller,
-            keep_trajectories=keep_trajectories,
-        )
+        models.append(flow.model)
+        if spec is None:
+            member_spec = SolveSpec.from_options(
+                flow, t1, t0=t0, solver=solver, rtol=rtol, atol=atol, ts=ts,
+                observers=own_observers | dict(observers or {}),
+                transitions=own_transitions + tuple(transitions), max_steps=max_steps,
+                dt0=dt0, stepsize_controller=stepsize_controller, controller=controller,
+                pcoeff=pcoeff, icoeff=icoeff, precision=precision,
+            )
+        else:
+            member_spec = dataclasses.replace(
+                spec, observers=own_observers | dict(spec.observers),
+                transitions=own_transitions + tuple(spec.transitions))
+        args, info = _prepare(flow, member_spec, keep_trajectories)
         all_args.append(args)
         infos.append(info)
 
+    _check_shared_observers(spec.observers if spec is not None else observers, models)
     splits = [engine.split(args) for args in all_args]
     groups = _group([key for _, _, key in splits])
     if jax.process_count() > 1:
         _check_same_groups(groups, all_args)
 
+    first = infos[0]["spec"]
     members: list[SweepMember | None] = [None] * len(points)
     group_infos = []
     for g, indices in enumerate(groups):
         _, rebuild, key = splits[indices[0]]
-        outputs, info = _run_group([all_args[i] for i in indices], key, rebuild, batch)
+        with infos[indices[0]]["spec"].precision.scope():
+            outputs, info = _run_group([all_args[i] for i in indices], key, rebuild, batch)
         group_infos.append(dict(members=list(indices)) | info)
         for i, out in zip(indices, outputs):
-            members[i] = _member(points[i], infos[i], out, g, t0, t1, int(max_steps), dt0,
-                                 keep_trajectories)
+            members[i] = _member(points[i], infos[i], out, g, keep_trajectories)
             if callback is not None:
                 callback(i, members[i])
     return Sweep(
@@ -773,11 +843,53 @@ def sweep(
         mode=mode,
         members=tuple(members),
         groups=tuple(group_infos),
-        t0=t0,
-        t1=t1,
-        solver=solver_name(solver),
-        rtol=float(rtol),
+        t0=first.t0,
+        t1=first.t1,
+        solver=solver_name(first.solver),
+        rtol=first.rtol,
     )
+
+def _held_arrays(fn, depth: int = 0) -> list[np.ndarray]:
+    """The arrays an observer holds: its module fields' and, for a function, those of the
+    variables it closes over (one level of nesting)."""
+    arrays = [np.asarray(x) for x in jtu.tree_leaves(eqx.filter(fn, eqx.is_array))]
+    if depth < 2:
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(value):
+                arrays += _held_arrays(value, depth + 1)
+            else:
+                arrays += [np.asarray(x) for x in jtu.tree_leaves(eqx.filter(value, eqx.is_array))]
+    return arrays
+
+
+def _digest(x: np.ndarray) -> tuple:
+    return (x.shape, str(x.dtype), zlib.crc32(np.ascontiguousarray(x).tobytes()))
+
+
+def _check_shared_observers(observers: Mapping[str, Callable] | None, models: list) -> None:
+    """`sweep(observers=...)` are shared by every member: one holding a member's own initial
+    arrays (e.g. `observers.relative_change(where, initial_model)` built from one member's
+    model) would compare every other member with that one. Refused in one line that says how
+    to give each member its own: from `make_flow`."""
+    if not observers or len(models) < 2:
+        return
+    per_member = [{_digest(np.asarray(x)) for x in jtu.tree_leaves(eqx.filter(m, eqx.is_array))}
+                  for m in models]
+    everywhere = set.intersection(*per_member)
+    for name, obs in observers.items():
+        for x in _held_arrays(obs):
+            d = _digest(x)
+            if d not in everywhere and any(d in member for member in per_member):
+                raise InputError(
+                    f"observer {name!r} holds an array of one member's model (an initial "
+                    "model?) and would compare every member with that one: build it in "
+                    "make_flow from the member's own model and return it there, e.g. "
+                    "SimpleNamespace(flow=flow, observers={...})")
+
 
 def _check_same_groups(groups: list[list[int]], all_args: list[tuple]) -> None:
     """Every process must run the same programs on arrays of the same shapes, in the same
@@ -792,18 +904,14 @@ def _check_same_groups(groups: list[list[int]], all_args: list[tuple]) -> None:
             "make_flow built different members (groups or array shapes) on different processes"
         ) from None
 
-def _member(point, info, out, group, t0, t1, max_steps, dt0, keep_trajectories) -> SweepMember:
+def _member(point, info, out, group, keep_trajectories) -> SweepMember:
     """A `SweepMember` (and its `Trajectory`) from the program's outputs for one member."""
-    setup = info["setup"]
-    carry, solver = out["carry"], setup.plan.solver
-    done = engine.outcome(carry, setup.names, max_steps)
-    trajectory = None
+    spec = info["spec"]
+    carry = out["carry"]
+    done = outcome(carry, [tr.name for tr in spec.transitions], spec.max_steps)
+    traj = None
     if keep_trajectories:
-        trajectory = engine.trajectory(
-            carry, flow=setup.flow, ts=setup.ts, names=setup.names, t0=t0, t1=t1,
-            solver=solver, rtol=setup.rtol, atol=setup.atol, max_steps=max_steps,
-            dt0_given=dt0 is not None,
-        )
+        traj = trajectory(carry, flow=info["flow"], spec=spec)
     return SweepMember(
         point=dict(point),
         status=done["status"],
@@ -811,7 +919,8 @@ def _member(point, info, out, group, t0, t1, max_steps, dt0, keep_trajectories) 
         transitions=done["transitions"],
         final=jtu.tree_map(np.asarray, out["final"]),
         t_final=done["t_final"],
-        stats=engine.member_stats(done, solver, dt0 is not None, carry.get("work")),
+        stats=member_stats(done, spec.solver),
         group=group,
-        trajectory=trajectory,
+        trajectory=traj,
+        spec=spec,
     )

@@ -24,15 +24,20 @@ prints and writes the sweep directory.
 """
 
 import argparse
+import json
 import math
 import re
 import sys
-import time
+import warnings
 from pathlib import Path
 
+from . import _rundir
 from ._cli import (
     EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
     EXIT_INTERRUPTED,
+    _quiet_stdout,
+    _show_warning,
     _DeferredInterrupt,
     _exit_interrupted,
     check_writable,
@@ -43,6 +48,9 @@ from ._cli import (
     _select_platform,
 )
 from ._errors import InputError
+from ._trajectory import _json_default
+
+SWEEP_FILE = "sweep.json"
 
 # A range of integers `a:b` (b excluded, as Python's range).
 _RANGE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
@@ -66,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--zip", action="store_true",
                    help="read the --over axes in parallel (equal lengths) instead of a grid")
     p.add_argument("--out", help="sweep directory (default runs/<preset>-sweep-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the sweep already in --out (the files it wrote, listed in its "
+                   "manifest; nothing else)")
     p.add_argument("--t1", type=float, help="end time (solve.t1)")
     p.add_argument("--rtol", type=float, help="relative tolerance (solve.rtol)")
     p.add_argument("--atol", type=float, help="absolute tolerance (solve.atol)")
@@ -198,25 +209,96 @@ def _initialize_distributed(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    with _DeferredInterrupt():
+    session = _SweepSession()
+    # Warnings as one line each, like errors (a failing member's included).
+    with warnings.catch_warnings(), _DeferredInterrupt():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
         try:
-            return _run(args)
+            return _run(args, session)
         except InputError as e:
             print(f"gflow: error: {e}", file=sys.stderr)
+            session.abandon()
             return EXIT_BAD_INPUT
+        except OSError as e:
+            _quiet_stdout()
+            print(f"gflow: error: {session.os_error_message(e)}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
         except KeyboardInterrupt:
-            # A sweep writes its directory only at the end: there is nothing to resume.
-            print("gflow: interrupted; the sweep wrote nothing", file=sys.stderr)
+            print(f"gflow: interrupted; {session.kept_message()}", file=sys.stderr)
             if argv is None:
                 _exit_interrupted()
             return EXIT_INTERRUPTED
+        finally:
+            session.release()
+
+
+# Each member's result, one JSON line as it arrives: a sweep stopped before its sweep.json is
+# written (a full disk, Ctrl-C) keeps every member it computed.
+MEMBERS_LOG = "members.jsonl"
+
+
+class _SweepSession:
+    """The sweep directory's claim, and the members' results written as they arrive."""
+
+    def __init__(self):
+        self.claim = None
+        self.kept = 0
+        self.size = 0  # bytes of the log written whole
+        self.pending: list[str] = []  # lines not written yet (the disk was full)
+
+    def keep(self, index: int, member) -> None:
+        from ._sweep import member_summary
+
+        if self.claim is None:
+            return
+        line = json.dumps(dict(index=index) | member_summary(member), allow_nan=False,
+                          default=_json_default)
+        self.pending.append(line)
+        path = self.claim.directory / MEMBERS_LOG
+        try:
+            self.size = _rundir.append_line(path, "\n".join(self.pending), at=self.size)
+        except OSError:
+            return  # kept in memory; written with sweep.json, or reported
+        self.kept += len(self.pending)
+        self.pending = []
+
+    def kept_message(self) -> str:
+        if self.claim is None or not self.kept:
+            return "the sweep wrote no result"
+        return (f"the results of {self.kept} member(s) are in "
+                f"{self.claim.directory / MEMBERS_LOG} (one JSON object a line)")
+
+    def os_error_message(self, e: OSError) -> str:
+        line = _rundir.describe_os_error(e)
+        if self.claim is None:
+            return line
+        if (self.claim.directory / SWEEP_FILE).is_file():
+            return f"{line}; every member's result is in {self.claim.directory / SWEEP_FILE}"
+        return f"{line}; {self.kept_message()}"
+
+    def finished(self) -> None:
+        """sweep.json holds every member: the log has served."""
+        _rundir.remove(self.claim.directory / MEMBERS_LOG)
+        self.claim.set_state("finished")
+
+    def abandon(self) -> None:
+        if self.claim is not None and not (self.claim.directory / MEMBERS_LOG).exists():
+            _rundir.clear(self.claim.directory)
+            self.claim.abandon()
+            self.claim = None
+
+    def release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
 
 def _key(point: dict) -> tuple:
     return tuple(repr(v) for v in point.values())
 
 
-def _run(args) -> int:
+def _run(args, session: _SweepSession) -> int:
     import jax
 
     from . import presets
@@ -234,10 +316,6 @@ def _run(args) -> int:
         if value is not None:
             overrides.append(f"solve.{flag}={value!r}" if flag == "solver" else f"solve.{flag}={value}")
     base = presets.resolve(args.config, overrides)
-    if base.solve.x32:
-        raise InputError(
-            "solve.x32: sweeps run in float64 only (float32 is python -m gflow.solve's)"
-        )
     fields = set(base.config.get("problem", {})) - {"kind"}
     literals: dict[str, list[str]] = {}
     for item in args.over:
@@ -258,11 +336,16 @@ def _run(args) -> int:
                          "to run it")
     if args.out is not None and not args.out:
         raise InputError("--out is empty: give a directory")
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"{base.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    # Before any member is built or solved: a sweep must not lose its results at the end.
+    out = Path(args.out) if args.out else None
+    # Before any member is built or solved: a sweep must not lose its results at the end, nor
+    # write over a directory that is not its own (the rules of a run directory: gflow._rundir).
     if jax.process_index() == 0:
-        check_writable(out)
+        if out is not None:
+            check_writable(out)
+            _rundir.check_new(out, overwrite=args.overwrite, kind="sweep",
+                              finished_file=SWEEP_FILE, resume_hint=False)
+        else:
+            check_writable(Path("runs"), flag="the default output directory")
     if not args.quiet and jax.process_index() == 0:
         print(f"sweep       {count} member(s) of {base.name} over {', '.join(literals)}",
               flush=True)
@@ -277,21 +360,36 @@ def _run(args) -> int:
 
     # Process 0 alone prints and writes; every process returns the same result.
     lead = jax.process_index() == 0
-    bad_out = lead and out.exists() and not out.is_dir()
+    refusal = ""
+    if lead:
+        try:  # the directory is taken (and checked again) under its lock
+            if out is not None:
+                session.claim = _rundir.claim(out, kind="sweep", overwrite=args.overwrite,
+                                              finished_file=SWEEP_FILE, resume_hint=False)
+            else:
+                session.claim = _rundir.claim_default(Path("runs"), f"{base.name}-sweep",
+                                                      kind="sweep")
+            out = session.claim.directory
+        except InputError as e:
+            refusal = str(e)
     if jax.process_count() > 1:
         # Process 0's verdict for all: a process that stopped alone would leave the others
         # waiting in the sweep's collectives.
         from jax.experimental import multihost_utils
 
-        bad_out = bool(multihost_utils.broadcast_one_to_all(bad_out))
-    if bad_out:
-        raise InputError(f"--out {out} exists and is not a directory")
+        refused = bool(multihost_utils.broadcast_one_to_all(bool(refusal)))
+        if refused and not refusal:
+            refusal = "process 0 could not take the sweep directory"
+    if refusal:
+        raise InputError(refusal)
 
     settings = base.solve
     total = len(sweep_points(axes, mode))
     quiet = args.quiet or not lead
 
     def progress(index: int, member) -> None:
+        if lead:
+            session.keep(index, member)
         if quiet:
             return
         point = " ".join(f"{k}={v!r}" for k, v in member.point.items())
@@ -305,11 +403,8 @@ def _run(args) -> int:
         settings.t1,
         mode=mode,
         batch=args.batch,
-        t0=settings.t0,
-        solver=settings.solver,
-        rtol=settings.rtol,
-        atol=settings.atol,
-        max_steps=settings.max_steps,
+        # The options a solve of this config runs with (PI control included): the same spec.
+        **{k: v for k, v in presets.solve_options(settings).items() if k != "checkpoint_steps"},
         callback=progress,
     )
     failed = [m for m in result.members if not m.completed]
@@ -343,6 +438,7 @@ def _run(args) -> int:
                          f"{len(fit.x)} values, {fit.excluded} member(s) excluded")
     result.save(out, extra=dict(preset=base.name, config=base.config, batch=args.batch),
                 fits=fits)
+    session.finished()
 
     if not quiet:
         compile_s = sum(g["compile_seconds"] for g in result.groups)

@@ -4,28 +4,31 @@ No JAX at import: `python -m gflow.plot` reads and draws a run directory with nu
 matplotlib alone (importing JAX is most of a plot command's time otherwise).
 """
 
-import contextlib
 import dataclasses
 import io
 import json
 import math
 import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._defaults import TIME_AXES
 from ._errors import InputError
 from ._prediction import Prediction
+from ._rundir import atomic_write_bytes, remove_stale, write_manifest  # noqa: F401 (re-exported)
 
 
 TRAJECTORY_FILE = "trajectory.npz"
 SUMMARY_FILE = "summary.json"
 AT_TRANSITIONS_FILE = "transitions.npz"
 FINAL_FILE = "final.eqx"
+# trajectory.npz stores the names of an observable's components beside it, under this prefix
+# (a string array; files written before it have none, and read as before).
+COMPONENTS_PREFIX = "components::"
 
 _VERSIONED = ("gflow", "jax", "jaxlib", "diffrax", "equinox", "optax", "numpy")
 
@@ -41,28 +44,47 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _escape(key) -> str:
+    """One level of an observable's name as it appears in a flattened name: `/` joins levels,
+    so a `/` (and the escape character `%`) inside a key is percent-encoded: `{"a/b": x}` and
+    `{"a": {"b": y}}` stay two observables, `a%2Fb` and `a/b`."""
+    return str(key).replace("%", "%25").replace("/", "%2F")
+
+
+def _unescape(part: str) -> str:
+    return part.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
+
+
 def _flat_names(tree) -> dict[str, np.ndarray]:
-    """`{"a/b": leaf}` for a (nested) dict or other pytree of arrays."""
+    """`{"a/b": leaf}` for a (nested) dict or other pytree of arrays (keys escaped, see
+    `_escape`); two leaves of one name are an `InputError`."""
+    flat: dict[str, np.ndarray] = {}
+
+    def put(name: str, value) -> None:
+        if name in flat:
+            raise InputError(f"two observables are both named {name!r} once flattened: "
+                             "rename one")
+        flat[name] = value
+
     if _nested_dicts_of_arrays(tree):
         # A loaded run's observables, without JAX; other pytrees need it.
-        flat = {}
         for key, value in tree.items():
             if isinstance(value, dict):
-                flat.update({f"{key}/{k}": v for k, v in _flat_names(value).items()})
+                for k, v in _flat_names(value).items():
+                    put(f"{_escape(key)}/{k}", v)
             else:
-                flat[key] = np.asarray(value)
+                put(_escape(key), np.asarray(value))
         return flat
     import jax.tree_util as jtu
 
-    flat = {}
     for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
         parts = []
         for key in path:
             for attr in ("key", "name", "idx"):
                 if hasattr(key, attr):
-                    parts.append(str(getattr(key, attr)))
+                    parts.append(_escape(getattr(key, attr)))
                     break
-        flat["/".join(parts)] = np.asarray(leaf)
+        put("/".join(parts), np.asarray(leaf))
     return flat
 
 
@@ -73,13 +95,19 @@ def _nested_dicts_of_arrays(tree) -> bool:
                else isinstance(v, (np.ndarray, np.generic, float, int)) for v in tree.values())
 
 
-def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+def _nest(flat: dict[str, np.ndarray], where: str = "") -> dict[str, Any]:
+    """`_flat_names` undone; a name that is both a leaf and a group is an `InputError`
+    naming `where` (the file it was read from)."""
     nested: dict[str, Any] = {}
     for name, value in flat.items():
         node = nested
-        *parents, leaf = name.split("/")
+        *parents, leaf = [_unescape(p) for p in name.split("/")]
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"{where}: {name!r} is both an observable and a group of them")
+        if leaf in node:
+            raise InputError(f"{where}: {name!r} is both an observable and a group of them")
         node[leaf] = value
     return nested
 
@@ -112,26 +140,6 @@ def _finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash never leaves a partial file under that name."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file private; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 @dataclasses.dataclass(frozen=True)
 class Trajectory:
     """The result of `gflow.solve`.
@@ -144,11 +152,15 @@ class Trajectory:
     - `transitions`: `{name: time}`, `nan` for a transition never reached (`null` in
         `summary.json`, which holds no NaN or infinity anywhere: see `summary`).
     - `final`: the model (frozen leaves included) at `t_final`.
-    - `t0`, `t1`: the requested interval; `t_final`: where the solve stopped.
+    - `t0`, `t1`: the requested interval; `t_final`: where the solve stopped (`t1`, a
+        failure, or a terminal transition such as `gflow.converged`).
     - `status`: `"completed"`, `"max_steps"`, `"nonfinite"`, `"dt_min"` or `"failed"`;
         `message` says more when it is not `"completed"`.
-    - `stats`: steps (total, accepted, rejected), vector-field evaluations (`None` for implicit
-        solvers), segments, compile and run seconds.
+    - `stats`: steps (total, accepted, rejected), vector-field evaluations (`None` for
+        diffrax's implicit solvers), segments, compile and run seconds; gflow's stiff solvers
+        (`NewtonKrylovESDIRK`, `StiffSwitching`) add their counters: `gradients`, `hvps`,
+        `newton_iterations`, `krylov_iterations`, `implicit_steps`, `cost` (gradients + 2 ×
+        HVPs), and for the switching solver `explicit_steps`, `switches`, `switch_times`.
     - `solver`, `rtol`, `atol`: the settings used.
     - `config`: the configuration that produced the run (set by the command line), or `None`.
     - `predictions`: `{name: gflow.Prediction}` comparisons with theory, filled by presets.
@@ -161,6 +173,15 @@ class Trajectory:
     - `at_transitions`: `{transition name: {observable name: value}}`, every observable at the
         state where each reached transition was located (the root finder's state, which no
         save time holds unless one is placed there).
+    - `spec`: the `gflow.SolveSpec` the solve ran (re-solves, e.g. `gflow.critical_points`,
+        run the same solve from it); `None` for a trajectory loaded from disk.
+    - `components`: `{observable: (name of each component, ...)}`: what the last axis of an
+        observable holds, e.g. `{"stable_rank": ("W_Q", "W_K", "W_V", "W1")}` (presets fill it
+        from their `[plot] labels`). Saved in `trajectory.npz`, used by `to_xarray` and the
+        figures' legends.
+
+    `repr` gives a few lines (status, shapes, transitions); in a notebook `_repr_html_` a
+    table. `to_xarray()` returns an `xarray.Dataset` (the `xarray` extra).
     """
 
     ts: np.ndarray  # (n,)
@@ -182,6 +203,35 @@ class Trajectory:
     criteria: dict[str, str] = dataclasses.field(default_factory=dict)
     references: dict[str, dict[str, float | np.ndarray]] = dataclasses.field(default_factory=dict)
     at_transitions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    spec: Any = dataclasses.field(default=None, repr=False, compare=False)
+    components: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        from ._export import trajectory_repr
+
+        return trajectory_repr(self)
+
+    def _repr_html_(self) -> str:
+        from ._export import trajectory_html
+
+        return trajectory_html(self)
+
+    def to_xarray(self):
+        """The save times and observables as an `xarray.Dataset` (needs `pip install
+        gflow[xarray]`).
+
+        One variable per observable (nested observables as `a/b`), dimension `t` first; an
+        observable with named components (see `components`) has them as the coordinate of its
+        last axis (`<name>_component`), other axes are `<name>_dim<k>`. Transitions, status,
+        solver and tolerances are the dataset's attributes.
+
+        **Returns:**
+
+        An `xarray.Dataset`.
+        """
+        from ._export import trajectory_to_xarray
+
+        return trajectory_to_xarray(self)
 
     @property
     def completed(self) -> bool:
@@ -229,12 +279,21 @@ class Trajectory:
         The directory's path.
         """
         path = Path(path)
+        if os.path.lexists(path) and not path.is_dir():
+            raise InputError(f"cannot save the run to {path}: it exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
+        # The directory's manifest lists what gflow wrote there: an earlier save's files that
+        # this one does not rewrite (transitions.npz) are removed, a user's files are not.
+        write_manifest(path)
+        written = {TRAJECTORY_FILE, FINAL_FILE, SUMMARY_FILE}
         arrays = {"t": np.asarray(self.ts)}
         for name, value in _flat_names(self.observables).items():
-            if name == "t":
-                raise InputError("an observable may not be named 't' (the time axis)")
+            if name == "t" or name.startswith(COMPONENTS_PREFIX):
+                raise InputError(f"an observable may not be named {name!r} (reserved)")
             arrays[name] = value
+            names = self.components.get(name)
+            if names:
+                arrays[COMPONENTS_PREFIX + name] = np.asarray(names, dtype=np.str_)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         atomic_write_bytes(path / TRAJECTORY_FILE, buffer.getvalue())
@@ -248,6 +307,8 @@ class Trajectory:
             buffer = io.BytesIO()
             np.savez(buffer, **flat)
             atomic_write_bytes(path / AT_TRANSITIONS_FILE, buffer.getvalue())
+            written.add(AT_TRANSITIONS_FILE)
+        remove_stale(path, written, among=lambda name: name == AT_TRANSITIONS_FILE)
         import equinox as eqx
 
         buffer = io.BytesIO()
@@ -281,31 +342,56 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
     `/`), transitions never reached as `nan`, reference curves as float64 arrays.
     """
     path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path} is not a gflow run directory (not a directory)")
     for name in (TRAJECTORY_FILE, SUMMARY_FILE):
         if not (path / name).is_file():
             raise InputError(f"{path} is not a gflow run directory: {name} is missing")
-    summary = json.loads((path / SUMMARY_FILE).read_text())
-    with np.load(path / TRAJECTORY_FILE) as npz:
-        arrays = {name: npz[name] for name in npz.files}
+    summary = _read_summary(path / SUMMARY_FILE)
+    arrays = _read_npz(path / TRAJECTORY_FILE)
+    where = path / TRAJECTORY_FILE
+    if "t" not in arrays:
+        raise InputError(f"{where} is damaged: it has no time axis 't'")
     ts = arrays.pop("t")
-    final = None
-    if like is not None:
-        import equinox as eqx
-
-        final = eqx.tree_deserialise_leaves(path / FINAL_FILE, like)
+    components = {name[len(COMPONENTS_PREFIX):]: tuple(str(c) for c in arrays.pop(name))
+                  for name in list(arrays) if name.startswith(COMPONENTS_PREFIX)}
+    if ts.ndim != 1 or not np.issubdtype(ts.dtype, np.number):
+        raise InputError(f"{where} is damaged: 't' has shape {ts.shape} and dtype {ts.dtype}")
+    for name, value in arrays.items():
+        if value.ndim == 0 or value.shape[0] != ts.shape[0]:
+            raise InputError(f"{where} is damaged: observable {name!r} has shape {value.shape}, "
+                             f"not {ts.shape[0]} rows (one per save time)")
+    final = None if like is None else _read_final(path / FINAL_FILE, like)
     nan_if_none = lambda x: math.nan if x is None else x
+    transitions = {k: nan_if_none(v) for k, v in summary["transitions"].items()}
     at_transitions = {}
     if (path / AT_TRANSITIONS_FILE).is_file():
+        where = path / AT_TRANSITIONS_FILE
         names = list(summary["transitions"])
-        with np.load(path / AT_TRANSITIONS_FILE) as npz:
-            for key in npz.files:
-                index, obs = key.split("/", 1)
-                at_transitions.setdefault(names[int(index)], {})[obs] = npz[key]
-        at_transitions = {name: _nest(values) for name, values in at_transitions.items()}
+        for key, value in _read_npz(where).items():
+            index, _, obs = key.partition("/")
+            if not index.isdigit() or not obs or int(index) >= len(names):
+                raise InputError(f"{where} is damaged: entry {key!r} names no transition of "
+                                 f"{path / SUMMARY_FILE}")
+            name = names[int(index)]
+            if not math.isfinite(transitions[name]):
+                raise InputError(f"{where} does not belong to this run: it holds a state at "
+                                 f"{name!r}, which the run never reached")
+            at_transitions.setdefault(name, {})[obs] = value
+        at_transitions = {name: _nest(values, str(where))
+                          for name, values in at_transitions.items()}
+    try:
+        predictions = {k: Prediction.from_json(p)
+                       for k, p in summary.get("predictions", {}).items()}
+        references = {k: {label: _level(v) for label, v in levels.items()}
+                      for k, levels in summary.get("references", {}).items()}
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise InputError(f"{path / SUMMARY_FILE} is damaged: its predictions or references "
+                         f"cannot be read ({type(e).__name__}: {e})".splitlines()[0]) from None
     return Trajectory(
         ts=ts,
-        observables=_nest(arrays),
-        transitions={k: nan_if_none(v) for k, v in summary["transitions"].items()},
+        observables=_nest(arrays, str(path / TRAJECTORY_FILE)),
+        transitions=transitions,
         final=final,
         t0=summary["t0"],
         t1=summary["t1"],
@@ -317,11 +403,114 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
         rtol=summary["rtol"],
         atol=summary["atol"],
         config=summary.get("config"),
-        predictions={k: Prediction.from_json(p)
-                     for k, p in summary.get("predictions", {}).items()},
+        predictions=predictions,
         errors=summary.get("errors", {}),
         criteria=summary.get("criteria", {}),
-        references={k: {label: _level(v) for label, v in levels.items()}
-                    for k, levels in summary.get("references", {}).items()},
+        references=references,
         at_transitions=at_transitions,
+        components=components,
     )
+
+
+_NUMBER = (int, float)
+# The fields of summary.json that `load` needs, and their JSON types (None: null allowed).
+_SUMMARY_FIELDS = dict(t0=_NUMBER, t1=_NUMBER, t_final=_NUMBER + (type(None),), status=str,
+                       message=str, stats=dict, solver=str, rtol=_NUMBER, atol=_NUMBER,
+                       transitions=dict)
+_OPTIONAL_FIELDS = dict(config=(dict, type(None)), predictions=dict, errors=dict, criteria=dict,
+                        references=dict)
+
+
+def _read_summary(file: Path) -> dict:
+    """`summary.json`, checked: an `InputError` naming the file and what is wrong with it."""
+    try:
+        summary = json.loads(file.read_bytes().decode())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"{file} is not readable JSON ({reason})") from None
+    if not isinstance(summary, dict):
+        raise InputError(f"{file} is damaged: it holds a JSON {type(summary).__name__}, not an "
+                         "object")
+    for fields, required in ((_SUMMARY_FIELDS, True), (_OPTIONAL_FIELDS, False)):
+        for key, kind in fields.items():
+            if key not in summary:
+                if required:
+                    raise InputError(f"{file} is damaged: it has no {key!r}")
+                continue
+            value = summary[key]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise InputError(f"{file} is damaged: {key!r} is {value!r:.60}")
+    for name, t in summary["transitions"].items():
+        if isinstance(t, bool) or not isinstance(t, _NUMBER + (type(None),)):
+            raise InputError(f"{file} is damaged: transition {name!r} has time {t!r:.60}")
+    for name, levels in summary.get("references", {}).items():
+        if not isinstance(levels, dict):
+            raise InputError(f"{file} is damaged: references of {name!r} are not a table")
+    return summary
+
+
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` file (no pickles), or an `InputError` naming it."""
+    try:
+        with open(file, "rb") as f, np.load(f, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged file
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"{file} is not a readable .npz file ({reason})") from None
+
+
+def _read_final(file: Path, like: Any) -> Any:
+    """`final.eqx` deserialised into the structure of `like`: every leaf of the file read, of
+    the shape and dtype of `like`'s, or an `InputError` naming the file."""
+    import equinox as eqx
+
+    if not file.is_file():
+        raise InputError(f"{file} is missing: the run's final model cannot be read")
+    try:
+        with open(file, "rb") as f:
+            final = eqx.tree_deserialise_leaves(f, like)
+            rest = f.read(1)
+    except Exception as e:  # noqa: BLE001 - a damaged file, or `like` of another structure
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"{file} does not match `like` (a model of the saved structure): "
+                         f"{reason}") from None
+    if rest:
+        raise InputError(f"{file} holds more than `like` has: give a model of the saved "
+                         "structure (e.g. the initial model)")
+    return final
+
+
+_PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def read_run(path: str | os.PathLike) -> tuple[Trajectory, dict[str, Any]]:
+    """A run directory as `python -m gflow.plot` draws it: the `Trajectory` (`load`) and the
+    `[plot]` settings of its config (`time_axis`, `labels`, `heatmaps`, `formats`), each
+    checked: an `InputError` naming the file and what is wrong."""
+    traj = load(path)
+    where = Path(path) / SUMMARY_FILE
+    plot = (traj.config or {}).get("plot", {})
+    if not isinstance(plot, dict):
+        raise InputError(f"{where}: the config's [plot] is not a table")
+    settings = dict(time_axis=plot.get("time_axis", "log"), labels=plot.get("labels", {}),
+                    heatmaps=plot.get("heatmaps", []), formats=plot.get("formats", ["png"]))
+    if settings["time_axis"] not in TIME_AXES:
+        raise InputError(f"{where}: plot.time_axis must be one of {', '.join(TIME_AXES)}, got "
+                         f"{settings['time_axis']!r:.60}")
+    formats = settings["formats"]
+    if (not isinstance(formats, list) or not formats
+            or any(f not in _PLOT_FORMATS for f in formats)):
+        raise InputError(f"{where}: plot.formats must list formats among "
+                         f"{', '.join(_PLOT_FORMATS)}, got {formats!r:.60}")
+    labels = settings["labels"]
+    if not isinstance(labels, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in labels.values()):
+        raise InputError(f"{where}: plot.labels must be a table of lists of names, got "
+                         f"{labels!r:.60}")
+    heatmaps = settings["heatmaps"]
+    if not isinstance(heatmaps, list) or not all(isinstance(h, str) for h in heatmaps):
+        raise InputError(f"{where}: plot.heatmaps must be a list of observable names, got "
+                         f"{heatmaps!r:.60}")
+    settings.update(formats=tuple(formats), heatmaps=tuple(heatmaps),
+                    labels={k: tuple(v) for k, v in labels.items()})
+    return traj, settings

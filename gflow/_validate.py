@@ -7,6 +7,7 @@ the function, not a JAX trace at compile time. An exception raised by a user fun
 through unchanged, with a note naming that function.
 """
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -25,6 +26,9 @@ from ._errors import InputError
 from ._config import MAX_HORIZON
 
 _MAX_STEPS = 2**31 - 1  # diffrax counts steps in int32
+# An observer's name becomes a figure's file name (and its temporary file's, 20 bytes more):
+# file systems allow 255 bytes.
+_MAX_NAME_BYTES = 200
 
 
 def _is_real(x: Any) -> bool:
@@ -63,12 +67,22 @@ def check_times(t0: Any, t1: Any) -> None:
 def check_settings(*, t0, t1, rtol, atol, max_steps, dt0) -> None:
     """Ranges of a solve's settings (see `gflow.solve`)."""
     check_times(t0, t1)
+    check_tolerances(rtol, atol)
+    check_steps(t0=t0, t1=t1, max_steps=max_steps, dt0=dt0)
+
+
+def check_tolerances(rtol, atol) -> None:
+    """`rtol` in (0, 1); `atol` positive and finite, or `None`."""
     if not (_is_real(rtol) and 0 < float(rtol) < 1):
         raise InputError(f"rtol must be a number in (0, 1), got {rtol!r}")
     if atol is not None and not (
         _is_real(atol) and float(atol) > 0 and math.isfinite(float(atol))
     ):
         raise InputError(f"atol must be a positive number or None, got {atol!r}")
+
+
+def check_steps(*, t0, t1, max_steps, dt0) -> None:
+    """`max_steps` a positive integer diffrax can count; `dt0` in (0, t1 - t0] or `None`."""
     if isinstance(max_steps, (bool, np.bool_)) or not isinstance(max_steps, numbers.Integral) \
             or not 1 <= int(max_steps) <= _MAX_STEPS:
         raise InputError(f"max_steps must be an integer between 1 and {_MAX_STEPS}, got "
@@ -80,7 +94,18 @@ def check_settings(*, t0, t1, rtol, atol, max_steps, dt0) -> None:
 
 
 def _traced(fn: Callable, what: str, *args):
-    """The abstract output of `fn(*args)`; an exception it raises gets a note naming it."""
+    """The abstract output of `fn(*args)`; an exception it raises gets a note naming it. A
+    function that cannot take `(model, data)` is a one-line `InputError` naming it."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: its call will tell
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args)
+        except TypeError as e:
+            raise InputError(f"the {what} {_name(fn)} must be callable as (model, data), "
+                             f"but {e}") from None
     try:
         return eqx.filter_eval_shape(fn, *args)
     except InputError:
@@ -261,6 +286,9 @@ def _check_functions(flow, *, observers, transitions) -> None:
                 f"observer name {name!r}: names are non-empty strings other than 't' (the "
                 "time axis)"
             )
+        if len(name.encode()) > _MAX_NAME_BYTES:
+            raise InputError(f"observer name {name[:40]!r}... is {len(name.encode())} bytes "
+                             f"long: at most {_MAX_NAME_BYTES} (it names a figure's file)")
         if not callable(obs):
             raise InputError(f"observer {name!r} must be callable as observer(model, data)")
         out = _traced(obs, f"observer {name!r}", model, data)
@@ -277,8 +305,3 @@ def _check_functions(flow, *, observers, transitions) -> None:
         out = _traced(condition, f"condition of transition {tr.name!r}", model, data)
         _scalar(out, f"the condition of transition {tr.name!r} ({_name(condition)})")
 
-
-def check_inputs(flow, *, t0, t1, rtol, atol, max_steps, dt0, observers, transitions) -> None:
-    """Every check of this module, for `gflow.solve`'s and `gflow.sweep`'s preparation."""
-    check_settings(t0=t0, t1=t1, rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0)
-    check_functions(flow, observers=observers, transitions=transitions)

@@ -37,20 +37,23 @@ def work_template(solver, dtype) -> dict:
     return out
 
 
-def add_work(solver, work: dict, solver_state: PyTree) -> dict:
-    """`work` plus what one segment's final `solver_state` counted."""
+def add_work(solver, work: dict, start_state: PyTree, end_state: PyTree) -> dict:
+    """`work` plus what one segment counted: its final solver state's counters less those of
+    the state it started from (zero after a fresh start; the last segment's after a cut)."""
     if not work:
         return work
-    counts = work["counts"] + solver_state["work"].astype(work["counts"].dtype)
-    out = dict(counts=counts)
+    done = end_state["work"] - start_state["work"]
+    out = dict(counts=work["counts"] + done.astype(work["counts"].dtype))
     if "switch_times" in work:
-        # This segment's switches go after those already recorded.
-        before = work["counts"][SWITCHES]
-        mine = jnp.minimum(solver_state["work"][SWITCHES], SWITCH_SLOTS)
+        # This segment's switches are the state's slots from `first` on; they go after those
+        # the solve already recorded.
+        recorded = work["counts"][SWITCHES]
+        first = start_state["work"][SWITCHES]
+        mine = jnp.clip(jnp.minimum(end_state["work"][SWITCHES], SWITCH_SLOTS) - first, 0)
         slots = jnp.arange(SOLVE_SWITCH_SLOTS)
-        source = jnp.clip(slots - before, 0, SWITCH_SLOTS - 1)
-        new = (slots >= before) & (slots < before + mine)
-        out["switch_times"] = jnp.where(new, solver_state["switch_times"][source],
+        source = jnp.clip(slots - recorded + first, 0, SWITCH_SLOTS - 1)
+        new = (slots >= recorded) & (slots < recorded + mine)
+        out["switch_times"] = jnp.where(new, end_state["switch_times"][source],
                                         work["switch_times"])
     return out
 

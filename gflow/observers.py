@@ -99,25 +99,28 @@ class MatrixMeasure(eqx.Module):
     - `measure`: `measure(array) -> array or pytree of arrays`, e.g. from `gflow.measures`, or
         `measure(array, rtol=rtol)` when `rtol` is given.
     - `rtol`: the threshold passed to a rank measure, or `None`.
+    - `iterations`: the Lanczos steps passed to a measure that takes them
+        (`gflow.measures.spectral_norm`, `gflow.measures.stable_rank`), or `None`.
     """
 
     where: Callable[[Any], Any]
     measure: Callable[..., PyTree]
-    # A plain static float rather than a `functools.partial` (compared by identity): equal
+    # Plain static numbers rather than a `functools.partial` (compared by identity): equal
     # observers built twice then hit the same compiled solve.
     rtol: float | None = eqx.field(static=True, default=None)
+    iterations: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         _check_callable(self.where, "where", "where(model)")
         _check_callable(self.measure, "measure", "measure(array)")
+        measures._check_iterations(self.iterations)
 
     def __call__(self, model, data=None) -> PyTree:
         del data
         arrays, is_group = _selection(self.where, model)
-        if self.rtol is None:
-            results = tuple(self.measure(array) for array in arrays)
-        else:
-            results = tuple(self.measure(array, rtol=self.rtol) for array in arrays)
+        options = {k: v for k, v in (("rtol", self.rtol), ("iterations", self.iterations))
+                   if v is not None}
+        results = tuple(self.measure(array, **options) for array in arrays)
         return _stack(results) if is_group else results[0]
 
 
@@ -165,18 +168,42 @@ def effective_rank(where: Callable) -> MatrixMeasure:
     return MatrixMeasure(where, measures.effective_rank)
 
 
-def stable_rank(where: Callable) -> MatrixMeasure:
+def _check_iterations(iterations) -> int | None:
+    measures._check_iterations(iterations)
+    return iterations
+
+
+def stable_rank(where: Callable, iterations: int | None = None) -> MatrixMeasure:
     """Observer of the stable rank `‖W‖_F² / ‖W‖_2²` (0 for a zero matrix).
 
     **Arguments:**
 
     - `where`: selects a matrix, or a tuple of matrices (giving a stacked vector).
+    - `iterations`: `None` for `σ_max` by SVD; `k` for `k` Lanczos steps (`2k` products with
+        `W`: what an observer read at every save time of a large matrix can afford; its
+        accuracy is in `gflow.measures.spectral_norm`).
 
     **Returns:**
 
     An observer; see `gflow.measures.stable_rank`.
     """
-    return MatrixMeasure(where, measures.stable_rank)
+    return MatrixMeasure(where, measures.stable_rank, iterations=_check_iterations(iterations))
+
+
+def spectral_norm(where: Callable, iterations: int | None = None) -> MatrixMeasure:
+    """Observer of the largest singular value `σ_max = ‖W‖_2` (0 for a zero matrix).
+
+    **Arguments:**
+
+    - `where`: selects a matrix, or a tuple of matrices (giving a stacked vector).
+    - `iterations`: `None` for the SVD; `k` for `k` Lanczos steps (see
+        `gflow.measures.spectral_norm`).
+
+    **Returns:**
+
+    An observer; see `gflow.measures.spectral_norm`.
+    """
+    return MatrixMeasure(where, measures.spectral_norm, iterations=_check_iterations(iterations))
 
 
 def normalized_rank(where: Callable, rtol: float) -> MatrixMeasure:

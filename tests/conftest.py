@@ -92,7 +92,7 @@ def _start_quick_benchmark(config) -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    committed = root / "benchmarks" / "RESULTS.md"
+    committed = root / "docs" / "results.md"
     out = Path(tempfile.mkdtemp(prefix="gflow-bench-")) / "RESULTS.md"
     config._gflow_quick_benchmark = dict(
         out=out,
@@ -127,7 +127,7 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def quick_benchmark(request):
-    """`(RESULTS.md path, committed RESULTS.md digest before the run, return code, stderr)` of
+    """`(report path, committed docs/results.md digest before the run, return code, stderr)` of
     the quick benchmark run started at collection."""
     if getattr(request.config, "_gflow_quick_benchmark", None) is None and os.environ.get(
         "PYTEST_XDIST_WORKER"

@@ -463,7 +463,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 _KEYS = {
     "problem": ["kind", "depth", "width", "singular_values", "init", "eps", "seed", "other"],
     "solve": ["t0", "t1", "solver", "rtol", "atol", "max_steps", "save_points", "grid",
-              "refine", "certify", "checkpoint_steps", "x32", "other"],
+              "refine", "certify", "checkpoint_steps", "x32", "precision",
+              "matmul_precision", "other"],
     "plot": ["time_axis", "labels", "heatmaps", "other"],
     "preset": ["name", "description"],
 }
@@ -674,18 +675,24 @@ def test_kill_during_the_first_config_write_is_explained(tmp_path, capsys):
 
 def test_overwrite_replaces_a_run_wholly_and_predictions_count_from_t0(finished, tmp_path):
     """--overwrite into a run directory that also holds what a kill left: nothing of the old
-    run stays (a stale figure, a leftover temporary file, a checkpoint). The new run starts at
-    t0 = -2: it is the old one shifted, and its predictions compare the same durations."""
+    run stays (a figure it drew, a leftover temporary file, a checkpoint), and nothing else
+    goes (a user's file beside them). The new run starts at t0 = -2: it is the old one
+    shifted, and its predictions compare the same durations."""
     import shutil
+
+    from gflow._rundir import write_manifest  # private: enters the old run's own files
 
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     (out / "figures" / "stale.png").write_bytes(b"from the old run")
+    (out / "figures" / "notes.md").write_bytes(b"the user's")
     (out / ".summary.json.x1.tmp").write_bytes(b"left by a kill")
     (out / "checkpoint-refined.eqx").write_bytes(b"an old pass")
+    write_manifest(out, add=("figures/stale.png", "checkpoint-refined.eqx"))
     argv = _fast("4") + ["--set", "solve.t0=-2", "--out", str(out), "--quiet", "--overwrite"]
     assert main(argv) == 0
     assert not (out / "figures" / "stale.png").exists()
+    assert (out / "figures" / "notes.md").read_bytes() == b"the user's"
     assert not list(out.glob(".*.tmp")) and not list(out.glob("checkpoint-*"))
     shifted = json.loads((out / "summary.json").read_text())
     base = json.loads((finished / "summary.json").read_text())

@@ -7,6 +7,7 @@ Only accuracy and counts are asserted (they are reproducible); never a wall-cloc
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ROOT / "benchmarks" / "RESULTS.md"
+COMMITTED = ROOT / "docs" / "results.md"  # the results page: a quick run never touches it
 
 
 def _digest(path: Path) -> str | None:
@@ -27,7 +28,7 @@ def quick_run(quick_benchmark):
     # Started by conftest.py when collection ended, so that it runs alongside the suite.
     out, before, returncode, stderr = quick_benchmark
     assert returncode == 0, stderr[-3000:]
-    assert _digest(COMMITTED) == before, "the quick run must not touch benchmarks/RESULTS.md"
+    assert _digest(COMMITTED) == before, "the quick run must not touch docs/results.md"
     data = json.loads((out.parent / "results.json").read_text())
     assert list(data["workloads"]) == ["deep-linear", "rank-collapse"]
     workload = data["workloads"]["deep-linear"]["data"]
@@ -247,3 +248,69 @@ def test_solvers_quick_run(tmp_path):
         # auto's state at the save times against the Dopri8 reference (steps at save times).
         assert m["error"] < 10 * rtol, (rtol, m["error"])
     assert (tmp_path / "deep-linear-solvers-work-precision.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_page_is_generated_from_the_suites_json():
+    # docs/results.md is exactly what `python -m benchmarks.results_page` makes of the
+    # committed JSON: one command, no hand edits.
+    from benchmarks import results_page
+
+    assert results_page.main(["--check"]) == 0
+    suites = results_page.load_suites()
+    assert [s["suite"] for s in suites][:2] == ["gd-and-competitors", "auto-solver"]
+    page = COMMITTED.read_text()
+    for s in suites:
+        assert f"## {s['title']}" in page and s["machine"]["cpu"] in page
+        quantities = [r["quantity"] for r in s["rows"]]
+        assert len(quantities) == len(set(quantities)) > 0  # one current row per quantity
+    assert "## What earlier rounds concluded" in page
+
+
+def test_a_new_suite_plugs_into_the_page(tmp_path):
+    from benchmarks.results_page import load_suites, render, write_suite
+
+    machine = dict(cpu="test CPU", usable_cores=2, jax_backend="cpu", date="today")
+    write_suite("probe", title="A new suite", command="python -m benchmarks.probe",
+                machine=machine, directory=tmp_path,
+                rows=[dict(quantity="overhead", value=1.07, unit="×", target="≤ 1.1",
+                           verdict="met"),
+                      dict(quantity="not measured here", value=float("nan"))])
+    data = json.loads((tmp_path / "probe.json").read_text())  # no NaN in the JSON
+    assert data["rows"][1]["value"] is None
+    page = render(load_suites(tmp_path), "")
+    assert "## A new suite" in page and "| overhead | 1.07 × | ≤ 1.1 | met |" in page
+    assert "| not measured here | — |" in page and "test CPU" in page
+    with pytest.raises(ValueError, match="twice"):
+        write_suite("bad", title="t", command="c", machine=machine, directory=tmp_path,
+                    rows=[dict(quantity="q", value=1), dict(quantity="q", value=2)])
+@pytest.mark.slow
+def test_gpu_probe_quick(tmp_path):
+    """`python -m benchmarks.gpu --quick` (the accelerator probe's recipe on CPU at a small
+    size) writes every section, none failed; the float32 gradients stay float32 (not promoted
+    to gflow's float64); XLA's FLOP count is positive; the estimate adds up."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--quick", "--budget", "3600", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=3600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    sections = ("environment", "gradient", "linalg", "instruments", "step_floor",
+                "capped_solve", "sweep", "certify", "checkpoint", "estimate")
+    for name in sections:
+        assert name in data and "error" not in data[name] and "skipped" not in data[name], name
+    assert data["environment"]["x64"] is True
+    gradient = data["gradient"]
+    assert gradient["float64"]["velocity_dtype"] == "float64"
+    for name in ("float32_default", "float32_highest"):
+        assert gradient[name]["velocity_dtype"] == "float32"
+    assert gradient["float64"]["flops"] > 0
+    instruments = data["instruments"]
+    assert set(instruments["conditions"]) == {"condensation", "stage2_onset", "kq_collapse"}
+    assert instruments["observation"]["complete"]
+    assert data["capped_solve"]["steps"] == 10 and data["capped_solve"]["status"] == "max_steps"
+    assert data["checkpoint"]["resumed_equal"]
+    est = data["estimate"]
+    assert est["total_seconds"] == pytest.approx(
+        est["flow_seconds"] + est["conditions_seconds"] + est["observation_seconds"])

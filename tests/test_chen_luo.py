@@ -256,7 +256,7 @@ def test_singular_vector_similarity():
 # --------------------------------------------------------------------------- the preset
 
 
-def test_reduced_rank_collapse_transitions_and_states_there(tmp_path):
+def test_reduced_rank_collapse_transitions_and_states_there(tmp_path, capsys):
     """The three transitions in order, in one solve; the observables recorded at each located
     transition (transitions.npz) meet its criterion there, and the heat-map columns are those
     states; the conserved quantities hold to the solver's tolerance."""
@@ -267,7 +267,12 @@ def test_reduced_rank_collapse_transitions_and_states_there(tmp_path):
 
     out = tmp_path / "run"
     args = [a for o in REDUCED_RANK_COLLAPSE for a in ("--set", o)]
-    assert main(["rank-collapse", *args, "--out", str(out), "--quiet"]) == 0
+    assert main(["rank-collapse", *args, "--out", str(out)]) == 0
+    # The report fits a terminal of 100 columns: the long measured strings of the qualitative
+    # predictions and the criteria wrap under their rows.
+    report = capsys.readouterr().out.splitlines()
+    assert max(map(len, report)) <= 100, max(report, key=len)
+    assert any(line.startswith("      measured: effective") for line in report)
     summary = json.loads((out / "summary.json").read_text())
     times = summary["transitions"]
     assert list(times) == ["condensation", "stage2_onset", "kq_collapse"]
@@ -275,7 +280,11 @@ def test_reduced_rank_collapse_transitions_and_states_there(tmp_path):
     predictions = summary["predictions"]
     assert summary["stats"].get("passes", 1) == 1  # the figures needed no second solve
     traj = gflow.load(out)
-    from gflow._paper_figures import heatmap_times  # the figure's columns: not public API
+    # The default preset's observables (16 of them, matrices included) in a short repr.
+    assert len(repr(traj)) <= 1000 and len(repr(traj).splitlines()) <= 6
+    assert traj.components["stable_rank"] == ("W_Q", "W_K", "W_V", "W1", "W2")
+    assert list(traj.to_xarray()["stable_rank_component"].values)[:2] == ["W_Q", "W_K"]
+    from gflow.figures import heatmap_times
     assert heatmap_times(traj) == {"t0": 0.0, **times, "end": 300.0}
     # The state recorded at each transition meets its criterion there (the condition is 0).
     assert list(traj.at_transitions) == list(times)

@@ -77,6 +77,7 @@ def test_list_and_show(capsys):
     listed = capsys.readouterr().out
     assert "deep-linear" in listed and "cooccurrence" in listed
     assert "rank-collapse" in listed and "(default)" in listed.split("rank-collapse")[1].splitlines()[0]
+    assert max(map(len, listed.splitlines())) <= 100  # descriptions wrap in their column
     assert main(["deep-linear", "--show", "--set", "problem.eps=0.002"]) == 0
     shown = capsys.readouterr().out
     assert "eps = 0.002" in shown and "[solve]" in shown
@@ -290,22 +291,24 @@ def test_resume_takes_everything_from_the_run_directory(tmp_path, capsys, extra,
     assert message in err and err.count("\n") == 1
 
 
-def test_x32_runs_in_float32_and_warns_about_tolerances(tmp_path, capsys):
+def test_x32_runs_in_float32_and_refuses_tolerances_below_its_floor(tmp_path, capsys):
     out32 = tmp_path / "x32"
     assert main(FAST + ["--x32", "--rtol", "1e-5", "--out", str(out32), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
     s32 = json.loads((out32 / "summary.json").read_text())
     assert s32["stats"]["dtype"] == "float32"
     assert "x32 = true" in (out32 / "config.toml").read_text()
-    # float32 draws another random init; Saxe's prediction from it holds as in float64 (the
-    # float32 solve itself is checked against float64 in test_solve).
+    assert s32["stats"]["precision"] == "float32"
+    # float32 casts float64's init; Saxe's prediction from it holds as in float64 (the
+    # float32 solve itself is checked against float64 in test_solve and test_precision).
     for name, p in s32["predictions"].items():
         assert p["rel_error"] < 0.05, (name, p)
-    # Tolerances float32 cannot meet: one warning line, and the run goes on.
-    main(FAST + ["--x32", "--set", "solve.max_steps=30", "--out", str(tmp_path / "tight")])
+    # Tolerances below float32's measured floor: refused in one line, nothing written.
+    tight = tmp_path / "tight"
+    assert main(FAST + ["--x32", "--out", str(tight)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert err.startswith("gflow: warning: solve.x32 computes in float32")
-    assert "rtol=1e-08 cannot be met" in err and err.count("\n") == 1
+    assert err.startswith("gflow: error: rtol=1e-08 is below precision float32's floor")
+    assert err.count("\n") == 1 and not tight.exists()
 
 
 _SUMMARY_KEYS = ("status", "t0", "t1", "t_final", "solver", "rtol", "atol", "stats",

@@ -1,5 +1,5 @@
 """`gflow.critical_points` on two-layer linear networks, whose saddles are known in closed form
-(papers.md §5): with modes `α ≤ k` of `S = Σ s_α u_α v_αᵀ` learned, `W2 W1 = Σ_{α≤k} s_α u_α v_αᵀ`,
+(docs/science.md §5): with modes `α ≤ k` of `S = Σ s_α u_α v_αᵀ` learned, `W2 W1 = Σ_{α≤k} s_α u_α v_αᵀ`,
 `L = ½ Σ_{α>k} s_α²`, and (hidden width `h`, `r` non-zero modes) the Hessian has `(h − k)(r − k)`
 negative eigenvalues: one per free hidden unit and unlearned mode."""
 

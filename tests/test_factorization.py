@@ -1,4 +1,4 @@
-"""Matrix factorization flows and ScaledGD's preconditioner (papers.md §5)."""
+"""Matrix factorization flows and ScaledGD's preconditioner (docs/science.md §5)."""
 
 import jax
 import jax.numpy as jnp

@@ -434,3 +434,23 @@ def test_observers_inside_solve_on_a_two_layer_linear_network():
         rtol=1e-10,
     )
     assert set(obs["alignment"]) == {"min", "mean"} and obs["alignment"]["min"].shape == (11,)
+
+
+def test_lanczos_observers():
+    """`stable_rank(where, iterations)` and `spectral_norm(where, iterations)` give the measures'
+    values, per matrix of a group; with `W_K` of rank 3, 4 Lanczos steps are exact (breakdown),
+    so they match the SVD there; bad `iterations` are refused when the observer is built."""
+    model = _toy()
+    group = lambda m: (m.W_Q, m.W_K)  # noqa: E731
+    got = _evaluate({"sr": O.stable_rank(group, 4), "norm": O.spectral_norm(group, 4),
+                     "norm_svd": O.spectral_norm(group)}, model)
+    for k, W in enumerate((model.W_Q, model.W_K)):
+        assert got["sr"][k] == pytest.approx(float(M.stable_rank(W, 4)), rel=1e-13)
+        assert got["norm"][k] == pytest.approx(float(M.spectral_norm(W, 4)), rel=1e-13)
+        assert got["norm_svd"][k] == pytest.approx(np.linalg.svd(W, compute_uv=False)[0],
+                                                   rel=1e-13)
+    assert got["norm"][1] == pytest.approx(got["norm_svd"][1], rel=1e-12)
+    assert got["norm"][0] <= got["norm_svd"][0] * (1 + 1e-14)
+    for bad in (0, 1.5, True):
+        with pytest.raises(InputError):
+            O.stable_rank(group, bad)

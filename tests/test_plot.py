@@ -52,7 +52,7 @@ def test_save_figures_png_by_default_and_heatmap_panels(tmp_path):
     fig = plot_heatmaps(traj, "cos")
     panels = [ax for ax in fig.axes if ax.images]
     # t0, the one reached transition, and the end; each shows its own save.
-    assert [ax.get_title().split("\n")[0] for ax in panels] == ["t0", "half", "end"]
+    assert [ax.get_title().split("\n")[0] for ax in panels] == ["$t_0$", "half", "end"]
     np.testing.assert_array_equal(panels[1].images[0].get_array(), traj.observables["cos"][10])
     _labelled(fig)
     paths = save_figures(traj, tmp_path / "pdf", formats=("png", "pdf"))
@@ -66,8 +66,8 @@ def test_figures_are_labelled_grouped_and_carry_references():
     traj = _trajectory()
     groups = plot_observable(traj, "type_losses")
     (ax,) = groups.axes
-    assert [line.get_label() for line in ax.lines[:3]] == ["type1", "type2", "type3"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["type1", "type2", "type3"]
+    assert [line.get_label() for line in ax.lines[:3]] == ["type 1", "type 2", "type 3"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["type 1", "type 2", "type 3"]
     _labelled(groups)
     # Two lines that coincide stay distinguishable: different dash patterns.
     ranks = plot_observable(traj, "ranks", labels=("a", "b"))
@@ -79,13 +79,13 @@ def test_figures_are_labelled_grouped_and_carry_references():
     _labelled(spectrum)
     levels = sorted(line.get_ydata()[0] for line in main.lines if line.get_linestyle() == ":")
     assert levels == [0.5, 1.0]
-    assert {t.get_text() for t in main.texts} >= {"s_1", "s_1/2", "half"}
+    assert {t.get_text() for t in main.texts} >= {"$s_1$", "$s_1/2$", "half ($t$=1)"}
     # Equal levels (s_1/2 = s_3 for s = 4, 3, 2, 1) share one line and one label.
     shared = plot_observable(traj, "spectrum", references={"s_1/2": 2.0, "s_3": 2.0, "s_4": 1.0})
     main = shared.axes[0]
     assert sorted(line.get_ydata()[0] for line in main.lines if line.get_linestyle() == ":") \
         == [1.0, 2.0]
-    assert {t.get_text() for t in main.texts} >= {"s_1/2 = s_3", "s_4"}
+    assert {t.get_text() for t in main.texts} >= {"$s_1/2$ = $s_3$", "$s_4$"}
 
 
 def test_reference_curves_are_dashed_in_their_components_colours_and_round_trip(tmp_path):
@@ -113,10 +113,15 @@ def test_reference_curves_are_dashed_in_their_components_colours_and_round_trip(
     np.testing.assert_array_equal(theory["theory b"].get_ydata(), (2 + 0.99 * ts)[1:])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "theory a",
                                                                   "theory b"]
-    # A colour map: the curves' own legend inside the axes, same colours as their components.
-    main, _ = plot_observable(traj, "spectrum", references=references["spectrum"]).axes
-    assert main.lines[1].get_color() == main.lines[12 + 1].get_color()
-    assert [t.get_text() for t in main.get_legend().get_texts()] == ["theory 0", "theory 1"]
+    # Many components of which theory follows a few (a Saxe plot): those few solid in the
+    # palette's first colours, the others grey, the theory curves one dashed legend entry.
+    (main,) = plot_observable(traj, "spectrum", references=references["spectrum"]).axes
+    coloured = [line for line in main.lines if line.get_color() != "0.7"
+                and line.get_linestyle() == "-"]
+    assert [line.get_color() for line in coloured] == list(gflow.figures.PALETTE[:2])
+    np.testing.assert_array_equal(coloured[1].get_ydata(), traj.observables["spectrum"][1:, 1])
+    assert [t.get_text() for t in main.get_legend().get_texts()] == [
+        "other 10 components", "$k=1$", "$k=2$", "closed form"]
     # One component: a legend for the curve alone.
     (ax,) = plot_observable(traj, "loss", references=references["loss"]).axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["theory"]

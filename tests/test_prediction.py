@@ -39,22 +39,43 @@ def test_json_round_trip_has_no_nan():
 
 
 def test_table_snapshot():
+    # The basis moves under its row when the row would pass 100 columns (the report fits a
+    # terminal of 100 columns: this layout changed on purpose, from one 104-column line).
     lines = render_predictions(_records())
     assert lines == [
         "                 kind                  predicted         measured  outcome              basis",
-        "  mode1_learned  value                         2  2.002 ± 3.0e-09  rel. error 1.00e-03  Saxe closed form",
-        "  unreached      value                         5                -  -                    never reached",
-        "  escape_time    bound                 ≤ 29339.4          17325.3  holds                blow-up bound",
-        "  r2             bound                    > 0.99             0.95  VIOLATED             R² of the line",
-        "  preference     qualitative  compositional x-10          neither  not as predicted     held-out pair",
+        "  mode1_learned  value                         2  2.002 ± 3.0e-09  rel. error 1.00e-03",
+        "      basis: Saxe closed form",
+        "  unreached      value                         5                -  -",
+        "      basis: never reached",
+        "  escape_time    bound                 ≤ 29339.4          17325.3  holds",
+        "      basis: blow-up bound",
+        "  r2             bound                    > 0.99             0.95  VIOLATED",
+        "      basis: R² of the line",
+        "  preference     qualitative  compositional x-10          neither  not as predicted",
+        "      basis: held-out pair",
         "  no_call        qualitative              either    memorized x-6  no call",
     ]
+    assert render_predictions(_records(), width=120)[1].endswith("1.00e-03  Saxe closed form")
     # One shape: the predicted and measured cells end, and the outcome cells start, at the
     # header's columns in every row.
     header = lines[0]
     ends = [header.index("predicted") + len("predicted"), header.index("measured") + len("measured")]
     start = header.index("outcome")
-    for line in lines[1:]:
+    for line in lines[1::2]:
         assert line[ends[0] - 1] != " " and line[ends[0]] == " "
         assert line[ends[1] - 1] != " " and line[ends[1]] == " "
         assert line[start - 1] == " " and line[start] != " "
+
+
+def test_long_texts_wrap_under_their_row_within_100_columns():
+    measured = "; ".join(f"group {k}: effective rank {40 - k}.5, stable rank {k}.25" for k in range(8))
+    long = {"collapse": gflow.Prediction.qualitative("attention below outer", measured,
+                                                     holds=False, basis="read at the collapse")}
+    lines = render_predictions(long)
+    assert max(map(len, lines)) <= 100
+    assert lines[1].split() == ["collapse", "qualitative", "attention", "below", "outer",
+                                "(below)", "not", "as", "predicted", "read", "at", "the", "collapse"]
+    wrapped = [line for line in lines if line.startswith("      measured: ")]
+    text = " ".join(line.strip() for line in lines[lines.index(wrapped[0]):])
+    assert text == "measured: " + measured

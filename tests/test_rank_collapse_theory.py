@@ -77,7 +77,7 @@ def test_target_direction_and_time_rescaling():
 
 
 def _papers_F(model, X, y):
-    """papers.md §1, transcribed literally (identity activation, exponential loss)."""
+    """docs/science.md §1, transcribed literally (identity activation, exponential loss)."""
     n, s, d = X.shape
     W_V, W1, W2 = (np.asarray(a) for a in (model.W_V, model.W1, model.W2))
     F = np.zeros((d, d))

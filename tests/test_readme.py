@@ -8,7 +8,7 @@ import numpy as np
 
 def test_readme_custom_flow_example(tmp_path, monkeypatch, capsys):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(import equinox.*?)```", readme, re.S).group(1)
+    code = re.search(r"```python\n(import gflow.*?)```", readme, re.S).group(1)
     assert len(code.strip().splitlines()) <= 20
     monkeypatch.chdir(tmp_path)
     scope: dict = {}

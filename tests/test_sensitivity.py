@@ -107,7 +107,7 @@ def _rank_collapse_name():
 @pytest.mark.slow
 def test_rank_collapse_escape_exponent_agrees_with_sweep():
     """The escape from the small-init plateau of the attention model takes a time ∝ 1/ε
-    (papers.md §1, §3): the local exponent d ln t/d ln ε at one ε is ≈ −1, and equals the
+    (docs/science.md §1, §3): the local exponent d ln t/d ln ε at one ε is ≈ −1, and equals the
     slope that `gflow.sweep` fits to solves at ε/2 … 2ε."""
     from gflow.models import exponential_loss
 

@@ -40,6 +40,7 @@ def test_atomic_write_leaves_no_temporary_files(random_flow, tmp_path):
     traj = gflow.solve(random_flow, 1.0)
     traj.save(tmp_path)
     traj.save(tmp_path)  # overwriting is atomic too
+    # The manifest: what gflow wrote there (a later save removes its own stale files only).
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "final.eqx", "summary.json", "trajectory.npz"
+        ".gflow-manifest.json", "final.eqx", "summary.json", "trajectory.npz"
     ]

@@ -1,4 +1,4 @@
-"""Deep linear networks: the exactly solvable reference flows (Saxe et al.; papers.md §5)."""
+"""Deep linear networks: the exactly solvable reference flows (Saxe et al.; docs/science.md §5)."""
 
 import equinox as eqx
 import jax

@@ -1,4 +1,4 @@
-"""Matrix factorization flows: symmetric `W = U Uᵀ` and asymmetric `X = L Rᵀ` (papers.md §5)."""
+"""Matrix factorization flows: symmetric `W = U Uᵀ` and asymmetric `X = L Rᵀ` (docs/science.md §5)."""
 
 import equinox as eqx
 import jax

@@ -282,7 +282,7 @@ def stage2_matrix(
     `L1_i = −ℓ'(y_i f⁰_i)` the loss weight at uniform attention, `f⁰_i = act(h_i) W2`
     (`exp(−y f⁰)` for the exponential loss, `sigmoid(−y f⁰)` for the logistic loss).
 
-    For `activation="identity"` and the exponential loss this is papers.md §1's formula:
+    For `activation="identity"` and the exponential loss this is docs/science.md §1's formula:
     `w_iᵀ S_i = W2ᵀ W1ᵀ W_Vᵀ Σ_j X_ijᵀ (X_ij − X̄_i)`, since `Σ_j X_ijᵀ (X_ij − X̄_i) = S_i`.
 
     Derivation: with the logits `z_i = x_{i,s} W_Q W_Kᵀ X_iᵀ/√d`, the linearized last-row

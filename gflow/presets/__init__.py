@@ -21,7 +21,8 @@ from .._config import (
     read_toml,
 )
 from .._errors import InputError
-from .._solve import _prepare as _solve_prepare, pid_controller, solve
+from .._solve import solve
+from .._spec import SolveSpec
 from .._trajectory import Trajectory
 # The problem builders and their helpers are public here (the `X as X` form re-exports).
 from ._anchor import anchor as anchor
@@ -162,42 +163,84 @@ def build(resolved: Resolved) -> Problem:
 
 def check(resolved: Resolved) -> Problem:
     """Build the problem and run every check `run` would make before computing anything
-    (the `[plot]` names, `gflow.solve`'s own input checks), without compiling.
+    (the `[plot]` names, `gflow.solve`'s own input checks), without compiling (but for the two
+    gradient evaluations that measure a float32 precision's tolerance floor).
 
     **Returns:**
 
     The problem, to pass on to `run`.
     """
     settings = resolved.solve
-    with jax.enable_x64(not settings.x32):
-        problem = build(resolved)
-        names = {"loss", *problem.observers}
-        plot = resolved.plot
-        for field, given in (("heatmaps", plot.heatmaps), ("labels", tuple(plot.labels))):
-            for name in given:
-                if name.split("/")[0] not in names:
-                    raise InputError(
-                        f"plot.{field}: no observable {name!r} in this problem; observables: "
-                        f"{', '.join(sorted(names))}"
-                    )
-        # What gflow.solve validates before it compiles (the first pass's save times).
-        _solve_prepare(problem.flow, **_solve_arguments(problem, settings),
-                       ts=settings.save_times())
+    # Built in float64 whatever the precision: every precision starts from the same init
+    # (the solve casts it).
+    problem = build(resolved)
+    names = {"loss", *problem.observers}
+    plot = resolved.plot
+    for field, given in (("heatmaps", plot.heatmaps), ("labels", tuple(plot.labels))):
+        for name in given:
+            if name.split("/")[0] not in names:
+                raise InputError(
+                    f"plot.{field}: no observable {name!r} in this problem; observables: "
+                    f"{', '.join(sorted(names))}"
+                )
+    _check_plot_shapes(problem, plot)
+    # What gflow.solve validates before it compiles (the first pass's save times).
+    solve_spec(problem, settings, settings.save_times())
     return problem
 
 
-def _solve_arguments(problem: Problem, settings: SolveSettings) -> dict:
-    """The arguments of `gflow.solve` (and of its validation) a config sets."""
-    controller = None
-    if (settings.pcoeff, settings.icoeff) != (0.0, 1.0):
-        controller = pid_controller(
-            problem.flow, settings.rtol, settings.atol, t0=settings.t0, t1=settings.t1,
-            pcoeff=settings.pcoeff, icoeff=settings.icoeff,
-        )
+def _check_plot_shapes(problem: Problem, plot) -> None:
+    """`plot.labels` name one label per component of their observable, and `plot.heatmaps`
+    square-matrix observables (shapes by abstract evaluation: nothing is compiled)."""
+    observers = {"loss": problem.flow.loss, **problem.observers}
+    flow = problem.flow
+
+    def leaves(name: str) -> list:
+        top, _, rest = name.partition("/")
+        out = jax.eval_shape(observers[top], flow.model, flow.data)
+        for part in rest.split("/") if rest else ():
+            if not isinstance(out, dict) or part not in out:
+                raise InputError(f"plot: observable {top!r} has no part {rest!r}")
+            out = out[part]
+        return jax.tree_util.tree_leaves(out)
+
+    for name, labels in plot.labels.items():
+        found = leaves(name)
+        if found and all(len(leaf.shape) >= 2 for leaf in found):
+            continue  # a heatmap's row names
+        if len(found) > 1 and all(leaf.shape == () for leaf in found):
+            count = len(found)  # a dict of scalars: one figure, a line each
+        elif len(found) == 1:
+            count = math.prod(found[0].shape)
+        else:
+            continue  # one figure per leaf: labels do not apply to the group
+        if count != len(labels):
+            raise InputError(f"plot.labels.{name}: {len(labels)} label(s) for {count} "
+                             f"component(s) of the observable {name!r}")
+    for name in plot.heatmaps:
+        for leaf in leaves(name):
+            if len(leaf.shape) != 2 or leaf.shape[0] != leaf.shape[1]:
+                raise InputError(f"plot.heatmaps: {name!r} is not a square matrix (shape "
+                                 f"{leaf.shape}): only square-matrix observables are drawn "
+                                 "as heatmaps")
+
+
+def solve_options(settings: SolveSettings) -> dict:
+    """The options of `gflow.SolveSpec.from_options` (and `gflow.solve`, `gflow.sweep`) that
+    a `[solve]` table sets, besides the problem's own observers and transitions."""
     return dict(
-        t0=settings.t0, t1=settings.t1, solver=settings.solver, rtol=settings.rtol,
-        atol=settings.atol, observers=problem.observers, transitions=problem.transitions,
-        max_steps=settings.max_steps, dt0=None, stepsize_controller=controller,
+        t0=settings.t0, solver=settings.solver, rtol=settings.rtol, atol=settings.atol,
+        max_steps=settings.max_steps, pcoeff=settings.pcoeff, icoeff=settings.icoeff,
+        checkpoint_steps=settings.checkpoint_steps or None,
+        precision=settings.precision_policy(),
+    )
+
+
+def solve_spec(problem: Problem, settings: SolveSettings, ts) -> SolveSpec:
+    """The `gflow.SolveSpec` a `[solve]` table gives for `problem`, saving at `ts`."""
+    return SolveSpec.from_options(
+        problem.flow, settings.t1, observers=problem.observers,
+        transitions=problem.transitions, ts=ts, **solve_options(settings),
     )
 
 
@@ -231,9 +274,7 @@ def run(
     warning = settings.precision_warning()
     if warning:
         warnings.warn(warning, stacklevel=2)
-    # float32 on request, for this run only: the process keeps gflow's float64 default.
-    with jax.enable_x64(not settings.x32):
-        return _run(resolved, progress, checkpoint_dir, resume, problem)
+    return _run(resolved, progress, checkpoint_dir, resume, problem)
 
 
 def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, Trajectory]:
@@ -246,13 +287,11 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
             checkpoint = Path(checkpoint_dir) / f"checkpoint-{stage}.eqx"
         return solve(
             problem.flow,
-            **_solve_arguments(problem, settings),
-            ts=ts,
+            solve_spec(problem, settings, ts),
             # Passes after the first say which they are on their bar.
             progress=progress and (True if stage == "first" else f"{stage} pass"),
             certify=certify,
             checkpoint=checkpoint,
-            checkpoint_steps=settings.checkpoint_steps or None,
             resume=resume,
         )
 
@@ -284,4 +323,5 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
                    for name, p in predictions.items()}
     return problem, dataclasses.replace(traj, config=resolved.config, predictions=predictions,
                                         criteria=dict(problem.criteria),
-                                        references=references)
+                                        references=references,
+                                        components=dict(resolved.plot.labels))

@@ -1,4 +1,4 @@
-"""Problem builder for the anchor-function task (Zhang et al.; papers.md §4).
+"""Problem builder for the anchor-function task (Zhang et al.; docs/science.md §4).
 
 Compare two initialization rates by running the preset twice, e.g.
 
@@ -20,6 +20,8 @@ needs far more data than a gradient-flow run of about a minute affords here (`n_
 took ~4 min for `t = 150` at 22 % training accuracy); this preset shows the trend, not the
 full effect. `γ = 0.3` is stiff after the fit: `--t1 100` suffices for it.
 """
+
+import math
 
 import equinox as eqx
 import jax
@@ -108,7 +110,7 @@ def anchor(
         held-out `(4,3)` samples.
     - `length`: sequence length; `d`, `m`, `layers`: decoder width, FFN width, attention layers.
     - `gamma`: initialization rate, every entry `N(0, d_in^{−2 gamma})`; large `gamma` is a
-        small init (papers.md §4: favours the compositional answer).
+        small init (docs/science.md §4: favours the compositional answer).
     - `seed`: seeds data and init.
     - `activation`: FFN activation (`"tanh"`, `"gelu"`, `"identity"`).
     - `train_embeddings`: let the token and position embeddings evolve.
@@ -168,5 +170,11 @@ def anchor(
             ),
         }
 
+    def references(traj):
+        # A model that has learnt nothing about the pair answers any token: 1/V each.
+        chance = {f"chance 1/{VOCAB}": 1.0 / VOCAB}
+        return {"held_out_accuracy": chance, "held_out_probability": chance,
+                "loss": {r"uniform $\log V$": math.log(VOCAB)}}
+
     flow = GradientFlow(model, cross_entropy, task.train, trainable=model.trainable_spec())
-    return Problem(flow, observers, transitions, criteria, predict)
+    return Problem(flow, observers, transitions, criteria, predict, references=references)

@@ -1,4 +1,4 @@
-"""Problem builder for deep linear networks (papers.md §5)."""
+"""Problem builder for deep linear networks (docs/science.md §5)."""
 
 import equinox as eqx
 import jax
@@ -156,7 +156,10 @@ def deep_linear(
         if depth == 2:
             levels |= {f"Saxe s={s_k:g} ({accuracy})": saxe_mode(traj.ts, s_k, u0_k)
                        for s_k, u0_k in zip(s, u0)}
-        return {"singular_values": levels}
+        # The loss plateaus between stages: with modes 1..m learned, L = ½ Σ_{k>m} s_k².
+        plateaus = {f"plateau, {m} of {s.size} modes learned": 0.5 * float(np.sum(s[m:] ** 2))
+                    for m in range(s.size)}
+        return {"singular_values": levels, "loss": plateaus}
     # Each factor grows like e^{s t} from eps: log law of slope 1/s for two factors, power
     # law of exponent -(depth - 2) for more.
     scaling = {

@@ -35,10 +35,6 @@ class Problem(eqx.Module):
     - `scaling`: `{transition name: gflow.ScalingLaw}`: how theory says the transition's time
         scales with the init scale `eps`; a sweep over `eps` fits that law and draws its
         slope.
-    - `figures`: optional `figures(trajectory, directory) -> [paths]` writing the preset's
-        composite figures (e.g. a paper's figure layout) next to the generic ones. States at
-        the located transitions are in `trajectory.at_transitions` (no save time needs to
-        fall there).
     """
 
     flow: GradientFlow
@@ -48,7 +44,6 @@ class Problem(eqx.Module):
     predict: Callable[[Any], dict] | None = None
     references: Callable[[Any], dict] | None = None
     scaling: dict[str, Any] = eqx.field(default_factory=dict)
-    figures: Callable[[Any, Any], list] | None = None
 
 
 def comparison(predicted: float, measured: float | None, basis: str = "") -> Prediction:

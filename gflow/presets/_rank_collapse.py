@@ -1,6 +1,6 @@
 """Problem builder `rank-collapse`: Chen & Luo's own experiment by exact gradient flow.
 
-The multi-class anchor-function decoder of their Sec. 5 / App. B (papers.md §1b): one layer, one
+The multi-class anchor-function decoder of their Sec. 5 / App. B (docs/science.md §1b): one layer, one
 head, no residual, no LayerNorm, tanh FFN with `d_ff = 2 d_model`; the token embedding, the
 positional embedding and the output projection are fixed; `W_Q, W_K, W_V (d×d)`, `W1 (d×d_ff)`,
 `W2 (d_ff×d)` learn from `N(0, σ²)`, `σ = d_model^(−0.85)`; cross-entropy on the last token.
@@ -49,7 +49,7 @@ from .. import measures
 from .. import observers as obs
 from .._errors import InputError
 from .._flow import GradientFlow
-from .._paper_figures import chen_luo_figures, save_index
+from ..figures import save_index
 from .._prediction import Prediction
 from .._solve import Transition
 from ..models._decoder import Decoder, TokenData, accuracy, cross_entropy
@@ -140,14 +140,24 @@ class HeldOutLoss(eqx.Module):
         return cross_entropy(model, self.held_out)
 
 
+# Lanczos steps behind every stable rank this preset computes in the solve (its conditions,
+# diffrax evaluates at every step, and its save-time observer): `2 x 16` products with each
+# matrix instead of an SVD. At the located transitions the matrices have a leading singular
+# value apart from the bulk, where 16 steps reach rounding; the worst case, a Gaussian matrix
+# (the init), is within 2e-2 in σ_max², far from any transition level (see
+# `gflow.measures.spectral_norm` and tests/test_measures.py).
+LANCZOS_STEPS = 16
+
+
 class OuterStableRankBelow(eqx.Module):
     """Condition: mean stable rank of `W_V, W1, W2` minus `level` (falls through 0 at
-    condensation)."""
+    condensation); each `σ_max` from `iterations` Lanczos steps (`None`: SVD)."""
 
     level: Float[Array, ""]
+    iterations: int | None = eqx.field(static=True, default=LANCZOS_STEPS)
 
     def __call__(self, model, data=None) -> Array:
-        ranks = jnp.stack([measures.stable_rank(W) for W in _outer(model)])
+        ranks = jnp.stack([measures.stable_rank(W, self.iterations) for W in _outer(model)])
         return jnp.mean(ranks) - self.level
 
 
@@ -162,13 +172,15 @@ class QueryChangeAbove(eqx.Module):
 
 
 class AttentionStableRankBelow(eqx.Module):
-    """Condition: `max(stable rank W_Q, stable rank W_K)` minus `level`."""
+    """Condition: `max(stable rank W_Q, stable rank W_K)` minus `level`; each `σ_max` from
+    `iterations` Lanczos steps (`None`: SVD)."""
 
     level: Float[Array, ""]
+    iterations: int | None = eqx.field(static=True, default=LANCZOS_STEPS)
 
     def __call__(self, model, data=None) -> Array:
-        return jnp.maximum(measures.stable_rank(_w_q(model)),
-                           measures.stable_rank(_w_k(model))) - self.level
+        return jnp.maximum(measures.stable_rank(_w_q(model), self.iterations),
+                           measures.stable_rank(_w_k(model), self.iterations)) - self.level
 
 
 def rank_collapse(
@@ -190,7 +202,7 @@ def rank_collapse(
     readout_std: float | None = None,
     eps: float | None = None,
 ) -> Problem:
-    """Chen & Luo's anchor-function decoder (papers.md §1b) under exact gradient flow.
+    """Chen & Luo's anchor-function decoder (docs/science.md §1b) under exact gradient flow.
 
     **Arguments:**
 
@@ -243,7 +255,7 @@ def rank_collapse(
 
     observers = {
         "effective_rank": obs.effective_rank(_groups),
-        "stable_rank": obs.stable_rank(_groups),
+        "stable_rank": obs.stable_rank(_groups, LANCZOS_STEPS),
         "relative_change": obs.relative_change(_groups, model),
         "norm": obs.frobenius_norm(_groups),
         "cosine": CosineMatrices({name: obs.cosine_matrix(_SELECTORS[name], axis="rows")
@@ -273,8 +285,15 @@ def rank_collapse(
     def predict(traj):
         return rank_collapse_predictions(traj, chance)
 
+    def references(traj):
+        # At small init the logits are ~0: every token equally likely, the loss log V (the
+        # stage-1 plateau); a model that cannot locate the answer is right by chance.
+        plateau = {r"plateau $\log V$": math.log(vocab)}
+        return {"loss": plateau, "held_out_loss": plateau,
+                "held_out_accuracy": {f"chance 1/{KEY_COUNT + 1}": chance}}
+
     flow = GradientFlow(model, cross_entropy, train, trainable=model.trainable_spec())
-    return Problem(flow, observers, transitions, criteria, predict, figures=chen_luo_figures)
+    return Problem(flow, observers, transitions, criteria, predict, references=references)
 
 
 # The targets x + shift, x among the 96 keys, shift 0 or 1: 97 possible answers.
@@ -328,6 +347,6 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
     held = float(np.asarray(traj.observables["held_out_accuracy"][-1]))
     out["held_out_accuracy"] = Prediction.qualitative(
         f"near chance ({chance:.3g}): one layer without residual cannot locate the token after "
-        "the anchor (papers.md §1b)", f"held-out {held:.3g}, train {train:.3g}", holds=None,
+        "the anchor (docs/science.md §1b)", f"held-out {held:.3g}, train {train:.3g}", holds=None,
         basis="arg-max accuracy at the end on a second draw of the task, beside training")
     return out

@@ -1,11 +1,10 @@
-"""Problem builder `rank-collapse-binary`: the setting of Chen & Luo's theorems (papers.md §1).
+"""Problem builder `rank-collapse-binary`: the setting of Chen & Luo's theorems (docs/science.md §1).
 
 A binary task with exponential loss and a scalar readout `W2 ∈ R^d`: the setting in which the
 stage-1 blow-up bound, the stage-2 closed form and Assumption 1 are stated. The paper's own
 figures come from a multi-class experiment: preset `rank-collapse` (`_rank_collapse.py`).
 """
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -19,7 +18,6 @@ from .. import measures
 from .. import observers as obs
 from .._errors import InputError
 from .._flow import GradientFlow
-from .._paper_figures import chen_luo_figures
 from .._solve import Transition
 from ..models import AttentionFFN, OuterParameters, exponential_loss, logistic_loss, stage2_matrix
 from ..models import target_direction
@@ -277,11 +275,15 @@ def rank_collapse_binary(
         return out
 
     flow = GradientFlow(model, loss_fn, data)
-    figures = functools.partial(chen_luo_figures, groups=GROUPS, outer=("W_V", "W1"),
-                                loss_name=f"{loss} loss")
     # Three factors (W_V, W1, W2) meet at the origin: stage 1 escapes in time ~ 1/eps.
     scaling = {name: ScalingLaw.of_factors(
         3, basis="stage 1 is the cubic energy flow of W_V W1 W2: real time scales as 1/eps")
         for name in ("condensation",)}
-    return Problem(flow, observers, transitions, criteria, predict, figures=figures,
+    # With every output ~0 at small init, each sample's loss is the loss at margin 0.
+    plateau = {"exponential": 1.0, "logistic": math.log(2.0)}[loss]
+
+    def references(traj):
+        return {"loss": {"plateau (f = 0)": plateau}}
+
+    return Problem(flow, observers, transitions, criteria, predict, references=references,
                    scaling=scaling)

@@ -1,4 +1,4 @@
-"""Problem builder for next-token prediction on real text (Chen & Luo's Fig. 3; papers.md §1b).
+"""Problem builder for next-token prediction on real text (Chen & Luo's Fig. 3; docs/science.md §1b).
 
 The paper's real-text model: a 2-layer decoder with residual connections, a GeLU FFN in every
 layer, no LayerNorm, every trainable weight `N(0, σ²)` with `σ = d^(−1.2)`, loss on the last

@@ -1,4 +1,4 @@
-"""Chen & Luo's multi-class anchor-function task (NeurIPS 2025, Sec. 5 / App. B; papers.md §1b).
+"""Chen & Luo's multi-class anchor-function task (NeurIPS 2025, Sec. 5 / App. B; docs/science.md §1b).
 
 **Vocabulary** (`V = 201` tokens by default, ids `0..V−1`): anchors `A = {1, 2, 3, 4}`, keys
 `Z = {5, ..., 100}`; targets lie in `5..101`; the other ids never occur.

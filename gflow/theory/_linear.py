@@ -1,4 +1,4 @@
-"""Closed forms of linear-network gradient flows (Saxe et al.; papers.md §5)."""
+"""Closed forms of linear-network gradient flows (Saxe et al.; docs/science.md §5)."""
 
 import numpy as np
 from jaxtyping import ArrayLike, Float

@@ -1,6 +1,6 @@
 """Would a multistep method beat DOP853's evaluations? scipy's Adams methods at matched error.
 
-    python -m benchmarks.multistep [--only deep-linear|cooccurrence|rank-collapse]
+    python -m benchmarks.studies.multistep [--only deep-linear|cooccurrence|rank-collapse]
 
 Issue 14 asks for ≤ 0.7× scipy DOP853's gradient evaluations at every matched error. No
 8th-order Runge–Kutta method can get there (`benchmarks.solvers`: an ideal step sequence
@@ -26,9 +26,9 @@ import warnings
 import numpy as np
 import scipy.integrate
 
-from . import cooccurrence, deep_linear, rank_collapse
-from ._harness import interpolate_cost, markdown_table, relative_trajectory_error
-from ._workload import _Counted, _jax_rhs, reference, scipy_solve
+from .. import cooccurrence, deep_linear, rank_collapse
+from .._harness import interpolate_cost, markdown_table, relative_trajectory_error
+from .._workload import _Counted, _jax_rhs, reference, scipy_solve
 
 WORKLOADS = {
     "deep-linear": ("(a)", lambda: deep_linear.build(False),

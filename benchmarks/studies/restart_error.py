@@ -7,7 +7,7 @@ tolerance, the largest error of W1 over the save grid against a Dopri8 reference
 rtol 1e-13, solved without transitions and with the preset's four transitions (five
 segments), and how far the two solves are from each other.
 
-Run: `python -m benchmarks.restart_error`.
+Run: `python -m benchmarks.studies.restart_error`.
 """
 
 import numpy as np

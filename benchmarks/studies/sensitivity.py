@@ -1,7 +1,7 @@
 """Cost of `gflow.sensitivity` (one solve + one forward-mode solve) against the central
 difference it replaces (the same solve + two more), on the deep-linear preset's network.
 
-    python -m benchmarks.sensitivity [--repeats N]
+    python -m benchmarks.studies.sensitivity [--repeats N]
 
 Every program is compiled by a first, untimed round; the timed rounds reuse them (the flows'
 functions are the same objects for every p). Wall times are minima over the repeats.

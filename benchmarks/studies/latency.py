@@ -18,7 +18,7 @@ the second ("warm": the persistent compilation cache full). The phases come from
   reference);
 - *save*, *figures*: writing the run directory and drawing its figures.
 
-Run: `python -m benchmarks.latency [PRESET ...]` (default: every preset). Prints a Markdown
+Run: `python -m benchmarks.studies.latency [PRESET ...]` (default: every preset). Prints a Markdown
 table.
 """
 

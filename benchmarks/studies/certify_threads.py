@@ -15,7 +15,7 @@ alternating:
 on the default preset (`rank-collapse`, its observers, transitions and PI control) up to
 `--t1` (default 300: 200 save times, observers dominate; the full preset is t1 = 1500).
 
-Run: `python -m benchmarks.certify_threads [--t1 T] [--repeats N]`.
+Run: `python -m benchmarks.studies.certify_threads [--t1 T] [--repeats N]`.
 """
 
 import argparse

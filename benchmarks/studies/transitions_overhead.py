@@ -18,7 +18,7 @@ in one process, calls alternating so that other jobs on the machine disturb all 
 - `gflow.solve`'s compiled engine program alone (what is left is host work per call:
   validation, the plan, the `Trajectory`).
 
-Run: `python -m benchmarks.transitions_overhead [--repeats N] [--observe-state]`
+Run: `python -m benchmarks.studies.transitions_overhead [--repeats N] [--observe-state]`
 (`--observe-state`: every call also observes the 512 weights at each save time, as
 `benchmarks.run`'s workload does). On a shared machine pin it to one core with XLA's Eigen
 thread pool off (`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 1 python -m ...`):
@@ -43,7 +43,7 @@ import numpy as np
 import gflow
 import gflow.presets
 
-from ._workload import flat_state_observer
+from .._workload import flat_state_observer
 
 RTOL = 1e-8
 T1 = 12.0

@@ -1,6 +1,6 @@
 """Stiffness of the default preset: are its steps set by accuracy or by stability?
 
-    python -m benchmarks.stiffness [--points 24] [--methods tsit5:1e-6,bosh3:1e-6,...]
+    python -m benchmarks.studies.stiffness [--points 24] [--methods tsit5:1e-6,bosh3:1e-6,...]
                                    [--reference 1e-10]
 
 The default preset (`rank-collapse`, Chen & Luo's experiment) is solved with the preset's
@@ -28,7 +28,7 @@ import numpy as np
 import gflow
 from gflow import presets
 
-from ._workload import flat_state_observer
+from .._workload import flat_state_observer
 
 
 def _setup():

@@ -1,0 +1,246 @@
+"""The size ladder: Chen & Luo's experiment (`rank-collapse`) by exact flow as the model grows.
+
+    python -m benchmarks.studies.size_ladder                  # d = 64, 128, 256, then the table
+    python -m benchmarks.studies.size_ladder --sizes 64 128   # some sizes (each saved on its own)
+    python -m benchmarks.studies.size_ladder --report         # the table from the saved sizes
+
+Every size is the `rank-collapse` preset with `d_ff = 2 d`, `σ = d^−0.85` (the preset's default),
+the same seed, training set (`n = 300`) and held-out set, Tsit5 at the preset's rtol 1e-6 with
+its PI control; only `t1` grows with `d` (`1500 · d / 64` by default: the plateau's escape time
+grows like `1/σ`). Each size's run is saved as `d<d>.json` under `--out` as soon as it ends, so
+sizes can be run one at a time (on different days or machines) and assembled with `--report`.
+
+The table (`size_ladder.json`, `size_ladder.md`) holds, per size: the three transition times,
+the effective and stable ranks of every group at each transition and at the end, held-out and
+training accuracy, the largest drift of the two conserved quantities, the verdicts of
+`attention_collapses_below_outer*`, and the run's steps and wall time. The figure
+(`size-ladder-ranks.png`) draws the ranks at the key-query collapse and at the end against `d`.
+Not part of the default benchmark suite: a size of 256 takes hours on two cores.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .._harness import fmt, machine, markdown_table
+
+SIZES = (64, 128, 256)
+GROUPS = ("W_Q", "W_K", "W_V", "W1", "W2")
+TRANSITIONS = ("condensation", "stage2_onset", "kq_collapse")
+VERDICTS = ("attention_collapses_below_outer", "attention_collapses_below_outer_at_lowest",
+            "attention_collapses_below_outer_at_end")
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "size_ladder"
+
+
+def default_t1(d: int) -> float:
+    return 1500.0 * d / 64
+
+
+def overrides(d: int, t1: float, precision: str) -> list[str]:
+    out = [f"problem.d={d}", f"problem.d_ff={2 * d}", f"solve.t1={t1}"]
+    return out if precision == "float64" else out + [f"solve.precision=\"{precision}\""]
+
+
+def _ranks(values) -> dict:
+    return {key: dict(zip(GROUPS, (float(x) for x in np.asarray(values[key]))))
+            for key in ("effective_rank", "stable_rank")}
+
+
+def run_size(d: int, t1: float, precision: str) -> dict:
+    """Solve one size and return its row (JSON-safe)."""
+    import gflow.presets as presets
+
+    resolved = presets.resolve("rank-collapse", overrides(d, t1, precision))
+    begin = time.perf_counter()
+    _, traj = presets.run(resolved, progress=sys.stderr.isatty())
+    wall = time.perf_counter() - begin
+    obs = traj.observables
+    drift = np.asarray(obs["conserved_drift"])
+    norm = np.asarray(obs["norm"])
+    row = dict(
+        d=d, d_ff=2 * d, t1=t1, sigma=d ** -0.85, precision=precision,
+        command=f"python -m benchmarks.studies.size_ladder --sizes {d}",
+        status=traj.status, t_final=traj.t_final,
+        transitions={k: _finite(v) for k, v in traj.transitions.items()},
+        ranks_at={name: _ranks(traj.at_transitions[name]) for name in traj.at_transitions},
+        ranks_end=_ranks({k: np.asarray(obs[k])[-1] for k in ("effective_rank", "stable_rank")}),
+        held_out_accuracy=float(np.asarray(obs["held_out_accuracy"])[-1]),
+        train_accuracy=float(np.asarray(obs["train_accuracy"])[-1]),
+        loss_end=float(np.asarray(obs["loss"])[-1]),
+        conserved_drift_max=[float(x) for x in np.nanmax(drift, axis=0)],
+        norm_max=float(np.nanmax(norm)),
+        verdicts={k: traj.predictions[k].holds for k in VERDICTS if k in traj.predictions},
+        verdict_text={k: traj.predictions[k].measured for k in VERDICTS
+                      if k in traj.predictions},
+        stats={k: v for k, v in traj.stats.items() if isinstance(v, (int, float, str))},
+        wall_seconds=wall,
+    )
+    return row
+
+
+def costs(d: int, repeats: int = 3) -> dict:
+    """Best wall time of one velocity `-∇L` and of one observation (every observer and
+    transition condition of the preset) at size `d`, jitted, on this machine."""
+    import equinox as eqx
+    import jax
+
+    import gflow.presets as presets
+
+    from .._harness import best_time
+
+    problem = presets.build(presets.resolve("rank-collapse", overrides(d, default_t1(d),
+                                                                       "float64")))
+    flow = problem.flow
+    y = flow.params
+    velocity = eqx.filter_jit(lambda flow, y: flow.velocity(y))
+    conditions = tuple(tr.condition for tr in problem.transitions)
+    observe = eqx.filter_jit(lambda flow, y: (
+        {k: o(flow.combine(y), flow.data) for k, o in problem.observers.items()},
+        [c(flow.combine(y), flow.data) for c in conditions]))
+    out = dict(d=d, parameters=sum(x.size for x in jax.tree_util.tree_leaves(y)))
+    for name, fn in (("velocity", velocity), ("observation", observe)):
+        jax.block_until_ready(fn(flow, y))
+        timing = best_time(lambda: jax.block_until_ready(fn(flow, y)), repeats=repeats,
+                           budget_s=60.0)
+        out[f"{name}_seconds"] = timing.wall
+    return out
+
+
+def _finite(x):
+    return float(x) if math.isfinite(x) else None
+
+
+def report(out: Path) -> dict:
+    """Assemble every saved size into `size_ladder.json`, `.md` and the figure."""
+    rows = sorted((json.loads(p.read_text()) for p in out.glob("d*.json")), key=lambda r: r["d"])
+    if not rows:
+        raise SystemExit(f"no saved sizes under {out}: run some first")
+    table = dict(rows=rows, machine=machine(),
+                 missing=[d for d in SIZES if d not in {r["d"] for r in rows}])
+    (out / "size_ladder.json").write_text(json.dumps(table, indent=1) + "\n")
+    (out / "size_ladder.md").write_text(markdown(rows, table["missing"]))
+    figure(rows, out / "size-ladder-ranks.png")
+    return table
+
+
+def _group_ranks(r: dict, measure: str) -> str:
+    return " / ".join(f"{r[measure][g]:.3g}" for g in GROUPS)
+
+
+def _verdict(row: dict, name: str) -> str:
+    """The claim's verdict, and which rank measure breaks it (from the prediction's text)."""
+    holds, text = row["verdicts"].get(name), row["verdict_text"].get(name) or ""
+    if holds is None:
+        return "—"
+    parts = [f"{m} {'yes' if f'{m} below' in text else 'no'}" for m in ("effective", "stable")]
+    return f"{'holds' if holds else 'fails'} ({', '.join(parts)})"
+
+
+def markdown(rows: list[dict], missing: list[int]) -> str:
+    header = ["d", "t1", "status", *TRANSITIONS, "steps", "wall (s)", "held-out / train acc.",
+              "drift Q / R (max)", *(v.replace("attention_collapses_below_outer", "below") or "at kq"
+                                     for v in VERDICTS)]
+    body = []
+    for r in rows:
+        body.append([
+            r["d"], fmt(r["t1"]), r["status"],
+            *(fmt(r["transitions"].get(k)) if r["transitions"].get(k) is not None else "not reached"
+              for k in TRANSITIONS),
+            fmt(r["stats"].get("num_steps")), fmt(r["wall_seconds"]),
+            f"{r['held_out_accuracy']:.3g} / {r['train_accuracy']:.3g}",
+            " / ".join(fmt(x) for x in r["conserved_drift_max"]),
+            *(_verdict(r, v) for v in VERDICTS),
+        ])
+    lines = ["# rank-collapse size ladder (`python -m benchmarks.studies.size_ladder`)", "",
+             markdown_table(header, body), "",
+             "Ranks (W_Q / W_K / W_V / W1 / W2), effective then stable:", ""]
+    rank_rows = []
+    for r in rows:
+        for where in (*TRANSITIONS, "end"):
+            ranks = r["ranks_end"] if where == "end" else r["ranks_at"].get(where)
+            if ranks is None:
+                continue
+            rank_rows.append([r["d"], where, _group_ranks(ranks, "effective_rank"),
+                              _group_ranks(ranks, "stable_rank")])
+    lines += [markdown_table(["d", "at", "effective rank", "stable rank"], rank_rows), ""]
+    if missing:
+        lines += [f"Not run: d = {', '.join(map(str, missing))}.", ""]
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharex=True)
+    ds = [r["d"] for r in rows]
+    for ax, measure, title in ((axes[0], "effective_rank", "effective rank (Roy–Vetterli)"),
+                               (axes[1], "stable_rank", "stable rank")):
+        for k, g in enumerate(GROUPS):
+            color = f"C{k}"
+            at = [r["ranks_at"].get("kq_collapse", {}).get(measure, {}).get(g, math.nan)
+                  for r in rows]
+            end = [r["ranks_end"][measure][g] for r in rows]
+            ax.plot(ds, at, "o-", color=color, label=f"{g} at kq_collapse")
+            ax.plot(ds, end, "s--", color=color, alpha=0.6, label=f"{g} at the end")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(SIZES, [str(d) for d in SIZES])
+        ax.set_xlim(SIZES[0] / 1.4, SIZES[-1] * 1.4)
+        ax.set_xlabel("d (d_ff = 2d, σ = d^−0.85)")
+        ax.set_title(title)
+    axes[0].set_ylabel("rank")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)
+    fig.suptitle("rank-collapse by exact gradient flow: ranks of every group vs model width")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.size_ladder",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--t1", type=float, nargs="+", default=None,
+                        help="flow time per size (default 1500 d / 64)")
+    parser.add_argument("--precision", default="float64")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--report", action="store_true", help="only assemble the saved sizes")
+    parser.add_argument("--costs", action="store_true",
+                        help="only measure one velocity and one observation per size "
+                        "(costs.json), to estimate the sizes not run")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.costs:
+        rows = [costs(d) for d in args.sizes]
+        (args.out / "costs.json").write_text(json.dumps(dict(rows=rows, machine=machine()),
+                                                        indent=1) + "\n")
+        for r in rows:
+            print(f"d={r['d']}: {r['parameters']} parameters, velocity "
+                  f"{r['velocity_seconds'] * 1e3:.1f} ms, observation "
+                  f"{r['observation_seconds'] * 1e3:.1f} ms")
+        return 0
+    if not args.report:
+        t1s = args.t1 or [default_t1(d) for d in args.sizes]
+        if len(t1s) != len(args.sizes):
+            parser.error("give one --t1 per size")
+        for d, t1 in zip(args.sizes, t1s):
+            row = run_size(d, t1, args.precision)
+            (args.out / f"d{d}.json").write_text(json.dumps(row, indent=1) + "\n")
+            print(f"d={d}: {row['status']} in {row['wall_seconds']:.0f} s, "
+                  f"transitions {row['transitions']}", flush=True)
+    table = report(args.out)
+    print(markdown(table["rows"], table["missing"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""gflow's internals that its own benchmarks and tests measure: not public API, and free to
+change without notice.
+
+- `compiled_programs()`: the programs compiled so far in this process (the engine's cache),
+  e.g. to check that two settings ran the same program.
+- `AUTO_CROSSOVER_RTOL`, `AUTO_DOP853_ERROR_SCALE`: where `solver="auto"` switches from Tsit5 to
+  DOP853, and the error scale it assumes for DOP853.
+"""
+
+from ._engine import compiled_programs as compiled_programs
+from ._solvers import (
+    AUTO_CROSSOVER_RTOL as AUTO_CROSSOVER_RTOL,
+    AUTO_DOP853_ERROR_SCALE as AUTO_DOP853_ERROR_SCALE,
+)
+
+__all__ = ["AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "compiled_programs"]
