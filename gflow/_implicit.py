@@ -14,7 +14,8 @@ from diffrax's predictor. The dense output is the cubic Hermite polynomial throu
 ends (`PolynomialInterpolation`, the representation `gflow`'s switching solver shares).
 """
 
-from typing import ClassVar
+import functools
+from typing import ClassVar, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -222,25 +223,31 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
             rate = jnp.maximum(rate, _RATE_FLOOR) ** 0.8
             return k, its, krylov, failed, rate
 
-        ks = [h * f0]
-        newton_its = jnp.asarray(0, int_)
-        krylov_its = jnp.asarray(0, int_)
-        failed = jnp.asarray(False)
-        for i in range(1, len(tab.c) + 1):
-            row = tab.a_lower[i - 1]
-            base = flat0 + sum(float(a) * k for a, k in zip(row, ks) if a != 0)
-            pred = tab.a_predictor[i - 1]
-            k_guess = sum(float(a) * k for a, k in zip(pred, ks) if a != 0)
-            k_guess = jnp.zeros_like(flat0) + k_guess
-            k, its, krylov, fail, rate = newton(base, k_guess, t0 + float(tab.c[i - 1]) * h,
-                                                rate)
-            ks.append(k)
-            newton_its = newton_its + its
-            krylov_its = krylov_its + krylov
-            failed = failed | fail
+        # The stages in one loop, so that the Newton iteration (a gradient and a CG solve on
+        # Hessian-vector products) is traced and compiled once, not once per stage.
+        # Combinations of stages are sums of products, not matrix products: those would run
+        # at the backend's default matmul precision (TF32 on recent GPUs) in float32.
+        stages = _stage_matrices(self.method)
+        a, predictor = jnp.asarray(stages.a, dtype), jnp.asarray(stages.predictor, dtype)
+        c_stage = jnp.asarray(stages.c, jnp.result_type(h))
+        combine = lambda row, ks: jnp.sum(jnp.asarray(row, dtype)[:, None] * ks, axis=0)
+
+        def stage(i, c):
+            ks, newton_its, krylov_its, failed, rate = c
+            base = flat0 + combine(a[i], ks)
+            k_guess = combine(predictor[i], ks)
+            k, its, krylov, fail, rate = newton(base, k_guess, t0 + c_stage[i] * h, rate)
+            return (ks.at[i].set(k), newton_its + its, krylov_its + krylov, failed | fail,
+                    rate)
+
+        ks = jnp.zeros((len(stages.c),) + flat0.shape, dtype).at[0].set(h * f0)
+        init = (ks, jnp.asarray(0, int_), jnp.asarray(0, int_), jnp.asarray(False),
+                jnp.asarray(rate, dtype))
+        ks, newton_its, krylov_its, failed, rate = jax.lax.fori_loop(
+            1, len(stages.c), stage, init)
         # Stiffly accurate: the last stage is the step's end.
-        y1_flat = flat0 + sum(float(b) * k for b, k in zip(tab.b_sol, ks) if b != 0)
-        err = sum(float(b) * k for b, k in zip(tab.b_error, ks) if b != 0)
+        y1_flat = flat0 + combine(stages.b_sol, ks)
+        err = combine(stages.b_error, ks)
         # A failed Newton iteration rejects the step: the controller retries it smaller.
         err = jnp.where(failed, jnp.inf, err)
         y1 = unravel(y1_flat)
@@ -256,6 +263,27 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
             jnp.asarray(1, int_),
         ]).astype(int_)
         return y1, y_error, dense_info, work, rate, diffrax.RESULTS.successful, probed
+
+
+class _Stages(NamedTuple):
+    a: np.ndarray  # (s, s): row i the coefficients of stage i's base (strictly lower)
+    predictor: np.ndarray  # (s, s): row i the coefficients of stage i's Newton start
+    c: np.ndarray  # (s,): the stages' times, as fractions of the step
+    b_sol: np.ndarray  # (s,)
+    b_error: np.ndarray  # (s,)
+
+
+@functools.cache
+def _stage_matrices(method: str) -> _Stages:
+    """A Kværnø tableau as dense arrays (stage 0 explicit; the diagonal γ is Newton's)."""
+    tab = _TABLEAUX[method].tableau
+    s = len(tab.c) + 1
+    a, predictor = np.zeros((s, s)), np.zeros((s, s))
+    for i in range(1, s):
+        a[i, :i] = tab.a_lower[i - 1]
+        predictor[i, :i] = tab.a_predictor[i - 1]
+    return _Stages(a, predictor, np.concatenate([[0.0], tab.c]), np.asarray(tab.b_sol),
+                   np.asarray(tab.b_error))
 
 
 def int_dtype():

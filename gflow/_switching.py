@@ -164,7 +164,10 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
         ks = jax.vmap(flat)(k)  # (7, n)
         y0f, y1f = flat(y0), flat(y1)
-        z6 = y0f + jnp.tensordot(jnp.asarray(tab.a_lower[4], ks.dtype), ks[:5], axes=1)
+        # Matrix products at full precision: the state may be float32, whose default
+        # matmul precision on recent GPUs is TF32.
+        z6 = y0f + jnp.tensordot(jnp.asarray(tab.a_lower[4], ks.dtype), ks[:5], axes=1,
+                                 precision=jax.lax.Precision.HIGHEST)
         direction = y1f - z6
         dist = jnp.linalg.norm(direction)
         h_rho = jnp.linalg.norm(ks[6] - ks[5]) / jnp.where(dist > 0, dist, 1.0)
@@ -180,7 +183,8 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         work = state["work"].at[GRADIENTS].add(6 + first_step.astype(int_dtype()))
         work = work.at[EXPLICIT_STEPS].add(1)
         coeffs = jtu.tree_map(
-            lambda y0_, k_: jnp.tensordot(jnp.asarray(_tsit5_monomials(), k_.dtype), k_, axes=1)
+            lambda y0_, k_: jnp.tensordot(jnp.asarray(_tsit5_monomials(), k_.dtype), k_, axes=1,
+                                          precision=jax.lax.Precision.HIGHEST)
             .at[DEGREE].add(y0_),
             y0, k,
         )
