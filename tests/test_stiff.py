@@ -212,3 +212,29 @@ def test_auto_on_a_non_stiff_flow_is_tsit5(saxe_flow):
     assert auto.stats["vector_field_evaluations"] == tsit5.stats["vector_field_evaluations"]
     np.testing.assert_array_equal(np.asarray(auto.final.weights[0]),
                                   np.asarray(tsit5.final.weights[0]))
+
+
+def test_sensitivity_across_a_switch_matches_the_closed_form():
+    # Spectrum scaled by p: the slowest component halves at t* = ln 2 / (0.05 p), after the
+    # switch, so dt*/dp = -ln 2 / 0.05 at p = 1. Forward mode runs through both branches.
+    def make_flow(p):
+        return gflow.GradientFlow(Quadratic(jnp.asarray(THETA0)), _quadratic_flow().loss,
+                                  p * jnp.asarray(SPECTRUM))
+
+    rtol = 1e-6
+    result = gflow.sensitivity(make_flow, 1.0, 30.0, transitions=[_transition()], rtol=rtol)
+    assert result.trajectory.solver == "switching" and result.trajectory.stats["switches"] >= 1
+    t_half = np.log(2.0) / SPECTRUM[-1]
+    assert abs(result.times["half"] / t_half - 1) < 10 * rtol
+    assert abs(result.derivatives["half"] / -t_half - 1) < 10 * rtol
+
+
+def test_a_terminal_transition_is_part_of_the_spec():
+    flow = _quadratic_flow()
+    plain = gflow.SolveSpec.from_options(flow, 10.0, transitions=[_transition()])
+    ending = gflow.SolveSpec.from_options(
+        flow, 10.0, transitions=[eqx.tree_at(lambda t: t.terminal, _transition(), True)])
+    # Checkpoints' fingerprint: a run that ends at the transition is another problem.
+    assert plain.settings() != ending.settings()
+    with pytest.raises(gflow.InputError, match="terminal"):
+        gflow.Transition("x", lambda m, d: 0.0, terminal="yes")
