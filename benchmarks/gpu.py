@@ -58,12 +58,13 @@ from gflow import measures, presets
 
 from . import sweep as sweep_benchmark
 from ._harness import best_time, machine
+from .results_page import RESULTS_DIR, write_suite
 
 SECTIONS = ("environment", "gradient", "linalg", "instruments", "step_floor", "capped_solve",
             "sweep", "certify", "checkpoint", "estimate")
 PAPER = dict(d=640, d_ff=1280, n=1000)
 QUICK = dict(d=32, d_ff=64, n=64)
-# The default preset's steps at d = 64 (rtol 1e-6, PI control; benchmarks/RESULTS.md): the
+# The default preset's steps at d = 64 (rtol 1e-6, PI control; docs/results.md): the
 # estimate's step count, for want of a paper-size run to count them.
 DEFAULT_RUN_STEPS = 1220
 SAVE_POINTS = 200
@@ -397,7 +398,12 @@ def main(argv=None) -> int:
                         help="wall seconds for the whole probe (default 540)")
     parser.add_argument("--only", default=None,
                         help="comma-separated sections to run (environment always runs)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the results page's suite from --out's JSON, measure nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_results(json.loads(args.out.read_text()), args.out)
+        return 0
     if not args.budget > 0:
         print(f"--budget must be positive, got {args.budget}", file=sys.stderr)
         return 2
@@ -412,6 +418,9 @@ def main(argv=None) -> int:
     size = QUICK if args.quick else PAPER
     repeats = 2 if args.quick else 5
     probe = Probe(args.out, args.budget, only)
+    probe.result["command"] = "python -m benchmarks.gpu " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    probe.result["machine"] = machine()
     probe.result["size"] = size
     probe.section("environment", 0, environment)
     begin = time.perf_counter()
@@ -437,7 +446,61 @@ def main(argv=None) -> int:
     probe.section("estimate", 0, lambda: estimate(probe.result))
     print(json.dumps({k: probe.result[k] for k in ("gradient", "estimate")
                       if k in probe.result}, indent=1, default=_json_default))
+    if not args.quick:
+        write_results(json.loads(args.out.read_text()), args.out)
     return 0
+
+
+def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Path:
+    """The results page's rows from one probe's JSON (suite `probe-<out's stem>`): issue 30's
+    instrument costs in gradients, before (σ_max by SVD) and after (Lanczos), and the estimate
+    of the whole default run at the probe's size."""
+    rows = []
+    size = result["size"]
+    grad = result.get("gradient", {}).get("float64")
+    if grad:
+        rows.append(dict(quantity="one float64 gradient", value=grad["seconds"], unit="s",
+                         detail=f"{grad['flops'] / 1e9:.2f} GFLOP by XLA's cost analysis"))
+    inst = result.get("instruments") or {}
+    for name, c in (inst.get("conditions") or {}).items():
+        before = (f"with σ_max by SVD {c['svd_gradients']:.3g} gradients"
+                  if "svd_gradients" in c else "no SVD in it")
+        rows.append(dict(quantity=f"condition {name}, one evaluation", value=c["gradients"],
+                         unit="gradients", target="≤ 0.05",
+                         verdict="met" if c["gradients"] <= 0.05 else "not met", detail=before))
+    observation = inst.get("observation")
+    if observation:
+        rows.append(dict(quantity="one save-time observation (every observer)",
+                         value=observation["gradients"], unit="gradients", target="≤ 0.5",
+                         verdict="met" if observation["gradients"] <= 0.5 else "not met",
+                         detail=observation.get("note", "")))
+        rows.append(dict(quantity="observables per save time",
+                         value=observation["bytes_per_save_time"] / 2**20, unit="MiB",
+                         target="≤ 1", verdict="met" if observation["bytes_per_save_time"]
+                         <= 2**20 else "not met"))
+    for name, o in sorted((inst.get("observers") or {}).items(),
+                          key=lambda kv: -kv[1]["gradients"]):
+        rows.append(dict(quantity=f"observer {name}, one evaluation", value=o["gradients"],
+                         unit="gradients", detail=f"{o['bytes']:,} bytes per save time"))
+    est = result.get("estimate")
+    if est:
+        rows.append(dict(quantity="estimate of the whole default run at this size",
+                         value=est["total_seconds"] / 3600, unit="h",
+                         detail=f"flow {est['flow_seconds'] / 3600:.2f} h, conditions "
+                                f"{est['conditions_seconds'] / 3600:.2f} h, observations "
+                                f"{est['observation_seconds'] / 3600:.2f} h; "
+                                f"{est['assumptions']}"))
+    parameters = size.get("parameters")
+    return write_suite(
+        f"probe-{out.stem}",
+        title=f"rank-collapse at d = {size['d']}, d_ff = {size['d_ff']}, n = {size['n']}: "
+              f"what the instruments cost ({result['machine'].get('jax_backend', '?')})",
+        command=result["command"], machine=result["machine"], rows=rows, directory=directory,
+        summary=f"`python -m benchmarks.gpu`'s probe of the default preset at this size "
+                f"({parameters:,} parameters): each condition and observer timed alone, in "
+                "units of one float64 gradient measured in the same process. The estimate "
+                "multiplies these by an assumed step count (below); the paper-size step count "
+                "itself is unmeasured.")
 
 
 if __name__ == "__main__":
