@@ -22,7 +22,8 @@ short keeps what it measured):
    process), and the observables' bytes per save time;
 5. `step_floor`: ms per step of a small `deep-linear` solve with `progress` off and on;
 6. `capped_solve`: the paper-size solve with its transitions and cheap observers, capped at 40
-   steps: trace and compile seconds, ms per step, peak device memory;
+   steps: trace and compile seconds, ms per step, peak device memory; in float64 and under
+   `precision="mixed"` (float32 gradients at the highest matmul precision, float64 state);
 7. `sweep`: members per second of `gflow.sweep` under `vmap`, `map` and `loop` at 64 and 256
    members (`--quick`: 4) of `benchmarks.sweep`'s deep-linear problem;
 8. `certify`: a small `deep-linear` solve with `certify` off and on;
@@ -290,18 +291,31 @@ def step_floor() -> dict:
 
 
 def capped_solve(problem, t1: float, steps: int) -> dict:
+    """A solve capped at `steps` steps in float64 (rtol 1e-6, the preset's), and the same
+    under `precision="mixed"` at rtol 1e-5 (refused, and recorded so, where the size's float32
+    tolerance floor is above it)."""
     cheap = {k: problem.observers[k] for k in ("stable_rank", "norm", "relative_change")
              if k in problem.observers}
-    traj = gflow.solve(problem.flow, t1, rtol=1e-6, solver="tsit5", observers=cheap,
-                       transitions=problem.transitions, max_steps=steps)
-    s = traj.stats
-    return dict(
-        status=traj.status, t_final=traj.t_final, steps=s["num_steps"],
-        evaluations=s["vector_field_evaluations"], trace_seconds=s["trace_seconds"],
-        compile_seconds=s["compile_seconds"], run_seconds=s["run_seconds"],
-        ms_per_step=1e3 * s["run_seconds"] / max(1, s["num_steps"]),
-        observers=sorted(cheap), memory=_peak_memory(),
-    )
+
+    def run(**kwargs) -> dict:
+        traj = gflow.solve(problem.flow, t1, solver="tsit5", observers=cheap,
+                           transitions=problem.transitions, max_steps=steps, **kwargs)
+        s = traj.stats
+        return dict(
+            status=traj.status, t_final=traj.t_final, steps=s["num_steps"],
+            evaluations=s["vector_field_evaluations"], trace_seconds=s["trace_seconds"],
+            compile_seconds=s["compile_seconds"], run_seconds=s["run_seconds"],
+            ms_per_step=1e3 * s["run_seconds"] / max(1, s["num_steps"]),
+            precision=s.get("precision"), matmul_precision=s.get("matmul_precision"),
+            observers=sorted(cheap), memory=_peak_memory(),
+        )
+
+    out = run(rtol=1e-6)
+    try:
+        out["mixed"] = run(rtol=1e-5, precision="mixed")
+    except gflow.InputError as e:
+        out["mixed"] = dict(error=str(e))
+    return out
 
 
 def sweep(members: int) -> dict:
@@ -437,7 +451,7 @@ def main(argv=None) -> int:
                   lambda: instruments(problem, g, repeats, max(probe.left(), 1.0)))
     probe.section("step_floor", 30, step_floor)
     steps = 10 if args.quick else 40
-    probe.section("capped_solve", 8 * steps * g + 60,
+    probe.section("capped_solve", 12 * steps * g + 120,
                   lambda: capped_solve(problem, resolved.solve.t1, steps))
     probe.section("sweep", 60, lambda: {str(n): sweep(n) for n in
                                         ((4,) if args.quick else (64, 256))})

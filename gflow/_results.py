@@ -50,12 +50,21 @@ def outcome(carry: Carry, names: list[str], max_steps: int) -> dict[str, Any]:
     )
 
 
+def solve_outcome(carry: Carry, flow: GradientFlow, spec: SolveSpec) -> dict[str, Any]:
+    """`outcome` of `spec`'s carry, whose message names a non-finite initial state of `flow`
+    where that is why the solve failed."""
+    done = outcome(carry, [tr.name for tr in spec.transitions], spec.max_steps)
+    if done["status"] != "completed":
+        done["message"] = _initial_state_failure(flow, spec.t0) or done["message"]
+    return done
+
+
 def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
                stats: dict | None = None) -> Trajectory:
     """The `Trajectory` of a finished host carry (solve's, or a sweep member's) of `spec`."""
     names = [tr.name for tr in spec.transitions]
     ts = spec.ts
-    done = outcome(carry, names, spec.max_steps)
+    done = solve_outcome(carry, flow, spec)
     t_final = done["t_final"]
     saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
     keep = (lambda x: x) if saved.all() else (lambda x: x[saved])
@@ -87,6 +96,21 @@ def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
         at_transitions=at_transitions,
         spec=spec,
     )
+
+
+def _initial_state_failure(flow: GradientFlow, t0: float) -> str | None:
+    """Why a solve failed, when it is its initial state (`flow`'s model) itself: a non-finite
+    loss or gradient there, in one line; `None` otherwise. Evaluated on the host, only after a
+    failure."""
+    y = flow.params
+    loss = float(flow.loss_at(y))
+    if not math.isfinite(loss):
+        return f"the loss is {loss} at the initial state (t0={t0:g})"
+    velocity = jtu.tree_leaves(flow.velocity(y))
+    if not all(bool(jnp.all(jnp.isfinite(v))) for v in velocity):
+        return (f"the gradient is not finite at the initial state (t0={t0:g}, loss {loss:.6g}): "
+                "nothing to integrate")
+    return None
 
 
 def member_stats(done: dict, solver: diffrax.AbstractSolver) -> dict:

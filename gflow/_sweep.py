@@ -66,7 +66,7 @@ from . import _engine as engine
 from ._precision import Precision
 from ._errors import InputError
 from ._flow import GradientFlow
-from ._results import member_stats, outcome, trajectory
+from ._results import member_stats, solve_outcome, trajectory
 from ._scaling import ScalingLaw
 from ._solve import checked_flow
 from ._solvers import solver_name
@@ -908,7 +908,7 @@ def _member(point, info, out, group, keep_trajectories) -> SweepMember:
     """A `SweepMember` (and its `Trajectory`) from the program's outputs for one member."""
     spec = info["spec"]
     carry = out["carry"]
-    done = outcome(carry, [tr.name for tr in spec.transitions], spec.max_steps)
+    done = solve_outcome(carry, info["flow"], spec)
     traj = None
     if keep_trajectories:
         traj = trajectory(carry, flow=info["flow"], spec=spec)
@@ -919,7 +919,7 @@ def _member(point, info, out, group, keep_trajectories) -> SweepMember:
         transitions=done["transitions"],
         final=jtu.tree_map(np.asarray, out["final"]),
         t_final=done["t_final"],
-        stats=member_stats(done, spec.solver),
+        stats=member_stats(done, spec.solver) | spec.precision.describe(),
         group=group,
         trajectory=traj,
         spec=spec,
