@@ -17,9 +17,10 @@ short keeps what it measured):
 3. `linalg`: singular values at `d x d` and `d x d_ff` by each `jax.lax.linalg.SvdAlgorithm`
    the backend accepts, `eigh` of the `d x d` Gram matrix, `σ_max` by 16 Lanczos steps
    (`gflow.measures.spectral_norm`);
-4. `instruments`: each transition condition, the whole save-time observation and each
-   observer alone, in gradients (ratio to the gradient of section 2, measured in the same
-   process), and the observables' bytes per save time;
+4. `instruments`: the observation of an ordinary save time, a snapshot, and both together
+   (at a transition), each compiled as one program as the solve compiles it; each transition
+   condition; each observer alone; in gradients (ratio to a gradient measured in the same
+   process), with the observables' bytes per save time and per snapshot;
 5. `step_floor`: ms per step of a small `deep-linear` solve with `progress` off and on;
 6. `capped_solve`: the paper-size solve with its transitions and cheap observers, capped at 40
    steps: trace and compile seconds, ms per step, peak device memory;
@@ -217,10 +218,32 @@ def linalg(d: int, d_ff: int, repeats: int) -> dict:
 
 def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float) -> dict:
     flow, y = problem.flow, problem.flow.params
+    begin = time.perf_counter()
     grad = eqx.filter_jit(lambda fl, y: fl.velocity(y))
     # The gradient again, in this section's process state: ratios side by side.
     g = _best(lambda: grad(flow, y), repeats, 60.0)
     out = dict(gradient_seconds=g, conditions={}, observers={})
+    observe = eqx.filter_jit(lambda fl, y, obs: {k: o(fl.combine(y), fl.data)
+                                                 for k, o in obs.items()})
+    observers = {"loss": flow.loss} | dict(problem.observers)
+    snapshots = dict(getattr(problem, "snapshots", {}))
+
+    def timed(obs: dict, repeats: int) -> dict:
+        s = _best(lambda: observe(flow, y, obs), repeats, 60.0)
+        value = observe(flow, y, obs)
+        return dict(seconds=s, gradients=s / g, bytes=int(sum(
+            np.asarray(x).nbytes for x in jtu.tree_leaves(value))))
+
+    # What the solve evaluates, each compiled as one program as the engine compiles it: at an
+    # ordinary save time the observers; at a chosen time the snapshots; at a transition (and
+    # at t1) both.
+    out["observation"] = timed(observers, repeats) | dict(
+        observers=sorted(observers), note="every observer of an ordinary save time, one program")
+    if snapshots:
+        out["snapshot"] = timed(snapshots, min(repeats, 2)) | dict(
+            observers=sorted(snapshots), note="every snapshot observer, one program")
+        out["at_transition"] = timed(observers | snapshots, min(repeats, 2)) | dict(
+            note="observers and snapshots together (at a transition and at t1), one program")
     cond = eqx.filter_jit(lambda fl, y, c: c(fl.combine(y), fl.data))
     for tr in problem.transitions:
         s = _best(lambda tr=tr: cond(flow, y, tr.condition), repeats, 60.0)
@@ -231,33 +254,17 @@ def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float)
             by_svd = dataclasses.replace(tr.condition, iterations=None)
             s = _best(lambda by_svd=by_svd: cond(flow, y, by_svd), min(repeats, 2), 60.0)
             out["conditions"][tr.name] |= dict(svd_seconds=s, svd_gradients=s / g)
-    observe = eqx.filter_jit(lambda fl, y, obs: {k: o(fl.combine(y), fl.data)
-                                                 for k, o in obs.items()})
-    observers = {"loss": flow.loss} | dict(problem.observers)
-    spent = 0.0
-    for name, obs in observers.items():
-        if spent > budget_s / 2:
+    # Each observer alone (XLA shares nothing between them), while the budget lasts.
+    for name, obs in (observers | snapshots).items():
+        if time.perf_counter() - begin > budget_s / 2:
             out["observers"][name] = "skipped: budget"
             continue
-        begin = time.perf_counter()
-        s = _best(lambda obs=obs, name=name: observe(flow, y, {name: obs}), 1, 0.0)
-        spent += time.perf_counter() - begin
-        value = observe(flow, y, {name: obs})
-        out["observers"][name] = dict(
-            seconds=s, gradients=s / g,
-            bytes=int(sum(np.asarray(x).nbytes for x in jtu.tree_leaves(value))))
+        out["observers"][name] = timed({name: obs}, 1) | dict(
+            placed="snapshot" if name in snapshots else "save time")
         if getattr(obs, "iterations", None) is not None:
             by_svd = dataclasses.replace(obs, iterations=None)
             s = _best(lambda by_svd=by_svd, name=name: observe(flow, y, {name: by_svd}), 1, 0.0)
             out["observers"][name] |= dict(svd_seconds=s, svd_gradients=s / g)
-    timed = [v for v in out["observers"].values() if isinstance(v, dict)]
-    out["observation"] = dict(
-        complete=len(timed) == len(observers),
-        seconds=sum(v["seconds"] for v in timed),
-        gradients=sum(v["gradients"] for v in timed),
-        bytes_per_save_time=sum(v["bytes"] for v in timed),
-        note="sum of the observers timed one by one (XLA shares nothing between them)",
-    )
     return out
 
 
@@ -289,8 +296,7 @@ def step_floor() -> dict:
 
 
 def capped_solve(problem, t1: float, steps: int) -> dict:
-    cheap = {k: problem.observers[k] for k in ("stable_rank", "norm", "relative_change")
-             if k in problem.observers}
+    cheap = dict(problem.observers)  # the preset's save-time observers (no snapshots)
     traj = gflow.solve(problem.flow, t1, rtol=1e-6, solver="tsit5", observers=cheap,
                        transitions=problem.transitions, max_steps=steps)
     s = traj.stats
@@ -371,14 +377,20 @@ def estimate(result: dict) -> dict:
     evaluations = 6 * DEFAULT_RUN_STEPS
     condition = max(v["seconds"] for v in ins["conditions"].values())
     observation = ins["observation"]["seconds"]
+    snapshot = ins.get("snapshot", {}).get("seconds", 0.0)
+    # The snapshots at t0, the chosen times and t1, and at each transition.
+    snapshots = (2 + result.get("size", {}).get("snapshot_points", 0)
+                 + len(ins["conditions"])) if snapshot else 0
     flow_seconds = evaluations * grad
     conditions_seconds = DEFAULT_RUN_STEPS * condition
-    observation_seconds = (SAVE_POINTS + len(ins["conditions"])) * observation
+    observation_seconds = ((SAVE_POINTS + len(ins["conditions"])) * observation
+                           + snapshots * snapshot)
     return dict(
         assumptions=(f"{DEFAULT_RUN_STEPS} steps (the default preset's count at d = 64; the "
                      "paper-size count is unmeasured), 6 gradients a step, the costliest "
-                     f"condition at every step, the whole observation at {SAVE_POINTS} save "
-                     "times and at each transition"),
+                     f"condition at every step, the save-time observation at {SAVE_POINTS} "
+                     f"save times and at each transition, a snapshot at {snapshots} times "
+                     "(t0, the chosen times, each transition, t1)"),
         gradients=evaluations, flow_seconds=flow_seconds, conditions_seconds=conditions_seconds,
         observation_seconds=observation_seconds,
         total_seconds=flow_seconds + conditions_seconds + observation_seconds,
@@ -417,13 +429,15 @@ def main(argv=None) -> int:
     begin = time.perf_counter()
     resolved = presets.resolve("rank-collapse", [f"problem.{k}={v}" for k, v in size.items()])
     problem = presets.build(resolved)
+    probe.result["size"]["snapshot_points"] = resolved.solve.snapshot_points
     probe.result["size"]["build_seconds"] = time.perf_counter() - begin
     probe.result["size"]["parameters"] = int(sum(
         x.size for x in jtu.tree_leaves(problem.flow.params)))
     grad = probe.section("gradient", 0, lambda: gradient(problem.flow, repeats))
     g = (grad or {}).get("float64", {}).get("seconds", 1.0)
     probe.section("linalg", 10, lambda: linalg(size["d"], size["d_ff"], repeats))
-    # The full observation measured here on CPU: about 60 gradients.
+    # A snapshot measured here on CPU: about 20 gradients; with the conditions by SVD and the
+    # observers one by one, about 80.
     probe.section("instruments", 80 * g,
                   lambda: instruments(problem, g, repeats, max(probe.left(), 1.0)))
     probe.section("step_floor", 30, step_floor)
