@@ -144,24 +144,24 @@ def _with_tolerances(controller, rtol, atol):
                        (_host_array(rtol), _host_array(atol)))
 
 
-def _times(ts, what: str) -> np.ndarray:
-    """`ts` as a 1-d float64 array, or an `InputError` naming `what` they are."""
+def _times(ts, what: str, noun: str) -> np.ndarray:
+    """`ts` as a 1-d float64 array, or an `InputError` naming `what` they are (`noun`)."""
     try:
         given = np.asarray(ts)
         if np.iscomplexobj(given):
             raise TypeError
         ts = np.asarray(given, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError(f"{what} must be a 1-d array of real times, got {ts!r:.60}") from None
+        raise InputError(f"{what} must be a 1-d array of real {noun}, got {ts!r:.60}") from None
     if ts.ndim != 1:
-        raise InputError(f"{what} must be a 1-d array of times, got shape {ts.shape}")
+        raise InputError(f"{what} must be a 1-d array of {noun}, got shape {ts.shape}")
     return ts
 
 
 def _save_times(ts, t0: float, t1: float) -> np.ndarray:
     if ts is None:
         return log_grid(t0, t1, DEFAULT_SAVE_POINTS)
-    ts = _times(ts, "ts")
+    ts = _times(ts, "ts", "save times")
     if ts.size == 0:
         raise InputError(f"ts must be a non-empty 1-d array of save times, got shape {ts.shape}")
     return ts
@@ -354,7 +354,7 @@ class SolveSpec(eqx.Module):
         observers = dict(observers or {}) if isinstance(observers, Mapping | None) else observers
         snapshots = dict(snapshots or {}) if isinstance(snapshots, Mapping | None) else snapshots
         snapshot_ts = (np.zeros(0) if snapshot_ts is None
-                       else np.unique(_times(snapshot_ts, "snapshot_ts")))
+                       else np.unique(_times(snapshot_ts, "snapshot_ts", "times")))
         solver = make_solver(solver, rtol)
         if stepsize_controller is None:
             if is_adaptive(solver):
