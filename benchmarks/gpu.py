@@ -17,9 +17,10 @@ short keeps what it measured):
 3. `linalg`: singular values at `d x d` and `d x d_ff` by each `jax.lax.linalg.SvdAlgorithm`
    the backend accepts, `eigh` of the `d x d` Gram matrix, `σ_max` by 16 Lanczos steps
    (`gflow.measures.spectral_norm`);
-4. `instruments`: each transition condition, the whole save-time observation and each
-   observer alone, in gradients (ratio to the gradient of section 2, measured in the same
-   process), and the observables' bytes per save time;
+4. `instruments`: the observation of an ordinary save time, a snapshot, and both together
+   (at a transition), each compiled as one program as the solve compiles it; each transition
+   condition; each observer alone; in gradients (ratio to a gradient measured in the same
+   process), with the observables' bytes per save time and per snapshot;
 5. `step_floor`: ms per step of a small `deep-linear` solve with `progress` off and on;
 6. `capped_solve`: the paper-size solve with its transitions and cheap observers, capped at 40
    steps: trace and compile seconds, ms per step, peak device memory; in float64 and under
@@ -219,10 +220,32 @@ def linalg(d: int, d_ff: int, repeats: int) -> dict:
 
 def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float) -> dict:
     flow, y = problem.flow, problem.flow.params
+    begin = time.perf_counter()
     grad = eqx.filter_jit(lambda fl, y: fl.velocity(y))
     # The gradient again, in this section's process state: ratios side by side.
     g = _best(lambda: grad(flow, y), repeats, 60.0)
     out = dict(gradient_seconds=g, conditions={}, observers={})
+    observe = eqx.filter_jit(lambda fl, y, obs: {k: o(fl.combine(y), fl.data)
+                                                 for k, o in obs.items()})
+    observers = {"loss": flow.loss} | dict(problem.observers)
+    snapshots = dict(getattr(problem, "snapshots", {}))
+
+    def timed(obs: dict, repeats: int) -> dict:
+        s = _best(lambda: observe(flow, y, obs), repeats, 60.0)
+        value = observe(flow, y, obs)
+        return dict(seconds=s, gradients=s / g, bytes=int(sum(
+            np.asarray(x).nbytes for x in jtu.tree_leaves(value))))
+
+    # What the solve evaluates, each compiled as one program as the engine compiles it: at an
+    # ordinary save time the observers; at a chosen time the snapshots; at a transition (and
+    # at t1) both.
+    out["observation"] = timed(observers, repeats) | dict(
+        observers=sorted(observers), note="every observer of an ordinary save time, one program")
+    if snapshots:
+        out["snapshot"] = timed(snapshots, min(repeats, 2)) | dict(
+            observers=sorted(snapshots), note="every snapshot observer, one program")
+        out["at_transition"] = timed(observers | snapshots, min(repeats, 2)) | dict(
+            note="observers and snapshots together (at a transition and at t1), one program")
     cond = eqx.filter_jit(lambda fl, y, c: c(fl.combine(y), fl.data))
     for tr in problem.transitions:
         s = _best(lambda tr=tr: cond(flow, y, tr.condition), repeats, 60.0)
@@ -233,33 +256,17 @@ def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float)
             by_svd = dataclasses.replace(tr.condition, iterations=None)
             s = _best(lambda by_svd=by_svd: cond(flow, y, by_svd), min(repeats, 2), 60.0)
             out["conditions"][tr.name] |= dict(svd_seconds=s, svd_gradients=s / g)
-    observe = eqx.filter_jit(lambda fl, y, obs: {k: o(fl.combine(y), fl.data)
-                                                 for k, o in obs.items()})
-    observers = {"loss": flow.loss} | dict(problem.observers)
-    spent = 0.0
-    for name, obs in observers.items():
-        if spent > budget_s / 2:
+    # Each observer alone (XLA shares nothing between them), while the budget lasts.
+    for name, obs in (observers | snapshots).items():
+        if time.perf_counter() - begin > budget_s / 2:
             out["observers"][name] = "skipped: budget"
             continue
-        begin = time.perf_counter()
-        s = _best(lambda obs=obs, name=name: observe(flow, y, {name: obs}), 1, 0.0)
-        spent += time.perf_counter() - begin
-        value = observe(flow, y, {name: obs})
-        out["observers"][name] = dict(
-            seconds=s, gradients=s / g,
-            bytes=int(sum(np.asarray(x).nbytes for x in jtu.tree_leaves(value))))
+        out["observers"][name] = timed({name: obs}, 1) | dict(
+            placed="snapshot" if name in snapshots else "save time")
         if getattr(obs, "iterations", None) is not None:
             by_svd = dataclasses.replace(obs, iterations=None)
             s = _best(lambda by_svd=by_svd, name=name: observe(flow, y, {name: by_svd}), 1, 0.0)
             out["observers"][name] |= dict(svd_seconds=s, svd_gradients=s / g)
-    timed = [v for v in out["observers"].values() if isinstance(v, dict)]
-    out["observation"] = dict(
-        complete=len(timed) == len(observers),
-        seconds=sum(v["seconds"] for v in timed),
-        gradients=sum(v["gradients"] for v in timed),
-        bytes_per_save_time=sum(v["bytes"] for v in timed),
-        note="sum of the observers timed one by one (XLA shares nothing between them)",
-    )
     return out
 
 
@@ -294,8 +301,7 @@ def capped_solve(problem, t1: float, steps: int) -> dict:
     """A solve capped at `steps` steps in float64 (rtol 1e-6, the preset's), and the same
     under `precision="mixed"` at rtol 1e-5 (refused, and recorded so, where the size's float32
     tolerance floor is above it)."""
-    cheap = {k: problem.observers[k] for k in ("stable_rank", "norm", "relative_change")
-             if k in problem.observers}
+    cheap = dict(problem.observers)  # the preset's save-time observers (no snapshots)
 
     def run(**kwargs) -> dict:
         traj = gflow.solve(problem.flow, t1, solver="tsit5", observers=cheap,
@@ -386,14 +392,20 @@ def estimate(result: dict) -> dict:
     evaluations = 6 * DEFAULT_RUN_STEPS
     condition = max(v["seconds"] for v in ins["conditions"].values())
     observation = ins["observation"]["seconds"]
+    snapshot = ins.get("snapshot", {}).get("seconds", 0.0)
+    # The snapshots at t0, the chosen times and t1, and at each transition.
+    snapshots = (2 + result.get("size", {}).get("snapshot_points", 0)
+                 + len(ins["conditions"])) if snapshot else 0
     flow_seconds = evaluations * grad
     conditions_seconds = DEFAULT_RUN_STEPS * condition
-    observation_seconds = (SAVE_POINTS + len(ins["conditions"])) * observation
+    observation_seconds = ((SAVE_POINTS + len(ins["conditions"])) * observation
+                           + snapshots * snapshot)
     return dict(
         assumptions=(f"{DEFAULT_RUN_STEPS} steps (the default preset's count at d = 64; the "
                      "paper-size count is unmeasured), 6 gradients a step, the costliest "
-                     f"condition at every step, the whole observation at {SAVE_POINTS} save "
-                     "times and at each transition"),
+                     f"condition at every step, the save-time observation at {SAVE_POINTS} "
+                     f"save times and at each transition, a snapshot at {snapshots} times "
+                     "(t0, the chosen times, each transition, t1)"),
         gradients=evaluations, flow_seconds=flow_seconds, conditions_seconds=conditions_seconds,
         observation_seconds=observation_seconds,
         total_seconds=flow_seconds + conditions_seconds + observation_seconds,
@@ -440,13 +452,15 @@ def main(argv=None) -> int:
     begin = time.perf_counter()
     resolved = presets.resolve("rank-collapse", [f"problem.{k}={v}" for k, v in size.items()])
     problem = presets.build(resolved)
+    probe.result["size"]["snapshot_points"] = resolved.solve.snapshot_points
     probe.result["size"]["build_seconds"] = time.perf_counter() - begin
     probe.result["size"]["parameters"] = int(sum(
         x.size for x in jtu.tree_leaves(problem.flow.params)))
     grad = probe.section("gradient", 0, lambda: gradient(problem.flow, repeats))
     g = (grad or {}).get("float64", {}).get("seconds", 1.0)
     probe.section("linalg", 10, lambda: linalg(size["d"], size["d_ff"], repeats))
-    # The full observation measured here on CPU: about 60 gradients.
+    # A snapshot measured here on CPU: about 20 gradients; with the conditions by SVD and the
+    # observers one by one, about 80.
     probe.section("instruments", 80 * g,
                   lambda: instruments(problem, g, repeats, max(probe.left(), 1.0)))
     probe.section("step_floor", 30, step_floor)
@@ -484,18 +498,27 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
                          verdict="met" if c["gradients"] <= 0.05 else "not met", detail=before))
     observation = inst.get("observation")
     if observation:
-        rows.append(dict(quantity="one save-time observation (every observer)",
+        size_ = observation.get("bytes", observation.get("bytes_per_save_time"))
+        rows.append(dict(quantity="one ordinary save-time observation",
                          value=observation["gradients"], unit="gradients", target="≤ 0.5",
                          verdict="met" if observation["gradients"] <= 0.5 else "not met",
                          detail=observation.get("note", "")))
-        rows.append(dict(quantity="observables per save time",
-                         value=observation["bytes_per_save_time"] / 2**20, unit="MiB",
-                         target="≤ 1", verdict="met" if observation["bytes_per_save_time"]
-                         <= 2**20 else "not met"))
-    for name, o in sorted((inst.get("observers") or {}).items(),
-                          key=lambda kv: -kv[1]["gradients"]):
+        rows.append(dict(quantity="observables per ordinary save time", value=size_ / 2**20,
+                         unit="MiB", target="≤ 1",
+                         verdict="met" if size_ <= 2**20 else "not met", detail=f"{size_:,} bytes"))
+    for key, what in (("snapshot", "one snapshot (at a chosen time)"),
+                      ("at_transition", "one observation at a transition (observers and "
+                                        "snapshots)")):
+        if key in inst:
+            rows.append(dict(quantity=what, value=inst[key]["gradients"], unit="gradients",
+                             target="≤ 5", verdict="met" if inst[key]["gradients"] <= 5
+                             else "not met", detail=f"{inst[key]['bytes']:,} bytes; "
+                                                    + inst[key].get("note", "")))
+    timed = {k: o for k, o in (inst.get("observers") or {}).items() if isinstance(o, dict)}
+    for name, o in sorted(timed.items(), key=lambda kv: -kv[1]["gradients"]):
         rows.append(dict(quantity=f"observer {name}, one evaluation", value=o["gradients"],
-                         unit="gradients", detail=f"{o['bytes']:,} bytes per save time"))
+                         unit="gradients", detail=f"{o['bytes']:,} bytes"
+                         + (f"; {o['placed']}" if "placed" in o else "")))
     est = result.get("estimate")
     if est:
         rows.append(dict(quantity="estimate of the whole default run at this size",
@@ -508,7 +531,9 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
     return write_suite(
         f"probe-{out.stem}",
         title=f"rank-collapse at d = {size['d']}, d_ff = {size['d_ff']}, n = {size['n']}: "
-              f"what the instruments cost ({result['machine'].get('jax_backend', '?')})",
+              f"what the instruments cost ({result['machine'].get('jax_backend', '?')}, "
+              + ("costly observers as snapshots)" if "snapshot" in inst
+                 else "every observer at every save time)"),
         command=result["command"], machine=result["machine"], rows=rows, directory=directory,
         summary=f"`python -m benchmarks.gpu`'s probe of the default preset at this size "
                 f"({parameters:,} parameters): each condition and observer timed alone, in "

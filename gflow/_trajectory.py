@@ -25,6 +25,9 @@ from ._rundir import atomic_write_bytes, remove_stale, write_manifest  # noqa: F
 TRAJECTORY_FILE = "trajectory.npz"
 SUMMARY_FILE = "summary.json"
 AT_TRANSITIONS_FILE = "transitions.npz"
+SNAPSHOTS_FILE = "snapshots.npz"
+# snapshots.npz holds the snapshots' times and where each was taken under these names.
+SNAPSHOT_TIME, SNAPSHOT_LABEL = "t", "label"
 FINAL_FILE = "final.eqx"
 # trajectory.npz stores the names of an observable's components beside it, under this prefix
 # (a string array; files written before it have none, and read as before).
@@ -175,6 +178,13 @@ class Trajectory:
         observable holds, e.g. `{"stable_rank": ("W_Q", "W_K", "W_V", "W1")}` (presets fill it
         from their `[plot] labels`). Saved in `trajectory.npz`, used by `to_xarray` and the
         figures' legends.
+    - `snapshots`: `{name: array}` of the solve's snapshot observers (`gflow.solve(...,
+        snapshots=...)`: full spectra, cosine matrices, singular vectors), with leading axis
+        `k`, one row per place they were taken, in time order: `t0`, each chosen time
+        reached, each reached transition (at its located state) and `t1`.
+    - `snapshot_ts`: the times of those rows, shape `(k,)`.
+    - `snapshot_labels`: where each row was taken: `"t0"`, `"end"` (`t1`), a transition's
+        name, or `""` for a chosen time.
 
     `repr` gives a few lines (status, shapes, transitions); in a notebook `_repr_html_` a
     table. `to_xarray()` returns an `xarray.Dataset` (the `xarray` extra).
@@ -201,6 +211,34 @@ class Trajectory:
     at_transitions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     spec: Any = dataclasses.field(default=None, repr=False, compare=False)
     components: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    snapshots: dict[str, Any] = dataclasses.field(default_factory=dict)
+    snapshot_ts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    snapshot_labels: tuple[str, ...] = ()
+
+    def snapshot(self, label: str) -> dict[str, Any]:
+        """The snapshot observables taken at `label` (`"t0"`, `"end"` or a transition's
+        name), e.g. `traj.snapshot("kq_collapse")["cosine"]`; a `KeyError` if none was."""
+        if label not in self.snapshot_labels or not label:
+            raise KeyError(f"no snapshot at {label!r}; taken at "
+                           f"{[x for x in self.snapshot_labels if x]}")
+        return _index(self.snapshots, self.snapshot_labels.index(label))
+
+    def memory(self) -> dict[str, float]:
+        """What the recorded observables weigh.
+
+        **Returns:**
+
+        `{"per_save_time": bytes, "per_snapshot": bytes}`: the observables of one save time
+        (`observables`), and the snapshot observables of one snapshot (`snapshots`; 0
+        without).
+        """
+
+        def weight(tree, rows: int) -> float:
+            total = sum(np.asarray(v).nbytes for v in _flat_names(tree).values())
+            return total / rows if rows else 0.0
+
+        return dict(per_save_time=weight(self.observables, len(self.ts)),
+                    per_snapshot=weight(self.snapshots, len(self.snapshot_labels)))
 
     def __repr__(self) -> str:
         from ._export import trajectory_repr
@@ -218,8 +256,10 @@ class Trajectory:
 
         One variable per observable (nested observables as `a/b`), dimension `t` first; an
         observable with named components (see `components`) has them as the coordinate of its
-        last axis (`<name>_component`), other axes are `<name>_dim<k>`. Transitions, status,
-        solver and tolerances are the dataset's attributes.
+        last axis (`<name>_component`), other axes are `<name>_dim<k>`. Snapshot observables
+        have dimension `snapshot` first instead, with coordinates `snapshot_t` and
+        `snapshot_label` (see `snapshot_labels`). Transitions, status, solver and tolerances
+        are the dataset's attributes.
 
         **Returns:**
 
@@ -261,8 +301,9 @@ class Trajectory:
         ))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the run directory: `trajectory.npz`, `summary.json`, `final.eqx` and (when a
-        transition was reached) `transitions.npz`, the observables at the transitions.
+        """Write the run directory: `trajectory.npz`, `summary.json`, `final.eqx`, (when a
+        transition was reached) `transitions.npz`, the observables at the transitions, and
+        (with snapshots) `snapshots.npz`.
 
         Each file is written atomically (temporary file, then rename).
 
@@ -304,7 +345,19 @@ class Trajectory:
             np.savez(buffer, **flat)
             atomic_write_bytes(path / AT_TRANSITIONS_FILE, buffer.getvalue())
             written.add(AT_TRANSITIONS_FILE)
-        remove_stale(path, written, among=lambda name: name == AT_TRANSITIONS_FILE)
+        if len(self.snapshot_labels):
+            arrays = {SNAPSHOT_TIME: np.asarray(self.snapshot_ts, dtype=np.float64),
+                      SNAPSHOT_LABEL: np.asarray(self.snapshot_labels, dtype=np.str_)}
+            for name, value in _flat_names(self.snapshots).items():
+                if name in arrays:
+                    raise InputError(f"a snapshot may not be named {name!r} (reserved)")
+                arrays[name] = value
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            atomic_write_bytes(path / SNAPSHOTS_FILE, buffer.getvalue())
+            written.add(SNAPSHOTS_FILE)
+        remove_stale(path, written,
+                     among=lambda name: name in (AT_TRANSITIONS_FILE, SNAPSHOTS_FILE))
         import equinox as eqx
 
         buffer = io.BytesIO()
@@ -376,6 +429,7 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
             at_transitions.setdefault(name, {})[obs] = value
         at_transitions = {name: _nest(values, str(where))
                           for name, values in at_transitions.items()}
+    snapshots, snapshot_ts, snapshot_labels = _read_snapshots(path / SNAPSHOTS_FILE)
     try:
         predictions = {k: Prediction.from_json(p)
                        for k, p in summary.get("predictions", {}).items()}
@@ -405,7 +459,34 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
         references=references,
         at_transitions=at_transitions,
         components=components,
+        snapshots=snapshots,
+        snapshot_ts=snapshot_ts,
+        snapshot_labels=snapshot_labels,
     )
+
+
+def _index(tree, i: int):
+    if isinstance(tree, dict):
+        return {k: _index(v, i) for k, v in tree.items()}
+    return np.asarray(tree)[i]
+
+
+def _read_snapshots(file: Path) -> tuple[dict, np.ndarray, tuple[str, ...]]:
+    """`snapshots.npz` as `Trajectory.snapshots`, `snapshot_ts`, `snapshot_labels` (empty
+    without the file), checked: an `InputError` naming the file and what is wrong."""
+    if not file.is_file():
+        return {}, np.zeros(0), ()
+    arrays = _read_npz(file)
+    ts, labels = arrays.pop(SNAPSHOT_TIME, None), arrays.pop(SNAPSHOT_LABEL, None)
+    if (ts is None or labels is None or ts.ndim != 1 or labels.shape != ts.shape
+            or not np.issubdtype(ts.dtype, np.number) or labels.dtype.kind != "U"):
+        raise InputError(f"{file} is damaged: its snapshot times or labels are missing or "
+                         "malformed")
+    for name, value in arrays.items():
+        if value.ndim == 0 or value.shape[0] != ts.shape[0]:
+            raise InputError(f"{file} is damaged: snapshot {name!r} has shape {value.shape}, "
+                             f"not {ts.shape[0]} rows (one per snapshot)")
+    return _nest(arrays, str(file)), ts, tuple(str(x) for x in labels)
 
 
 _NUMBER = (int, float)

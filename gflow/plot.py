@@ -9,6 +9,7 @@ state; `savefig` picks the renderer for each format. They follow `gflow.figures`
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -509,8 +510,8 @@ def save_figures(
     """Write every figure of a run: one per observable (`<name>.<format>`, `/` replaced by
     `__`), then the paper figures of its preset (`gflow.figures.paper_figures`).
 
-    Scalar and vector observables are drawn over time, the scalars of one dict observable in
-    one figure; square-matrix observables named in `heatmaps` (e.g. cosine-similarity
+    Scalar and vector observables are drawn over time (snapshot observables over the times
+    of the snapshots), the scalars of one dict observable in one figure; square-matrix observables named in `heatmaps` (e.g. cosine-similarity
     matrices) as heatmaps at t0, each transition and the end. Observables with more than two
     axes per save that are not heatmaps are not drawn.
 
@@ -529,8 +530,6 @@ def save_figures(
 
     The paths written.
     """
-    import io
-
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise InputError(f"figure formats must be among {', '.join(FORMATS)}, got {list(formats)}")
@@ -540,6 +539,23 @@ def save_figures(
     references = traj.references if references is None else references
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    # Snapshot observables are drawn as the others, over the times of the snapshots (their
+    # names differ from the observables').
+    views = [(traj, references)]
+    if len(traj.snapshot_labels):
+        views.append((dataclasses.replace(traj, ts=traj.snapshot_ts, observables=traj.snapshots),
+                      {}))
+    for view, levels in views:
+        written += _draw(view, directory, time_axis=time_axis, labels=labels,
+                         heatmaps=heatmaps, formats=formats, references=levels)
+    return written + paper_figures(traj, directory, time_axis=time_axis, formats=formats)
+
+
+def _draw(traj: Trajectory, directory: Path, *, time_axis, labels, heatmaps, formats,
+          references) -> list[Path]:
+    import io
+
     written = []
     flat = _flat_names(traj.observables)
     for name in figure_names(traj, tuple(heatmaps)):
@@ -555,7 +571,7 @@ def save_figures(
             path = directory / (name.replace("/", "__") + "." + fmt)
             atomic_write_bytes(path, buffer.getvalue())
             written.append(path)
-    return written + paper_figures(traj, directory, time_axis=time_axis, formats=formats)
+    return written
 
 
 def _parser():
