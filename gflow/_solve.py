@@ -40,7 +40,8 @@ from ._spec import (
     SolveSpec, Transition, _pid_controller, default_atol,
 )
 from ._status import Status
-from ._trajectory import Trajectory, _flat_names
+from ._names import flat_names
+from ._trajectory import Trajectory
 from ._validate import check_state_scale
 
 __all__ = ["Transition", "SolveSpec", "solve", "pid_controller", "error_estimates"]
@@ -498,7 +499,7 @@ def error_estimates(traj: Trajectory, reference: Trajectory) -> dict[str, Any]:
         name: _CERTIFY_SAFETY * abs(t - reference.transitions.get(name, math.nan))
         for name, t in traj.transitions.items()
     }
-    flat, flat_ref = _flat_names(traj.observables), _flat_names(reference.observables)
+    flat, flat_ref = flat_names(traj.observables), flat_names(reference.observables)
     obs = {}
     for name, values in flat.items():
         diff = np.abs(np.asarray(values[:n], dtype=float) - np.asarray(flat_ref[name][:n]))

@@ -74,10 +74,10 @@ from ._spec import (
     DEFAULT_ICOEFF, DEFAULT_MAX_STEPS, DEFAULT_PCOEFF, DEFAULT_RTOL,
     DEFAULT_SOLVER, SolveSpec, Transition,
 )
+from ._names import flat_names
 from ._stats import fit_line
 from ._trajectory import (
     Trajectory,
-    _flat_names,
     _json_default,
     _json_ready,
     atomic_write_bytes,
@@ -252,7 +252,7 @@ def member_summary(m: SweepMember) -> dict[str, Any]:
     numbers are left out)."""
     final = {
         name: value
-        for name, value in _flat_names(m.final).items()
+        for name, value in flat_names(m.final).items()
         if np.size(value) <= _MAX_JSON_OBSERVABLE_SIZE
     }
     return _json_ready(dict(
@@ -427,7 +427,7 @@ class Sweep(eqx.Module):
         names = self.transition_names
         finals = [
             {f"final_{name}" + (f"_{k}" if np.ndim(value) else ""): float(x)
-             for name, value in _flat_names(m.final).items()
+             for name, value in flat_names(m.final).items()
              if np.size(value) <= _MAX_CSV_OBSERVABLE_SIZE
              for k, x in enumerate(np.ravel(np.asarray(value, dtype=float)))}
             for m in self.members

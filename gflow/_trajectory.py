@@ -18,6 +18,8 @@ import numpy as np
 
 from ._defaults import TIME_AXES
 from ._errors import InputError
+from ._export import trajectory_html, trajectory_repr, trajectory_to_xarray
+from ._names import flat_names, unescape
 from ._prediction import Prediction
 from ._rundir import atomic_write_bytes, remove_stale, write_manifest  # noqa: F401 (re-exported)
 
@@ -47,64 +49,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _escape(key) -> str:
-    """One level of an observable's name as it appears in a flattened name: `/` joins levels,
-    so a `/` (and the escape character `%`) inside a key is percent-encoded: `{"a/b": x}` and
-    `{"a": {"b": y}}` stay two observables, `a%2Fb` and `a/b`."""
-    return str(key).replace("%", "%25").replace("/", "%2F")
-
-
-def _unescape(part: str) -> str:
-    return part.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
-
-
-def _flat_names(tree) -> dict[str, np.ndarray]:
-    """`{"a/b": leaf}` for a (nested) dict or other pytree of arrays (keys escaped, see
-    `_escape`); two leaves of one name are an `InputError`."""
-    flat: dict[str, np.ndarray] = {}
-
-    def put(name: str, value) -> None:
-        if name in flat:
-            raise InputError(f"two observables are both named {name!r} once flattened: "
-                             "rename one")
-        flat[name] = value
-
-    if _nested_dicts_of_arrays(tree):
-        # A loaded run's observables, without JAX; other pytrees need it.
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                for k, v in _flat_names(value).items():
-                    put(f"{_escape(key)}/{k}", v)
-            else:
-                put(_escape(key), np.asarray(value))
-        return flat
-    import jax.tree_util as jtu
-
-    for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
-        parts = []
-        for key in path:
-            for attr in ("key", "name", "idx"):
-                if hasattr(key, attr):
-                    parts.append(_escape(getattr(key, attr)))
-                    break
-        put("/".join(parts), np.asarray(leaf))
-    return flat
-
-
-def _nested_dicts_of_arrays(tree) -> bool:
-    if not isinstance(tree, dict) or not all(isinstance(k, str) for k in tree):
-        return False
-    return all(_nested_dicts_of_arrays(v) if isinstance(v, dict)
-               else isinstance(v, (np.ndarray, np.generic, float, int)) for v in tree.values())
-
-
 def _nest(flat: dict[str, np.ndarray], where: str = "") -> dict[str, Any]:
-    """`_flat_names` undone; a name that is both a leaf and a group is an `InputError`
+    """`flat_names` undone; a name that is both a leaf and a group is an `InputError`
     naming `where` (the file it was read from)."""
     nested: dict[str, Any] = {}
     for name, value in flat.items():
         node = nested
-        *parents, leaf = [_unescape(p) for p in name.split("/")]
+        *parents, leaf = [unescape(p) for p in name.split("/")]
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -234,20 +185,16 @@ class Trajectory:
         """
 
         def weight(tree, rows: int) -> float:
-            total = sum(np.asarray(v).nbytes for v in _flat_names(tree).values())
+            total = sum(np.asarray(v).nbytes for v in flat_names(tree).values())
             return total / rows if rows else 0.0
 
         return dict(per_save_time=weight(self.observables, len(self.ts)),
                     per_snapshot=weight(self.snapshots, len(self.snapshot_labels)))
 
     def __repr__(self) -> str:
-        from ._export import trajectory_repr
-
         return trajectory_repr(self)
 
     def _repr_html_(self) -> str:
-        from ._export import trajectory_html
-
         return trajectory_html(self)
 
     def to_xarray(self):
@@ -265,8 +212,6 @@ class Trajectory:
 
         An `xarray.Dataset`.
         """
-        from ._export import trajectory_to_xarray
-
         return trajectory_to_xarray(self)
 
     @property
@@ -324,7 +269,7 @@ class Trajectory:
         write_manifest(path)
         written = {TRAJECTORY_FILE, FINAL_FILE, SUMMARY_FILE}
         arrays = {"t": np.asarray(self.ts)}
-        for name, value in _flat_names(self.observables).items():
+        for name, value in flat_names(self.observables).items():
             if name == "t" or name.startswith(COMPONENTS_PREFIX):
                 raise InputError(f"an observable may not be named {name!r} (reserved)")
             arrays[name] = value
@@ -340,7 +285,7 @@ class Trajectory:
             order = {name: k for k, name in enumerate(self.transitions)}
             flat = {f"{order[name]}/{obs}": value
                     for name, values in self.at_transitions.items()
-                    for obs, value in _flat_names(values).items()}
+                    for obs, value in flat_names(values).items()}
             buffer = io.BytesIO()
             np.savez(buffer, **flat)
             atomic_write_bytes(path / AT_TRANSITIONS_FILE, buffer.getvalue())
@@ -348,7 +293,7 @@ class Trajectory:
         if len(self.snapshot_labels):
             arrays = {SNAPSHOT_TIME: np.asarray(self.snapshot_ts, dtype=np.float64),
                       SNAPSHOT_LABEL: np.asarray(self.snapshot_labels, dtype=np.str_)}
-            for name, value in _flat_names(self.snapshots).items():
+            for name, value in flat_names(self.snapshots).items():
                 if name in arrays:
                     raise InputError(f"a snapshot may not be named {name!r} (reserved)")
                 arrays[name] = value

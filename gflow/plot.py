@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import InputError
-from ._trajectory import Trajectory, _flat_names, atomic_write_bytes
+from ._names import flat_names
+from ._trajectory import Trajectory, atomic_write_bytes
 from .figures import (
     PALETTE, TIME_AXES, caption, colour, format_time, format_time_axis, label_rows, log_y_axis,
     mark_transitions, math_label, paper_figures, time_rows, transition_label,
@@ -101,7 +102,7 @@ def _groups(traj: Trajectory) -> dict[str, list[str]]:
     `type_losses/type1 … type4`) are one figure, one line each, so that they can be compared;
     every other leaf is its own figure.
     """
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     groups: dict[str, list[str]] = {}
     for name, values in flat.items():
         parent = name.rpartition("/")[0]
@@ -115,7 +116,7 @@ def _groups(traj: Trajectory) -> dict[str, list[str]]:
 
 def _series(traj: Trajectory, name: str, labels: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
     """The values of observable (or group) `name` as `(n, k)` and the names of the k lines."""
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     members = _groups(traj).get(name, [name] if name in flat else [])
     if not members:
         raise InputError(f"no observable named {name!r}; have: {', '.join(_groups(traj))}")
@@ -424,7 +425,7 @@ def plot_heatmaps(traj: Trajectory, name: str, *, times=None, labels: tuple[str,
     """
     from matplotlib.figure import Figure
 
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     if name not in flat:
         raise InputError(f"no observable named {name!r}; have: {', '.join(flat)}")
     values = np.asarray(flat[name], dtype=float)
@@ -487,7 +488,7 @@ def figure_names(traj: Trajectory, heatmaps: tuple[str, ...] = ()) -> list[str]:
     or vector observable, and the square-matrix observables named in `heatmaps`."""
     if len(traj.ts) == 0:
         return []
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     names = []
     for name, members in _groups(traj).items():
         values = flat[members[0]]
@@ -557,7 +558,7 @@ def _draw(traj: Trajectory, directory: Path, *, time_axis, labels, heatmaps, for
     import io
 
     written = []
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     for name in figure_names(traj, tuple(heatmaps)):
         if name in flat and np.ndim(flat[name]) == 3:
             fig = plot_heatmaps(traj, name, labels=tuple(labels.get(name.split("/")[0], ())))
