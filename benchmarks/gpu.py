@@ -17,12 +17,14 @@ short keeps what it measured):
 3. `linalg`: singular values at `d x d` and `d x d_ff` by each `jax.lax.linalg.SvdAlgorithm`
    the backend accepts, `eigh` of the `d x d` Gram matrix, `σ_max` by 16 Lanczos steps
    (`gflow.measures.spectral_norm`);
-4. `instruments`: each transition condition, the whole save-time observation and each
-   observer alone, in gradients (ratio to the gradient of section 2, measured in the same
-   process), and the observables' bytes per save time;
+4. `instruments`: the observation of an ordinary save time, a snapshot, and both together
+   (at a transition), each compiled as one program as the solve compiles it; each transition
+   condition; each observer alone; in gradients (ratio to a gradient measured in the same
+   process), with the observables' bytes per save time and per snapshot;
 5. `step_floor`: ms per step of a small `deep-linear` solve with `progress` off and on;
 6. `capped_solve`: the paper-size solve with its transitions and cheap observers, capped at 40
-   steps: trace and compile seconds, ms per step, peak device memory;
+   steps: trace and compile seconds, ms per step, peak device memory; in float64 and under
+   `precision="mixed"` (float32 gradients at the highest matmul precision, float64 state);
 7. `sweep`: members per second of `gflow.sweep` under `vmap`, `map` and `loop` at 64 and 256
    members (`--quick`: 4) of `benchmarks.sweep`'s deep-linear problem;
 8. `certify`: a small `deep-linear` solve with `certify` off and on;
@@ -58,12 +60,13 @@ from gflow import measures, presets
 
 from . import sweep as sweep_benchmark
 from ._harness import best_time, machine
+from .results_page import RESULTS_DIR, write_suite
 
 SECTIONS = ("environment", "gradient", "linalg", "instruments", "step_floor", "capped_solve",
             "sweep", "certify", "checkpoint", "estimate")
 PAPER = dict(d=640, d_ff=1280, n=1000)
 QUICK = dict(d=32, d_ff=64, n=64)
-# The default preset's steps at d = 64 (rtol 1e-6, PI control; benchmarks/RESULTS.md): the
+# The default preset's steps at d = 64 (rtol 1e-6, PI control; docs/results.md): the
 # estimate's step count, for want of a paper-size run to count them.
 DEFAULT_RUN_STEPS = 1220
 SAVE_POINTS = 200
@@ -217,10 +220,32 @@ def linalg(d: int, d_ff: int, repeats: int) -> dict:
 
 def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float) -> dict:
     flow, y = problem.flow, problem.flow.params
+    begin = time.perf_counter()
     grad = eqx.filter_jit(lambda fl, y: fl.velocity(y))
     # The gradient again, in this section's process state: ratios side by side.
     g = _best(lambda: grad(flow, y), repeats, 60.0)
     out = dict(gradient_seconds=g, conditions={}, observers={})
+    observe = eqx.filter_jit(lambda fl, y, obs: {k: o(fl.combine(y), fl.data)
+                                                 for k, o in obs.items()})
+    observers = {"loss": flow.loss} | dict(problem.observers)
+    snapshots = dict(getattr(problem, "snapshots", {}))
+
+    def timed(obs: dict, repeats: int) -> dict:
+        s = _best(lambda: observe(flow, y, obs), repeats, 60.0)
+        value = observe(flow, y, obs)
+        return dict(seconds=s, gradients=s / g, bytes=int(sum(
+            np.asarray(x).nbytes for x in jtu.tree_leaves(value))))
+
+    # What the solve evaluates, each compiled as one program as the engine compiles it: at an
+    # ordinary save time the observers; at a chosen time the snapshots; at a transition (and
+    # at t1) both.
+    out["observation"] = timed(observers, repeats) | dict(
+        observers=sorted(observers), note="every observer of an ordinary save time, one program")
+    if snapshots:
+        out["snapshot"] = timed(snapshots, min(repeats, 2)) | dict(
+            observers=sorted(snapshots), note="every snapshot observer, one program")
+        out["at_transition"] = timed(observers | snapshots, min(repeats, 2)) | dict(
+            note="observers and snapshots together (at a transition and at t1), one program")
     cond = eqx.filter_jit(lambda fl, y, c: c(fl.combine(y), fl.data))
     for tr in problem.transitions:
         s = _best(lambda tr=tr: cond(flow, y, tr.condition), repeats, 60.0)
@@ -231,33 +256,17 @@ def instruments(problem, gradient_seconds: float, repeats: int, budget_s: float)
             by_svd = dataclasses.replace(tr.condition, iterations=None)
             s = _best(lambda by_svd=by_svd: cond(flow, y, by_svd), min(repeats, 2), 60.0)
             out["conditions"][tr.name] |= dict(svd_seconds=s, svd_gradients=s / g)
-    observe = eqx.filter_jit(lambda fl, y, obs: {k: o(fl.combine(y), fl.data)
-                                                 for k, o in obs.items()})
-    observers = {"loss": flow.loss} | dict(problem.observers)
-    spent = 0.0
-    for name, obs in observers.items():
-        if spent > budget_s / 2:
+    # Each observer alone (XLA shares nothing between them), while the budget lasts.
+    for name, obs in (observers | snapshots).items():
+        if time.perf_counter() - begin > budget_s / 2:
             out["observers"][name] = "skipped: budget"
             continue
-        begin = time.perf_counter()
-        s = _best(lambda obs=obs, name=name: observe(flow, y, {name: obs}), 1, 0.0)
-        spent += time.perf_counter() - begin
-        value = observe(flow, y, {name: obs})
-        out["observers"][name] = dict(
-            seconds=s, gradients=s / g,
-            bytes=int(sum(np.asarray(x).nbytes for x in jtu.tree_leaves(value))))
+        out["observers"][name] = timed({name: obs}, 1) | dict(
+            placed="snapshot" if name in snapshots else "save time")
         if getattr(obs, "iterations", None) is not None:
             by_svd = dataclasses.replace(obs, iterations=None)
             s = _best(lambda by_svd=by_svd, name=name: observe(flow, y, {name: by_svd}), 1, 0.0)
             out["observers"][name] |= dict(svd_seconds=s, svd_gradients=s / g)
-    timed = [v for v in out["observers"].values() if isinstance(v, dict)]
-    out["observation"] = dict(
-        complete=len(timed) == len(observers),
-        seconds=sum(v["seconds"] for v in timed),
-        gradients=sum(v["gradients"] for v in timed),
-        bytes_per_save_time=sum(v["bytes"] for v in timed),
-        note="sum of the observers timed one by one (XLA shares nothing between them)",
-    )
     return out
 
 
@@ -289,18 +298,30 @@ def step_floor() -> dict:
 
 
 def capped_solve(problem, t1: float, steps: int) -> dict:
-    cheap = {k: problem.observers[k] for k in ("stable_rank", "norm", "relative_change")
-             if k in problem.observers}
-    traj = gflow.solve(problem.flow, t1, rtol=1e-6, solver="tsit5", observers=cheap,
-                       transitions=problem.transitions, max_steps=steps)
-    s = traj.stats
-    return dict(
-        status=traj.status, t_final=traj.t_final, steps=s["num_steps"],
-        evaluations=s["vector_field_evaluations"], trace_seconds=s["trace_seconds"],
-        compile_seconds=s["compile_seconds"], run_seconds=s["run_seconds"],
-        ms_per_step=1e3 * s["run_seconds"] / max(1, s["num_steps"]),
-        observers=sorted(cheap), memory=_peak_memory(),
-    )
+    """A solve capped at `steps` steps in float64 (rtol 1e-6, the preset's), and the same
+    under `precision="mixed"` at rtol 1e-5 (refused, and recorded so, where the size's float32
+    tolerance floor is above it)."""
+    cheap = dict(problem.observers)  # the preset's save-time observers (no snapshots)
+
+    def run(**kwargs) -> dict:
+        traj = gflow.solve(problem.flow, t1, solver="tsit5", observers=cheap,
+                           transitions=problem.transitions, max_steps=steps, **kwargs)
+        s = traj.stats
+        return dict(
+            status=traj.status, t_final=traj.t_final, steps=s["num_steps"],
+            evaluations=s["vector_field_evaluations"], trace_seconds=s["trace_seconds"],
+            compile_seconds=s["compile_seconds"], run_seconds=s["run_seconds"],
+            ms_per_step=1e3 * s["run_seconds"] / max(1, s["num_steps"]),
+            precision=s.get("precision"), matmul_precision=s.get("matmul_precision"),
+            observers=sorted(cheap), memory=_peak_memory(),
+        )
+
+    out = run(rtol=1e-6)
+    try:
+        out["mixed"] = run(rtol=1e-5, precision="mixed")
+    except gflow.InputError as e:
+        out["mixed"] = dict(error=str(e))
+    return out
 
 
 def sweep(members: int) -> dict:
@@ -371,14 +392,20 @@ def estimate(result: dict) -> dict:
     evaluations = 6 * DEFAULT_RUN_STEPS
     condition = max(v["seconds"] for v in ins["conditions"].values())
     observation = ins["observation"]["seconds"]
+    snapshot = ins.get("snapshot", {}).get("seconds", 0.0)
+    # The snapshots at t0, the chosen times and t1, and at each transition.
+    snapshots = (2 + result.get("size", {}).get("snapshot_points", 0)
+                 + len(ins["conditions"])) if snapshot else 0
     flow_seconds = evaluations * grad
     conditions_seconds = DEFAULT_RUN_STEPS * condition
-    observation_seconds = (SAVE_POINTS + len(ins["conditions"])) * observation
+    observation_seconds = ((SAVE_POINTS + len(ins["conditions"])) * observation
+                           + snapshots * snapshot)
     return dict(
         assumptions=(f"{DEFAULT_RUN_STEPS} steps (the default preset's count at d = 64; the "
                      "paper-size count is unmeasured), 6 gradients a step, the costliest "
-                     f"condition at every step, the whole observation at {SAVE_POINTS} save "
-                     "times and at each transition"),
+                     f"condition at every step, the save-time observation at {SAVE_POINTS} "
+                     f"save times and at each transition, a snapshot at {snapshots} times "
+                     "(t0, the chosen times, each transition, t1)"),
         gradients=evaluations, flow_seconds=flow_seconds, conditions_seconds=conditions_seconds,
         observation_seconds=observation_seconds,
         total_seconds=flow_seconds + conditions_seconds + observation_seconds,
@@ -397,7 +424,12 @@ def main(argv=None) -> int:
                         help="wall seconds for the whole probe (default 540)")
     parser.add_argument("--only", default=None,
                         help="comma-separated sections to run (environment always runs)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the results page's suite from --out's JSON, measure nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_results(json.loads(args.out.read_text()), args.out)
+        return 0
     if not args.budget > 0:
         print(f"--budget must be positive, got {args.budget}", file=sys.stderr)
         return 2
@@ -412,23 +444,28 @@ def main(argv=None) -> int:
     size = QUICK if args.quick else PAPER
     repeats = 2 if args.quick else 5
     probe = Probe(args.out, args.budget, only)
+    probe.result["command"] = "python -m benchmarks.gpu " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    probe.result["machine"] = machine()
     probe.result["size"] = size
     probe.section("environment", 0, environment)
     begin = time.perf_counter()
     resolved = presets.resolve("rank-collapse", [f"problem.{k}={v}" for k, v in size.items()])
     problem = presets.build(resolved)
+    probe.result["size"]["snapshot_points"] = resolved.solve.snapshot_points
     probe.result["size"]["build_seconds"] = time.perf_counter() - begin
     probe.result["size"]["parameters"] = int(sum(
         x.size for x in jtu.tree_leaves(problem.flow.params)))
     grad = probe.section("gradient", 0, lambda: gradient(problem.flow, repeats))
     g = (grad or {}).get("float64", {}).get("seconds", 1.0)
     probe.section("linalg", 10, lambda: linalg(size["d"], size["d_ff"], repeats))
-    # The full observation measured here on CPU: about 60 gradients.
+    # A snapshot measured here on CPU: about 20 gradients; with the conditions by SVD and the
+    # observers one by one, about 80.
     probe.section("instruments", 80 * g,
                   lambda: instruments(problem, g, repeats, max(probe.left(), 1.0)))
     probe.section("step_floor", 30, step_floor)
     steps = 10 if args.quick else 40
-    probe.section("capped_solve", 8 * steps * g + 60,
+    probe.section("capped_solve", 12 * steps * g + 120,
                   lambda: capped_solve(problem, resolved.solve.t1, steps))
     probe.section("sweep", 60, lambda: {str(n): sweep(n) for n in
                                         ((4,) if args.quick else (64, 256))})
@@ -437,7 +474,72 @@ def main(argv=None) -> int:
     probe.section("estimate", 0, lambda: estimate(probe.result))
     print(json.dumps({k: probe.result[k] for k in ("gradient", "estimate")
                       if k in probe.result}, indent=1, default=_json_default))
+    if not args.quick:
+        write_results(json.loads(args.out.read_text()), args.out)
     return 0
+
+
+def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Path:
+    """The results page's rows from one probe's JSON (suite `probe-<out's stem>`): issue 30's
+    instrument costs in gradients, before (σ_max by SVD) and after (Lanczos), and the estimate
+    of the whole default run at the probe's size."""
+    rows = []
+    size = result["size"]
+    grad = result.get("gradient", {}).get("float64")
+    if grad:
+        rows.append(dict(quantity="one float64 gradient", value=grad["seconds"], unit="s",
+                         detail=f"{grad['flops'] / 1e9:.2f} GFLOP by XLA's cost analysis"))
+    inst = result.get("instruments") or {}
+    for name, c in (inst.get("conditions") or {}).items():
+        before = (f"with σ_max by SVD {c['svd_gradients']:.3g} gradients"
+                  if "svd_gradients" in c else "no SVD in it")
+        rows.append(dict(quantity=f"condition {name}, one evaluation", value=c["gradients"],
+                         unit="gradients", target="≤ 0.05",
+                         verdict="met" if c["gradients"] <= 0.05 else "not met", detail=before))
+    observation = inst.get("observation")
+    if observation:
+        size_ = observation.get("bytes", observation.get("bytes_per_save_time"))
+        rows.append(dict(quantity="one ordinary save-time observation",
+                         value=observation["gradients"], unit="gradients", target="≤ 0.5",
+                         verdict="met" if observation["gradients"] <= 0.5 else "not met",
+                         detail=observation.get("note", "")))
+        rows.append(dict(quantity="observables per ordinary save time", value=size_ / 2**20,
+                         unit="MiB", target="≤ 1",
+                         verdict="met" if size_ <= 2**20 else "not met", detail=f"{size_:,} bytes"))
+    for key, what in (("snapshot", "one snapshot (at a chosen time)"),
+                      ("at_transition", "one observation at a transition (observers and "
+                                        "snapshots)")):
+        if key in inst:
+            rows.append(dict(quantity=what, value=inst[key]["gradients"], unit="gradients",
+                             target="≤ 5", verdict="met" if inst[key]["gradients"] <= 5
+                             else "not met", detail=f"{inst[key]['bytes']:,} bytes; "
+                                                    + inst[key].get("note", "")))
+    timed = {k: o for k, o in (inst.get("observers") or {}).items() if isinstance(o, dict)}
+    for name, o in sorted(timed.items(), key=lambda kv: -kv[1]["gradients"]):
+        rows.append(dict(quantity=f"observer {name}, one evaluation", value=o["gradients"],
+                         unit="gradients", detail=f"{o['bytes']:,} bytes"
+                         + (f"; {o['placed']}" if "placed" in o else "")))
+    est = result.get("estimate")
+    if est:
+        rows.append(dict(quantity="estimate of the whole default run at this size",
+                         value=est["total_seconds"] / 3600, unit="h",
+                         detail=f"flow {est['flow_seconds'] / 3600:.2f} h, conditions "
+                                f"{est['conditions_seconds'] / 3600:.2f} h, observations "
+                                f"{est['observation_seconds'] / 3600:.2f} h; "
+                                f"{est['assumptions']}"))
+    parameters = size.get("parameters")
+    return write_suite(
+        f"probe-{out.stem}",
+        title=f"rank-collapse at d = {size['d']}, d_ff = {size['d_ff']}, n = {size['n']}: "
+              f"what the instruments cost ({result['machine'].get('jax_backend', '?')}, "
+              + ("costly observers as snapshots)" if "snapshot" in inst
+                 else "every observer at every save time)"),
+        command=result["command"], machine=result["machine"], rows=rows, directory=directory,
+        summary=f"`python -m benchmarks.gpu`'s probe of the default preset at this size "
+                f"({parameters:,} parameters): each condition and observer timed alone, in "
+                "units of one float64 gradient measured in the same process. The estimate "
+                "multiplies these by an assumed step count (below); the paper-size step count "
+                "itself is unmeasured.")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ error bars are.
    solve at the preset's rtol 1e-6: transition times, bars and wall time per evaluation. The
    solves record the transitions only (the instruments cost more than the flow).
 
-Writes one JSON file and prints a Markdown summary for benchmarks/RESULTS.md.
+Writes one JSON file, its suite on the results page (`benchmarks/results/precision.json`) and
+prints a Markdown summary.
 """
 
 import argparse
@@ -31,6 +32,7 @@ import numpy as np
 import gflow
 from gflow import presets
 
+from .results_page import RESULTS_DIR, write_suite
 from ._harness import best_time, fmt, machine, markdown_table
 
 POLICIES = ("float64", "mixed", "float32")
@@ -197,7 +199,12 @@ def main(argv=None) -> int:
     parser.add_argument("--t1", type=float, default=None,
                         help="rank-collapse's horizon (default the preset's 1500)")
     parser.add_argument("--only", choices=("deep-linear", "rank-collapse"), default=None)
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the results page's suite from --out's JSON, measure nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_results(json.loads(args.out.read_text()))
+        return 0
     result = dict(machine=machine(), command="python -m benchmarks.precision " + " ".join(
         sys.argv[1:] if argv is None else argv))
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -209,8 +216,70 @@ def main(argv=None) -> int:
                                if args.only in (None, "rank-collapse")
                                else previous.get("rank_collapse"))
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    write_results(result)
     print(markdown(result))
     return 0
+
+
+SUITE = "precision"
+
+
+def write_results(result: dict, directory: Path = RESULTS_DIR) -> Path:
+    """The results page's rows from one run's JSON: per policy whether the certified error
+    bars cover the actual errors, rank-collapse's transitions under mixed against float64's,
+    and what a velocity costs in each policy."""
+    rows = []
+    dl = result.get("deep_linear")
+    if dl:
+        rows.append(dict(
+            quantity="deep-linear: every policy starts from float64's init",
+            value=all(v["bitwise_equal"] for v in dl["initial_states"].values()),
+            detail="bitwise, against float64's init cast to the policy's state dtype"))
+        for policy, floor in dl["floors"].items():
+            mine = [r for r in dl["rows"] if r["policy"] == policy]
+            covered = sum(r["covered"] for r in mine)
+            worst = max(r["actual_error"] / r["bar"] for r in mine)
+            rows.append(dict(
+                quantity=f"deep-linear, {policy}: transitions whose certified bar covers the "
+                         "actual error (float64 reference at rtol 1e-12)",
+                value=f"{covered} of {len(mine)}", target="all",
+                verdict="met" if covered == len(mine) else "not met",
+                detail=f"at rtol = the floor {fmt(floor['floor'])} and 10× it; largest "
+                       f"error / bar {worst:.2f}; gradient error {fmt(floor['gradient_error'])}"))
+    rc = result.get("rank_collapse")
+    if rc:
+        inside = sum(r["within_bar"] for r in rc["rows"])
+        rows.append(dict(
+            quantity="rank-collapse d = 64: mixed's transitions (rtol 1e-5, certified) within "
+                     "their bars of float64's (rtol 1e-6)",
+            value=f"{inside} of {len(rc['rows'])}", target="all",
+            verdict="met" if inside == len(rc["rows"]) else "not met",
+            detail="; ".join(f"{r['transition']} |Δt| {fmt(r['difference'])} (bar "
+                             f"{fmt(r['bar_mixed'])})" for r in rc["rows"])))
+        c = rc["evaluation_costs"]
+        for policy in ("mixed", "float32"):
+            rows.append(dict(
+                quantity=f"rank-collapse d = 64: one velocity, float64 / {policy} (CPU)",
+                value=c["float64"]["seconds"] / c[policy]["seconds"], unit="×",
+                detail=f"best of {c[policy]['rounds']} interleaved rounds of "
+                       f"{c[policy]['repeats']}: {c['float64']['seconds'] * 1e3:.2f} against "
+                       f"{c[policy]['seconds'] * 1e3:.2f} ms"))
+        rows.append(dict(quantity="rank-collapse d = 64: mixed's tolerance floor",
+                         value=rc["floor"],
+                         detail=f"10 × the float32 gradient's relative error "
+                                f"{fmt(rc['gradient_error'])} at the initial state"))
+    return write_suite(
+        SUITE, title="Precision policies: honest error bars in float32 and mixed",
+        command=result["command"].strip(), machine=result["machine"], rows=rows,
+        directory=directory,
+        summary="`precision=\"mixed\"` (float64 state, float32 loss and gradient) and "
+                "`\"float32\"` against float64. Each non-float64 run is certified against a "
+                "float64 reference at 100× smaller tolerances, so its bars cover rounding as "
+                "well as truncation; a tolerance below the policy's floor (10× the float32 "
+                "gradient's relative error at the initial state) is refused. deep-linear is the "
+                "preset (four modes, t1 = 12); rank-collapse the preset at d = 64 to t1 = 760, "
+                "transitions only. On an accelerator the speed ratio is the hardware's "
+                "float32:float64 throughput: not measured (no accelerator was lent).")
 
 
 if __name__ == "__main__":

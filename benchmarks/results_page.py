@@ -51,7 +51,7 @@ RESULTS_DIR = HERE / "results"
 CONCLUSIONS = HERE / "conclusions.md"
 PAGE = HERE.parent / "docs" / "results.md"
 # Sections first, in this order; suites not listed follow by name.
-ORDER = ("gd-and-competitors", "auto-solver")
+ORDER = ("gd-and-competitors", "auto-solver", "engine-overhead", "precision", "size-ladder")
 _ROW_KEYS = {"quantity", "value", "unit", "target", "verdict", "detail"}
 
 

@@ -131,6 +131,23 @@ def _format_time(t) -> str:
     return "not reached" if t is None or not math.isfinite(t) else f"{t:.10g}"
 
 
+def _bytes(count: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count:.0f} B"
+
+
+def _memory_line(traj) -> str:
+    """What the recorded observables weigh: per save time, and per snapshot."""
+    memory = traj.memory()
+    line = f"memory      {_bytes(memory['per_save_time'])} per save time ({len(traj.ts)} saved)"
+    if traj.snapshot_labels:
+        line += (f"; {_bytes(memory['per_snapshot'])} per snapshot "
+                 f"({len(traj.snapshot_labels)} taken: {', '.join(sorted(traj.snapshots))})")
+    return line
+
+
 def _report(traj, problem, out: Path) -> str:
     s = traj.stats
     lines = [
@@ -155,6 +172,7 @@ def _report(traj, problem, out: Path) -> str:
             f"{s['implicit_steps']} implicit steps"
             + (f"; {s['switches']} switch(es) at t = "
                + ", ".join(f"{t:.6g}" for t in switches) if switches else ""))
+    lines.append(_memory_line(traj))
     if traj.transitions:
         lines.append("transitions")
         width = max(len(n) for n in traj.transitions)

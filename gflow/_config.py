@@ -36,6 +36,7 @@ _X64_MIN_RTOL = 1e-14
 _INT64 = (-(2**63), 2**63 - 1)
 _MAX_STEPS_LIMIT = 2**31 - 1
 _MAX_SAVE_POINTS = 10**6
+_MAX_SNAPSHOT_POINTS = 1000
 # An absolute tolerance of 1 or more resolves nothing of a flow from small init: every preset's
 # state starts far below 1, so steps would be as long as the error estimate allows.
 _MAX_ATOL = 1.0
@@ -58,6 +59,10 @@ class SolveSettings:
     - `max_steps`: step limit per segment (at most 2**31 - 1).
     - `save_points`: number of save times (3 to 10**6); `grid`: `"log"`, `"linear"` or `"loglinear"`
         (half log-spaced, half linear, merged) spacing.
+    - `snapshot_points`: chosen times of the problem's snapshot observables (full spectra,
+        cosine matrices: taken at `t0`, at each located transition and at `t1` in any case):
+        this many, strictly between `t0` and `t1`, spaced as `snapshot_grid` (`"linear"` or
+        `"log"`); 0 for none (at most 1000).
     - `refine`: solve twice: the second solve (same compiled program) puts half of the save
         times evenly around the located transitions, so a fast stage between save times of
         the first grid is resolved.
@@ -92,6 +97,8 @@ class SolveSettings:
     matmul_precision: str = "highest"
     pcoeff: float = _defaults.PCOEFF
     icoeff: float = _defaults.ICOEFF
+    snapshot_points: int = 0
+    snapshot_grid: str = "linear"
 
     def __post_init__(self):
         if not (math.isfinite(self.t0) and math.isfinite(self.t1)):
@@ -145,6 +152,12 @@ class SolveSettings:
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise InputError(f"solve.matmul_precision must be one of "
                              f"{', '.join(MATMUL_PRECISIONS)}, got {self.matmul_precision!r}")
+        if not 0 <= self.snapshot_points <= _MAX_SNAPSHOT_POINTS:
+            raise InputError(f"solve.snapshot_points must be between 0 and "
+                             f"{_MAX_SNAPSHOT_POINTS}, got {self.snapshot_points}")
+        if self.snapshot_grid not in ("log", "linear"):
+            raise InputError(f"solve.snapshot_grid must be 'log' or 'linear', got "
+                             f"{self.snapshot_grid!r}")
         if self.grid not in ("log", "linear", "loglinear"):
             raise InputError(
                 f"solve.grid must be 'log', 'linear' or 'loglinear', got {self.grid!r}"
@@ -177,6 +190,12 @@ class SolveSettings:
             log_grid(self.t0, self.t1, half, first=1e-6 * (self.t1 - self.t0)),
             linear_grid(self.t0, self.t1, half),
         )
+
+    def snapshot_times(self) -> np.ndarray:
+        """The snapshots' chosen times: `snapshot_points` of them strictly between `t0` and
+        `t1`, spaced as `snapshot_grid`."""
+        grid = log_grid if self.snapshot_grid == "log" else linear_grid
+        return grid(self.t0, self.t1, self.snapshot_points + 2)[1:-1]
 
     def refined_save_times(self, transition_times) -> np.ndarray | None:
         """As many save times as `save_times()`, half of them evenly spread over the window

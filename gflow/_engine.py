@@ -100,6 +100,10 @@ class Plan(NamedTuple):
     max_steps: int  # Python ints, static: `split` keeps every non-array leaf in the key
     segment_steps: int
     precision: Precision = FLOAT64  # in which types the velocity is computed
+    # {name: observer(model, data)} evaluated only at `snapshot_ts` (t0, the chosen times and
+    # t1, as `gflow.SolveSpec.all_snapshot_ts` gives them) and at the located transitions.
+    snapshots: dict = {}
+    snapshot_ts: Array | None = None
 
 
 class Resumable(diffrax.AbstractAdaptiveStepSizeController):
@@ -196,7 +200,9 @@ class Carry(eqx.Module):
         continues the steps of the last one (after a cut), from `dt`, `controller_state` and
         `solver_state`, the step size proposed next and the controller's and solver's states.
     - `observables`: at each save time (NaN until reached); `found`: each transition's time
-        (NaN until located); `at_transitions`: the observables there (NaN until reached).
+        (NaN until located); `at_transitions`: the observables there (NaN until reached);
+        `snapshots`: the plan's snapshot observables at each of its `snapshot_ts`, then at
+        each transition (NaN until reached).
     - `status`: a `Status` code, `Status.RUNNING` while the solve goes on.
     - `steps`: steps since the last transition (`max_steps` limits these); `counts`: steps,
         accepted, rejected; `segments`: segments run; `starts`: segments started afresh.
@@ -214,6 +220,7 @@ class Carry(eqx.Module):
     observables: PyTree
     found: Array
     at_transitions: PyTree
+    snapshots: PyTree
     status: Array
     steps: Array
     counts: Array
@@ -223,7 +230,8 @@ class Carry(eqx.Module):
 
     # The fields that hold NaN by design (save times and transitions not reached yet); every
     # other field is finite unless the state diverged.
-    NAN_BY_DESIGN: ClassVar[tuple[str, ...]] = ("observables", "found", "at_transitions")
+    NAN_BY_DESIGN: ClassVar[tuple[str, ...]] = ("observables", "found", "at_transitions",
+                                                "snapshots")
 
     def nan_allowed(self) -> "Carry":
         """A tree of bools over this carry's leaves: where NaN is no sign of damage."""
@@ -244,11 +252,12 @@ def initial_carry(plan: Plan, y0: PyTree, t0) -> Carry:
     dt, controller_state, solver_state = zeros_like_shapes(eqx.filter_eval_shape(
         lambda p, y, t: _fresh(p, y, t), plan, y0, jnp.asarray(t0, dtype=plan.ts.dtype)))
     struct = eqx.filter_eval_shape(lambda p, y: observe(p.flow, p.observers, y), plan, y0)
+    rich = eqx.filter_eval_shape(lambda p, y: observe(p.flow, p.snapshots, y), plan, y0)
     n_ts = plan.ts.shape[0]
     n = len(plan.conditions)
     int_ = jnp.asarray(0).dtype
 
-    def nans(lead):
+    def nans(lead, struct=struct):
         return jtu.tree_map(lambda s: jnp.full((lead,) + s.shape, jnp.nan, s.dtype), struct)
 
     return Carry(
@@ -263,6 +272,7 @@ def initial_carry(plan: Plan, y0: PyTree, t0) -> Carry:
         found=jnp.full((n,), jnp.nan, dtype=plan.ts.dtype),
         # The state at a located transition is the root finder's, which no save time holds.
         at_transitions=nans(n),
+        snapshots=nans(_snapshot_count(plan) + n if plan.snapshots else 0, rich),
         status=jnp.asarray(Status.RUNNING, dtype=jnp.int32),
         steps=jnp.asarray(0, dtype=int_),
         counts=jnp.zeros(3, dtype=int_),
@@ -270,6 +280,43 @@ def initial_carry(plan: Plan, y0: PyTree, t0) -> Carry:
         starts=jnp.asarray(0, dtype=int_),
         work=work_template(plan.solver, plan.ts.dtype),
     )
+
+
+def _snapshot_count(plan: Plan) -> int:
+    return 0 if plan.snapshot_ts is None else plan.snapshot_ts.shape[0]
+
+
+def _this_segment(ts, t0, t1, first) -> tuple:
+    """The times of `ts` a segment from `t0` observes, after its start (from it, in the first
+    segment): which they are, and the segment's save array.
+
+    They are rolled to the front of the segment's save array and the rest padded with `t1`,
+    rather than clipped to the start: clipped, every earlier time would cost an interpolation
+    at the segment's first step, in every segment. A pad at `t1` costs one only at the end of
+    the last segment, and observes nothing: the observer is skipped at `t1`, whose times are
+    observed on the end state instead (`_merge`)."""
+    n_ts = ts.shape[0]
+    ours = (ts > t0) | (first & (ts >= t0))
+    skip = n_ts - jnp.sum(ours)
+    source = jnp.arange(n_ts) + skip
+    return ours, skip, jnp.where(source < n_ts, ts[jnp.minimum(source, n_ts - 1)], t1)
+
+
+def _merge(ts, ours, skip, t_end, t1, old: PyTree, saved: PyTree, end: PyTree) -> PyTree:
+    """`old` with the times of `ts` a segment covered (up to `t_end`; none when it is nan)
+    filled from its rolled save array `saved`, those at `t1` from the end state's `end`."""
+    n_ts = ts.shape[0]
+    covered = ours & (ts <= t_end)
+    at_end = covered & (ts >= t1)
+    unrolled = jnp.clip(jnp.arange(n_ts) - skip, 0, n_ts - 1)
+
+    def merge(old, saved, end):
+        shape = (-1,) + (1,) * (old.ndim - 1)
+        new = jnp.where(at_end.reshape(shape), end.astype(old.dtype)[None],
+                        saved[unrolled].astype(old.dtype))
+        return jnp.where(covered.reshape(shape), new, old)
+
+    return jtu.tree_map(merge, old, saved, end)
 
 
 def _uniform(index, running):
@@ -337,33 +384,33 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         )
     else:
         event = diffrax.Event(diverged)
-    # The save times this segment observes: after its start (from it, in the first segment).
-    # They are rolled to the front of the segment's save array and the rest padded with `t1`,
-    # rather than clipped to the start: clipped, every earlier save time would cost an
-    # interpolation at the segment's first step, in every segment. A pad at `t1` costs one
-    # only at the end of the last segment, and observes nothing: the observer is skipped at
-    # `t1`, whose save times are observed on the end state instead (below).
+    # The save times and snapshot times this segment observes (see `_this_segment`).
     first = c.segments == 0
-    n_ts = plan.ts.shape[0]
-    ours = (plan.ts > t0) | (first & (plan.ts >= t0))
-    skip = n_ts - jnp.sum(ours)
-    source = jnp.arange(n_ts) + skip
-    segment_ts = jnp.where(source < n_ts, plan.ts[jnp.minimum(source, n_ts - 1)], t1)
+    ours, skip, segment_ts = _this_segment(plan.ts, t0, t1, first)
+    rich = bool(plan.snapshots)
     struct = jax.eval_shape(lambda y: observe(flow, plan.observers, y), y0)
+    rich_struct = jax.eval_shape(lambda y: observe(flow, plan.snapshots, y), y0)
 
-    def observe_state(y):
-        # diffrax's dense output mixes the state with the (float64) time: the observers see
-        # the state in its own dtype, so both branches of a save agree under any precision.
-        y = jtu.tree_map(lambda a, b: a.astype(b.dtype), y, y0)
-        return observe(flow, plan.observers, y)
+    def observe_with(observers):
+        def observe_state(y):
+            # diffrax's dense output mixes the state with the (float64) time: the observers
+            # see the state in its own dtype, so both branches of a save agree under any
+            # precision.
+            y = jtu.tree_map(lambda a, b: a.astype(b.dtype), y, y0)
+            return observe(flow, observers, y)
 
-    def save(t, y, args):
-        return jax.lax.cond(
-            eqxi.unvmap_any(t < t1),
-            observe_state,
-            lambda y: jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), struct),
-            y,
-        )
+        return observe_state
+
+    def saver(observers, struct):
+        def save(t, y, args):
+            return jax.lax.cond(
+                eqxi.unvmap_any(t < t1),
+                observe_with(observers),
+                lambda y: jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), struct),
+                y,
+            )
+
+        return save
 
     # Where the last segment was cut, its steps go on: the solver's and controller's states
     # and the proposed step cross the cut. After a transition (and at the start) the segment
@@ -375,11 +422,17 @@ def _segment(plan: Plan, c: Carry) -> Carry:
             _fresh(plan, y0, t0), (c.dt, c.controller_state, c.solver_state)),
         lambda: (c.dt, c.controller_state, c.solver_state),
     )
+    subs = [
+        diffrax.SubSaveAt(ts=segment_ts, fn=saver(plan.observers, struct)),
+        diffrax.SubSaveAt(t1=True),
+    ]
+    if rich:
+        # The snapshots' chosen times: a save array of their own, so that the ordinary save
+        # times never evaluate them.
+        rich_ours, rich_skip, rich_ts = _this_segment(plan.snapshot_ts, t0, t1, first)
+        subs.append(diffrax.SubSaveAt(ts=rich_ts, fn=saver(plan.snapshots, rich_struct)))
     saveat = diffrax.SaveAt(
-        subs=[
-            diffrax.SubSaveAt(ts=segment_ts, fn=save),
-            diffrax.SubSaveAt(t1=True),
-        ],
+        subs=subs,
         controller_state=True,
         solver_state=True,
     )
@@ -408,35 +461,34 @@ def _segment(plan: Plan, c: Carry) -> Carry:
     blown = event_occurred & (mask[0] if n else mask)
     fired = event_occurred & jnp.logical_not(blown)
     reached = (t_end >= t1) & jnp.logical_not(blown)
-    # The end state is observed when a transition fired there (its observables) or when it
-    # is `t1` (the save times at `t1`); a segment cut or a failure needs neither.
-    here = jax.lax.cond(
+    # The end state is observed (snapshots included) when a transition fired there (its
+    # observables) or when it is `t1` (the save and snapshot times at `t1`); a segment cut or
+    # a failure needs neither.
+    def nans(struct):
+        return jtu.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), struct)
+
+    here, here_rich = jax.lax.cond(
         eqxi.unvmap_any(fired | reached),
-        observe_state,
-        lambda y: jtu.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), struct),
+        lambda y: (observe_with(plan.observers)(y), observe_with(plan.snapshots)(y)),
+        lambda y: (nans(struct), nans(rich_struct)),
         y_end,
     )
-    # Save times this segment covered (none when t_end is nan), from the rolled array; those
-    # at `t1` from the end state.
-    covered = ours & (plan.ts <= t_end)
-    at_end = covered & (plan.ts >= t1)
-    unrolled = jnp.clip(jnp.arange(n_ts) - skip, 0, n_ts - 1)
-
-    def merge(old, saved, end):
-        shape = (-1,) + (1,) * (old.ndim - 1)
-        new = jnp.where(at_end.reshape(shape), end.astype(old.dtype)[None],
-                        saved[unrolled].astype(old.dtype))
-        return jnp.where(covered.reshape(shape), new, old)
-
-    observables = jtu.tree_map(merge, c.observables, sol.ys[0], here)
+    observables = _merge(plan.ts, ours, skip, t_end, t1, c.observables, sol.ys[0], here)
     this = fired & (jnp.arange(n) == c.index)
-    at_transitions = jtu.tree_map(
-        lambda old, new: jnp.where(
-            this.reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype)[None], old
-        ),
-        c.at_transitions,
-        here,
-    )
+
+    def at_this(old, new):
+        return jnp.where(this.reshape((-1,) + (1,) * (old.ndim - 1)),
+                         new.astype(old.dtype)[None], old)
+
+    at_transitions = jtu.tree_map(at_this, c.at_transitions, here)
+    snapshots = c.snapshots
+    if rich:
+        m = _snapshot_count(plan)
+        chosen = _merge(plan.snapshot_ts, rich_ours, rich_skip, t_end, t1,
+                        jtu.tree_map(lambda x: x[:m], c.snapshots), sol.ys[2], here_rich)
+        snapshots = jtu.tree_map(
+            lambda a, old, new: jnp.concatenate([a, at_this(old[m:], new)]),
+            chosen, c.snapshots, here_rich)
     seg_steps = jnp.asarray(sol.stats["num_steps"]).astype(c.steps.dtype)
     steps = c.steps + seg_steps
     max_reached = result == results.max_steps_reached
@@ -483,6 +535,7 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         observables=observables,
         found=jnp.where(this, t_end, c.found),
         at_transitions=at_transitions,
+        snapshots=snapshots,
         status=status,
         steps=jnp.where(fired, 0, steps),
         counts=c.counts + counts,

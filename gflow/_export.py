@@ -1,7 +1,8 @@
 """Results you keep working with: short `repr`s, notebook tables, xarray and pandas exports.
 
-`Trajectory` and `Sweep` call these from their methods; xarray and pandas are imported only
-when an export is asked for (the `xarray` extra).
+`Trajectory` and `Sweep` call these from their methods (so this module imports neither: the
+`traj` these functions take is a `gflow.Trajectory`); xarray and pandas are imported only when
+an export is asked for (the `xarray` extra).
 """
 
 import html
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import InputError
-from ._trajectory import Trajectory, _flat_names
+from ._names import flat_names
 
 # A repr list longer than this ends in "…, (+k more)": a preset records dozens of observables.
 _LINE = 84
@@ -39,7 +40,7 @@ def _listing(items: list[str], width: int = _LINE) -> str:
 
 
 def _shapes(observables) -> list[str]:
-    return [f"{name} {tuple(np.shape(v))}" for name, v in _flat_names(observables).items()]
+    return [f"{name} {tuple(np.shape(v))}" for name, v in flat_names(observables).items()]
 
 
 def _transitions(transitions: dict[str, float]) -> list[str]:
@@ -86,7 +87,7 @@ def _value(x) -> str:
     return x if isinstance(x, str) else "-" if x is None else _number(x)
 
 
-def trajectory_repr(traj: Trajectory) -> str:
+def trajectory_repr(traj) -> str:
     """A few lines: status, interval, settings and work, observables' shapes, transitions."""
     n = np.shape(traj.ts)[0]
     lines = [
@@ -96,11 +97,23 @@ def trajectory_repr(traj: Trajectory) -> str:
         + (f"; {s}" if (s := _stats(traj.stats)) else ""),
         "  observables: " + _listing(_shapes(traj.observables)),
     ]
+    if traj.snapshot_labels:
+        lines.append("  snapshots: " + _snapshots(traj))
     if traj.transitions:
         lines.append("  transitions: " + _listing(_transitions(traj.transitions)))
     if traj.predictions:
         lines.append(f"  predictions: {_predictions(traj.predictions)}")
     return "\n".join(lines) + ")"
+
+
+def _snapshots(traj) -> str:
+    """The snapshot observables and where they were taken, in one line."""
+    labels = traj.snapshot_labels
+    chosen = sum(label == "" for label in labels)
+    places = [x for x in ("t0",) if x in labels] + [
+        f"{len(labels) - chosen - ('t0' in labels) - ('end' in labels)} transition(s)",
+        f"{chosen} chosen time(s)"] + [x for x in ("end",) if x in labels]
+    return f"{', '.join(sorted(traj.snapshots))} at {len(labels)} times ({', '.join(places)})"
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -110,7 +123,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f"<table>{cells}</table>"
 
 
-def trajectory_html(traj: Trajectory) -> str:
+def trajectory_html(traj) -> str:
     """A notebook table: the `repr`'s content, every observable and every transition."""
     rows = [
         ("status", _status(traj.status, traj.message)),
@@ -120,6 +133,8 @@ def trajectory_html(traj: Trajectory) -> str:
         ("work", _stats(traj.stats)),
         ("observables", ", ".join(_shapes(traj.observables))),
     ]
+    if traj.snapshot_labels:
+        rows.append(("snapshots", _snapshots(traj)))
     rows += [(f"transition {name}", text.partition("=")[2])
              for name, text in zip(traj.transitions, _transitions(traj.transitions))]
     rows += [(f"prediction {name}", _prediction(p)) for name, p in traj.predictions.items()]
@@ -134,22 +149,35 @@ def _import_xarray():
     return xarray
 
 
-def trajectory_to_xarray(traj: Trajectory):
+def _variable(traj, name: str, value: np.ndarray, lead: str,
+              coords: dict) -> tuple[list[str], np.ndarray]:
+    """An observable's dimensions (`lead` first, its named components last) and values;
+    the components' coordinate is added to `coords`."""
+    dims = [lead] + [f"{name}_dim{k}" for k in range(1, value.ndim)]
+    names = traj.components.get(name)
+    if names and value.ndim >= 2 and len(names) == value.shape[-1]:
+        dims[-1] = f"{name}_component"
+        coords[dims[-1]] = (dims[-1], np.asarray(names, dtype=np.str_))
+    return dims, value
+
+
+def trajectory_to_xarray(traj):
     """See `Trajectory.to_xarray`."""
     xr = _import_xarray()
     ts = np.asarray(traj.ts)
     variables, coords = {}, {"t": ("t", ts)}
-    for name, value in _flat_names(traj.observables).items():
+    for name, value in flat_names(traj.observables).items():
         value = np.asarray(value)
         if value.ndim == 0 or value.shape[0] != ts.shape[0]:
             raise InputError(f"observable {name!r} of shape {value.shape} has no leading time "
                              f"axis of {ts.shape[0]}")
-        dims = ["t"] + [f"{name}_dim{k}" for k in range(1, value.ndim)]
-        names = traj.components.get(name)
-        if names and value.ndim >= 2 and len(names) == value.shape[-1]:
-            dims[-1] = f"{name}_component"
-            coords[dims[-1]] = (dims[-1], np.asarray(names, dtype=np.str_))
-        variables[name] = (dims, value)
+        variables[name] = _variable(traj, name, value, "t", coords)
+    if len(traj.snapshot_labels):
+        # Snapshot observables on their own axis: the times and places they were taken.
+        coords["snapshot_t"] = ("snapshot", np.asarray(traj.snapshot_ts, dtype=float))
+        coords["snapshot_label"] = ("snapshot", np.asarray(traj.snapshot_labels, dtype=np.str_))
+        for name, value in flat_names(traj.snapshots).items():
+            variables[name] = _variable(traj, name, np.asarray(value), "snapshot", coords)
     attrs = dict(status=traj.status, message=traj.message, solver=traj.solver,
                  rtol=float(traj.rtol), atol=float(traj.atol), t0=float(traj.t0),
                  t1=float(traj.t1), t_final=float(traj.t_final))

@@ -144,7 +144,7 @@ def render_predictions(predictions: dict[str, Prediction], width: int = 100) -> 
     if not predictions:
         return []
     symbol = {"<=": "≤", ">=": "≥", "<": "<", ">": ">", None: ""}
-    rows, below = [], []
+    texts = []
     for name, p in predictions.items():
         if p.kind == "qualitative":
             predicted, measured = p.predicted, "-" if p.measured is None else p.measured
@@ -154,14 +154,23 @@ def render_predictions(predictions: dict[str, Prediction], width: int = 100) -> 
             measured = _number(p.measured)
             if p.error is not None and p.measured is not None:
                 measured += f" ± {p.error:.1e}"
-        long = [(label, text) for label, text in (("predicted", predicted),
-                                                  ("measured", measured))
-                if len(text) > _MAX_CELL]
-        cells = [text if len(text) <= _MAX_CELL else "(below)" for text in (predicted, measured)]
-        rows.append((name, p.kind, *cells, _outcome(p), p.basis))
-        below.append(long)
+        texts.append((name, p, predicted, measured))
     header = ("", "kind", "predicted", "measured", "outcome", "basis")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    # Cells longer than `longest` go under their row; `longest` shrinks until every row's
+    # columns fit in `width`.
+    for longest in range(_MAX_CELL, 6, -1):
+        rows, below = [], []
+        for name, p, predicted, measured in texts:
+            long = [(label, text) for label, text in (("predicted", predicted),
+                                                      ("measured", measured))
+                    if len(text) > longest]
+            cells = [text if len(text) <= longest else "(below)"
+                     for text in (predicted, measured)]
+            rows.append((name, p.kind, *cells, _outcome(p), p.basis))
+            below.append(long)
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+        if 2 + sum(widths) + 2 * 4 <= width:
+            break
     lines = []
     for k, row in enumerate([header, *rows]):
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]

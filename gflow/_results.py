@@ -53,12 +53,21 @@ def outcome(carry: Carry, names: list[str], max_steps: int) -> dict[str, Any]:
     )
 
 
+def solve_outcome(carry: Carry, flow: GradientFlow, spec: SolveSpec) -> dict[str, Any]:
+    """`outcome` of `spec`'s carry, whose message names a non-finite initial state of `flow`
+    where that is why the solve failed."""
+    done = outcome(carry, [tr.name for tr in spec.transitions], spec.max_steps)
+    if done["status"] != "completed":
+        done["message"] = _initial_state_failure(flow, spec.t0) or done["message"]
+    return done
+
+
 def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
                stats: dict | None = None) -> Trajectory:
     """The `Trajectory` of a finished host carry (solve's, or a sweep member's) of `spec`."""
     names = [tr.name for tr in spec.transitions]
     ts = spec.ts
-    done = outcome(carry, names, spec.max_steps)
+    done = solve_outcome(carry, flow, spec)
     t_final = done["t_final"]
     saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
     keep = (lambda x: x) if saved.all() else (lambda x: x[saved])
@@ -67,6 +76,7 @@ def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
         name: jtu.tree_map(lambda x, k=k: np.asarray(x)[k], carry.at_transitions)
         for k, name in enumerate(names) if math.isfinite(float(found[k]))
     }
+    snapshots, snapshot_ts, snapshot_labels = _snapshots(carry, spec, names, t_final)
     return Trajectory(
         ts=keep(ts),
         observables=jtu.tree_map(lambda x: keep(np.asarray(x)), carry.observables),
@@ -89,7 +99,42 @@ def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
         atol=spec.atol,
         at_transitions=at_transitions,
         spec=spec,
+        snapshots=snapshots,
+        snapshot_ts=snapshot_ts,
+        snapshot_labels=snapshot_labels,
     )
+
+
+def _initial_state_failure(flow: GradientFlow, t0: float) -> str | None:
+    """Why a solve failed, when it is its initial state (`flow`'s model) itself: a non-finite
+    loss or gradient there, in one line; `None` otherwise. Evaluated on the host, only after a
+    failure."""
+    y = flow.params
+    loss = float(flow.loss_at(y))
+    if not math.isfinite(loss):
+        return f"the loss is {loss} at the initial state (t0={t0:g})"
+    velocity = jtu.tree_leaves(flow.velocity(y))
+    if not all(bool(jnp.all(jnp.isfinite(v))) for v in velocity):
+        return (f"the gradient is not finite at the initial state (t0={t0:g}, loss {loss:.6g}): "
+                "nothing to integrate")
+    return None
+def _snapshots(carry: Carry, spec: SolveSpec, names: list[str],
+               t_final: float) -> tuple[dict, np.ndarray, tuple[str, ...]]:
+    """The snapshots a host carry holds, as `Trajectory.snapshots`, `snapshot_ts` and
+    `snapshot_labels`: the rows taken (chosen times up to `t_final`, located transitions), in
+    time order (a transition after a chosen time at the same time)."""
+    chosen = spec.all_snapshot_ts()
+    if not chosen.size:
+        return {}, np.zeros(0), ()
+    found = np.asarray(carry.found, dtype=np.float64)
+    times = np.concatenate([chosen, found])
+    labels = ["t0" if t == spec.t0 else "end" if t == spec.t1 else "" for t in chosen] + names
+    reached = np.concatenate([chosen <= t_final if math.isfinite(t_final)
+                              else np.zeros(chosen.shape, bool), np.isfinite(found)])
+    rows = np.flatnonzero(reached)
+    rows = rows[np.argsort(times[rows], kind="stable")]
+    return (jtu.tree_map(lambda x: np.asarray(x)[rows], carry.snapshots), times[rows],
+            tuple(labels[k] for k in rows))
 
 
 def member_stats(done: dict, solver: diffrax.AbstractSolver) -> dict:

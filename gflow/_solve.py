@@ -40,7 +40,8 @@ from ._spec import (
     SolveSpec, Transition, _pid_controller, default_atol,
 )
 from ._status import Status
-from ._trajectory import Trajectory, _flat_names
+from ._names import flat_names
+from ._trajectory import Trajectory
 from ._validate import check_state_scale
 
 __all__ = ["Transition", "SolveSpec", "solve", "pid_controller", "error_estimates"]
@@ -154,6 +155,8 @@ def solve(
     pcoeff: float = DEFAULT_PCOEFF,
     icoeff: float = DEFAULT_ICOEFF,
     precision: "str | Precision" = "float64",
+    snapshots: Mapping[str, Callable] | None = None,
+    snapshot_ts: ArrayLike | None = None,
 ) -> Trajectory:
     """Integrate the gradient flow from `t0` to `t1`.
 
@@ -177,6 +180,13 @@ def solve(
     - `ts`: save times within `[t0, t1]`; default a 200-point `log_grid(t0, t1)`.
     - `observers`: `{name: observer(model, data)}` evaluated inside the compiled solve at each
         save time. The loss is always recorded as `"loss"` unless that name is taken.
+    - `snapshots`: `{name: observer(model, data)}` of costly observables (full spectra,
+        cosine matrices, singular vectors: each many gradients' worth at a paper's size),
+        evaluated inside the compiled solve only where they are read: at `t0`, at each
+        located transition (on its located state, with the observers), at the chosen
+        `snapshot_ts` and at `t1`; never at the other save times. In
+        `Trajectory.snapshots`. Their names differ from the observers'.
+    - `snapshot_ts`: the snapshots' chosen times within `[t0, t1]` (a handful).
     - `transitions`: `Transition`s, located in order by root finding.
     - `max_steps`: step limit (accepted plus rejected) of each segment between transitions.
     - `progress`: show one progress bar over flow time for the whole solve (`True`, or a
@@ -228,7 +238,8 @@ def solve(
             ("dt0", dt0, None), ("stepsize_controller", stepsize_controller, None),
             ("checkpoint_steps", checkpoint_steps, None), ("controller", controller, None),
             ("pcoeff", pcoeff, DEFAULT_PCOEFF), ("icoeff", icoeff, DEFAULT_ICOEFF),
-            ("precision", precision, "float64"),
+            ("precision", precision, "float64"), ("snapshots", snapshots, None),
+            ("snapshot_ts", snapshot_ts, None),
         ) if value is not default and not (isinstance(value, (int, float, str, tuple))
                                            and value == default)]
         if given:
@@ -243,6 +254,7 @@ def solve(
             transitions=transitions, max_steps=max_steps, dt0=dt0,
             stepsize_controller=stepsize_controller, controller=controller, pcoeff=pcoeff,
             icoeff=icoeff, checkpoint_steps=checkpoint_steps, precision=precision,
+            snapshots=snapshots, snapshot_ts=snapshot_ts,
         )
     if progress and progress_meter is not None:
         raise InputError("give progress or progress_meter, not both")
@@ -487,7 +499,7 @@ def error_estimates(traj: Trajectory, reference: Trajectory) -> dict[str, Any]:
         name: _CERTIFY_SAFETY * abs(t - reference.transitions.get(name, math.nan))
         for name, t in traj.transitions.items()
     }
-    flat, flat_ref = _flat_names(traj.observables), _flat_names(reference.observables)
+    flat, flat_ref = flat_names(traj.observables), flat_names(reference.observables)
     obs = {}
     for name, values in flat.items():
         diff = np.abs(np.asarray(values[:n], dtype=float) - np.asarray(flat_ref[name][:n]))

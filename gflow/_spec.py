@@ -150,19 +150,54 @@ def _with_tolerances(controller, rtol, atol):
                        (_host_array(rtol), _host_array(atol)))
 
 
-def _save_times(ts, t0: float, t1: float) -> np.ndarray:
-    if ts is None:
-        return log_grid(t0, t1, DEFAULT_SAVE_POINTS)
+def _times(ts, what: str, noun: str) -> np.ndarray:
+    """`ts` as a 1-d float64 array, or an `InputError` naming `what` they are (`noun`)."""
     try:
         given = np.asarray(ts)
         if np.iscomplexobj(given):
             raise TypeError
         ts = np.asarray(given, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError(f"ts must be a 1-d array of real save times, got {ts!r:.60}") from None
-    if ts.ndim != 1 or ts.size == 0:
+        raise InputError(f"{what} must be a 1-d array of real {noun}, got {ts!r:.60}") from None
+    if ts.ndim != 1:
+        raise InputError(f"{what} must be a 1-d array of {noun}, got shape {ts.shape}")
+    return ts
+
+
+def _save_times(ts, t0: float, t1: float) -> np.ndarray:
+    if ts is None:
+        return log_grid(t0, t1, DEFAULT_SAVE_POINTS)
+    ts = _times(ts, "ts", "save times")
+    if ts.size == 0:
         raise InputError(f"ts must be a non-empty 1-d array of save times, got shape {ts.shape}")
     return ts
+
+
+def _check_snapshots(spec: "SolveSpec") -> None:
+    """The snapshot observers and their chosen times, as `SolveSpec` holds them."""
+    if not isinstance(spec.snapshots, Mapping):
+        raise InputError(f"snapshots must be a dict of name: observer(model, data), got "
+                         f"{type(spec.snapshots).__name__}")
+    for name, obs in spec.snapshots.items():
+        if not isinstance(name, str) or not callable(obs):
+            raise InputError(f"snapshot {name!r} must be callable as observer(model, data)")
+    clash = sorted(set(spec.snapshots) & ({"loss"} | set(spec.observers)))
+    if clash:
+        raise InputError(f"snapshot {clash[0]!r} is also an observer's name: an observable "
+                         "is either observed at every save time or snapshot, not both")
+    ts = spec.snapshot_ts
+    if not (isinstance(ts, np.ndarray) and ts.ndim == 1 and ts.dtype == np.float64):
+        raise InputError("snapshot_ts must be a 1-d float64 array of times")
+    if ts.size and not spec.snapshots:
+        raise InputError("snapshot_ts given without snapshots to take there")
+    if not np.all(np.isfinite(ts)):
+        raise InputError("snapshot_ts has non-finite times")
+    if np.any(np.diff(ts) <= 0):
+        raise InputError("snapshot_ts must be increasing")
+    if ts.size and (ts[0] < spec.t0 or ts[-1] > spec.t1):
+        outside = ts[(ts < spec.t0) | (ts > spec.t1)][0]
+        raise InputError(f"snapshot_ts: {outside:g} lies outside [t0, t1] = "
+                         f"[{spec.t0:g}, {spec.t1:g}]")
 
 
 class SolveSpec(eqx.Module):
@@ -186,6 +221,12 @@ class SolveSpec(eqx.Module):
     - `max_steps`: step limit (accepted plus rejected) between two transitions.
     - `observers`: `{name: observer(model, data)}` recorded at the save times (the loss is
         added as `"loss"` by the solve unless the name is taken).
+    - `snapshots`: `{name: observer(model, data)}` of costly observables (full spectra,
+        cosine matrices, singular vectors) evaluated only where they are read: at `t0`, at
+        each located transition, at the chosen `snapshot_ts` and at `t1`, never at the
+        other save times (`Trajectory.snapshots`). Names differ from the observers'.
+    - `snapshot_ts`: the chosen times of the snapshots (float64, increasing, within
+        `[t0, t1]`; `t0` and `t1` are always taken besides).
     - `transitions`: the `Transition`s, located in order.
     - `checkpoint_steps`: cut the solve every this many steps (a checkpoint, a progress
         update or a Ctrl-C check between cuts; the cuts do not change the steps), or `None`.
@@ -204,6 +245,9 @@ class SolveSpec(eqx.Module):
     transitions: tuple = ()
     checkpoint_steps: int | None = None
     precision: Precision = FLOAT64
+    snapshots: dict = dataclasses.field(default_factory=dict)
+    snapshot_ts: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros(0, dtype=np.float64))
 
     def __check_init__(self):
         if not isinstance(self.solver, diffrax.AbstractSolver):
@@ -231,6 +275,7 @@ class SolveSpec(eqx.Module):
         for name, obs in self.observers.items():
             if not isinstance(name, str) or not callable(obs):
                 raise InputError(f"observer {name!r} must be callable as observer(model, data)")
+        _check_snapshots(self)
         if not isinstance(self.transitions, tuple):
             raise InputError("transitions must be a tuple of gflow.Transition objects")
         for tr in self.transitions:
@@ -273,6 +318,8 @@ class SolveSpec(eqx.Module):
         checkpoint_steps: int | None = None,
         controller: diffrax.AbstractStepSizeController | None = None,
         precision: "str | Precision" = "float64",
+        snapshots: Mapping[str, Callable] | None = None,
+        snapshot_ts: ArrayLike | None = None,
     ) -> "SolveSpec":
         """The spec of `gflow.solve(flow, t1, **options)`, every option checked here, once,
         before anything is compiled.
@@ -283,7 +330,8 @@ class SolveSpec(eqx.Module):
         `flow`'s smallest non-zero trainable leaf. A given `stepsize_controller` (`controller`
         is its alias) brings its own tolerances: `rtol`, `atol`, `pcoeff`, `icoeff` then only
         choose `"auto"`'s solver. `precision`: a policy's name or a `gflow.Precision`; an
-        `rtol` below its floor (`Precision.rtol_floor(flow)`) is refused.
+        `rtol` below its floor (`Precision.rtol_floor(flow)`) is refused. `snapshots` and
+        `snapshot_ts` (any order; repeats merged): see the fields.
 
         **Returns:**
 
@@ -310,6 +358,9 @@ class SolveSpec(eqx.Module):
         except TypeError:
             raise InputError("transitions must be a list of gflow.Transition objects") from None
         observers = dict(observers or {}) if isinstance(observers, Mapping | None) else observers
+        snapshots = dict(snapshots or {}) if isinstance(snapshots, Mapping | None) else snapshots
+        snapshot_ts = (np.zeros(0) if snapshot_ts is None
+                       else np.unique(_times(snapshot_ts, "snapshot_ts", "times")))
         solver = make_solver(solver, rtol)
         if stepsize_controller is None:
             if is_adaptive(solver):
@@ -342,8 +393,11 @@ class SolveSpec(eqx.Module):
             transitions=transitions,
             checkpoint_steps=None if checkpoint_steps is None else checkpoint_steps,
             precision=Precision.of(precision),
+            snapshots=snapshots,
+            snapshot_ts=snapshot_ts,
         )
-        check_functions(flow, observers=spec.observers, transitions=spec.transitions)
+        check_functions(flow, observers=spec.observers | spec.snapshots,
+                        transitions=spec.transitions)
         if math.isfinite(spec.rtol):
             spec.precision.check_rtol(flow, spec.rtol)
         return spec
@@ -378,12 +432,21 @@ class SolveSpec(eqx.Module):
         """The observers a solve of `flow` records: the loss as `"loss"`, then the spec's."""
         return {"loss": flow.loss} | dict(self.observers)
 
+    def all_snapshot_ts(self) -> np.ndarray:
+        """Where the snapshots are taken besides the transitions: `t0`, the chosen
+        `snapshot_ts` and `t1` (none without snapshots)."""
+        if not self.snapshots:
+            return np.zeros(0, dtype=np.float64)
+        return np.union1d(np.asarray([self.t0, self.t1]), self.snapshot_ts)
+
     def plan(self, flow: GradientFlow, observers: dict | None = None,
              segment_steps: int | None = None,
-             meter: diffrax.AbstractProgressMeter | None = None) -> engine.Plan:
+             meter: diffrax.AbstractProgressMeter | None = None,
+             snapshots: dict | None = None) -> engine.Plan:
         """The engine's `Plan` for `flow` (its trainable leaves in the solve's dtype), recording
-        `observers` (default: `with_loss(flow)`), cut every `segment_steps` steps (default:
-        `checkpoint_steps`), with diffrax's progress `meter` in each segment (default none)."""
+        `observers` (default: `with_loss(flow)`) and `snapshots` (default: the spec's), cut
+        every `segment_steps` steps (default: `checkpoint_steps`), with diffrax's progress
+        `meter` in each segment (default none)."""
         dtype = jnp.result_type(*jtu.tree_leaves(flow.params))
         # Root finding on the dense output: well below the solver's own error, so the located
         # time carries the solver's accuracy and not the root finder's. Never below a few units
@@ -413,6 +476,9 @@ class SolveSpec(eqx.Module):
             max_steps=self.max_steps,
             segment_steps=int(min(steps, self.max_steps)),
             precision=self.precision,
+            snapshots=dict(self.snapshots if snapshots is None else snapshots),
+            snapshot_ts=_host_array(self.all_snapshot_ts() if (
+                self.snapshots if snapshots is None else snapshots) else []),
         )
 
     def settings(self) -> dict[str, Any]:
@@ -438,5 +504,7 @@ class SolveSpec(eqx.Module):
             directions=[tr.direction for tr in self.transitions],
             terminal=[tr.terminal for tr in self.transitions],
             observers=sorted(self.observers),
+            snapshots=sorted(self.snapshots),
+            snapshot_ts=self.snapshot_ts.tolist(),
             precision=[self.precision.policy, self.precision.matmul],
         )

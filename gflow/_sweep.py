@@ -66,7 +66,7 @@ from . import _engine as engine
 from ._precision import Precision
 from ._errors import InputError
 from ._flow import GradientFlow
-from ._results import member_stats, outcome, trajectory
+from ._results import member_stats, solve_outcome, trajectory
 from ._scaling import ScalingLaw
 from ._solve import checked_flow
 from ._solvers import solver_name
@@ -74,10 +74,10 @@ from ._spec import (
     DEFAULT_ICOEFF, DEFAULT_MAX_STEPS, DEFAULT_PCOEFF, DEFAULT_RTOL,
     DEFAULT_SOLVER, SolveSpec, Transition,
 )
+from ._names import flat_names
 from ._stats import fit_line
 from ._trajectory import (
     Trajectory,
-    _flat_names,
     _json_default,
     _json_ready,
     atomic_write_bytes,
@@ -252,7 +252,7 @@ def member_summary(m: SweepMember) -> dict[str, Any]:
     numbers are left out)."""
     final = {
         name: value
-        for name, value in _flat_names(m.final).items()
+        for name, value in flat_names(m.final).items()
         if np.size(value) <= _MAX_JSON_OBSERVABLE_SIZE
     }
     return _json_ready(dict(
@@ -427,7 +427,7 @@ class Sweep(eqx.Module):
         names = self.transition_names
         finals = [
             {f"final_{name}" + (f"_{k}" if np.ndim(value) else ""): float(x)
-             for name, value in _flat_names(m.final).items()
+             for name, value in flat_names(m.final).items()
              if np.size(value) <= _MAX_CSV_OBSERVABLE_SIZE
              for k, x in enumerate(np.ravel(np.asarray(value, dtype=float)))}
             for m in self.members
@@ -700,9 +700,9 @@ def sweep_points(over: Mapping[str, Sequence], mode: str = "grid") -> list[dict[
     raise InputError(f"mode must be 'grid' or 'zip', got {mode!r}")
 
 
-def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
+def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple, dict]:
     if isinstance(built, GradientFlow):
-        return built, {}, ()
+        return built, {}, (), {}
     flow = getattr(built, "flow", None)
     if not isinstance(flow, GradientFlow):
         raise InputError(
@@ -711,7 +711,7 @@ def _flow_parts(built, point) -> tuple[GradientFlow, dict, tuple]:
         )
     return flow, dict(getattr(built, "observers", None) or {}), tuple(
         getattr(built, "transitions", None) or ()
-    )
+    ), dict(getattr(built, "snapshots", None) or {})
 
 def _prepare(flow: GradientFlow, spec: SolveSpec, keep_trajectories: bool) -> tuple[tuple, dict]:
     """`_member_solve`'s arguments for one member's `spec`, and what is needed to report it."""
@@ -721,9 +721,10 @@ def _prepare(flow: GradientFlow, spec: SolveSpec, keep_trajectories: bool) -> tu
         # Under "float32" the member runs on float32 copies of its float64 init and data.
         run_flow, run_spec, observers = precision.cast((flow, spec, spec.with_loss(flow)))
         # Without trajectories only the final state is observed: the segments save the loss
-        # once.
+        # once, and take no snapshots.
         plan = run_spec.plan(run_flow, observers if keep_trajectories
-                             else {"loss": observers["loss"]})
+                             else {"loss": observers["loss"]},
+                             snapshots=None if keep_trajectories else {})
         _, _, plan_key = engine.split(plan)
         template = engine.carry_template(plan, plan_key)
         args = (plan, engine.start(template, run_flow.params, spec.t0), observers)
@@ -754,6 +755,8 @@ def sweep(
     icoeff: float = DEFAULT_ICOEFF,
     spec: SolveSpec | None = None,
     precision: "str | Precision" = "float64",
+    snapshots: Mapping[str, Callable] | None = None,
+    snapshot_ts: ArrayLike | None = None,
 ) -> Sweep:
     """Solve the gradient flows of many points at once and collect their stage times.
 
@@ -777,7 +780,9 @@ def sweep(
         then shared); the problem's own observers and transitions are added to it.
     - `precision`: as `gflow.solve`'s, for every member (each member's `rtol` floor is measured
         on its own init; under `"float32"` each member runs on float32 copies of its init).
-    - `observers`, `transitions`: added after the problem's own (if `make_flow` returns one).
+    - `observers`, `transitions`, `snapshots`: added after the problem's own (if `make_flow`
+        returns one); `snapshot_ts`: as `gflow.solve`'s. Snapshots are taken only with
+        `keep_trajectories` (`SweepMember.trajectory.snapshots`).
     - `keep_trajectories`: keep each member's full `Trajectory` (observables at the save times
         `ts`, default a 200-point log grid); otherwise only observables at the final state.
     - `callback`: `callback(index, member)` as each member's result is ready (progress).
@@ -802,7 +807,8 @@ def sweep(
 
     all_args, infos, models = [], [], []
     for point in points:
-        flow, own_observers, own_transitions = _flow_parts(make_flow(**point), point)
+        flow, own_observers, own_transitions, own_snapshots = _flow_parts(make_flow(**point),
+                                                                          point)
         models.append(flow.model)
         if spec is None:
             member_spec = SolveSpec.from_options(
@@ -811,11 +817,13 @@ def sweep(
                 transitions=own_transitions + tuple(transitions), max_steps=max_steps,
                 dt0=dt0, stepsize_controller=stepsize_controller, controller=controller,
                 pcoeff=pcoeff, icoeff=icoeff, precision=precision,
+                snapshots=own_snapshots | dict(snapshots or {}), snapshot_ts=snapshot_ts,
             )
         else:
             member_spec = dataclasses.replace(
                 spec, observers=own_observers | dict(spec.observers),
-                transitions=own_transitions + tuple(spec.transitions))
+                transitions=own_transitions + tuple(spec.transitions),
+                snapshots=own_snapshots | dict(spec.snapshots))
         args, info = _prepare(flow, member_spec, keep_trajectories)
         all_args.append(args)
         infos.append(info)
@@ -908,7 +916,7 @@ def _member(point, info, out, group, keep_trajectories) -> SweepMember:
     """A `SweepMember` (and its `Trajectory`) from the program's outputs for one member."""
     spec = info["spec"]
     carry = out["carry"]
-    done = outcome(carry, [tr.name for tr in spec.transitions], spec.max_steps)
+    done = solve_outcome(carry, info["flow"], spec)
     traj = None
     if keep_trajectories:
         traj = trajectory(carry, flow=info["flow"], spec=spec)
@@ -919,7 +927,7 @@ def _member(point, info, out, group, keep_trajectories) -> SweepMember:
         transitions=done["transitions"],
         final=jtu.tree_map(np.asarray, out["final"]),
         t_final=done["t_final"],
-        stats=member_stats(done, spec.solver),
+        stats=member_stats(done, spec.solver) | spec.precision.describe(),
         group=group,
         trajectory=traj,
         spec=spec,

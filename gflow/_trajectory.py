@@ -18,6 +18,8 @@ import numpy as np
 
 from ._defaults import TIME_AXES
 from ._errors import InputError
+from ._export import trajectory_html, trajectory_repr, trajectory_to_xarray
+from ._names import flat_names, unescape
 from ._prediction import Prediction
 from ._rundir import atomic_write_bytes, remove_stale, write_manifest  # noqa: F401 (re-exported)
 
@@ -25,6 +27,9 @@ from ._rundir import atomic_write_bytes, remove_stale, write_manifest  # noqa: F
 TRAJECTORY_FILE = "trajectory.npz"
 SUMMARY_FILE = "summary.json"
 AT_TRANSITIONS_FILE = "transitions.npz"
+SNAPSHOTS_FILE = "snapshots.npz"
+# snapshots.npz holds the snapshots' times and where each was taken under these names.
+SNAPSHOT_TIME, SNAPSHOT_LABEL = "t", "label"
 FINAL_FILE = "final.eqx"
 # trajectory.npz stores the names of an observable's components beside it, under this prefix
 # (a string array; files written before it have none, and read as before).
@@ -44,64 +49,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _escape(key) -> str:
-    """One level of an observable's name as it appears in a flattened name: `/` joins levels,
-    so a `/` (and the escape character `%`) inside a key is percent-encoded: `{"a/b": x}` and
-    `{"a": {"b": y}}` stay two observables, `a%2Fb` and `a/b`."""
-    return str(key).replace("%", "%25").replace("/", "%2F")
-
-
-def _unescape(part: str) -> str:
-    return part.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
-
-
-def _flat_names(tree) -> dict[str, np.ndarray]:
-    """`{"a/b": leaf}` for a (nested) dict or other pytree of arrays (keys escaped, see
-    `_escape`); two leaves of one name are an `InputError`."""
-    flat: dict[str, np.ndarray] = {}
-
-    def put(name: str, value) -> None:
-        if name in flat:
-            raise InputError(f"two observables are both named {name!r} once flattened: "
-                             "rename one")
-        flat[name] = value
-
-    if _nested_dicts_of_arrays(tree):
-        # A loaded run's observables, without JAX; other pytrees need it.
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                for k, v in _flat_names(value).items():
-                    put(f"{_escape(key)}/{k}", v)
-            else:
-                put(_escape(key), np.asarray(value))
-        return flat
-    import jax.tree_util as jtu
-
-    for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
-        parts = []
-        for key in path:
-            for attr in ("key", "name", "idx"):
-                if hasattr(key, attr):
-                    parts.append(_escape(getattr(key, attr)))
-                    break
-        put("/".join(parts), np.asarray(leaf))
-    return flat
-
-
-def _nested_dicts_of_arrays(tree) -> bool:
-    if not isinstance(tree, dict) or not all(isinstance(k, str) for k in tree):
-        return False
-    return all(_nested_dicts_of_arrays(v) if isinstance(v, dict)
-               else isinstance(v, (np.ndarray, np.generic, float, int)) for v in tree.values())
-
-
 def _nest(flat: dict[str, np.ndarray], where: str = "") -> dict[str, Any]:
-    """`_flat_names` undone; a name that is both a leaf and a group is an `InputError`
+    """`flat_names` undone; a name that is both a leaf and a group is an `InputError`
     naming `where` (the file it was read from)."""
     nested: dict[str, Any] = {}
     for name, value in flat.items():
         node = nested
-        *parents, leaf = [_unescape(p) for p in name.split("/")]
+        *parents, leaf = [unescape(p) for p in name.split("/")]
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -179,6 +133,13 @@ class Trajectory:
         observable holds, e.g. `{"stable_rank": ("W_Q", "W_K", "W_V", "W1")}` (presets fill it
         from their `[plot] labels`). Saved in `trajectory.npz`, used by `to_xarray` and the
         figures' legends.
+    - `snapshots`: `{name: array}` of the solve's snapshot observers (`gflow.solve(...,
+        snapshots=...)`: full spectra, cosine matrices, singular vectors), with leading axis
+        `k`, one row per place they were taken, in time order: `t0`, each chosen time
+        reached, each reached transition (at its located state) and `t1`.
+    - `snapshot_ts`: the times of those rows, shape `(k,)`.
+    - `snapshot_labels`: where each row was taken: `"t0"`, `"end"` (`t1`), a transition's
+        name, or `""` for a chosen time.
 
     `repr` gives a few lines (status, shapes, transitions); in a notebook `_repr_html_` a
     table. `to_xarray()` returns an `xarray.Dataset` (the `xarray` extra).
@@ -205,15 +166,39 @@ class Trajectory:
     at_transitions: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     spec: Any = dataclasses.field(default=None, repr=False, compare=False)
     components: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    snapshots: dict[str, Any] = dataclasses.field(default_factory=dict)
+    snapshot_ts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    snapshot_labels: tuple[str, ...] = ()
+
+    def snapshot(self, label: str) -> dict[str, Any]:
+        """The snapshot observables taken at `label` (`"t0"`, `"end"` or a transition's
+        name), e.g. `traj.snapshot("kq_collapse")["cosine"]`; a `KeyError` if none was."""
+        if label not in self.snapshot_labels or not label:
+            raise KeyError(f"no snapshot at {label!r}; taken at "
+                           f"{[x for x in self.snapshot_labels if x]}")
+        return _index(self.snapshots, self.snapshot_labels.index(label))
+
+    def memory(self) -> dict[str, float]:
+        """What the recorded observables weigh.
+
+        **Returns:**
+
+        `{"per_save_time": bytes, "per_snapshot": bytes}`: the observables of one save time
+        (`observables`), and the snapshot observables of one snapshot (`snapshots`; 0
+        without).
+        """
+
+        def weight(tree, rows: int) -> float:
+            total = sum(np.asarray(v).nbytes for v in flat_names(tree).values())
+            return total / rows if rows else 0.0
+
+        return dict(per_save_time=weight(self.observables, len(self.ts)),
+                    per_snapshot=weight(self.snapshots, len(self.snapshot_labels)))
 
     def __repr__(self) -> str:
-        from ._export import trajectory_repr
-
         return trajectory_repr(self)
 
     def _repr_html_(self) -> str:
-        from ._export import trajectory_html
-
         return trajectory_html(self)
 
     def to_xarray(self):
@@ -222,15 +207,15 @@ class Trajectory:
 
         One variable per observable (nested observables as `a/b`), dimension `t` first; an
         observable with named components (see `components`) has them as the coordinate of its
-        last axis (`<name>_component`), other axes are `<name>_dim<k>`. Transitions, status,
-        solver and tolerances are the dataset's attributes.
+        last axis (`<name>_component`), other axes are `<name>_dim<k>`. Snapshot observables
+        have dimension `snapshot` first instead, with coordinates `snapshot_t` and
+        `snapshot_label` (see `snapshot_labels`). Transitions, status, solver and tolerances
+        are the dataset's attributes.
 
         **Returns:**
 
         An `xarray.Dataset`.
         """
-        from ._export import trajectory_to_xarray
-
         return trajectory_to_xarray(self)
 
     @property
@@ -265,8 +250,9 @@ class Trajectory:
         ))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the run directory: `trajectory.npz`, `summary.json`, `final.eqx` and (when a
-        transition was reached) `transitions.npz`, the observables at the transitions.
+        """Write the run directory: `trajectory.npz`, `summary.json`, `final.eqx`, (when a
+        transition was reached) `transitions.npz`, the observables at the transitions, and
+        (with snapshots) `snapshots.npz`.
 
         Each file is written atomically (temporary file, then rename).
 
@@ -287,7 +273,7 @@ class Trajectory:
         write_manifest(path)
         written = {TRAJECTORY_FILE, FINAL_FILE, SUMMARY_FILE}
         arrays = {"t": np.asarray(self.ts)}
-        for name, value in _flat_names(self.observables).items():
+        for name, value in flat_names(self.observables).items():
             if name == "t" or name.startswith(COMPONENTS_PREFIX):
                 raise InputError(f"an observable may not be named {name!r} (reserved)")
             arrays[name] = value
@@ -303,12 +289,24 @@ class Trajectory:
             order = {name: k for k, name in enumerate(self.transitions)}
             flat = {f"{order[name]}/{obs}": value
                     for name, values in self.at_transitions.items()
-                    for obs, value in _flat_names(values).items()}
+                    for obs, value in flat_names(values).items()}
             buffer = io.BytesIO()
             np.savez(buffer, **flat)
             atomic_write_bytes(path / AT_TRANSITIONS_FILE, buffer.getvalue())
             written.add(AT_TRANSITIONS_FILE)
-        remove_stale(path, written, among=lambda name: name == AT_TRANSITIONS_FILE)
+        if len(self.snapshot_labels):
+            arrays = {SNAPSHOT_TIME: np.asarray(self.snapshot_ts, dtype=np.float64),
+                      SNAPSHOT_LABEL: np.asarray(self.snapshot_labels, dtype=np.str_)}
+            for name, value in flat_names(self.snapshots).items():
+                if name in arrays:
+                    raise InputError(f"a snapshot may not be named {name!r} (reserved)")
+                arrays[name] = value
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            atomic_write_bytes(path / SNAPSHOTS_FILE, buffer.getvalue())
+            written.add(SNAPSHOTS_FILE)
+        remove_stale(path, written,
+                     among=lambda name: name in (AT_TRANSITIONS_FILE, SNAPSHOTS_FILE))
         import equinox as eqx
 
         buffer = io.BytesIO()
@@ -380,6 +378,7 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
             at_transitions.setdefault(name, {})[obs] = value
         at_transitions = {name: _nest(values, str(where))
                           for name, values in at_transitions.items()}
+    snapshots, snapshot_ts, snapshot_labels = _read_snapshots(path / SNAPSHOTS_FILE)
     try:
         predictions = {k: Prediction.from_json(p)
                        for k, p in summary.get("predictions", {}).items()}
@@ -409,7 +408,34 @@ def load(path: str | os.PathLike, like: Any = None) -> Trajectory:
         references=references,
         at_transitions=at_transitions,
         components=components,
+        snapshots=snapshots,
+        snapshot_ts=snapshot_ts,
+        snapshot_labels=snapshot_labels,
     )
+
+
+def _index(tree, i: int):
+    if isinstance(tree, dict):
+        return {k: _index(v, i) for k, v in tree.items()}
+    return np.asarray(tree)[i]
+
+
+def _read_snapshots(file: Path) -> tuple[dict, np.ndarray, tuple[str, ...]]:
+    """`snapshots.npz` as `Trajectory.snapshots`, `snapshot_ts`, `snapshot_labels` (empty
+    without the file), checked: an `InputError` naming the file and what is wrong."""
+    if not file.is_file():
+        return {}, np.zeros(0), ()
+    arrays = _read_npz(file)
+    ts, labels = arrays.pop(SNAPSHOT_TIME, None), arrays.pop(SNAPSHOT_LABEL, None)
+    if (ts is None or labels is None or ts.ndim != 1 or labels.shape != ts.shape
+            or not np.issubdtype(ts.dtype, np.number) or labels.dtype.kind != "U"):
+        raise InputError(f"{file} is damaged: its snapshot times or labels are missing or "
+                         "malformed")
+    for name, value in arrays.items():
+        if value.ndim == 0 or value.shape[0] != ts.shape[0]:
+            raise InputError(f"{file} is damaged: snapshot {name!r} has shape {value.shape}, "
+                             f"not {ts.shape[0]} rows (one per snapshot)")
+    return _nest(arrays, str(file)), ts, tuple(str(x) for x in labels)
 
 
 _NUMBER = (int, float)

@@ -38,7 +38,8 @@ __all__ = [
     "PALETTE", "TIME_AXES", "adjacent_similarity", "caption", "chen_luo_figure1",
     "chen_luo_figure2", "colour", "format_time", "format_time_axis", "heatmap_times",
     "label_rows", "log_x_axis", "log_y_axis", "mark_transitions", "math_label", "paper_figures", "save_index",
-    "stack_rows", "states", "time_rows", "transition_label", "yang_figure1",
+    "series", "spectral_order", "stack_rows", "states", "time_rows", "transition_label",
+    "yang_figure1",
 ]
 
 # Okabe & Ito's colour-blind-safe qualitative palette (yellow replaced by olive, which reads
@@ -111,7 +112,10 @@ def _knots(traj: Trajectory) -> np.ndarray:
 
 def time_rows(traj: Trajectory, time_axis: str) -> np.ndarray:
     """Which save times a `time_axis` can show (a log axis cannot show t ≤ 0)."""
-    ts = np.asarray(traj.ts, dtype=float)
+    return _shown(np.asarray(traj.ts, dtype=float), time_axis)
+
+
+def _shown(ts: np.ndarray, time_axis: str) -> np.ndarray:
     if time_axis == "log" and np.any(ts > 0):
         return ts > 0
     return np.ones(ts.shape, dtype=bool)
@@ -268,15 +272,19 @@ def label_rows(ax) -> int:
 
 
 def _lines(ax, traj, values, labels, *, time_axis, log_y=False, ylabel="", colours=None,
-           styles=None, widths=None):
-    """Lines over time, one per column of `values`, labelled (mathtext where mathematical)."""
-    rows = time_rows(traj, time_axis)
-    ts = np.asarray(traj.ts, dtype=float)[rows]
+           styles=None, widths=None, ts=None):
+    """Lines over time, one per column of `values`, labelled (mathtext where mathematical);
+    at the save times, or at `ts` (a snapshot observable's times: then marked)."""
+    marker = None if ts is None else "o"
+    ts = np.asarray(traj.ts if ts is None else ts, dtype=float)
+    rows = _shown(ts, time_axis)
+    ts = ts[rows]
     values = np.asarray(values, dtype=float)[rows]
     values = values.reshape(values.shape[0], -1)
     for k in range(values.shape[1]):
         ax.plot(ts, values[:, k], lw=(widths or {}).get(k, 1.5),
                 color=(colours or {}).get(k, colour(k)), ls=(styles or {}).get(k, "-"),
+                marker=marker, ms=3,
                 label=math_label(labels[k]) if k < len(labels) else f"[{k}]")
     format_time_axis(ax, traj, time_axis)
     if log_y:
@@ -319,23 +327,62 @@ def save_index(ts, t: float) -> int:
 
 def states(traj: Trajectory) -> list[tuple[str, float, dict]]:
     """`(label, time, observables)` of the heat-map columns: `t0`, each reached transition and
-    `end`. A transition's observables are those recorded at the located state
+    `end`, with the snapshot observables taken there (`Trajectory.snapshots`) beside the
+    others. A transition's observables are those recorded at the located state
     (`Trajectory.at_transitions`); a trajectory without them (an older run directory) falls
-    back to the save time nearest the transition."""
+    back to the save time nearest the transition. A run that stopped before `t1` has its
+    last snapshot as `end`."""
 
     def saved(i):
         return float(traj.ts[i]), _tree_index(traj.observables, i)
 
-    columns = [("t0", *saved(0))]
+    taken = {label: k for k, label in enumerate(traj.snapshot_labels) if label}
+    if traj.snapshot_labels and "end" not in taken:
+        taken["end"] = len(traj.snapshot_labels) - 1
+
+    def column(label, t, values):
+        if label not in taken:
+            return label, t, values
+        k = taken[label]
+        return label, float(traj.snapshot_ts[k]), values | _tree_index(traj.snapshots, k)
+
+    columns = [column("t0", *saved(0))]
     for name, t in traj.transitions.items():
         if not math.isfinite(t):
             continue
         if name in traj.at_transitions:
-            columns.append((name, float(t), traj.at_transitions[name]))
+            columns.append(column(name, float(t), traj.at_transitions[name]))
         else:
-            columns.append((name, *saved(save_index(traj.ts, t))))
-    columns.append(("end", *saved(len(traj.ts) - 1)))
+            columns.append(column(name, *saved(save_index(traj.ts, t))))
+    columns.append(column("end", *saved(len(traj.ts) - 1)))
     return columns
+
+
+def series(traj: Trajectory, name: str) -> tuple[np.ndarray, object]:
+    """`(times, values)` of observable `name`: its save times and values, or, for a snapshot
+    observable, the times of the snapshots (`Trajectory.snapshot_ts`) and its values there.
+    A `KeyError` when the run has no such observable."""
+    if name in traj.observables:
+        return np.asarray(traj.ts, dtype=float), traj.observables[name]
+    if name in traj.snapshots:
+        return np.asarray(traj.snapshot_ts, dtype=float), traj.snapshots[name]
+    raise KeyError(f"no observable or snapshot named {name!r}")
+
+
+def _has(traj: Trajectory, name: str) -> bool:
+    return name in traj.observables or name in traj.snapshots
+
+
+def spectral_order(C) -> np.ndarray:
+    """The spectral order of a symmetric similarity matrix, on the host (NumPy): `argsort` of
+    its leading eigenvector, signed so that its largest-magnitude entry is positive (the
+    order of `gflow.measures.leading_eigenvector_order`). `C[order][:, order]` shows
+    clusters of aligned rows as contiguous blocks."""
+    C = np.asarray(C, dtype=np.float64)
+    leading = np.linalg.eigh(C)[1][:, -1]
+    if leading[np.argmax(np.abs(leading))] < 0:
+        leading = -leading
+    return np.argsort(leading, kind="stable")
 
 
 def _tree_index(tree, i: int):
@@ -397,10 +444,11 @@ def _groups_of(traj: Trajectory) -> list[str]:
     per-group observables: the run's `plot.labels` of `effective_rank` (a saved run's
     `cosine` dict comes back with its keys sorted), else the keys of `cosine`."""
     named = (((traj.config or {}).get("plot") or {}).get("labels") or {}).get("effective_rank")
-    columns = np.shape(traj.observables["effective_rank"])[-1]
-    if named and len(named) == columns and set(named) == set(traj.observables["cosine"]):
+    columns = np.shape(series(traj, "effective_rank")[1])[-1]
+    cosine = series(traj, "cosine")[1]
+    if named and len(named) == columns and set(named) == set(cosine):
         return list(named)
-    return list(traj.observables["cosine"])
+    return list(cosine)
 
 
 def _loss_name(traj: Trajectory) -> str:
@@ -472,8 +520,11 @@ def chen_luo_figure1(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
     for r, group in enumerate(groups):
         for c, (label, t, values) in enumerate(columns):
             ax = fig.add_subplot(top[r, c])
-            image = ax.imshow(np.asarray(values["cosine"][group], dtype=float), cmap="RdBu_r",
-                              vmin=-1, vmax=1, interpolation="nearest")
+            # Ordered here, on the host: an eigendecomposition per matrix, per column only.
+            C = np.asarray(values["cosine"][group], dtype=float)
+            order = spectral_order(C)
+            image = ax.imshow(C[order][:, order], cmap="RdBu_r", vmin=-1, vmax=1,
+                              interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -496,8 +547,9 @@ def chen_luo_figure1(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
     )
     for spec, (key, title, ylabel, log_y) in zip(bottom, panels):
         ax = fig.add_subplot(spec)
-        _lines(ax, traj, traj.observables[key], groups, time_axis=time_axis, log_y=log_y,
-               ylabel=ylabel)
+        ts, values = series(traj, key)
+        _lines(ax, traj, values, groups, time_axis=time_axis, log_y=log_y, ylabel=ylabel,
+               ts=None if key in traj.observables else ts)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="best", framealpha=0.85)
         mark_transitions(ax, traj)
@@ -549,12 +601,19 @@ def _loss_panel(ax, traj: Trajectory, time_axis: str) -> None:
 
 def adjacent_similarity(traj: Trajectory) -> dict[str, np.ndarray]:
     """Mean `|cos|` between corresponding leading singular vectors of each outer matrix at
-    adjacent save times (Chen & Luo Fig. 2b), from the saved `singular_vectors` observable:
-    `{"t": (n−1,) later times, "U": (n−1, group), "V": (n−1, group)}`."""
+    adjacent save times, or adjacent snapshots (those not at transitions) where it is a
+    snapshot observable (Chen & Luo Fig. 2b), from the saved `singular_vectors`: `{"t": (n−1,) later times, "U": (n−1,
+    group), "V": (n−1, group)}`."""
     from . import measures  # imports JAX: only for this panel
 
-    saved = traj.observables["singular_vectors"]
-    out = {"t": np.asarray(traj.ts, dtype=float)[1:]}
+    ts, saved = series(traj, "singular_vectors")
+    if "singular_vectors" not in traj.observables:
+        # Between the evenly placed snapshots only: a transition's snapshot falls anywhere
+        # between two of them, and a similarity over a shorter interval is not comparable.
+        rows = np.asarray([label in ("", "t0", "end") for label in traj.snapshot_labels])
+        ts = ts[rows]
+        saved = {side: np.asarray(saved[side])[rows] for side in ("U", "V")}
+    out = {"t": ts[1:]}
     for side in ("U", "V"):
         vectors = np.asarray(saved[side], dtype=float)
         out[side] = np.asarray(measures.singular_vector_similarity(vectors[:-1], vectors[1:]))
@@ -580,7 +639,7 @@ def chen_luo_figure2(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
     """
     groups = _groups_of(traj)
     outer = [g for g in groups if g not in ("W_Q", "W_K")]
-    kinds = [p for p in ("assumption1_rates", "singular_vectors") if p in traj.observables]
+    kinds = [p for p in ("assumption1_rates", "singular_vectors") if _has(traj, p)]
     n = len(kinds) + 1
     fig = _new_figure(fig, 5.2 * n + 0.4, 4.6)
     width, height = _size(fig)
@@ -599,24 +658,28 @@ def chen_luo_figure2(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
         ax.legend(fontsize=7, loc="best", framealpha=0.85)
         mark_transitions(ax, traj)
         k += 1
-    if "singular_vectors" in traj.observables:
+    if _has(traj, "singular_vectors"):
         ax = axes[k]
         sim = adjacent_similarity(traj)
-        keep = time_rows(traj, time_axis)[1:]
+        snapshot = "singular_vectors" not in traj.observables
+        keep = _shown(sim["t"], time_axis)
         t = sim["t"][keep]
+        marker = "o" if snapshot else None
         for g, name in enumerate(outer[: sim["U"].shape[1]]):
             left_, right_ = sim["U"][keep, g], sim["V"][keep, g]
             # Left and right vectors that agree are one curve: a second on top would be an
             # invisible legend entry.
             if np.nanmax(np.abs(left_ - right_)) < 2e-3:
-                ax.plot(t, left_, lw=1.5, color=colour(g),
+                ax.plot(t, left_, lw=1.5, color=colour(g), marker=marker, ms=3,
                         label=f"{math_label(name)} (left = right)")
             else:
-                ax.plot(t, left_, lw=1.5, color=colour(g), label=f"{math_label(name)} left")
-                ax.plot(t, right_, lw=1.2, ls="--", color=colour(g),
+                ax.plot(t, left_, lw=1.5, color=colour(g), marker=marker, ms=3,
+                        label=f"{math_label(name)} left")
+                ax.plot(t, right_, lw=1.2, ls="--", color=colour(g), marker=marker, ms=3,
                         label=f"{math_label(name)} right")
         format_time_axis(ax, traj, time_axis)
-        ax.set_ylabel("mean |cos| of singular vectors\nat adjacent saves")
+        ax.set_ylabel("mean |cos| of singular vectors\n"
+                      + ("at adjacent snapshots" if snapshot else "at adjacent saves"))
         ax.grid(alpha=0.3)
         ax.set_title(f"({next(letters)}) quasi-static outer parameters", fontsize=9)
         ax.legend(fontsize=7, loc="best", framealpha=0.85)
@@ -630,7 +693,7 @@ def chen_luo_figure2(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
     mark_transitions(ax, traj)
     fig.suptitle("Chen & Luo's Fig. 2 by exact gradient flow", fontsize=11, y=1 - 0.1 / height)
     static = (f"quasi-static in direction ({chr(ord('a') + k - 1)}) and "
-              if "singular_vectors" in traj.observables else "")
+              if _has(traj, "singular_vectors") else "")
     caption(fig, f"Dashed vertical lines: located transitions. The outer parameters stay "
             f"{static}O(1) in norm while $W_Q$, $W_K$ grow ({chr(ord('a') + k)}).", bottom=0.1)
     return fig

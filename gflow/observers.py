@@ -840,6 +840,42 @@ class SingularVectors(eqx.Module):
         return {"U": jnp.stack(Us), "V": jnp.stack(Vs)}
 
 
+class StoredAs(eqx.Module):
+    """`observer`'s floating outputs cast to `dtype` (see `stored_as`)."""
+
+    observer: Callable[[Any, Any], PyTree]
+    dtype: Any = eqx.field(static=True)
+
+    def __check_init__(self):
+        _check_callable(self.observer, "observer", "observer(model, data)")
+        if not jnp.issubdtype(self.dtype, jnp.floating):
+            raise InputError(f"stored_as: dtype must be a floating type, got {self.dtype!r}")
+
+    def __call__(self, model, data=None) -> PyTree:
+        return jtu.tree_map(
+            lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            self.observer(model, data))
+
+
+def stored_as(observer: Callable, dtype) -> StoredAs:
+    """`observer`, its observables stored in `dtype`: the precision they are read in.
+
+    An observable computed in float64 and read only as a picture (a cosine-similarity heat
+    map) or through a few significant digits (the similarity of singular vectors between
+    times) needs no more than float32, which halves its memory in the solve and on disk.
+
+    **Arguments:**
+
+    - `observer`: any observer.
+    - `dtype`: a floating dtype, e.g. `jnp.float32`.
+
+    **Returns:**
+
+    An observer giving `observer`'s outputs with every floating leaf cast to `dtype`.
+    """
+    return StoredAs(observer, jnp.dtype(dtype))
+
+
 def singular_vectors(where: Callable, k: int) -> SingularVectors:
     """Observer of the leading `k` singular vectors of a matrix or group, for
     `gflow.measures.singular_vector_similarity` between save times on the host (Fig. 2b).

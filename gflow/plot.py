@@ -9,6 +9,7 @@ state; `savefig` picks the renderer for each format. They follow `gflow.figures`
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import InputError
-from ._trajectory import Trajectory, _flat_names, atomic_write_bytes
+from ._names import flat_names
+from ._trajectory import Trajectory, atomic_write_bytes
 from .figures import (
     PALETTE, TIME_AXES, caption, colour, format_time, format_time_axis, label_rows, log_y_axis,
     mark_transitions, math_label, paper_figures, time_rows, transition_label,
@@ -100,7 +102,7 @@ def _groups(traj: Trajectory) -> dict[str, list[str]]:
     `type_losses/type1 … type4`) are one figure, one line each, so that they can be compared;
     every other leaf is its own figure.
     """
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     groups: dict[str, list[str]] = {}
     for name, values in flat.items():
         parent = name.rpartition("/")[0]
@@ -114,7 +116,7 @@ def _groups(traj: Trajectory) -> dict[str, list[str]]:
 
 def _series(traj: Trajectory, name: str, labels: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
     """The values of observable (or group) `name` as `(n, k)` and the names of the k lines."""
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     members = _groups(traj).get(name, [name] if name in flat else [])
     if not members:
         raise InputError(f"no observable named {name!r}; have: {', '.join(_groups(traj))}")
@@ -423,7 +425,7 @@ def plot_heatmaps(traj: Trajectory, name: str, *, times=None, labels: tuple[str,
     """
     from matplotlib.figure import Figure
 
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     if name not in flat:
         raise InputError(f"no observable named {name!r}; have: {', '.join(flat)}")
     values = np.asarray(flat[name], dtype=float)
@@ -486,7 +488,7 @@ def figure_names(traj: Trajectory, heatmaps: tuple[str, ...] = ()) -> list[str]:
     or vector observable, and the square-matrix observables named in `heatmaps`."""
     if len(traj.ts) == 0:
         return []
-    flat = _flat_names(traj.observables)
+    flat = flat_names(traj.observables)
     names = []
     for name, members in _groups(traj).items():
         values = flat[members[0]]
@@ -509,8 +511,8 @@ def save_figures(
     """Write every figure of a run: one per observable (`<name>.<format>`, `/` replaced by
     `__`), then the paper figures of its preset (`gflow.figures.paper_figures`).
 
-    Scalar and vector observables are drawn over time, the scalars of one dict observable in
-    one figure; square-matrix observables named in `heatmaps` (e.g. cosine-similarity
+    Scalar and vector observables are drawn over time (snapshot observables over the times
+    of the snapshots), the scalars of one dict observable in one figure; square-matrix observables named in `heatmaps` (e.g. cosine-similarity
     matrices) as heatmaps at t0, each transition and the end. Observables with more than two
     axes per save that are not heatmaps are not drawn.
 
@@ -529,8 +531,6 @@ def save_figures(
 
     The paths written.
     """
-    import io
-
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise InputError(f"figure formats must be among {', '.join(FORMATS)}, got {list(formats)}")
@@ -541,7 +541,24 @@ def save_figures(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    flat = _flat_names(traj.observables)
+    # Snapshot observables are drawn as the others, over the times of the snapshots (their
+    # names differ from the observables').
+    views = [(traj, references)]
+    if len(traj.snapshot_labels):
+        views.append((dataclasses.replace(traj, ts=traj.snapshot_ts, observables=traj.snapshots),
+                      {}))
+    for view, levels in views:
+        written += _draw(view, directory, time_axis=time_axis, labels=labels,
+                         heatmaps=heatmaps, formats=formats, references=levels)
+    return written + paper_figures(traj, directory, time_axis=time_axis, formats=formats)
+
+
+def _draw(traj: Trajectory, directory: Path, *, time_axis, labels, heatmaps, formats,
+          references) -> list[Path]:
+    import io
+
+    written = []
+    flat = flat_names(traj.observables)
     for name in figure_names(traj, tuple(heatmaps)):
         if name in flat and np.ndim(flat[name]) == 3:
             fig = plot_heatmaps(traj, name, labels=tuple(labels.get(name.split("/")[0], ())))
@@ -555,7 +572,7 @@ def save_figures(
             path = directory / (name.replace("/", "__") + "." + fmt)
             atomic_write_bytes(path, buffer.getvalue())
             written.append(path)
-    return written + paper_figures(traj, directory, time_axis=time_axis, formats=formats)
+    return written
 
 
 def _parser():

@@ -310,6 +310,8 @@ def test_gpu_probe_quick(tmp_path):
     assert set(instruments["conditions"]) == {"condensation", "stage2_onset", "kq_collapse"}
     assert instruments["observation"]["complete"]
     assert data["capped_solve"]["steps"] == 10 and data["capped_solve"]["status"] == "max_steps"
+    mixed = data["capped_solve"]["mixed"]
+    assert mixed.get("precision") == "mixed" or "floor" in mixed.get("error", ""), mixed
     assert data["checkpoint"]["resumed_equal"]
     est = data["estimate"]
     assert est["total_seconds"] == pytest.approx(

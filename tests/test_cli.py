@@ -54,6 +54,9 @@ def _exit_code(argv) -> int:
         (["--set", "solve.pcoeff=2"], "solve.pcoeff must be in [0, 1]"),
         (["--set", "solve.icoeff=0"], "solve.icoeff must be in (0, 1]"),
         (["--resume", "no-such-run"], "--resume no-such-run: not a gflow run directory"),
+        (["deep-linear", "--set", "solve.snapshot_points=3"], "takes no snapshots"),
+        (["--set", "solve.snapshot_points=-1"], "solve.snapshot_points must be between 0 and"),
+        (["--set", "solve.snapshot_grid='cubic'"], "solve.snapshot_grid must be 'log' or"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):

@@ -133,3 +133,18 @@ def test_mixed_computes_the_gradient_in_float32_under_the_matmul_precision(probl
         assert f"Precision.{name}" in jaxpr or (name == "DEFAULT" and "precision=None" in jaxpr)
         out = jax.eval_shape(lambda y: precision.velocity(flow, y), flow.params)
         assert all(x.dtype == jnp.float64 for x in jtu.tree_leaves(out))
+
+
+def test_a_sweep_runs_and_records_its_precision(problem):
+    """A sweep member under `mixed` takes the steps of `gflow.solve` under `mixed` (the same
+    program per member) and records its precision like a trajectory."""
+    rtol = 2 * gflow.Precision.mixed().rtol_floor(problem.flow)[0]
+    kw = dict(rtol=rtol, transitions=problem.transitions, precision="mixed")
+    result = gflow.sweep(lambda copy: problem.flow, {"copy": [0, 1]}, 6.0, batch="map", **kw)
+    traj = gflow.solve(problem.flow, 6.0, **kw)
+    for member in result.members:
+        assert member.status == "completed"
+        assert member.stats["precision"] == "mixed" and member.stats["matmul_precision"] == "highest"
+        assert member.stats["num_steps"] == traj.stats["num_steps"]
+        for name, t in traj.transitions.items():
+            assert member.transitions[name] == pytest.approx(t, rel=10 * rtol)

@@ -348,6 +348,23 @@ def test_wrong_signatures_are_one_line_and_a_single_transition_is_accepted(tmp_p
     assert traj.completed and traj.rtol == pytest.approx(1e-6)
 
 
+def test_a_nonfinite_initial_state_is_named_as_such():
+    # Not "the state diverged near t=1e-12 (finite-time blow-up?)": the init itself is bad.
+    nan_loss = gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(m**2) * jnp.nan, None)
+    traj = gflow.solve(nan_loss, 1.0)
+    assert traj.status == "nonfinite"
+    assert traj.message == "the loss is nan at the initial state (t0=0)"
+    kink = gflow.GradientFlow(jnp.ones(2), lambda m, d: jnp.sum(jnp.sqrt(jnp.abs(m - 1.0))), None)
+    traj = gflow.solve(kink, 1.0, max_steps=50)
+    assert not traj.completed
+    assert traj.message.startswith("the gradient is not finite at the initial state (t0=0")
+    # A flow that is finite at its init keeps the engine's own message.
+    blow_up = gflow.GradientFlow(jnp.ones(1), lambda m, d: -jnp.sum(m**3) / 3, None)
+    traj = gflow.solve(blow_up, 2.0)  # dm/dt = m², m = 1/(1 - t): blows up at t = 1
+    assert traj.status in ("nonfinite", "dt_min") and "initial state" not in traj.message
+    assert traj.t_final == pytest.approx(1.0, abs=1e-3)
+
+
 # --------------------------------------------------------------------------------------------
 # Operating-system failures: one line
 

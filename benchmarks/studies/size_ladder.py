@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .._harness import fmt, machine, markdown_table
+from ..results_page import RESULTS_DIR, write_suite
 
 SIZES = (64, 128, 256)
 GROUPS = ("W_Q", "W_K", "W_V", "W1", "W2")
@@ -78,7 +79,7 @@ def run_size(d: int, t1: float, precision: str) -> dict:
         verdict_text={k: traj.predictions[k].measured for k in VERDICTS
                       if k in traj.predictions},
         stats={k: v for k, v in traj.stats.items() if isinstance(v, (int, float, str))},
-        wall_seconds=wall,
+        wall_seconds=wall, machine=machine(),
     )
     return row
 
@@ -120,12 +121,60 @@ def report(out: Path) -> dict:
     rows = sorted((json.loads(p.read_text()) for p in out.glob("d*.json")), key=lambda r: r["d"])
     if not rows:
         raise SystemExit(f"no saved sizes under {out}: run some first")
-    table = dict(rows=rows, machine=machine(),
+    # The machine the runs were made on (a row records its own), not the one assembling them.
+    saved = out / "size_ladder.json"
+    where = next((r["machine"] for r in rows if "machine" in r), None) or (
+        json.loads(saved.read_text()).get("machine") if saved.is_file() else None) or machine()
+    table = dict(rows=rows, machine=where,
                  missing=[d for d in SIZES if d not in {r["d"] for r in rows}])
     (out / "size_ladder.json").write_text(json.dumps(table, indent=1) + "\n")
     (out / "size_ladder.md").write_text(markdown(rows, table["missing"]))
     figure(rows, out / "size-ladder-ranks.png")
+    write_results(table, out)
     return table
+
+
+SUITE = "size-ladder"
+
+
+def write_results(table: dict, out: Path, directory: Path = RESULTS_DIR) -> Path:
+    """The results page's rows: per size run, its transitions, cost and the collapse
+    verdicts; per size measured, what one velocity and one observation cost; the sizes not
+    run."""
+    rows = []
+    for r in table["rows"]:
+        at = f"d = {r['d']}"
+        rows += [
+            dict(quantity=f"{at}: status, steps, evaluations",
+                 value=f"{r['status']}, {r['stats']['num_steps']:,}, "
+                       f"{r['stats']['vector_field_evaluations']:,}",
+                 detail=f"t1 = {r['t1']:g}, {r['precision']}, {r['wall_seconds']:.0f} s wall"),
+            dict(quantity=f"{at}: transition times",
+                 value=", ".join(f"{k} {v:.4g}" for k, v in r["transitions"].items())),
+            dict(quantity=f"{at}: held-out / training accuracy at the end",
+                 value=f"{r['held_out_accuracy']:.3g} / {r['train_accuracy']:.3g}"),
+        ]
+        for name in VERDICTS:
+            rows.append(dict(quantity=f"{at}: {name}", value=_verdict(r, name)))
+    costs_path = out / "costs.json"
+    if costs_path.is_file():
+        for c in json.loads(costs_path.read_text())["rows"]:
+            rows.append(dict(
+                quantity=f"d = {c['d']}: one observation / one velocity",
+                value=c["observation_seconds"] / c["velocity_seconds"], unit="×",
+                detail=f"{c['parameters']:,} parameters; velocity "
+                       f"{c['velocity_seconds'] * 1e3:.1f} ms, observation (every instrument "
+                       f"and condition) {c['observation_seconds']:.2f} s; jitted, best of 3"))
+    for d in table["missing"]:
+        rows.append(dict(quantity=f"d = {d}: run", value="not run", verdict="missing"))
+    return write_suite(
+        SUITE, title="Chen & Luo's rank collapse as the model grows (size ladder)",
+        command="python -m benchmarks.studies.size_ladder", machine=table["machine"],
+        rows=rows, figures=[out / "size-ladder-ranks.png"], directory=directory,
+        summary="The `rank-collapse` preset with d_ff = 2d, σ = d^−0.85, the same seed and "
+                "data, Tsit5 at rtol 1e-6 with the preset's PI control, t1 = 1500·d/64, "
+                "float64. Full per-size tables (ranks of every group at every transition) in "
+                "`benchmarks/size_ladder/size_ladder.md`.")
 
 
 def _group_ranks(r: dict, measure: str) -> str:

@@ -174,7 +174,10 @@ def check(resolved: Resolved) -> Problem:
     # Built in float64 whatever the precision: every precision starts from the same init
     # (the solve casts it).
     problem = build(resolved)
-    names = {"loss", *problem.observers}
+    if settings.snapshot_points and not problem.snapshots:
+        raise InputError(f"solve.snapshot_points: the {resolved.problem_kind!r} problem takes "
+                         "no snapshots (it has no snapshot observers)")
+    names = {"loss", *problem.observers, *problem.snapshots}
     plot = resolved.plot
     for field, given in (("heatmaps", plot.heatmaps), ("labels", tuple(plot.labels))):
         for name in given:
@@ -192,7 +195,7 @@ def check(resolved: Resolved) -> Problem:
 def _check_plot_shapes(problem: Problem, plot) -> None:
     """`plot.labels` name one label per component of their observable, and `plot.heatmaps`
     square-matrix observables (shapes by abstract evaluation: nothing is compiled)."""
-    observers = {"loss": problem.flow.loss, **problem.observers}
+    observers = {"loss": problem.flow.loss, **problem.observers, **problem.snapshots}
     flow = problem.flow
 
     def leaves(name: str) -> list:
@@ -237,10 +240,13 @@ def solve_options(settings: SolveSettings) -> dict:
 
 
 def solve_spec(problem: Problem, settings: SolveSettings, ts) -> SolveSpec:
-    """The `gflow.SolveSpec` a `[solve]` table gives for `problem`, saving at `ts`."""
+    """The `gflow.SolveSpec` a `[solve]` table gives for `problem`, saving at `ts` (and
+    taking its snapshots at the table's chosen times)."""
     return SolveSpec.from_options(
         problem.flow, settings.t1, observers=problem.observers,
-        transitions=problem.transitions, ts=ts, **solve_options(settings),
+        transitions=problem.transitions, ts=ts, snapshots=problem.snapshots,
+        snapshot_ts=settings.snapshot_times() if problem.snapshots else None,
+        **solve_options(settings),
     )
 
 
@@ -314,6 +320,7 @@ def _run(resolved, progress, checkpoint_dir, resume, problem) -> tuple[Problem, 
     from_zero = traj if t0 == 0 else dataclasses.replace(
         traj, ts=traj.ts - t0, t0=0.0, t1=traj.t1 - t0, t_final=traj.t_final - t0,
         transitions={k: v - t0 for k, v in traj.transitions.items()},
+        snapshot_ts=traj.snapshot_ts - t0,
     )
     predictions = {} if problem.predict is None else problem.predict(from_zero)
     references = {} if problem.references is None else problem.references(from_zero)

@@ -20,7 +20,10 @@ class Problem(eqx.Module):
     **Fields:**
 
     - `flow`: the `GradientFlow`.
-    - `observers`: `{name: observer}` for `gflow.solve`.
+    - `observers`: `{name: observer}` for `gflow.solve`, at every save time.
+    - `snapshots`: `{name: observer}` for `gflow.solve(..., snapshots=...)`: the costly ones
+        (full spectra, cosine matrices, singular vectors), taken only at `t0`, at the located
+        transitions, at the `[solve] snapshot_points` chosen times and at the end.
     - `transitions`: the `Transition`s, in the order they are expected.
     - `criteria`: `{transition name: one-line criterion}` printed in the report and written to
         `summary.json`.
@@ -44,6 +47,7 @@ class Problem(eqx.Module):
     predict: Callable[[Any], dict] | None = None
     references: Callable[[Any], dict] | None = None
     scaling: dict[str, Any] = eqx.field(default_factory=dict)
+    snapshots: dict[str, Callable] = eqx.field(default_factory=dict)
 
 
 def comparison(predicted: float, measured: float | None, basis: str = "") -> Prediction:

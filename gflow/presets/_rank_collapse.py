@@ -96,7 +96,8 @@ _SELECTORS = dict(zip(GROUPS, (_w_q, _w_k, _w_v, _w1, _w2)))
 
 
 class CosineMatrices(eqx.Module):
-    """`{group: ordered row cosine-similarity matrix}` (the paper's Fig. 1a panels)."""
+    """`{group: row cosine-similarity matrix}` (the paper's Fig. 1a panels; the figure orders
+    the rows spectrally on the host)."""
 
     matrices: dict[str, obs.CosineMatrix]
 
@@ -253,18 +254,27 @@ def rank_collapse(
     initial_outer = float(np.mean([measures.stable_rank(W) for W in _outer(model)]))
     Q0, R0 = ConservedDrift.quantities(model)
 
+    # At every save time: what costs a few matrix-vector products or a forward pass.
     observers = {
-        "effective_rank": obs.effective_rank(_groups),
         "stable_rank": obs.stable_rank(_groups, LANCZOS_STEPS),
         "relative_change": obs.relative_change(_groups, model),
         "norm": obs.frobenius_norm(_groups),
-        "cosine": CosineMatrices({name: obs.cosine_matrix(_SELECTORS[name], axis="rows")
-                                  for name in GROUPS}),
-        "singular_vectors": obs.singular_vectors(_outer, singular_vectors),
         "conserved_drift": ConservedDrift(Q0, R0),
         "train_accuracy": Accuracy(),
         "held_out_accuracy": Accuracy(held_out),
         "held_out_loss": HeldOutLoss(held_out),
+    }
+    # Only where they are read (t0, the transitions, the chosen times, the end): full spectra
+    # and cosine matrices (SVDs; at the paper's size tens of gradients and 26 MB a time). The
+    # cosine matrices and singular vectors are read as pictures and as |cos| to a few digits:
+    # stored in float32.
+    snapshots = {
+        "effective_rank": obs.effective_rank(_groups),
+        "cosine": obs.stored_as(CosineMatrices({
+            name: obs.cosine_matrix(_SELECTORS[name], axis="rows", ordered=False)
+            for name in GROUPS}), jnp.float32),
+        "singular_vectors": obs.stored_as(obs.singular_vectors(_outer, singular_vectors),
+                                          jnp.float32),
     }
     level = condensation_fraction * initial_outer
     transitions = (
@@ -293,18 +303,22 @@ def rank_collapse(
                 "held_out_accuracy": {f"chance 1/{KEY_COUNT + 1}": chance}}
 
     flow = GradientFlow(model, cross_entropy, train, trainable=model.trainable_spec())
-    return Problem(flow, observers, transitions, criteria, predict, references=references)
+    return Problem(flow, observers, transitions, criteria, predict, references=references,
+                   snapshots=snapshots)
 
 
 # The targets x + shift, x among the 96 keys, shift 0 or 1: 97 possible answers.
 KEY_COUNT = 96
 
 
-def _ranks_row(values: dict, t: float) -> tuple[bool, str]:
-    """Whether W_Q, W_K lie below every outer group in effective AND in stable rank in the
-    observables `values` (at time `t`), and the numbers, each measure with its own verdict."""
+def _ranks_row(values: dict, t: float,
+              measures_=(("effective", "effective_rank"), ("stable", "stable_rank"))
+              ) -> tuple[bool, str]:
+    """Whether W_Q, W_K lie below every outer group in effective AND in stable rank (or the
+    given `measures_`) in the observables `values` (at time `t`), and the numbers, each
+    measure with its own verdict."""
     parts, verdicts = [], []
-    for label, key in (("effective", "effective_rank"), ("stable", "stable_rank")):
+    for label, key in measures_:
         r = np.asarray(values[key])
         below = bool(max(r[list(ATTENTION)]) < min(r[list(OUTER)]))
         verdicts.append(below)
@@ -314,8 +328,24 @@ def _ranks_row(values: dict, t: float) -> tuple[bool, str]:
 
 
 def _saved(traj, i: int) -> tuple[dict, float]:
-    return {k: np.asarray(traj.observables[k])[i] for k in ("effective_rank", "stable_rank")}, \
-        float(traj.ts[i])
+    return {"stable_rank": np.asarray(traj.observables["stable_rank"])[i]}, float(traj.ts[i])
+
+
+def _taken(traj, label: str) -> tuple[dict, float] | None:
+    """Both ranks where snapshot `label` was taken: the effective rank from the snapshot,
+    the stable rank from the transition's state or the save time there (`t1` at the end);
+    `None` if no snapshot was taken there."""
+    if label not in traj.snapshot_labels:
+        return None
+    k = traj.snapshot_labels.index(label)
+    t = float(traj.snapshot_ts[k])
+    stable = (traj.at_transitions[label]["stable_rank"] if label in traj.at_transitions
+              else np.asarray(traj.observables["stable_rank"])[save_index(traj.ts, t)])
+    return {"effective_rank": np.asarray(traj.snapshots["effective_rank"])[k],
+            "stable_rank": stable}, t
+
+
+_STABLE_ONLY = (("stable", "stable_rank"),)
 
 
 def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
@@ -325,24 +355,32 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
     out = {}
     claim = "W_Q, W_K below every outer group in effective and in stable rank"
     t_k = traj.transitions.get("kq_collapse", math.nan)
-    if math.isfinite(t_k):
-        at = traj.at_transitions.get("kq_collapse")
-        holds, text = (_ranks_row(at, t_k) if at is not None
-                       else _ranks_row(*_saved(traj, save_index(traj.ts, t_k))))
+    taken = _taken(traj, "kq_collapse") if math.isfinite(t_k) else None
+    if taken is not None:
+        holds, text = _ranks_row(*taken)
         out["attention_collapses_below_outer"] = Prediction.qualitative(
             claim, text, holds=holds,
             basis="Chen & Luo Fig. 1c, read at the located key-query collapse")
     else:
         out["attention_collapses_below_outer"] = Prediction.qualitative(
             claim, None, holds=None, basis="Chen & Luo Fig. 1c: kq_collapse not reached")
+    # The effective rank is a snapshot observable: at the lowest point, which no snapshot
+    # is placed at in advance, the claim is read in stable rank.
     attention = np.max(np.asarray(traj.observables["stable_rank"])[:, list(ATTENTION)], axis=1)
-    holds, text = _ranks_row(*_saved(traj, int(np.argmin(attention))))
+    holds, text = _ranks_row(*_saved(traj, int(np.argmin(attention))), _STABLE_ONLY)
     out["attention_collapses_below_outer_at_lowest"] = Prediction.qualitative(
-        claim, text, holds=holds,
+        "W_Q, W_K below every outer group in stable rank", text, holds=holds,
         basis="read at the save time where max(stable rank W_Q, W_K) is lowest")
-    holds, text = _ranks_row(*_saved(traj, len(traj.ts) - 1))
-    out["attention_collapses_below_outer_at_end"] = Prediction.qualitative(
-        claim, text, holds=holds, basis="Chen & Luo Fig. 1c, read at the last save time")
+    taken = _taken(traj, "end")
+    if taken is not None:
+        holds, text = _ranks_row(*taken)
+        out["attention_collapses_below_outer_at_end"] = Prediction.qualitative(
+            claim, text, holds=holds, basis="Chen & Luo Fig. 1c, read at the end")
+    else:
+        holds, text = _ranks_row(*_saved(traj, len(traj.ts) - 1), _STABLE_ONLY)
+        out["attention_collapses_below_outer_at_end"] = Prediction.qualitative(
+            "W_Q, W_K below every outer group in stable rank", text, holds=holds,
+            basis="read at the last save time (the run did not reach its end)")
     train = float(np.asarray(traj.observables["train_accuracy"][-1]))
     held = float(np.asarray(traj.observables["held_out_accuracy"][-1]))
     out["held_out_accuracy"] = Prediction.qualitative(
