@@ -41,17 +41,20 @@ _EXPORTS = {
     "DOP853": ("._dop853", "DOP853"),
     "GradientFlow": ("._flow", "GradientFlow"),
     "InputError": ("._errors", "InputError"),
+    "NewtonKrylovESDIRK": ("._implicit", "NewtonKrylovESDIRK"),
     "Precision": ("._precision", "Precision"),
     "Prediction": ("._prediction", "Prediction"),
     "Sensitivity": ("._sensitivity", "Sensitivity"),
     "ScalingFit": ("._sweep", "ScalingFit"),
     "ScalingLaw": ("._scaling", "ScalingLaw"),
     "SolveSpec": ("._spec", "SolveSpec"),
+    "StiffSwitching": ("._switching", "StiffSwitching"),
     "Sweep": ("._sweep", "Sweep"),
     "SweepMember": ("._sweep", "SweepMember"),
     "Trajectory": ("._trajectory", "Trajectory"),
     "Transition": ("._spec", "Transition"),
     "auto_solver": ("._solvers", "auto_solver"),
+    "converged": ("._convergence", "converged"),
     "critical_points": ("._critical", "critical_points"),
     "enable_compilation_cache": ("._cache", "enable_compilation_cache"),
     "error_estimates": ("._solve", "error_estimates"),
@@ -106,11 +109,13 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
         theory as theory,
     )
     from ._cache import enable_compilation_cache as enable_compilation_cache
+    from ._convergence import converged as converged
     from ._critical import CriticalPoint as CriticalPoint, critical_points as critical_points
     from ._dop853 import DOP853 as DOP853
     from ._errors import InputError as InputError
     from ._flow import GradientFlow as GradientFlow
     from ._grids import linear_grid as linear_grid, log_grid as log_grid
+    from ._implicit import NewtonKrylovESDIRK as NewtonKrylovESDIRK
     from ._precision import Precision as Precision
     from ._prediction import Prediction as Prediction
     from ._scaling import ScalingLaw as ScalingLaw
@@ -120,6 +125,7 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
     )
     from ._spec import SolveSpec as SolveSpec, Transition as Transition
     from ._solvers import auto_solver as auto_solver
+    from ._switching import StiffSwitching as StiffSwitching
     from ._sweep import (
         ScalingFit as ScalingFit,
         Sweep as Sweep,

@@ -165,6 +165,14 @@ def _report(traj, problem, out: Path) -> str:
            if (r := traj.errors.get("reference_stats")) else ""),
     ]
     lines.append(_memory_line(traj))
+    if "hvps" in s:  # gflow's stiff solvers count their work
+        switches = s.get("switch_times")
+        lines.append(
+            f"stiff work  {s['gradients']} gradients, {s['hvps']} Hessian-vector products, "
+            f"{s['newton_iterations']} Newton and {s['krylov_iterations']} CG iterations, "
+            f"{s['implicit_steps']} implicit steps"
+            + (f"; {s['switches']} switch(es) at t = "
+               + ", ".join(f"{t:.6g}" for t in switches) if switches else ""))
     if traj.transitions:
         lines.append("transitions")
         width = max(len(n) for n in traj.transitions)

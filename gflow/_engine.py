@@ -54,6 +54,7 @@ from jaxtyping import Array, PyTree, Scalar
 from ._flow import GradientFlow
 from ._precision import FLOAT64, Precision
 from ._status import Status
+from ._work import add_work, work_template
 
 
 # A state whose squared norm passes this (or is NaN) has diverged: float64 squares overflow at
@@ -88,6 +89,7 @@ class Plan(NamedTuple):
     observers: dict  # {name: observer(model, data)}, evaluated at the save times
     conditions: tuple  # transition conditions, condition(model, data) -> scalar
     directions: Array  # per condition (+1 up, -1 down, 0 either) and a trailing 0
+    terminal: Array  # per condition: whether the solve ends there; and a trailing False
     ts: Array
     t1: Array
     dt0: Array | None
@@ -204,6 +206,8 @@ class Carry(eqx.Module):
     - `status`: a `Status` code, `Status.RUNNING` while the solve goes on.
     - `steps`: steps since the last transition (`max_steps` limits these); `counts`: steps,
         accepted, rejected; `segments`: segments run; `starts`: segments started afresh.
+    - `work`: the work counters of a solver that keeps them (`gflow`'s implicit and switching
+        solvers; empty otherwise), summed over the segments (`gflow._work`).
     """
 
     t: Array
@@ -222,6 +226,7 @@ class Carry(eqx.Module):
     counts: Array
     segments: Array
     starts: Array
+    work: PyTree
 
     # The fields that hold NaN by design (save times and transitions not reached yet); every
     # other field is finite unless the state diverged.
@@ -273,6 +278,7 @@ def initial_carry(plan: Plan, y0: PyTree, t0) -> Carry:
         counts=jnp.zeros(3, dtype=int_),
         segments=jnp.asarray(0, dtype=int_),
         starts=jnp.asarray(0, dtype=int_),
+        work=work_template(plan.solver, plan.ts.dtype),
     )
 
 
@@ -490,6 +496,8 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         [
             blown,
             fired & (t_end >= t1),
+            # A terminal transition (e.g. `gflow.converged`) ends the solve where it fired.
+            fired & plan.terminal[c.index],
             fired,
             result == results.successful,
             # A cut every segment_steps steps goes on from the last step's end.
@@ -497,8 +505,8 @@ def _segment(plan: Plan, c: Carry) -> Carry:
             max_reached,
             result == results.dt_min_reached,
         ],
-        [Status.NONFINITE, Status.COMPLETED, Status.RUNNING, Status.COMPLETED,
-         Status.MAX_STEPS, Status.RUNNING, Status.DT_MIN],
+        [Status.NONFINITE, Status.COMPLETED, Status.COMPLETED, Status.RUNNING,
+         Status.COMPLETED, Status.MAX_STEPS, Status.RUNNING, Status.DT_MIN],
         Status.FAILED,
     )
     # A failure after the state left float range (e.g. steps collapsing on NaNs) is that.
@@ -533,6 +541,9 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         counts=c.counts + counts,
         segments=c.segments + 1,
         starts=c.starts + c.fresh,
+        # What the solver counted in this segment: its state at the end less the one it
+        # started from (a cut continues the last segment's state and its counts).
+        work=add_work(plan.solver, c.work, solver_state, sol.solver_state),
     )
     # Exactly the carry's types, so the loop (and a resumed checkpoint) sees one structure.
     return jtu.tree_map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), out, c)

@@ -17,6 +17,7 @@ from ._solvers import solver_name, vector_field_evaluations
 from ._spec import SolveSpec
 from ._status import Status
 from ._trajectory import Trajectory
+from ._work import work_stats
 
 
 def _held_at_dtmin(controller_state) -> bool:
@@ -29,7 +30,8 @@ def _held_at_dtmin(controller_state) -> bool:
 
 
 def outcome(carry: Carry, names: list[str], max_steps: int) -> dict[str, Any]:
-    """Status, message, transition times, end time and step counts of a host carry."""
+    """Status, message, transition times, end time, step counts and the solver's work record
+    (`work`, host arrays) of a host carry."""
     status = Status.name(carry.status)
     t_final = float(carry.t)
     counts = [int(x) for x in carry.counts]
@@ -47,6 +49,7 @@ def outcome(carry: Carry, names: list[str], max_steps: int) -> dict[str, Any]:
             segments=int(carry.segments),
         ),
         starts=int(carry.starts),
+        work=carry.work,
     )
 
 
@@ -135,10 +138,16 @@ def _snapshots(carry: Carry, spec: SolveSpec, names: list[str],
 
 
 def member_stats(done: dict, solver: diffrax.AbstractSolver) -> dict:
-    """Step counts, segments and vector-field evaluations of an `outcome`."""
+    """Step counts, segments and vector-field evaluations of an `outcome`, with the work
+    counters of a solver that keeps them (`gflow._work.work_stats`).
+
+    An explicit solver's evaluations follow from its steps; those of gflow's implicit and
+    switching solvers are what they counted (gradients + 2 × Hessian-vector products of the
+    accepted steps) plus `rejected_step_cost` for each rejected step."""
     stats = done["stats"]
-    return dict(stats) | dict(
-        vector_field_evaluations=vector_field_evaluations(
-            solver, stats["num_steps"], done["starts"]
-        )
-    )
+    counted = work_stats(solver, done["work"])
+    evaluations = vector_field_evaluations(solver, stats["num_steps"], done["starts"])
+    rejected_step_cost = counted.pop("rejected_step_cost", 0)
+    if evaluations is None and counted:
+        evaluations = counted["cost"] + rejected_step_cost * stats["num_rejected_steps"]
+    return dict(stats) | dict(vector_field_evaluations=evaluations) | counted

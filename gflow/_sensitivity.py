@@ -219,6 +219,8 @@ def _tangent_solve(dynamic, tangent, static, conditions, times, t0, solver, cont
     Module-level and `filter_jit`ted, so a problem whose functions are the same objects
     reuses the compiled program."""
 
+    solver = _forward_mode(solver)
+
     def conditions_at_times(dynamic):
         f = eqx.combine(dynamic, static)
         term = diffrax.ODETerm(lambda t, y, args: f.velocity(y))
@@ -242,6 +244,21 @@ def _tangent_solve(dynamic, tangent, static, conditions, times, t0, solver, cont
     (_, states, failed, steps), (numerators, _, _, _) = jax.jvp(
         conditions_at_times, (dynamic,), (tangent,))
     return numerators, states, failed, steps
+
+
+def _forward_mode(solver):
+    """`solver` with every Runge–Kutta solver inside it (e.g. the Tsit5 of `StiffSwitching`)
+    looping over its stages in `"lax"` kind, as `diffrax.ForwardMode` makes a top-level one
+    do: their default checkpointed loop has a custom VJP, which `jax.jvp` cannot go through.
+    The values (hence the steps) are the same."""
+
+    def default_loop(x):
+        return isinstance(x, diffrax.AbstractRungeKutta) and x.scan_kind is None
+
+    return jtu.tree_map(
+        lambda x: eqx.tree_at(lambda s: s.scan_kind, x, "lax", is_leaf=lambda v: v is None)
+        if default_loop(x) else x,
+        solver, is_leaf=default_loop)
 
 
 @eqx.filter_jit

@@ -6,6 +6,8 @@ import diffrax
 
 from ._dop853 import DOP853
 from ._errors import InputError
+from ._implicit import NewtonKrylovESDIRK
+from ._switching import StiffSwitching
 
 
 _SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
@@ -22,6 +24,8 @@ _SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "kvaerno3": diffrax.Kvaerno3,
     "kvaerno4": diffrax.Kvaerno4,
     "kvaerno5": diffrax.Kvaerno5,
+    "esdirk": NewtonKrylovESDIRK,
+    "switching": StiffSwitching,
 }
 
 SOLVER_NAMES: tuple[str, ...] = ("auto",) + tuple(_SOLVERS)
@@ -48,7 +52,7 @@ def auto_solver(rtol: float) -> diffrax.AbstractSolver:
     rtol, as Tsit5's is. Both keep the PID controller gflow builds from `rtol` and `atol`; with
     either, values at save times come from an interpolant as accurate as the steps.
     """
-    return _named("tsit5" if rtol >= AUTO_CROSSOVER_RTOL else "auto-dop853")
+    return _named("switching" if rtol >= AUTO_CROSSOVER_RTOL else "auto-dop853")
 
 
 # Solvers are immutable and cost tens of microseconds to build, a few percent of a small

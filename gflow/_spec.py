@@ -60,11 +60,14 @@ class Transition(eqx.Module):
         Its time is located by root finding on the solver's dense output.
     - `direction`: `None` for either sign change, `True` for an upcrossing (negative to positive)
         only, `False` for a downcrossing only.
+    - `terminal`: end the solve there (status `"completed"`, `Trajectory.t_final` the
+        transition's time; later save times are not reached), e.g. `gflow.converged`.
     """
 
     name: str
     condition: Callable[[Any, Any], Scalar]
     direction: bool | None = None
+    terminal: bool = False
 
     def __check_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -76,6 +79,9 @@ class Transition(eqx.Module):
                 f"transition {self.name!r}: direction must be None, True or False, "
                 f"got {self.direction!r}"
             )
+        if not isinstance(self.terminal, bool):
+            raise InputError(f"transition {self.name!r}: terminal must be True or False, "
+                             f"got {self.terminal!r}")
 
 
 def _host_array(x, dtype=float) -> np.ndarray:
@@ -459,6 +465,7 @@ class SolveSpec(eqx.Module):
                 [{True: 1.0, False: -1.0, None: 0.0}[tr.direction] for tr in self.transitions]
                 + [0.0]
             ),
+            terminal=np.asarray([tr.terminal for tr in self.transitions] + [False], dtype=bool),
             ts=_host_array(self.ts),
             t1=_host_array(self.t1),
             dt0=None if self.dt0 is None else _host_array(self.dt0),
@@ -495,6 +502,7 @@ class SolveSpec(eqx.Module):
                         data(self.stepsize_controller)],
             transitions=[tr.name for tr in self.transitions],
             directions=[tr.direction for tr in self.transitions],
+            terminal=[tr.terminal for tr in self.transitions],
             observers=sorted(self.observers),
             snapshots=sorted(self.snapshots),
             snapshot_ts=self.snapshot_ts.tolist(),

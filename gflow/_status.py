@@ -13,7 +13,7 @@ class Status:
     """Status codes of a solve. `RUNNING` marks a carry whose solve goes on; the others end
     it, and index `NAMES`.
 
-    - `COMPLETED`: reached `t1`.
+    - `COMPLETED`: reached `t1`, or a terminal `Transition` (e.g. `gflow.converged`).
     - `MAX_STEPS`: took `max_steps` steps (accepted plus rejected) before `t1`.
     - `NONFINITE`: the state diverged (or a failure happened after it left float range).
     - `DT_MIN`: the step size collapsed to the controller's smallest step.

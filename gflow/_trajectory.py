@@ -106,11 +106,15 @@ class Trajectory:
     - `transitions`: `{name: time}`, `nan` for a transition never reached (`null` in
         `summary.json`, which holds no NaN or infinity anywhere: see `summary`).
     - `final`: the model (frozen leaves included) at `t_final`.
-    - `t0`, `t1`: the requested interval; `t_final`: where the solve stopped.
+    - `t0`, `t1`: the requested interval; `t_final`: where the solve stopped (`t1`, a
+        failure, or a terminal transition such as `gflow.converged`).
     - `status`: `"completed"`, `"max_steps"`, `"nonfinite"`, `"dt_min"` or `"failed"`;
         `message` says more when it is not `"completed"`.
-    - `stats`: steps (total, accepted, rejected), vector-field evaluations (`None` for implicit
-        solvers), segments, compile and run seconds.
+    - `stats`: steps (total, accepted, rejected), vector-field evaluations (`None` for
+        diffrax's implicit solvers), segments, compile and run seconds; gflow's stiff solvers
+        (`NewtonKrylovESDIRK`, `StiffSwitching`) add their counters: `gradients`, `hvps`,
+        `newton_iterations`, `krylov_iterations`, `implicit_steps`, `cost` (gradients + 2 ×
+        HVPs), and for the switching solver `explicit_steps`, `switches`, `switch_times`.
     - `solver`, `rtol`, `atol`: the settings used.
     - `config`: the configuration that produced the run (set by the command line), or `None`.
     - `predictions`: `{name: gflow.Prediction}` comparisons with theory, filled by presets.

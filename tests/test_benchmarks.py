@@ -243,7 +243,7 @@ def test_solvers_quick_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "solvers.json").read_text())["workloads"]["deep-linear"]
     matched = {m["rtol"]: m for m in data["analysis"]["matched"]}
-    assert matched[1e-6]["solver"] == "tsit5" and matched[1e-10]["solver"] == "dop853"
+    assert matched[1e-6]["solver"] == "switching" and matched[1e-10]["solver"] == "dop853"
     for rtol, m in matched.items():
         # auto's state at the save times against the Dopri8 reference (steps at save times).
         assert m["error"] < 10 * rtol, (rtol, m["error"])
