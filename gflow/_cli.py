@@ -164,6 +164,7 @@ def _report(traj, problem, out: Path) -> str:
         + (f" (certify's reference, alongside: run {r['run_seconds']:.2f})"
            if (r := traj.errors.get("reference_stats")) else ""),
     ]
+    lines.append(_memory_line(traj))
     if "hvps" in s:  # gflow's stiff solvers count their work
         switches = s.get("switch_times")
         lines.append(
@@ -172,7 +173,6 @@ def _report(traj, problem, out: Path) -> str:
             f"{s['implicit_steps']} implicit steps"
             + (f"; {s['switches']} switch(es) at t = "
                + ", ".join(f"{t:.6g}" for t in switches) if switches else ""))
-    lines.append(_memory_line(traj))
     if traj.transitions:
         lines.append("transitions")
         width = max(len(n) for n in traj.transitions)
