@@ -1,6 +1,8 @@
 """Shared fixtures: small exactly solvable linear flows."""
 
+import hashlib
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +87,6 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def _start_quick_benchmark(config) -> None:
-    import hashlib
     import subprocess
     import sys
     import tempfile
@@ -138,3 +139,26 @@ def quick_benchmark(request):
         pytest.skip("the quick benchmark run was not started")
     _, err = started["proc"].communicate(timeout=900)
     return started["out"], started["digest"], started["proc"].returncode, err
+
+
+def tree_digest(path):
+    """Every entry under `path` with its bytes' digest (a file's own digest; None when `path`
+    does not exist): two calls compare a directory byte for byte."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return None
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+        else "dir"
+        for p in sorted(path.rglob("*"))
+    }
+
+
+def call_entry(entry, argv) -> int:
+    """A command line's `main(argv)` as its exit status (argparse's own errors exit)."""
+    try:
+        return entry(argv)
+    except SystemExit as e:
+        return e.code

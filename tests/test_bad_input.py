@@ -7,7 +7,6 @@ a real process (Ctrl-C, a second process on one directory, a kill while writing,
 entry point) runs as one, a handful of times.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 import gflow
+from conftest import call_entry, tree_digest
 from gflow import presets
 # Private: the in-process command lines, exactly what the console scripts `gflow-solve` and
 # `gflow-sweep` run (see above), and their exit statuses; and the TOML writer the command line
@@ -45,27 +45,6 @@ PRESET_TEXT = (Path(presets.__file__).parent / "deep-linear.toml").read_text()
 def _fast(t1: str) -> list[str]:
     """FAST with another end time."""
     return [t1 if a == "6" else a for a in FAST]
-
-
-def _tree(path: Path):
-    """Every entry under `path` with its bytes' digest (None when `path` does not exist)."""
-    path = Path(path)
-    if not os.path.lexists(path):
-        return None
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
-        else "dir"
-        for p in sorted(path.rglob("*"))
-    }
-
-
-def _call(entry, argv) -> int:
-    try:
-        return entry(argv)
-    except SystemExit as e:  # argparse's own errors
-        return e.code
 
 
 def _assert_one_line(err: str, message: str):
@@ -230,12 +209,12 @@ def test_bad_command_line_is_one_line_exit_2_and_writes_nothing(
     case, argv, message, tmp_path, finished, capsys
 ):
     argv = _argv(argv, tmp_path, finished)
-    before = _tree(tmp_path), _tree(finished)
-    assert _call(main, argv) == EXIT_BAD_INPUT
+    before = tree_digest(tmp_path), tree_digest(finished)
+    assert call_entry(main, argv) == EXIT_BAD_INPUT
     captured = capsys.readouterr()
     _assert_one_line(captured.err, message)
     assert captured.out == ""
-    assert (_tree(tmp_path), _tree(finished)) == before  # byte for byte, no empty parents
+    assert (tree_digest(tmp_path), tree_digest(finished)) == before  # byte for byte, no empty parents
 
 
 SWEEP = ["deep-linear", "--set", "problem.width=3", "--set", "problem.singular_values=[2.0]",
@@ -256,12 +235,12 @@ SWEEP_CASES = [
 @pytest.mark.parametrize("case, argv, message", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
 def test_bad_sweep_command_line(case, argv, message, tmp_path, capsys):
     argv = _argv(SWEEP + argv, tmp_path, None)
-    before = _tree(tmp_path)
+    before = tree_digest(tmp_path)
     start = time.perf_counter()
-    assert _call(sweep_main, argv) == EXIT_BAD_INPUT
+    assert call_entry(sweep_main, argv) == EXIT_BAD_INPUT
     assert time.perf_counter() - start < 60  # refused before any member was solved
     _assert_one_line(capsys.readouterr().err, message)
-    assert _tree(tmp_path) == before
+    assert tree_digest(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +291,10 @@ def test_resume_refuses_a_corrupt_checkpoint(how, message, checkpoint, tmp_path,
     shutil.copytree(checkpoint, run)
     (run / ".checkpoint-first.eqx.x1.tmp").write_bytes(b"left by a kill")
     _corrupt(run / "checkpoint-first.eqx", how)
-    before = _tree(run)
+    before = tree_digest(run)
     assert main(["--resume", str(run)]) == EXIT_BAD_INPUT
     _assert_one_line(capsys.readouterr().err, message)
-    assert _tree(run) == before  # not even the leftover temporary file was removed
+    assert tree_digest(run) == before  # not even the leftover temporary file was removed
 
 
 def test_library_refuses_a_checkpoint_path_that_is_a_directory(tmp_path):
@@ -540,7 +519,7 @@ def test_fuzzed_configs_never_give_a_traceback(config, sets, tmp_path_factory):
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = _call(main, argv)
+        code = call_entry(main, argv)
     text = err.getvalue()
     assert "Traceback" not in text
     assert code in (0, EXIT_BAD_INPUT), (argv, config, text)
@@ -614,7 +593,7 @@ def test_lock_then_ctrl_c_then_resume(finished, tmp_path, capsys):
     proc = _start(FAST + ["--out", str(out), "--quiet"], PAUSE_AFTER_CHECKPOINTS="2")
     try:
         assert proc.stdout.readline().strip() == "paused"
-        before = _tree(out)
+        before = tree_digest(out)
         for argv, message in [
             (FAST + ["--out", str(out)], "is in use by another gflow process"),
             (FAST + ["--out", str(out), "--overwrite"], "is in use by another gflow process"),
@@ -622,7 +601,7 @@ def test_lock_then_ctrl_c_then_resume(finished, tmp_path, capsys):
         ]:
             assert main(argv) == EXIT_BAD_INPUT
             _assert_one_line(capsys.readouterr().err, message)
-            assert _tree(out) == before
+            assert tree_digest(out) == before
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -661,16 +640,16 @@ def test_kill_during_the_first_config_write_is_explained(tmp_path, capsys):
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "config.toml").exists() and list(out.glob(".config.toml.*.tmp"))
-    before = _tree(out)
+    before = tree_digest(out)
     assert main(["--resume", str(out)]) == EXIT_BAD_INPUT
     _assert_one_line(capsys.readouterr().err,
                      "stopped while writing its config.toml, before computing anything")
-    assert _tree(out) == before
+    assert tree_digest(out) == before
     # Starting it again there is allowed (what the kill left is the run's own): the directory
     # passes, and a bad solver setting is what this (cheap, not computing) run is refused for.
     assert main(FAST + ["--solver", "euler", "--out", str(out)]) == EXIT_BAD_INPUT
     _assert_one_line(capsys.readouterr().err, "solver 'euler' has no error estimate")
-    assert _tree(out) == before
+    assert tree_digest(out) == before
 
 
 def test_overwrite_replaces_a_run_wholly_and_predictions_count_from_t0(finished, tmp_path):

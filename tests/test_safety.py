@@ -7,7 +7,6 @@ closed pipe, /dev/full) run as one.
 """
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 import gflow
+from conftest import call_entry, tree_digest
 # Private: the in-process command lines and their exit statuses (see the module docstring),
 # and the one function through which gflow writes a file, which the disk-full tests make fail.
 from gflow import _rundir
@@ -34,25 +34,6 @@ TINY = ["deep-linear", "--set", "problem.width=2", "--set", "problem.singular_va
         "--set", "solve.save_points=12", "--t1", "6", "--no-certify", "--quiet"]
 SWEEP = ["deep-linear", "--set", "problem.width=2", "--set", "problem.singular_values=[1.5]",
          "--t1", "9", "--over", "eps=1e-2,1e-3,1e-4", "--quiet"]
-
-
-def _tree(path: Path):
-    """Every entry under `path` with its bytes' digest (None when `path` does not exist)."""
-    path = Path(path)
-    if not os.path.lexists(path):
-        return None
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
-        else "dir"
-        for p in sorted(path.rglob("*"))
-    }
-
-
-def _call(entry, argv) -> int:
-    try:
-        return entry(argv)
-    except SystemExit as e:
-        return e.code
 
 
 def _one_line(err: str, message: str = "", prefix: str = "gflow: error: ") -> None:
@@ -143,10 +124,10 @@ def test_refusals_are_one_line_exit_2_and_touch_nothing(finished, tmp_path, caps
                                                         monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name, entry, argv, message, keep in _cases(tmp_path, finished):
-        before = _tree(keep)
-        assert _call(entry, argv) == EXIT_BAD_INPUT, name
+        before = tree_digest(keep)
+        assert call_entry(entry, argv) == EXIT_BAD_INPUT, name
         _one_line(capsys.readouterr().err, message)
-        assert _tree(keep) == before, name
+        assert tree_digest(keep) == before, name
         if keep.is_dir():
             assert not (keep / _rundir.LOCK_FILE).exists(), name
     assert not (tmp_path / "runs").exists()
@@ -262,10 +243,10 @@ def test_plot_and_load_refuse_damaged_runs_in_one_line(finished, tmp_path, capsy
         run = tmp_path / how.replace(" ", "_").replace("[", "").replace("]", "")
         shutil.copytree(finished, run)
         _damage(run, how)
-        before = _tree(run)
+        before = tree_digest(run)
         assert plot_main([str(run)]) == 2, how
         _one_line(capsys.readouterr().err, "", prefix="gflow.plot: error: ")
-        assert _tree(run) == before, how
+        assert tree_digest(run) == before, how
         if how not in ("bad [plot]", "bad plot.formats", "figures a file"):
             with pytest.raises(gflow.InputError):
                 gflow.load(run)
@@ -421,7 +402,7 @@ def test_a_full_disk_at_any_write_of_a_solve_loses_nothing(finished, tmp_path, c
         assert main(TINY + ["--out", str(tmp_path / "clean")]) == 0
     capsys.readouterr()
     assert clean.count >= 10, clean.names
-    reference = _tree(finished)
+    reference = tree_digest(finished)
     for k in range(1, clean.count + 1):
         out = tmp_path / f"k{k}"
         with monkeypatch.context() as m:
@@ -430,10 +411,10 @@ def test_a_full_disk_at_any_write_of_a_solve_loses_nothing(finished, tmp_path, c
         err = capsys.readouterr().err
         _one_line(err, "No space left on device")
         if "--resume" not in err:
-            assert not out.exists() or _tree(out) == {}, (k, err)
+            assert not out.exists() or tree_digest(out) == {}, (k, err)
             continue
         assert main(["--resume", str(out), "--quiet"]) == 0, (k, capsys.readouterr().err)
-        done = _tree(out)
+        done = tree_digest(out)
         for name in ("final.eqx", "trajectory.npz", "transitions.npz"):
             assert done[name] == reference[name], (k, name)
         assert {n for n in done if n.startswith("figures/")} == {
@@ -551,11 +532,11 @@ def test_a_refused_resume_leaves_no_lock_no_manifest_and_no_cache_entry(tmp_path
     presets.run(presets.resolve("deep-linear", overrides), checkpoint_dir=out)
     edited = presets.resolve("deep-linear", overrides + ["problem.eps=0.002"])
     (out / "config.toml").write_text(dumps_toml(edited.config))
-    before, cache = _tree(out), tmp_path / "cache"
+    before, cache = tree_digest(out), tmp_path / "cache"
     proc = subprocess.run([sys.executable, "-m", "gflow.solve", "--resume", str(out)],
                           capture_output=True, text=True, timeout=300,
                           env=os.environ | {"GFLOW_CACHE_DIR": str(cache)})
     assert proc.returncode == EXIT_BAD_INPUT
     _one_line(proc.stderr, "belongs to another problem")
-    assert _tree(out) == before
+    assert tree_digest(out) == before
     assert not cache.exists() or not list(cache.iterdir())
