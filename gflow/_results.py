@@ -63,11 +63,13 @@ def solve_outcome(carry: Carry, flow: GradientFlow, spec: SolveSpec) -> dict[str
 
 
 def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
-               stats: dict | None = None) -> Trajectory:
-    """The `Trajectory` of a finished host carry (solve's, or a sweep member's) of `spec`."""
+               stats: dict | None = None, done: dict | None = None) -> Trajectory:
+    """The `Trajectory` of a finished host carry (solve's, or a sweep member's) of `spec`;
+    `done` its `solve_outcome` where the caller has it already (a failed solve's costs a
+    loss and a gradient on the host)."""
     names = [tr.name for tr in spec.transitions]
     ts = spec.ts
-    done = solve_outcome(carry, flow, spec)
+    done = solve_outcome(carry, flow, spec) if done is None else done
     t_final = done["t_final"]
     saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
     keep = (lambda x: x) if saved.all() else (lambda x: x[saved])

@@ -173,14 +173,19 @@ def _save_times(ts, t0: float, t1: float) -> np.ndarray:
     return ts
 
 
+def _check_observer_dict(observers, field: str, one: str) -> None:
+    """`observers` (the spec's `field`) is a dict of name: observer(model, data)."""
+    if not isinstance(observers, Mapping):
+        raise InputError(f"{field} must be a dict of name: observer(model, data), got "
+                         f"{type(observers).__name__}")
+    for name, obs in observers.items():
+        if not isinstance(name, str) or not callable(obs):
+            raise InputError(f"{one} {name!r} must be callable as observer(model, data)")
+
+
 def _check_snapshots(spec: "SolveSpec") -> None:
     """The snapshot observers and their chosen times, as `SolveSpec` holds them."""
-    if not isinstance(spec.snapshots, Mapping):
-        raise InputError(f"snapshots must be a dict of name: observer(model, data), got "
-                         f"{type(spec.snapshots).__name__}")
-    for name, obs in spec.snapshots.items():
-        if not isinstance(name, str) or not callable(obs):
-            raise InputError(f"snapshot {name!r} must be callable as observer(model, data)")
+    _check_observer_dict(spec.snapshots, "snapshots", "snapshot")
     clash = sorted(set(spec.snapshots) & ({"loss"} | set(spec.observers)))
     if clash:
         raise InputError(f"snapshot {clash[0]!r} is also an observer's name: an observable "
@@ -269,12 +274,7 @@ class SolveSpec(eqx.Module):
             raise InputError("ts must be non-decreasing")
         if ts[0] < self.t0 or ts[-1] > self.t1:
             raise InputError(f"ts must lie within [t0, t1] = [{self.t0}, {self.t1}]")
-        if not isinstance(self.observers, Mapping):
-            raise InputError(f"observers must be a dict of name: observer(model, data), got "
-                             f"{type(self.observers).__name__}")
-        for name, obs in self.observers.items():
-            if not isinstance(name, str) or not callable(obs):
-                raise InputError(f"observer {name!r} must be callable as observer(model, data)")
+        _check_observer_dict(self.observers, "observers", "observer")
         _check_snapshots(self)
         if not isinstance(self.transitions, tuple):
             raise InputError("transitions must be a tuple of gflow.Transition objects")

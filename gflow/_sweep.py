@@ -919,7 +919,7 @@ def _member(point, info, out, group, keep_trajectories) -> SweepMember:
     done = solve_outcome(carry, info["flow"], spec)
     traj = None
     if keep_trajectories:
-        traj = trajectory(carry, flow=info["flow"], spec=spec)
+        traj = trajectory(carry, flow=info["flow"], spec=spec, done=done)
     return SweepMember(
         point=dict(point),
         status=done["status"],
