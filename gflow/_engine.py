@@ -598,20 +598,34 @@ def compiled_programs() -> list:
 
 def split(tree: PyTree) -> tuple[list, Any, Hashable | None]:
     """`tree`'s array leaves, a function rebuilding `tree` from them, and a hashable key of
-    everything but the arrays' values (`None` when a static part is unhashable)."""
+    everything but the arrays' values (`None` when a static part is unhashable).
+
+    A leaf that occurs more than once (the same array object: a held-out set that two
+    observers read) is one input of the program, so that XLA computes what depends on it
+    once; which leaves share an input is part of the key.
+    """
     leaves, treedef = jtu.tree_flatten(tree)
     is_array = [eqx.is_array(x) for x in leaves]
-    arrays = [x for x, a in zip(leaves, is_array) if a]
+    arrays, slot, position = [], [], {}
+    for x, a in zip(leaves, is_array):
+        if a:
+            if id(x) not in position:
+                position[id(x)] = len(arrays)
+                arrays.append(x)
+            slot.append(position[id(x)])
+        else:
+            slot.append(None)
+    slot = tuple(slot)
     static = tuple(None if a else x for x, a in zip(leaves, is_array))
-    key = (treedef, static, tuple((x.shape, x.dtype) for x in arrays))
+    key = (treedef, static, slot, tuple((x.shape, x.dtype) for x in arrays))
     try:
         hash(key)
     except TypeError:  # an unhashable static leaf: compile without caching
         key = None
 
     def rebuild(arrays):
-        it = iter(arrays)
-        return jtu.tree_unflatten(treedef, [next(it) if a else x for x, a in zip(static, is_array)])
+        return jtu.tree_unflatten(treedef, [x if i is None else arrays[i]
+                                            for x, i in zip(static, slot)])
 
     return arrays, rebuild, key
 

@@ -362,6 +362,10 @@ def _program(parts: tuple, carry: engine.Carry) -> tuple[Callable, dict[str, flo
 # checkpoint and honours Ctrl-C. The cuts do not change the steps (see `gflow._engine`).
 _CHUNK_STEPS = 32
 _CALL_SECONDS = 0.25
+# How much longer a call may be than the one before (the first runs one chunk): each call
+# costs a round trip to the host, so a fast solve should reach calls of `_CALL_SECONDS` in
+# few calls, while a first chunk that ran unusually fast cannot make a call run for long.
+_CALL_GROWTH = 8
 # An interactive solve's checkpoint is written at most this often (and at every transition, at
 # the end, and when interrupted), unless `checkpoint_steps` asks for every cut.
 _CHECKPOINT_SECONDS = 10.0
@@ -453,7 +457,7 @@ def _integrate_as_given(
             if interactive and not every_cut:
                 ran = max(int(out.segments) - int(carry.segments), 1)
                 per_call = int(min(max(_CALL_SECONDS * ran / max(elapsed, 1e-6), 1),
-                                   2 * per_call))
+                                   _CALL_GROWTH * per_call))
             carry = out
             if checkpoint is not None and (
                     every_cut or status != Status.RUNNING or int(carry.index) != index
@@ -489,8 +493,10 @@ def error_estimates(traj: Trajectory, reference: Trajectory) -> dict[str, Any]:
     **Returns:**
 
     `{"reference_rtol", "transitions": {name: 2|t − t_ref|}, "observables": {name: twice the
-    largest |difference| over the shared save times}, "overlapping": [names]}` (the factor 2
-    covers a reference error of up to half the run's); a transition is
+    largest |difference| over the shared save times}, "snapshots": {name: the same over the
+    snapshots both took (t0, the chosen times, the transitions both located, at their own
+    located states, and t1)}, "overlapping": [names]}` (the factor 2 covers a reference error
+    of up to half the run's); a transition is
     listed in `overlapping` when its error estimate exceeds the gap to a neighbouring
     transition, so their order is not certain. Unreached transitions have no estimate (`nan`).
     """
@@ -504,6 +510,21 @@ def error_estimates(traj: Trajectory, reference: Trajectory) -> dict[str, Any]:
     for name, values in flat.items():
         diff = np.abs(np.asarray(values[:n], dtype=float) - np.asarray(flat_ref[name][:n]))
         obs[name] = _CERTIFY_SAFETY * float(np.max(diff)) if diff.size else math.nan
+    snaps = {}
+
+    def places(run):  # a chosen time is known by its time, the others by their label
+        return [label or float(t) for label, t in zip(run.snapshot_labels, run.snapshot_ts)]
+
+    mine, theirs = places(traj), places(reference)
+    shared = [p for p in mine if p in theirs]
+    if shared:
+        rows = [mine.index(p) for p in shared]
+        rows_ref = [theirs.index(p) for p in shared]
+        flat_ref = flat_names(reference.snapshots)
+        for name, values in flat_names(traj.snapshots).items():
+            diff = np.abs(np.asarray(values, dtype=float)[rows]
+                          - np.asarray(flat_ref[name], dtype=float)[rows_ref])
+            snaps[name] = _CERTIFY_SAFETY * float(np.max(diff)) if diff.size else math.nan
     times = sorted((t, name) for name, t in traj.transitions.items() if math.isfinite(t))
     overlapping = set()
     for (ta, a), (tb, b) in zip(times[:-1], times[1:]):
@@ -513,5 +534,6 @@ def error_estimates(traj: Trajectory, reference: Trajectory) -> dict[str, Any]:
         reference_rtol=reference.rtol,
         transitions=trans,
         observables=obs,
+        snapshots=snaps,
         overlapping=sorted(overlapping),
     )

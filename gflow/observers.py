@@ -3,7 +3,10 @@
 Every factory here returns an observer, a callable `observer(model, data) -> array or pytree of
 arrays` that `gflow.solve(..., observers={name: observer})` evaluates inside the compiled solve
 at each save time. Observers are small equinox modules: their array fields (an initial matrix, a
-direction, group masks) are traced data, so a new initialization does not recompile.
+direction, group masks) are traced data, so a new initialization does not recompile. Observers
+that hold the same array object (a held-out set read by a loss and an accuracy observer) get it
+as one input of the compiled solve, so XLA computes what they derive from it (the logits) once:
+build them from one array, not from copies.
 
 Parameters are chosen by a `where` function, as for `eqx.tree_at`: `where=lambda m: m.W_Q`.
 For the matrix measures `where` may also return a tuple (or list) of arrays, a parameter group

@@ -4,6 +4,7 @@ import re
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.tree_util as jtu
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import gflow
 # Private: the tests interrupt a solve by wrapping the checkpoint writer `solve` calls.
 import gflow._solve as solve_module
+import gflow.internal
 from gflow.models import DeepLinear
 
 from conftest import SAXE_S, mode_strengths
@@ -173,3 +175,17 @@ def test_one_progress_bar_spans_all_segments(saxe_flow, saxe_target, capsys):
     # The bar names the transition it waits for, then the time reached.
     assert "next mode2" in err and "t=6" in err
     assert err.count("\n") <= 2  # one bar, closed once
+
+
+def test_a_progress_bar_puts_no_host_callback_in_the_program(saxe_flow, saxe_target):
+    """The bar is drawn by the host between chunks: the compiled program has no host
+    callback (which would sync every step and make every new process recompile, its
+    function pointer being part of the compilation cache's key)."""
+    before = len(gflow.internal.compiled_programs())
+    _solve(saxe_flow, saxe_target, None, progress=True, checkpoint_steps=None)
+    programs = gflow.internal.compiled_programs()
+    texts = [p.as_text() for p in programs[before:]] or [programs[-1].as_text()]
+    # The probe works: a program with a debug callback does contain one.
+    probe = jax.jit(lambda x: (jax.debug.callback(lambda: None), x + 1)[1]).lower(1.0)
+    assert "callback" in probe.compile().as_text()
+    assert not any("callback" in text for text in texts)

@@ -6,10 +6,14 @@ Lanczos (every `σ_max` by SVD), at rtol 1e-9 (same solver and PI coefficients a
 so they carry the flow's own error at that tolerance, far below the 10x rtol asserted here.
 """
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gflow
+import gflow.internal
 from gflow import presets
 
 # `python -m gflow.solve rank-collapse`'s transitions, every stable rank by SVD, rtol 1e-9.
@@ -70,3 +74,42 @@ def test_lanczos_conditions_locate_what_svd_conditions_locate():
     for name in svd:
         assert np.isfinite(svd[name]), name
         assert abs(lanczos[name] - svd[name]) <= rtol * svd[name], name
+
+
+class _ReadsHeldOut(eqx.Module):
+    """An observer of a costly function of an array it holds (a held-out set's stand-in)."""
+
+    held_out: jax.Array
+    which: int = eqx.field(static=True)
+
+    def __call__(self, model, data=None):
+        return self.which * jnp.sum(jnp.tanh(self.held_out @ self.held_out))
+
+
+def _program_flops(flow, observers):
+    before = len(gflow.internal.compiled_programs())
+    traj = gflow.solve(flow, 1.0, ts=[0.0, 1.0], observers=observers, solver="tsit5")
+    new = gflow.internal.compiled_programs()[before:]
+    assert len(new) == 1
+    analysis = new[0].cost_analysis()
+    return traj, (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def test_observers_holding_one_array_share_its_computation(saxe_flow):
+    """Two observers holding the same array (the preset's held-out loss and accuracy hold one
+    held-out set): the program gets it as one input, so XLA computes what depends on it once;
+    two equal but distinct arrays stay two inputs. Same observables either way."""
+    held = jnp.asarray(np.random.default_rng(0).standard_normal((128, 128)))
+    shared = {"a": _ReadsHeldOut(held, 1), "b": _ReadsHeldOut(held, 2)}
+    copies = {"a": _ReadsHeldOut(held, 1), "b": _ReadsHeldOut(jnp.array(held), 2)}
+    assert len(gflow.internal.split(shared)[0]) == 1
+    assert len(gflow.internal.split(copies)[0]) == 2
+    traj_shared, flops_shared = _program_flops(saxe_flow, shared)
+    traj_copies, flops_copies = _program_flops(saxe_flow, copies)
+    matmul = 2 * 128**3
+    # Each save-time observation holds one product fewer (the program traces it several
+    # times: at least one product's worth less).
+    assert flops_copies - flops_shared >= matmul
+    for name in shared:
+        np.testing.assert_array_equal(traj_shared.observables[name],
+                                      traj_copies.observables[name])

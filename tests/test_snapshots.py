@@ -162,3 +162,23 @@ def test_spectral_order_on_the_host_is_the_measures_order():
     order = spectral_order(C)
     np.testing.assert_allclose(C[order][:, order], measures.ordered_cosine_matrix(W, "rows"),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_certify_bounds_the_snapshots_error():
+    """certify's error bars cover the snapshots too: at every place a snapshot was taken (t0,
+    the transition at its located state, the chosen times, the end) the bar bounds the actual
+    error against a solve at 1e-4 × the tolerance."""
+    flow, half = _flow()
+    options = dict(observers={"sv": SPECTRUM}, snapshots={"sv_snapshot": SPECTRUM},
+                   snapshot_ts=[5.0, 12.5], transitions=[half])
+    rtol = 1e-5
+    traj = gflow.solve(flow, 20.0, rtol=rtol, certify=True, **options)
+    truth = gflow.solve(flow, 20.0, rtol=rtol * 1e-4, **options)
+    assert traj.snapshot_labels == truth.snapshot_labels == ("t0", "half", "", "", "end")
+    bar = traj.errors["snapshots"]["sv_snapshot"]
+    actual = np.max(np.abs(traj.snapshots["sv_snapshot"] - truth.snapshots["sv_snapshot"]))
+    assert 0 < actual <= bar
+    # The bar is an estimate of this error, not a bound by orders of magnitude.
+    assert bar < 100 * actual
+    # As for the ordinary observables over the save times.
+    assert traj.errors["observables"]["sv"] > 0
