@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -92,9 +93,25 @@ def _promoted(flow: GradientFlow) -> GradientFlow:
     return eqx.tree_at(lambda f: f.model, flow, eqx.combine(params, rest))
 
 
+# Flows `checked_flow` passed as they are, by `id`, with a weak reference to tell that the id
+# is still theirs (the cache keeps no model alive). Only flows whose arrays are all JAX arrays,
+# which cannot change: a NumPy array can.
+_CHECKED = engine.LRU(64)
+
+
 def checked_flow(flow: GradientFlow) -> GradientFlow:
     """`flow` ready to solve: its trainable leaves in the solve's dtype (promoted with a
     warning), its initial state and data finite and of a scale float64 resolves."""
+    ref = _CHECKED.get(id(flow))
+    if ref is not None and ref() is flow:
+        return flow
+    checked = _checked_flow(flow)
+    if checked is flow and not any(isinstance(x, np.ndarray) for x in jtu.tree_leaves(flow)):
+        _CHECKED.put(id(flow), weakref.ref(flow))
+    return checked
+
+
+def _checked_flow(flow: GradientFlow) -> GradientFlow:
     target = jax.dtypes.canonicalize_dtype(jnp.float64)
     params = flow.params
     # Trainable leaves are floating arrays (`GradientFlow` checks): their `dtype` is theirs.
@@ -411,7 +428,14 @@ def _prepare(flow: GradientFlow, spec: SolveSpec, meter,
         arrays, rebuild, plan_key = engine.split(plan)
         # The plan's first field is the flow: its arrays lead the plan's.
         assert all(a is b for a, b in zip(arrays, flow_arrays))
-        template = jtu.tree_map(jnp.asarray, engine.carry_template(plan, plan_key))
+        # On the device, but for the state's placeholder (replaced by `start`): the template
+        # engine.CACHE holds already serves, without a second copy of the model.
+        # (the leaves after `t`, the first: see `engine.start`).
+        template = engine.carry_template(plan, plan_key)
+        leaves, treedef = jtu.tree_flatten(template)
+        n_y = len(jtu.tree_leaves(template.y))
+        template = jtu.tree_unflatten(treedef, [
+            x if 1 <= k <= n_y else jnp.asarray(x) for k, x in enumerate(leaves)])
         entry = _PREPARED.put(None if flow_key is None else key, _Prepared(
             spec, arrays[len(flow_arrays):], rebuild, plan_key, template))
     parts = (flow_arrays + entry.rest, entry.rebuild, entry.key)
