@@ -402,11 +402,6 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         return observe_state
 
     def saver(observers, struct):
-        if _one_segment(plan):
-            # Its save array holds no pad (it starts at t0); the save time at t1, if any, is
-            # evaluated once for nothing, cheaper than a conditional at every save.
-            return lambda t, y, args: observe_with(observers)(y)
-
         def save(t, y, args):
             return jax.lax.cond(
                 eqxi.unvmap_any(t < t1),
@@ -554,12 +549,6 @@ def _segment(plan: Plan, c: Carry) -> Carry:
     return jtu.tree_map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), out, c)
 
 
-def _one_segment(plan: Plan) -> bool:
-    """Whether every solve of `plan` is one segment: no transition and no cut (a segment's
-    `max_steps` is then the solve's, and reaching it ends the solve)."""
-    return not plan.conditions and plan.segment_steps >= plan.max_steps
-
-
 def run(plan: Plan, carry: Carry, max_segments) -> Carry:
     """Run segments from `carry` until the solve ends or `max_segments` more have run."""
     start = carry.segments
@@ -567,9 +556,6 @@ def run(plan: Plan, carry: Carry, max_segments) -> Carry:
     def going(c):
         return (c.status == Status.RUNNING) & (c.segments - start < max_segments)
 
-    if _one_segment(plan):
-        # No loop: the one segment runs if the solve has not ended.
-        return jax.lax.cond(going(carry), lambda c: _segment(plan, c), lambda c: c, carry)
     return jax.lax.while_loop(going, lambda c: _segment(plan, c), carry)
 
 
