@@ -573,10 +573,13 @@ class LRU:
         self.entries: collections.OrderedDict = collections.OrderedDict()
 
     def get(self, key):
-        if key is None or key not in self.entries:
+        if key is None:
             return None
-        self.entries.move_to_end(key)
-        return self.entries[key]
+        try:  # one lookup: certify's two solves share the caches from two threads
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        except KeyError:
+            return None
 
     def put(self, key, value):
         if key is None:

@@ -102,12 +102,14 @@ _CHECKED = engine.LRU(64)
 def checked_flow(flow: GradientFlow) -> GradientFlow:
     """`flow` ready to solve: its trainable leaves in the solve's dtype (promoted with a
     warning), its initial state and data finite and of a scale float64 resolves."""
-    ref = _CHECKED.get(id(flow))
+    # The dtype the solve runs in (JAX's x64 setting, per thread) decides the promotion.
+    key = (id(flow), jax.dtypes.canonicalize_dtype(jnp.float64))
+    ref = _CHECKED.get(key)
     if ref is not None and ref() is flow:
         return flow
     checked = _checked_flow(flow)
     if checked is flow and not any(isinstance(x, np.ndarray) for x in jtu.tree_leaves(flow)):
-        _CHECKED.put(id(flow), weakref.ref(flow))
+        _CHECKED.put(key, weakref.ref(flow))
     return checked
 
 
@@ -428,9 +430,9 @@ def _prepare(flow: GradientFlow, spec: SolveSpec, meter,
         arrays, rebuild, plan_key = engine.split(plan)
         # The plan's first field is the flow: its arrays lead the plan's.
         assert all(a is b for a, b in zip(arrays, flow_arrays))
-        # On the device, but for the state's placeholder (replaced by `start`): the template
-        # engine.CACHE holds already serves, without a second copy of the model.
-        # (the leaves after `t`, the first: see `engine.start`).
+        # On the device, but for the state's placeholder (`y`'s leaves, after `t`'s: see
+        # `engine.start`), which `start` replaces: engine.CACHE's host copy serves there,
+        # without a second copy of the model.
         template = engine.carry_template(plan, plan_key)
         leaves, treedef = jtu.tree_flatten(template)
         n_y = len(jtu.tree_leaves(template.y))
