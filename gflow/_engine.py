@@ -563,7 +563,7 @@ def run(plan: Plan, carry: Carry, max_segments) -> Carry:
 # Programs: one bounded cache for solve's and sweep's compiled programs
 
 
-class _LRU:
+class LRU:
     """A bounded mapping that forgets the least recently used entry: compiled programs hold
     the functions they were built from, so an unbounded cache would keep every function ever
     passed alive."""
@@ -573,10 +573,13 @@ class _LRU:
         self.entries: collections.OrderedDict = collections.OrderedDict()
 
     def get(self, key):
-        if key is None or key not in self.entries:
+        if key is None:
             return None
-        self.entries.move_to_end(key)
-        return self.entries[key]
+        try:  # one lookup: certify's two solves share the caches from two threads
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        except KeyError:
+            return None
 
     def put(self, key, value):
         if key is None:
@@ -588,7 +591,7 @@ class _LRU:
         return value
 
 
-CACHE = _LRU(64)
+CACHE = LRU(64)
 
 
 def compiled_programs() -> list:
@@ -641,9 +644,16 @@ def carry_template(plan: Plan, key: Hashable | None) -> Carry:
 
 
 def start(template: Carry, y0: PyTree, t0) -> Carry:
-    """The initial carry: `template` at state `y0` and time `t0`."""
-    return eqx.tree_at(lambda c: (c.t, c.y), template,
-                       (np.asarray(t0, dtype=template.t.dtype), y0))
+    """The initial carry: `template` at state `y0` (of the structure of `template.y`) and
+    time `t0`."""
+    # Rebuilt from its leaves, whose first are `t` and `y`'s (the fields' order): about
+    # 20 µs, where `eqx.tree_at` takes ~170 µs.
+    leaves, treedef = jtu.tree_flatten(template)
+    y_leaves, y_def = jtu.tree_flatten(y0)
+    if y_def != jtu.tree_structure(template.y):
+        raise ValueError(f"the state's structure {y_def} is not the carry's")
+    return jtu.tree_unflatten(treedef, [np.asarray(t0, dtype=template.t.dtype), *y_leaves,
+                                        *leaves[1 + len(y_leaves):]])
 
 
 def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> tuple[Callable, float, float]:

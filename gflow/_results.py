@@ -3,6 +3,7 @@
 (`member_stats`). Above the engine: it reads carries, it runs nothing."""
 
 import math
+import types
 from typing import Any
 
 import diffrax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._engine import Carry
+from ._engine import Carry, to_host
 from ._flow import GradientFlow
 from ._solvers import solver_name, vector_field_evaluations
 from ._spec import SolveSpec
@@ -35,8 +36,8 @@ def outcome(carry: Carry, names: list[str], max_steps: int) -> dict[str, Any]:
     status = Status.name(carry.status)
     t_final = float(carry.t)
     counts = [int(x) for x in carry.counts]
-    message = Status.message(status, t_final, max_steps,
-                             held_at_dtmin=_held_at_dtmin(carry.controller_state))
+    message = Status.message(status, t_final, max_steps, held_at_dtmin=(
+        status == "nonfinite" and _held_at_dtmin(carry.controller_state)))
     return dict(
         status=status,
         message=message,
@@ -62,11 +63,25 @@ def solve_outcome(carry: Carry, flow: GradientFlow, spec: SolveSpec) -> dict[str
     return done
 
 
+# The fields of a carry a result reads; the controller's state only after a divergence.
+_READ = ("t", "status", "counts", "found", "segments", "starts", "work", "observables",
+         "at_transitions", "snapshots")
+
+
+def _on_host(carry: Carry) -> types.SimpleNamespace:
+    """The fields of `carry` that a result reads, as host arrays: each array read once (about
+    10 µs each from a device), and only those (the state, the solver's state and the step
+    size are not)."""
+    return types.SimpleNamespace(controller_state=carry.controller_state, **{
+        name: to_host(getattr(carry, name)) for name in _READ})
+
+
 def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
                stats: dict | None = None, done: dict | None = None) -> Trajectory:
     """The `Trajectory` of a finished host carry (solve's, or a sweep member's) of `spec`;
     `done` its `solve_outcome` where the caller has it already (a failed solve's costs a
     loss and a gradient on the host)."""
+    y, carry = carry.y, _on_host(carry)
     names = [tr.name for tr in spec.transitions]
     ts = spec.ts
     done = solve_outcome(carry, flow, spec) if done is None else done
@@ -87,14 +102,14 @@ def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
         # Through the class: equinox wraps a method looked up on an instance in a new module,
         # which costs about 70 µs, a tenth of a small solve's host work.
         final=type(flow).combine(flow, jtu.tree_map(
-            lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), carry.y)),
+            lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), y)),
         t0=spec.t0,
         t1=spec.t1,
         t_final=t_final,
         status=done["status"],
         message=done["message"],
         stats=member_stats(done, spec.solver) | dict(
-            dtype=str(jnp.result_type(*jtu.tree_leaves(carry.y))),
+            dtype=str(np.result_type(*(x.dtype for x in jtu.tree_leaves(y)))),
         ) | dict(stats or {}),
         solver=solver_name(spec.solver),
         rtol=spec.rtol,
@@ -125,9 +140,9 @@ def _snapshots(carry: Carry, spec: SolveSpec, names: list[str],
     """The snapshots a host carry holds, as `Trajectory.snapshots`, `snapshot_ts` and
     `snapshot_labels`: the rows taken (chosen times up to `t_final`, located transitions), in
     time order (a transition after a chosen time at the same time)."""
-    chosen = spec.all_snapshot_ts()
-    if not chosen.size:
+    if not spec.snapshots:
         return {}, np.zeros(0), ()
+    chosen = SolveSpec.all_snapshot_ts(spec)
     found = np.asarray(carry.found, dtype=np.float64)
     times = np.concatenate([chosen, found])
     labels = ["t0" if t == spec.t0 else "end" if t == spec.t1 else "" for t in chosen] + names

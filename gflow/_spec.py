@@ -150,6 +150,56 @@ def _with_tolerances(controller, rtol, atol):
                        (_host_array(rtol), _host_array(atol)))
 
 
+def _frozen(x: np.ndarray) -> np.ndarray:
+    """A read-only copy of `x`: what an immutable spec holds (a caller's array may change)."""
+    x = np.array(x)
+    x.flags.writeable = False
+    return x
+
+
+# Specs built by `SolveSpec.from_options`, by `_options_key`.
+_SPECS = engine.LRU(64)
+
+
+def _option_key(value, depth: int = 0):
+    """A hashable key of one option's value, equal only for values that give the same spec;
+    raises `TypeError` where there is none."""
+    if value is None or isinstance(value, (bool, numbers.Number, str)):
+        return (type(value), value)
+    numbers_only = isinstance(value, (np.ndarray, jax.Array)) or (
+        isinstance(value, (list, tuple)) and all(isinstance(v, numbers.Number) for v in value))
+    if numbers_only and depth == 0:
+        x = np.asarray(value)
+        if x.dtype.kind not in "biuf":
+            raise TypeError
+        return ("array", x.dtype.str, x.shape, x.tobytes())
+    if isinstance(value, Mapping):
+        return ("dict", tuple((k, _option_key(v, 1)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(_option_key(v, 1) for v in value))
+    if isinstance(value, Transition) or callable(value) or isinstance(
+            value, (diffrax.AbstractSolver, diffrax.AbstractStepSizeController, Precision)):
+        hash(value)  # a function, or a module of hashable fields (arrays are not)
+        return (type(value), value)
+    raise TypeError
+
+
+def _options_key(flow: GradientFlow, t1, options: dict):
+    """The key under which `from_options` keeps the spec of these options (`None`: not kept):
+    every option's value (arrays by their bytes), JAX's default float dtype (the spec's arrays
+    are built in it) and, where the default `atol` is used, its value on `flow`."""
+    try:
+        key = (_option_key(t1),) + tuple((k, _option_key(v)) for k, v in options.items())
+        if options["atol"] is None and options["stepsize_controller"] is None and options[
+                "controller"] is None and isinstance(options["rtol"], numbers.Real):
+            key += (default_atol(engine.to_host(flow.params), float(options["rtol"])),)
+        key += (jax.dtypes.canonicalize_dtype(jnp.float64),)
+        hash(key)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return key
+
+
 def _times(ts, what: str, noun: str) -> np.ndarray:
     """`ts` as a 1-d float64 array, or an `InputError` naming `what` they are (`noun`)."""
     try:
@@ -339,6 +389,32 @@ class SolveSpec(eqx.Module):
         """
         if not isinstance(flow, GradientFlow):
             raise InputError(f"solve expects a gflow.GradientFlow, got {type(flow).__name__}")
+        options = dict(
+            t0=t0, solver=solver, rtol=rtol, atol=atol, ts=ts, observers=observers,
+            transitions=transitions, max_steps=max_steps, dt0=dt0,
+            stepsize_controller=stepsize_controller, pcoeff=pcoeff, icoeff=icoeff,
+            checkpoint_steps=checkpoint_steps, controller=controller, precision=precision,
+            snapshots=snapshots, snapshot_ts=snapshot_ts,
+        )
+        # Options equal to an earlier call's give an equal spec: it is reused (a spec is
+        # immutable, its arrays read-only), and only what depends on the flow is checked again.
+        key = _options_key(flow, t1, options)
+        spec = _SPECS.get(key)
+        if spec is None:
+            spec = _SPECS.put(key, cls._checked(flow, t1, **options))
+        check_functions(flow, observers=spec.observers | spec.snapshots,
+                        transitions=spec.transitions)
+        if math.isfinite(spec.rtol):
+            # Through the class: equinox wraps a method looked up on an instance in a new
+            # module (~35 µs).
+            Precision.check_rtol(spec.precision, flow, spec.rtol)
+        return spec
+
+    @classmethod
+    def _checked(cls, flow, t1, *, t0, solver, rtol, atol, ts, observers, transitions,
+                 max_steps, dt0, stepsize_controller, pcoeff, icoeff, checkpoint_steps,
+                 controller, precision, snapshots, snapshot_ts) -> "SolveSpec":
+        """`from_options`' spec, every option checked, but not against the flow's functions."""
         if controller is not None:
             if stepsize_controller is not None:
                 raise InputError("give stepsize_controller or its alias controller, not both")
@@ -386,7 +462,7 @@ class SolveSpec(eqx.Module):
             stepsize_controller=stepsize_controller,
             t0=t0,
             t1=t1,
-            ts=_save_times(ts, t0, t1),
+            ts=_frozen(_save_times(ts, t0, t1)),
             dt0=None if dt0 is None else float(dt0),
             max_steps=int(max_steps),
             observers=observers,
@@ -394,12 +470,8 @@ class SolveSpec(eqx.Module):
             checkpoint_steps=None if checkpoint_steps is None else checkpoint_steps,
             precision=Precision.of(precision),
             snapshots=snapshots,
-            snapshot_ts=snapshot_ts,
+            snapshot_ts=_frozen(snapshot_ts),
         )
-        check_functions(flow, observers=spec.observers | spec.snapshots,
-                        transitions=spec.transitions)
-        if math.isfinite(spec.rtol):
-            spec.precision.check_rtol(flow, spec.rtol)
         return spec
 
     @property
