@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
+import threadpoolctl
 from diffrax._term import WrapTerm  # what diffeqsolve hands a controller's `init`
 from jaxtyping import Array, PyTree, Scalar
 
@@ -675,6 +676,23 @@ def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> t
     program = lowered.compile()
     CACHE.put(key, program)
     return program, traced - begin, time.perf_counter() - traced
+
+
+def one_lapack_thread() -> threadpoolctl.threadpool_limits:
+    """A context in which each BLAS/LAPACK call runs on one thread (process-wide, restored
+    on exit): the engine's programs run in it.
+
+    On CPU the SVDs and eigendecompositions of observers, conditions and snapshots call
+    SciPy's OpenBLAS, which starts a pool of every core per call, while XLA runs the
+    program's independent operations (five SVDs of one snapshot, two solves under certify)
+    at once on its own pool of every core: together they oversubscribe the machine, and
+    OpenBLAS's waiting threads then take the cores from the work. XLA's own matrix products
+    do not use this pool. Measured side by side (docs/results.md, the paper-size probes): a
+    snapshot of the default preset at the paper's size costs about the same on a quiet
+    2-core machine with one thread or two, and a third with one thread when two other
+    processes keep the cores busy.
+    """
+    return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
 def solve_program(rebuild: Callable) -> Callable:

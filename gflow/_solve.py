@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-import threadpoolctl
 from jaxtyping import ArrayLike, PyTree
 
 from . import _engine as engine
@@ -229,9 +228,9 @@ def solve(
     - `certify`: solve again with the same solver and controller at 100× smaller `rtol` and
         `atol` (the same compiled program), and record, as `Trajectory.errors`, twice the
         difference between the two runs: an error estimate for every transition time and
-        every observable. The two solves run at once, on two threads; while they do, each
-        one's BLAS/LAPACK calls (the observers' SVDs) use half the cores, through
-        `threadpoolctl`, which limits those pools process-wide for that time.
+        every observable. The two solves run at once, on two threads. (Every solve runs its
+        BLAS/LAPACK calls, the observers' SVDs, on one thread each, through `threadpoolctl`,
+        which limits that pool process-wide for the time of the solve.)
     - `checkpoint`: a file to which the solve's state is written (atomically): after the first
         chunk of steps, after each transition, every `checkpoint_steps` steps (or, without
         it, every 10 seconds of solving), and at the end. With
@@ -303,9 +302,18 @@ def solve(
         parent = next((p for p in checkpoint.parents if os.path.lexists(p)), None)
         if parent is not None and not parent.is_dir():
             raise InputError(f"checkpoint {checkpoint}: {parent} is a file, not a directory")
-    if not certify:
-        return _integrate(flow, spec, resume=resume, checkpoint=checkpoint, progress=progress,
-                          meter=progress_meter)
+    with engine.one_lapack_thread():
+        if not certify:
+            return _integrate(flow, spec, resume=resume, checkpoint=checkpoint,
+                              progress=progress, meter=progress_meter)
+        return _certified(flow, spec, reference, resume=resume, checkpoint=checkpoint,
+                          progress=progress, progress_meter=progress_meter)
+
+
+def _certified(flow: GradientFlow, spec: SolveSpec, reference: SolveSpec, *, resume: bool,
+               checkpoint: Path | None, progress: bool | str, progress_meter) -> Trajectory:
+    """`spec` solved, with `reference` (its tightened spec) alongside on a second thread, and
+    the error estimates from the two."""
     # The reference: the same solver and controller (the same compiled program) at 100x
     # smaller tolerances. Not Dopri8: its dense output is measured here at 50-150x its rtol
     # between step ends, which would pollute the observables at the save times.
@@ -320,18 +328,17 @@ def solve(
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gflow-certify")
     try:
-        with _cores_shared_by(2):
-            pending = pool.submit(
-                _in_this_precision(_integrate), flow, reference, resume=resume,
-                checkpoint=reference_checkpoint,
-                progress="certify: reference" if progress else False, stop=stop,
-                bar_position=1, meter=progress_meter,
-                interactive=bool(progress) or checkpoint is not None,
-            )
-            traj = _integrate(flow, spec, resume=resume, checkpoint=checkpoint,
-                              progress=progress, compile_seconds=compile_seconds,
-                              meter=progress_meter)
-            reference = pending.result()
+        pending = pool.submit(
+            _in_this_precision(_integrate), flow, reference, resume=resume,
+            checkpoint=reference_checkpoint,
+            progress="certify: reference" if progress else False, stop=stop,
+            bar_position=1, meter=progress_meter,
+            interactive=bool(progress) or checkpoint is not None,
+        )
+        traj = _integrate(flow, spec, resume=resume, checkpoint=checkpoint,
+                          progress=progress, compile_seconds=compile_seconds,
+                          meter=progress_meter)
+        reference = pending.result()
     except BaseException:
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -352,23 +359,6 @@ def _in_this_precision(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
 
     return run
-
-
-def _cores_shared_by(solves: int) -> contextlib.AbstractContextManager:
-    """While `solves` solves run at once, each caller's BLAS/LAPACK calls use its share of the
-    cores (restored on exit).
-
-    XLA's own thread pool is one per process and shared; the LAPACK behind `jnp.linalg` on
-    CPU (observers' and conditions' SVDs, through SciPy's OpenBLAS) starts a pool per call
-    with every core. Two solves calling it at once then run twice the threads the machine
-    has: on the 2-core machine of docs/results.md the default preset's observers took
-    2.3x as long as alone, and certify's two solves 1.9x.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return threadpoolctl.threadpool_limits(limits=max(1, cores // solves), user_api="blas")
 
 
 def _program(parts: tuple, carry: engine.Carry) -> tuple[Callable, dict[str, float]]:

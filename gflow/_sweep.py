@@ -839,7 +839,7 @@ def sweep(
     group_infos = []
     for g, indices in enumerate(groups):
         _, rebuild, key = splits[indices[0]]
-        with infos[indices[0]]["spec"].precision.scope():
+        with infos[indices[0]]["spec"].precision.scope(), engine.one_lapack_thread():
             outputs, info = _run_group([all_args[i] for i in indices], key, rebuild, batch)
         group_infos.append(dict(members=list(indices)) | info)
         for i, out in zip(indices, outputs):

@@ -3,6 +3,8 @@ change without notice.
 
 - `compiled_programs()`: the programs compiled so far in this process (the engine's cache),
   e.g. to check that two settings ran the same program.
+- `one_lapack_thread()`: the context every solve and sweep runs its programs in (one thread
+  per BLAS/LAPACK call), for measuring a program outside a solve as a solve runs it.
 - `split(tree)`: a tree's inputs as the engine passes them to a program (its array leaves, each
   distinct array object once), a function rebuilding the tree from them, and the program
   cache's key of the rest.
@@ -10,10 +12,17 @@ change without notice.
   DOP853, and the error scale it assumes for DOP853.
 """
 
-from ._engine import compiled_programs as compiled_programs, split as split
+from ._engine import (
+    compiled_programs as compiled_programs,
+    one_lapack_thread as one_lapack_thread,
+    split as split,
+)
 from ._solvers import (
     AUTO_CROSSOVER_RTOL as AUTO_CROSSOVER_RTOL,
     AUTO_DOP853_ERROR_SCALE as AUTO_DOP853_ERROR_SCALE,
 )
 
-__all__ = ["AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "compiled_programs", "split"]
+__all__ = [
+    "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "compiled_programs", "one_lapack_thread",
+    "split",
+]
