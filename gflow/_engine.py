@@ -35,6 +35,7 @@ into its trainable arrays (the state) and the rest, which the branches close ove
 """
 
 import collections
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Hashable
@@ -678,7 +679,10 @@ def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> t
     return program, traced - begin, time.perf_counter() - traced
 
 
-def one_lapack_thread() -> threadpoolctl.threadpool_limits:
+_THREADPOOLS: list = []  # one `threadpoolctl.ThreadpoolController`, made at the first solve
+
+
+def one_lapack_thread() -> contextlib.AbstractContextManager:
     """A context in which each BLAS/LAPACK call runs on one thread (process-wide, restored
     on exit): the engine's programs run in it.
 
@@ -692,7 +696,15 @@ def one_lapack_thread() -> threadpoolctl.threadpool_limits:
     2-core machine with one thread or two, and a third with one thread when two other
     processes keep the cores busy.
     """
-    return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+    # A controller finds the loaded BLAS libraries once (about 1.6 ms, a tenth of a small
+    # solve); limiting through it then costs about 40 µs. JAX's CPU LAPACK kernels are
+    # SciPy's, which JAX loads only at its first decomposition: loaded here, so that the
+    # controller finds them.
+    if not _THREADPOOLS:
+        import scipy.linalg  # noqa: F401
+
+        _THREADPOOLS.append(threadpoolctl.ThreadpoolController())
+    return _THREADPOOLS[0].limit(limits=1, user_api="blas")
 
 
 def solve_program(rebuild: Callable) -> Callable:

@@ -339,10 +339,9 @@ def _blas_threads() -> int:
                if p["user_api"] == "blas")
 
 
-@pytest.mark.parametrize("certify", [False, True])
-def test_solves_run_lapack_on_one_thread_and_restore_it(random_flow, certify):
-    # The pool's size as the running solves see it (certify: both): an observer calling back
-    # to the host.
+def test_solves_run_lapack_on_one_thread_and_restore_it(random_flow):
+    # The pool's size as the running solves see it (certify's two: the run and its reference),
+    # every BLAS library JAX's LAPACK may use: an observer calling back to the host.
     before, seen = _blas_threads(), []
 
     def record(x):
@@ -352,9 +351,9 @@ def test_solves_run_lapack_on_one_thread_and_restore_it(random_flow, certify):
     def blas(model, data):
         return jax.pure_callback(record, jax.ShapeDtypeStruct((), jnp.float64), 0.0)
 
-    traj = gflow.solve(random_flow, 1.0, ts=gflow.linear_grid(0.0, 1.0, 5), certify=certify,
+    traj = gflow.solve(random_flow, 1.0, ts=gflow.linear_grid(0.0, 1.0, 5), certify=True,
                        observers={"blas": blas})
-    assert traj.status == "completed" and len(seen) >= (10 if certify else 5)
+    assert traj.status == "completed" and len(seen) >= 10  # both solves, every save time
     assert set(seen) == {1}
     assert _blas_threads() == before
 
