@@ -432,7 +432,13 @@ def _prepare(flow: GradientFlow, spec: SolveSpec, meter,
         n_y = len(jtu.tree_leaves(template.y))
         template = jtu.tree_unflatten(treedef, [
             x if 1 <= k <= n_y else jnp.asarray(x) for k, x in enumerate(leaves)])
-        entry = _PREPARED.put(None if flow_key is None else key, _Prepared(
+        # A leaf after the flow's that is one of the flow's arrays (an observer holding the
+        # initial model) shares the flow's input (`engine.split`): for another flow the
+        # rebuild would hand it that flow's array, so such a plan is not kept.
+        flow_ids = {id(x) for x in flow_arrays}
+        aliased = any(id(x) in flow_ids
+                      for x in jtu.tree_leaves(plan)[len(jtu.tree_leaves(flow)):])
+        entry = _PREPARED.put(None if flow_key is None or aliased else key, _Prepared(
             spec, arrays[len(flow_arrays):], rebuild, plan_key, template))
     parts = (flow_arrays + entry.rest, entry.rebuild, entry.key)
     return parts, engine.start(entry.template, flow.params, spec.t0)

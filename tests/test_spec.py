@@ -314,3 +314,25 @@ def test_each_module_imports_alone():
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_a_spec_solved_on_another_flow_keeps_its_observers_arrays():
+    """An observer holding the first flow's own arrays (its initial model) shares that flow's
+    program input; solving the same spec on a second flow of the same structure must still
+    compare with the observer's model, not the second flow's (closed form at t0)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    X = jax.random.normal(k1, (20, 4))
+    Y = X @ jnp.diag(jnp.array([3.0, 2.0, 1.0, 0.5]))
+
+    def loss(m, d):
+        return 0.5 * jnp.mean(jnp.sum((d[0] @ m[0] @ m[1] - d[1]) ** 2, -1))
+
+    m0 = (1e-3 * jax.random.normal(k2, (4, 4)), 1e-3 * jax.random.normal(k1, (4, 4)))
+    m1 = (2e-3 * jax.random.normal(k1, (4, 4)), 2e-3 * jax.random.normal(k2, (4, 4)))
+    first, second = gflow.GradientFlow(m0, loss, (X, Y)), gflow.GradientFlow(m1, loss, (X, Y))
+    observers = {"change": gflow.observers.relative_change(lambda m: m[0], m0)}
+    spec = gflow.SolveSpec.from_options(first, 5.0, observers=observers, ts=[0.0, 5.0])
+    assert gflow.solve(first, spec).observables["change"][0] == 0.0
+    change = gflow.solve(second, spec).observables["change"][0]
+    expected = np.linalg.norm(np.asarray(m1[0] - m0[0])) / np.linalg.norm(np.asarray(m0[0]))
+    assert change == pytest.approx(expected, rel=1e-12)
