@@ -37,8 +37,11 @@ resolved = gflow.presets.resolve("rank-collapse-binary", [f"problem.eps={eps}"])
 problem = gflow.presets.build(resolved)
 model, data = problem.flow.model, problem.flow.data
 groups = ("W_Q", "W_K", "W_V", "W1")
-observers = {k: problem.observers[k] for k in ("effective_rank", "relative_change", "energy",
-                                               "cosine")}
+# The preset takes effective ranks and cosine matrices as snapshots (t0, transitions, a few
+# chosen times); at d = 8 they are cheap, and this example reads them at save times of its own
+# grid: observed at every save time here.
+available = problem.observers | problem.snapshots
+observers = {k: available[k] for k in ("effective_rank", "relative_change", "energy", "cosine")}
 
 
 def solve(ts):

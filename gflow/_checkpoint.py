@@ -4,12 +4,15 @@ of the problem it belongs to, and read back only into a problem with the same fi
 What the tree holds is the caller's business (`gflow.solve` stores the engine's carry); the
 store knows its leaves by their paths only. The writer says which leaves may hold NaN by design;
 every other floating leaf must be finite for the file to be resumed from.
+
+`CheckpointWriter` writes them on a thread of its own, one at a time, while the solve goes on.
 """
 
 import hashlib
-import io
 import json
 import math
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,7 +67,10 @@ def _names(tree: PyTree) -> list[str]:
 
 
 def write_checkpoint(path: Path, snapshot: Snapshot, digests: dict[str, str]) -> None:
-    """Write `snapshot` to `path` atomically (a kill never leaves a partial checkpoint)."""
+    """Write `snapshot` to `path` atomically (a kill never leaves a partial checkpoint).
+
+    Each array is fetched to the host (a view of the buffer on CPU) and streamed into the
+    file, so the host holds the checkpoint once, not again as the file's bytes."""
     leaves = jtu.tree_leaves(snapshot.arrays)
     names = _names(snapshot.arrays)
     arrays = {name: np.asarray(leaf) for name, leaf in zip(names, leaves)}
@@ -74,10 +80,62 @@ def write_checkpoint(path: Path, snapshot: Snapshot, digests: dict[str, str]) ->
     meta = dict(format=_FORMAT, fingerprint=digests, seconds=snapshot.seconds, t=snapshot.t,
                 may_be_nan=[name for name, ok in zip(names, allowed) if ok])
     arrays["meta"] = np.asarray(json.dumps(meta))
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+
+
+class CheckpointWriter:
+    """Writes a solve's checkpoints to one file on a thread of its own, one at a time: the
+    solve goes on while a checkpoint is written, and waits only when the next is due before
+    the previous is complete.
+
+    Every write is atomic (`write_checkpoint`), so the file is always the last complete
+    checkpoint: a kill, or an interrupt that leaves without `wait`, at worst loses the write
+    in flight (its temporary file stays behind, see `gflow._rundir`). The thread is not a
+    daemon: a process that ends normally finishes the write first.
+
+    **Arguments:**
+
+    - `path`: the checkpoint file.
+    - `digests`: the problem's `fingerprint`, written with every checkpoint.
+    - `write`: the function that writes one (default `write_checkpoint`).
+    """
+
+    def __init__(self, path: Path, digests: dict[str, str],
+                 write: Callable[[Path, Snapshot, dict], None] = write_checkpoint):
+        self.path, self.digests, self.write = Path(path), digests, write
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, snapshot: Snapshot) -> None:
+        """Write `snapshot` once the write before it is complete (waited for here). Its arrays
+        must not change while written: a solve donating its carry submits a copy."""
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(snapshot,),
+                                        name="gflow-checkpoint")
+        self._thread.start()
+
+    def _run(self, snapshot: Snapshot) -> None:
+        try:
+            self.write(self.path, snapshot, self.digests)
+        except BaseException as e:  # noqa: BLE001 - raised in the solve's thread by `wait`
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is complete, and raise what it raised
+        (an `OSError` of a full disk, say). Ctrl-C interrupts the wait, not the write."""
+        while self._thread is not None and self._thread.is_alive():
+            _join(self._thread)
+        self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def _join(thread: threading.Thread) -> None:
+    # A short join per call: SIGINT's handler runs between them, and the command line's
+    # deferred interrupt is raised at a call of gflow's own code (see `gflow._cli`).
+    thread.join(0.05)
 
 
 # What a checkpoint's metadata holds, and the types it must have.

@@ -658,9 +658,12 @@ def start(template: Carry, y0: PyTree, t0) -> Carry:
                                         *leaves[1 + len(y_leaves):]])
 
 
-def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> tuple[Callable, float, float]:
-    """The compiled program cached under `key`, or `build()` compiled at `example` inputs;
-    and the seconds spent tracing (with lowering) and compiling it (0 and 0 when cached).
+def compiled(key: Hashable | None, build: Callable[[], Callable], *example,
+             donate_argnums: tuple[int, ...] = ()) -> tuple[Callable, float, float]:
+    """The compiled program cached under `key`, or `build()` compiled at `example` inputs
+    (its arguments `donate_argnums` donated: their buffers become the outputs', and the
+    arrays passed there are deleted by a call); and the seconds spent tracing (with lowering)
+    and compiling it (0 and 0 when cached).
 
     Programs are compiled with equinox's runtime errors turned into NaNs (`EQX_ON_ERROR=nan`,
     set by `gflow` at import unless the user set it): failure is reported through
@@ -672,7 +675,7 @@ def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> t
     if entry is not None:
         return entry, 0.0, 0.0
     begin = time.perf_counter()
-    lowered = jax.jit(build()).lower(*example)
+    lowered = jax.jit(build(), donate_argnums=donate_argnums).lower(*example)
     traced = time.perf_counter()
     program = lowered.compile()
     CACHE.put(key, program)
@@ -705,6 +708,18 @@ def one_lapack_thread() -> contextlib.AbstractContextManager:
 
         _THREADPOOLS.append(threadpoolctl.ThreadpoolController())
     return _THREADPOOLS[0].limit(limits=1, user_api="blas")
+
+
+# One program copies any tree (compiled once per structure): a copy in new device buffers
+# stays valid after the original is donated to a call.
+_COPY = jax.jit(lambda tree: jtu.tree_map(jnp.copy, tree))
+
+
+def copied(tree: PyTree) -> PyTree:
+    """`tree`'s arrays copied into new buffers on their device, by one asynchronous call: what
+    outlives the tree's donation to a program (a checkpoint being written, the flow's own
+    parameters as the initial state)."""
+    return _COPY(tree)
 
 
 def solve_program(rebuild: Callable) -> Callable:

@@ -22,8 +22,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ._errors import InputError
 
@@ -43,11 +44,14 @@ _KNOWN = re.compile(r"^(config\.toml|summary\.json|trajectory\.npz|transitions\.
 # Atomic writes
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates the file private; give it the permissions a plain open() would.
@@ -61,9 +65,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]
+                       ) -> None:
     """Write `data` to `path` so that a crash never leaves a partial file under that name, and
-    enter `path` in the manifest of the directory that owns it (if any) first."""
+    enter `path` in the manifest of the directory that owns it (if any) first.
+
+    **Arguments:**
+
+    - `path`: the file.
+    - `data`: its bytes, or a function writing them to the open (temporary) file: a large
+        file is then streamed, never held whole in memory.
+    """
     path = Path(path)
     record(path)
     _write_atomically(path, data)

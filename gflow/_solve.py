@@ -29,7 +29,8 @@ import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
 from . import _engine as engine
-from ._checkpoint import Snapshot, fingerprint, read_checkpoint, write_checkpoint
+from ._checkpoint import (CheckpointWriter, Snapshot, fingerprint, read_checkpoint,
+                          write_checkpoint)
 from ._errors import InputError
 from ._flow import GradientFlow
 from ._precision import FLOAT64, Precision
@@ -233,7 +234,10 @@ def solve(
         which limits that pool process-wide for the time of the solve.)
     - `checkpoint`: a file to which the solve's state is written (atomically): after the first
         chunk of steps, after each transition, every `checkpoint_steps` steps (or, without
-        it, every 10 seconds of solving), and at the end. With
+        it, every 10 seconds of solving), and at the end. Each is copied on the device and
+        written by a thread of its own while the solve goes on (the solve waits only when
+        the next is due before the previous is written); the file is always the last
+        complete checkpoint, and the one of the end is written before `solve` returns. With
         `certify`, the reference solve writes next to it (`<stem>-reference<suffix>`).
     - `checkpoint_steps`: cut the solve into segments of at most this many steps, so that a
         long run without transitions is checkpointed too. A cut does not change the solve
@@ -365,9 +369,13 @@ def _program(parts: tuple, carry: engine.Carry) -> tuple[Callable, dict[str, flo
     """The compiled engine program of a plan split by `engine.split` (cached), and the seconds
     spent tracing and compiling it (`trace_seconds`, `compile_seconds`; zero when cached)."""
     arrays, rebuild, key = parts
+    # The carry is donated: a call's output takes its buffers (the save and snapshot buffers
+    # are updated in place, not copied into new ones at every call), and the carry passed in
+    # is deleted.
     program, trace, compile_ = engine.compiled(
         ("solve", key), lambda: engine.solve_program(rebuild), arrays, carry,
         np.asarray(1, dtype=np.int32),  # segments per call: data, so any value compiles alike
+        donate_argnums=(1,),
     )
     return program, dict(trace_seconds=trace, compile_seconds=compile_)
 
@@ -493,6 +501,10 @@ def _integrate_as_given(
         saved = read_checkpoint(checkpoint, digests, carry)
         carry = saved.arrays
         seconds = {k: saved.seconds.get(k, 0.0) for k in seconds}
+    else:
+        # The program takes its carry's buffers: the prepared template (kept for the next
+        # solve) and the flow's own parameters (the initial state) are passed as copies.
+        carry = engine.copied(carry)
     # Compiled before this call (certify compiles once for both solves): counted here.
     for k, v in (compile_seconds or {}).items():
         seconds[k] += v
@@ -504,6 +516,10 @@ def _integrate_as_given(
                       names=names, position=bar_position)
     program = None
     written = -math.inf  # the first call's carry is written at once: Ctrl-C resumes from it
+    # Checkpoints are written on a thread of their own while the solve goes on; `write_checkpoint`
+    # is looked up here, at each solve (tests wrap it).
+    writer = None if checkpoint is None else CheckpointWriter(checkpoint, digests,
+                                                              write_checkpoint)
     with bar if progress else contextlib.nullcontext():
         while int(carry.status) == Status.RUNNING:
             if progress:
@@ -515,23 +531,30 @@ def _integrate_as_given(
                 program, spent = _program(parts, carry)
                 seconds = {k: v + spent.get(k, 0.0) for k, v in seconds.items()}
             begin = time.perf_counter()
-            index = int(carry.index)
-            out = program(arrays, carry, np.asarray(per_call, dtype=np.int32))
+            index, segments = int(carry.index), int(carry.segments)
+            out = program(arrays, carry, np.asarray(per_call, dtype=np.int32))  # donates carry
             status = int(out.status)  # waits for the call
             elapsed = time.perf_counter() - begin
             seconds["run_seconds"] += elapsed
             if interactive and not every_cut:
-                ran = max(int(out.segments) - int(carry.segments), 1)
+                ran = max(int(out.segments) - segments, 1)
                 per_call = int(min(max(_CALL_SECONDS * ran / max(elapsed, 1e-6), 1),
                                    _CALL_GROWTH * per_call))
             carry = out
-            if checkpoint is not None and (
+            if writer is not None and (
                     every_cut or status != Status.RUNNING or int(carry.index) != index
                     or time.monotonic() - written > _CHECKPOINT_SECONDS):
-                write_checkpoint(checkpoint, _snapshot(carry, seconds), digests)
+                # A copy on the device (the next call donates `carry`), fetched and written by
+                # the writer's thread while the next call runs.
+                writer.submit(_snapshot(carry, seconds)._replace(arrays=engine.copied(carry)))
                 written = time.monotonic()
         if progress:
             bar.segment(float(carry.t))
+    if writer is not None:
+        # The last checkpoint is complete before the solve returns. (An exception leaves
+        # without waiting: Ctrl-C is answered at once, and the file holds the last complete
+        # checkpoint; the write in flight finishes on its own thread unless the process ends.)
+        writer.wait()
     if interactive and spec.checkpoint_steps is None:
         # The chunks a bar or a checkpoint file asked for are not the solve's segments (they do
         # not change its steps): report the segments a solve without them has.

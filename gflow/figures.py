@@ -602,8 +602,8 @@ def _loss_panel(ax, traj: Trajectory, time_axis: str) -> None:
 def adjacent_similarity(traj: Trajectory) -> dict[str, np.ndarray]:
     """Mean `|cos|` between corresponding leading singular vectors of each outer matrix at
     adjacent save times, or adjacent snapshots (those not at transitions) where it is a
-    snapshot observable (Chen & Luo Fig. 2b), from the saved `singular_vectors`: `{"t": (n−1,) later times, "U": (n−1,
-    group), "V": (n−1, group)}`."""
+    snapshot observable (Chen & Luo Fig. 2b), from the saved `singular_vectors`:
+    `{"t": (n−1,) later times, "dt": (n−1,) intervals, "U": (n−1, group), "V": (n−1, group)}`."""
     from . import measures  # imports JAX: only for this panel
 
     ts, saved = series(traj, "singular_vectors")
@@ -613,7 +613,7 @@ def adjacent_similarity(traj: Trajectory) -> dict[str, np.ndarray]:
         rows = np.asarray([label in ("", "t0", "end") for label in traj.snapshot_labels])
         ts = ts[rows]
         saved = {side: np.asarray(saved[side])[rows] for side in ("U", "V")}
-    out = {"t": ts[1:]}
+    out = {"t": ts[1:], "dt": np.diff(ts)}
     for side in ("U", "V"):
         vectors = np.asarray(saved[side], dtype=float)
         out[side] = np.asarray(measures.singular_vector_similarity(vectors[:-1], vectors[1:]))
@@ -678,8 +678,12 @@ def chen_luo_figure2(traj: Trajectory, *, fig=None, time_axis: str = "stages"):
                 ax.plot(t, right_, lw=1.2, ls="--", color=colour(g), marker=marker, ms=3,
                         label=f"{math_label(name)} right")
         format_time_axis(ax, traj, time_axis)
+        # The interval the similarity spans: evenly placed snapshots have one.
+        dt = sim["dt"]
+        even = snapshot and dt.size and np.allclose(dt, dt[0], rtol=1e-9, atol=0.0)
         ax.set_ylabel("mean |cos| of singular vectors\n"
-                      + ("at adjacent snapshots" if snapshot else "at adjacent saves"))
+                      + ((f"at adjacent snapshots ($\\Delta t$ = {format_time(dt[0])})" if even
+                          else "at adjacent snapshots") if snapshot else "at adjacent saves"))
         ax.grid(alpha=0.3)
         ax.set_title(f"({next(letters)}) quasi-static outer parameters", fontsize=9)
         ax.legend(fontsize=7, loc="best", framealpha=0.85)

@@ -110,6 +110,52 @@ def test_resume_from_a_finished_checkpoint_runs_nothing(saxe_flow, saxe_target, 
     assert again.stats["run_seconds"] == first.stats["run_seconds"]
 
 
+def test_checkpoints_are_written_while_the_solve_goes_on(saxe_flow, saxe_target, tmp_path,
+                                                         monkeypatch):
+    """Each checkpoint is written on a thread of its own while the solve runs on to its next
+    call (each write here waits until the solve has copied the carry of the next checkpoint:
+    a write that held the solve up would wait in vain); the last is complete when the solve
+    returns; a write's failure reaches the caller."""
+    import threading
+    import time
+
+    import gflow._engine as engine_module  # private: counts the carry copies a solve makes
+
+    whole = _solve(saxe_flow, saxe_target, tmp_path / "whole.eqx")
+    copies, overlapped, threads = [0], [], set()
+    copied, write = engine_module.copied, solve_module.write_checkpoint
+
+    def counted(tree):
+        copies[0] += 1
+        return copied(tree)
+
+    def write_once_the_solve_moved_on(path, snapshot, digests):
+        threads.add(threading.get_ident())
+        seen, deadline = copies[0], time.monotonic() + 2.0
+        while copies[0] == seen and time.monotonic() < deadline:
+            time.sleep(0.005)
+        overlapped.append(copies[0] > seen)
+        write(path, snapshot, digests)
+
+    monkeypatch.setattr(engine_module, "copied", counted)
+    monkeypatch.setattr(solve_module, "write_checkpoint", write_once_the_solve_moved_on)
+    path = tmp_path / "beside.eqx"
+    beside = _solve(saxe_flow, saxe_target, path)
+    _assert_same_run(whole, beside)
+    assert threading.get_ident() not in threads
+    # Every write but the last saw the solve reach its next checkpoint meanwhile.
+    assert len(overlapped) == whole.stats["segments"] and all(overlapped[:-1])
+    monkeypatch.undo()
+    _assert_same_run(whole, _solve(saxe_flow, saxe_target, path, resume=True))
+
+    def full_disk(path, snapshot, digests):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(solve_module, "write_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _solve(saxe_flow, saxe_target, tmp_path / "full.eqx")
+
+
 def test_resume_without_a_checkpoint_starts_afresh(saxe_flow, saxe_target, tmp_path):
     path = tmp_path / "none-yet.eqx"
     resumed = _solve(saxe_flow, saxe_target, path, resume=True)

@@ -88,6 +88,38 @@ def test_plot_redraws_every_figure_of_a_saved_run_paper_figures_included(tmp_pat
     assert {p.stem for p in (tmp_path / "figures").glob("*.pdf")} == stems
 
 
+def test_adjacent_similarity_of_snapshots_spans_the_evenly_placed_ones():
+    """Fig. 2's quasi-static panel from snapshot singular vectors: adjacent snapshots among
+    t0, the chosen times and the end (a transition's snapshot between two of them is left
+    out), each the mean |cos| of corresponding vectors, here rotating at a known rate:
+    |cos(ω Δt)|; the panel names the interval."""
+    import dataclasses
+
+    omega = 0.01
+    ts = np.array([0.0, 10.0, 25.0, 50.0, 75.0, 100.0])
+    labels = ("t0", "condensation", "", "", "", "end")
+
+    def rotated(t):  # two orthonormal columns in the first two coordinates of R^6
+        c, s = np.cos(omega * t), np.sin(omega * t)
+        return np.array([[c, -s], [s, c], [0, 0], [0, 0], [0, 0], [0, 0]])
+
+    vectors = np.stack([np.stack([rotated(t)] * 3) for t in ts])  # (snapshot, group, 6, 2)
+    traj = _chen_luo()
+    traj = dataclasses.replace(
+        traj, observables={k: v for k, v in traj.observables.items() if k != "singular_vectors"},
+        snapshots={"singular_vectors": {"U": vectors, "V": vectors}}, snapshot_ts=ts,
+        snapshot_labels=labels)
+    sim = figures.adjacent_similarity(traj)
+    np.testing.assert_array_equal(sim["t"], [25.0, 50.0, 75.0, 100.0])
+    np.testing.assert_array_equal(sim["dt"], [25.0] * 4)
+    for side in ("U", "V"):
+        np.testing.assert_allclose(sim[side], np.cos(omega * 25.0), rtol=1e-12)
+    fig = figures.chen_luo_figure2(traj)
+    static = next(ax for ax in fig.axes if "quasi-static" in ax.get_title())
+    assert static.get_ylabel().endswith("at adjacent snapshots ($\\Delta t$ = 25)")
+    np.testing.assert_allclose(static.lines[0].get_ydata(), np.cos(omega * 25.0), rtol=1e-12)
+
+
 def test_chen_luo_figures_draw_into_a_given_figure():
     traj = _chen_luo()
     # The layout is in inches: a figure of each one's own size, side by side.

@@ -49,22 +49,28 @@ def test_text_short_flow():
     problem = text(n=48, length=6, vocab_size=12, level="char", d=8, m=8, layers=2, eps=1e-3,
                    embedding_std=1.0, seed=0, activation="gelu", escape_fraction=0.5)
     traj = gflow.solve(problem.flow, 10.0, ts=gflow.log_grid(0.0, 10.0, 8), rtol=1e-6,
-                       observers=problem.observers, transitions=problem.transitions)
+                       observers=problem.observers, transitions=problem.transitions,
+                       snapshots=problem.snapshots)
     assert traj.status == "completed"
     loss = np.asarray(traj.observables["loss"])
     assert loss[0] == pytest.approx(np.log(12), abs=1e-3)  # eps-small logits: near uniform
     assert np.all(np.diff(loss) <= 1e-8 * loss[0]) and loss[-1] < loss[0] - 0.1
     # Frozen embeddings stay bit-identical; per-group observables have one entry per group.
     np.testing.assert_array_equal(np.asarray(traj.final.E), np.asarray(problem.flow.model.E))
-    for name in ("effective_rank", "stable_rank", "relative_change", "norm"):
+    for name in ("stable_rank", "relative_change", "norm"):
         assert traj.observables[name].shape == (8, 11)  # 5 groups per layer, W_out
+    # Effective ranks and cosine matrices are snapshots: at t0, the transition (if reached)
+    # and t1.
+    assert "effective_rank" not in traj.observables and "cosine" not in traj.observables
+    assert traj.snapshot_labels[0] == "t0" and traj.snapshot_labels[-1] == "end"
+    assert traj.snapshots["effective_rank"].shape == (len(traj.snapshot_labels), 11)
     np.testing.assert_allclose(traj.observables["relative_change"][0], 0.0, atol=1e-15)
     W_out = np.asarray(traj.final.W_out)
     assert traj.observables["norm"][-1][10] == pytest.approx(np.linalg.norm(W_out), rel=1e-12)
     W2_layer2 = np.asarray(traj.final.W2)[1]
     assert traj.observables["norm"][-1][9] == pytest.approx(np.linalg.norm(W2_layer2), rel=1e-12)
     preds = problem.predict(traj)
-    ranks = traj.observables["effective_rank"][-1]
+    ranks = traj.snapshot("end")["effective_rank"]
     for layer in (1, 2):
         entry = preds[f"attention_rank_below_outer_layer{layer}"]
         block = ranks[5 * (layer - 1): 5 * layer]

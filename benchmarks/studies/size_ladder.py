@@ -61,7 +61,10 @@ def run_size(d: int, t1: float, precision: str) -> dict:
     _, traj = presets.run(resolved, progress=sys.stderr.isatty())
     wall = time.perf_counter() - begin
     obs = traj.observables
-    drift = np.asarray(obs["conserved_drift"])
+    # Effective rank and the conserved drift are snapshots: the last one is the end state.
+    drift = np.asarray(traj.snapshots["conserved_drift"])
+    end = {"effective_rank": np.asarray(traj.snapshots["effective_rank"])[-1],
+           "stable_rank": np.asarray(obs["stable_rank"])[-1]}
     norm = np.asarray(obs["norm"])
     row = dict(
         d=d, d_ff=2 * d, t1=t1, sigma=d ** -0.85, precision=precision,
@@ -69,7 +72,7 @@ def run_size(d: int, t1: float, precision: str) -> dict:
         status=traj.status, t_final=traj.t_final,
         transitions={k: _finite(v) for k, v in traj.transitions.items()},
         ranks_at={name: _ranks(traj.at_transitions[name]) for name in traj.at_transitions},
-        ranks_end=_ranks({k: np.asarray(obs[k])[-1] for k in ("effective_rank", "stable_rank")}),
+        ranks_end=_ranks(end),
         held_out_accuracy=float(np.asarray(obs["held_out_accuracy"])[-1]),
         train_accuracy=float(np.asarray(obs["train_accuracy"])[-1]),
         loss_end=float(np.asarray(obs["loss"])[-1]),

@@ -259,17 +259,19 @@ def rank_collapse(
         "stable_rank": obs.stable_rank(_groups, LANCZOS_STEPS),
         "relative_change": obs.relative_change(_groups, model),
         "norm": obs.frobenius_norm(_groups),
-        "conserved_drift": ConservedDrift(Q0, R0),
         "train_accuracy": Accuracy(),
         "held_out_accuracy": Accuracy(held_out),
         "held_out_loss": HeldOutLoss(held_out),
     }
     # Only where they are read (t0, the transitions, the chosen times, the end): full spectra
-    # and cosine matrices (SVDs; at the paper's size tens of gradients and 26 MB a time). The
-    # cosine matrices and singular vectors are read as pictures and as |cos| to a few digits:
-    # stored in float32.
+    # and cosine matrices (SVDs; at the paper's size a few gradients and 13 MB a time), and
+    # the conserved drift, an integration check whose four d x d products cost as much as
+    # the held-out forward pass (a check needs no curve of 200 points). The cosine matrices
+    # and singular vectors are read as pictures and as |cos| to a few digits: stored in
+    # float32.
     snapshots = {
         "effective_rank": obs.effective_rank(_groups),
+        "conserved_drift": ConservedDrift(Q0, R0),
         "cosine": obs.stored_as(CosineMatrices({
             name: obs.cosine_matrix(_SELECTORS[name], axis="rows", ordered=False)
             for name in GROUPS}), jnp.float32),

@@ -200,22 +200,25 @@ def rank_collapse_binary(
     v, _ = target_direction(data.X, data.y)
     loss_fn = _LOSSES[loss]
     misalignment = ValueMisalignment(v)
-    # Cosine similarity of the rows of each group, ordered by the leading eigenvector: the
-    # paper's Figure 1 panels, at every save time.
     observers = {
-        "effective_rank": obs.effective_rank(_matrices),
         "stable_rank": obs.stable_rank(_matrices),
         "relative_change": obs.relative_change(_matrices, model),
         "norm": obs.frobenius_norm(_matrices),
         "value_misalignment": misalignment,
         "energy": OuterEnergy(v),
-        "cosine": CosineMatrices({name: obs.cosine_matrix(_SELECTORS[name], axis="rows")
-                                  for name in GROUPS}),
         "W_Q": obs.MatrixMeasure(_w_q, _identity),
         "W_K": obs.MatrixMeasure(_w_k, _identity),
         "F": Stage2Matrix(loss),
         "assumption1_rates": obs.assumption1_rates(_outer, v),
         "singular_vectors": obs.singular_vectors(_value_ffn, 4),
+    }
+    # Only where they are read (t0, the transitions, the chosen times, the end): full spectra,
+    # and the cosine similarity of the rows of each group, ordered by the leading eigenvector
+    # (the paper's Figure 1 panels).
+    snapshots = {
+        "effective_rank": obs.effective_rank(_matrices),
+        "cosine": CosineMatrices({name: obs.cosine_matrix(_SELECTORS[name], axis="rows")
+                                  for name in GROUPS}),
     }
     transitions = (
         Transition("condensation", Shifted(misalignment, jnp.asarray(condensation_threshold)),
@@ -286,4 +289,4 @@ def rank_collapse_binary(
         return {"loss": {"plateau (f = 0)": plateau}}
 
     return Problem(flow, observers, transitions, criteria, predict, references=references,
-                   scaling=scaling)
+                   scaling=scaling, snapshots=snapshots)

@@ -122,10 +122,14 @@ def text(
 
     groups = group_names(layers)
     observers = {
-        "effective_rank": obs.effective_rank(_weights),
         "stable_rank": obs.stable_rank(_weights),
         "relative_change": obs.relative_change(_weights, model),
         "norm": obs.frobenius_norm(_weights),
+    }
+    # Only where they are read (t0, the transition, the chosen times, the end): full spectra
+    # and cosine matrices in spectral order (an SVD and an eigendecomposition per group).
+    snapshots = {
+        "effective_rank": obs.effective_rank(_weights),
         "cosine": CosineMatrices({name: obs.cosine_matrix(_Group(i), axis="rows")
                                   for i, name in enumerate(groups[:-1])}),
     }
@@ -138,7 +142,12 @@ def text(
     }
 
     def predict(traj):
-        ranks = np.asarray(traj.observables["effective_rank"][-1])
+        # The effective rank is a snapshot: read at the end (or, for a run that stopped
+        # early, at its latest snapshot).
+        k = (traj.snapshot_labels.index("end") if "end" in traj.snapshot_labels
+             else int(np.argmax(traj.snapshot_ts)))
+        ranks = np.asarray(traj.snapshots["effective_rank"][k])
+        at = f" (t={float(traj.snapshot_ts[k]):.6g})"
         change = np.asarray(traj.observables["relative_change"][-1])
         loss_end = float(np.asarray(traj.observables["loss"][-1]))
         out = {}
@@ -148,7 +157,7 @@ def text(
             out[f"attention_rank_below_outer_layer{l + 1}"] = Prediction.bound(
                 outer, attention, relation="<",
                 basis=f"layer {l + 1}: final mean effective rank of W_Q, W_K against that of "
-                "W_V, W1, W2 (the bound): Chen & Luo's attention-collapses-first picture",
+                "W_V, W1, W2 (the bound): Chen & Luo's attention-collapses-first picture" + at,
             )
         return out | {
             "loss_below_unigram": Prediction.bound(
@@ -160,4 +169,4 @@ def text(
         }
 
     flow = GradientFlow(model, cross_entropy, data, trainable=model.trainable_spec())
-    return Problem(flow, observers, transitions, criteria, predict)
+    return Problem(flow, observers, transitions, criteria, predict, snapshots=snapshots)
