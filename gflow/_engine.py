@@ -723,10 +723,19 @@ def solve_program(rebuild: Callable) -> Callable:
 def to_host(tree: PyTree) -> PyTree:
     """`tree` with every array as a NumPy array (read-only where it views a CPU buffer).
 
-    `np.asarray` leaf by leaf rather than `jax.device_get`: on CPU it is a view of the
-    buffer, about 1.5 µs a leaf, where `device_get` copies at about 12 µs a leaf (measured:
-    13 leaves, 16 against 162 µs): a fifth of a small solve's host work. Elsewhere it is one
-    blocking copy a leaf, which for the few leaves of a carry costs about what
-    `device_get`'s overlapped copies do.
+    On CPU `np.asarray` leaf by leaf: a view of the buffer, about 2 µs a leaf, where
+    `jax.device_get` copies at about 20 µs a leaf and `copy_to_host_async` alone costs 6 µs.
+    Elsewhere every leaf's copy is started before the first is waited for, so that the
+    transfers overlap: one round trip rather than one a leaf.
     """
-    return jtu.tree_map(np.asarray, tree)
+    leaves, treedef = jtu.tree_flatten(tree)
+    return jtu.tree_unflatten(treedef, host_leaves(leaves))
+
+
+def host_leaves(leaves: list) -> list:
+    """`to_host` of a list of leaves."""
+    device = [x for x in leaves if isinstance(x, jax.Array)]
+    if device and next(iter(device[0].devices())).platform != "cpu":
+        for x in device:
+            x.copy_to_host_async()
+    return [np.asarray(x) for x in leaves]
