@@ -38,6 +38,7 @@ import collections
 import contextlib
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, ClassVar, NamedTuple
 
@@ -234,6 +235,16 @@ class Carry(eqx.Module):
     # other field is finite unless the state diverged.
     NAN_BY_DESIGN: ClassVar[tuple[str, ...]] = ("observables", "found", "at_transitions",
                                                 "snapshots")
+
+    def result(self) -> "Carry":
+        """This final carry as a solve's result reads it (`gflow._results`): what only a
+        continued solve needs (the solver's state, the step proposed next, the transition
+        index, the steps since the last one) is `None`, and of the controller's state only its
+        flags remain (whether the step was held at `dtmin`). A program that runs a solve to
+        its end returns this: half the buffers to hand back."""
+        flags = tuple(x for x in jtu.tree_leaves(self.controller_state) if x.dtype == bool)
+        return dataclasses.replace(self, index=None, fresh=None, dt=None, solver_state=None,
+                                   steps=None, controller_state=flags)
 
     def nan_allowed(self) -> "Carry":
         """A tree of bools over this carry's leaves: where NaN is no sign of damage."""
@@ -679,6 +690,28 @@ def compiled(key: Hashable | None, build: Callable[[], Callable], *example) -> t
     return program, traced - begin, time.perf_counter() - traced
 
 
+# Whether a compiled program calls LAPACK, by program (read once from its HLO).
+_CALLS_LAPACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def calls_lapack(program) -> bool:
+    """Whether a compiled program calls LAPACK (an SVD, an eigendecomposition, a solve: JAX's
+    CPU kernels, named `lapack_*`), so that it should run in `one_lapack_thread`; `True`
+    when that cannot be told."""
+    try:
+        return _CALLS_LAPACK[program]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referable
+        return True
+    try:
+        calls = "lapack_" in program.as_text()
+    except Exception:  # a program without HLO text
+        calls = True
+    _CALLS_LAPACK[program] = calls
+    return calls
+
+
 _THREADPOOLS: list = []  # one `threadpoolctl.ThreadpoolController`, made at the first solve
 
 
@@ -707,11 +740,13 @@ def one_lapack_thread() -> contextlib.AbstractContextManager:
     return _THREADPOOLS[0].limit(limits=1, user_api="blas")
 
 
-def solve_program(rebuild: Callable) -> Callable:
-    """`run` over a plan given as its array leaves."""
+def solve_program(rebuild: Callable, to_the_end: bool = False) -> Callable:
+    """`run` over a plan given as its array leaves; `to_the_end`: a program called once per
+    solve, with `max_segments` at least the solve's segments, returning `Carry.result`."""
 
     def program(plan_arrays, carry, max_segments):
-        return run(rebuild(plan_arrays), carry, max_segments)
+        out = run(rebuild(plan_arrays), carry, max_segments)
+        return out.result() if to_the_end else out
 
     return program
 

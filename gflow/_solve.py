@@ -291,7 +291,7 @@ def solve(
     ready_key = _ready_key(flow, t1, options) if plain else None
     ready = _READY.get(ready_key)
     if ready is not None and ready.flow() is flow:
-        with engine.one_lapack_thread():
+        with engine.one_lapack_thread() if ready.lapack else contextlib.nullcontext():
             return _integrate(flow, ready.spec, resume=False, checkpoint=None, progress=False,
                               ready=ready)
     if isinstance(t1, SolveSpec):
@@ -381,12 +381,16 @@ def _in_this_precision(fn: Callable) -> Callable:
     return run
 
 
-def _program(parts: tuple, carry: engine.Carry) -> tuple[Callable, dict[str, float]]:
+def _program(parts: tuple, carry: engine.Carry,
+             interactive: bool) -> tuple[Callable, dict[str, float]]:
     """The compiled engine program of a plan split by `engine.split` (cached), and the seconds
-    spent tracing and compiling it (`trace_seconds`, `compile_seconds`; zero when cached)."""
+    spent tracing and compiling it (`trace_seconds`, `compile_seconds`; zero when cached).
+    Not `interactive`: called once per solve, it returns the final carry as its result reads
+    it (`engine.Carry.result`)."""
     arrays, rebuild, key = parts
     program, trace, compile_ = engine.compiled(
-        ("solve", key), lambda: engine.solve_program(rebuild), arrays, carry,
+        ("solve", key, not interactive),
+        lambda: engine.solve_program(rebuild, to_the_end=not interactive), arrays, carry,
         np.asarray(1, dtype=np.int32),  # segments per call: data, so any value compiles alike
     )
     return program, dict(trace_seconds=trace, compile_seconds=compile_)
@@ -469,7 +473,7 @@ def _prepare(flow: GradientFlow, spec: SolveSpec, meter,
 
 def _compile(flow: GradientFlow, spec: SolveSpec, meter, interactive: bool) -> dict[str, float]:
     """Compile (or find cached) the engine program of `spec`; the seconds it took."""
-    return _program(*_prepare(flow, spec, meter, interactive)[:2])[1]
+    return _program(*_prepare(flow, spec, meter, interactive)[:2], interactive)[1]
 
 
 class _Ready(NamedTuple):
@@ -485,6 +489,7 @@ class _Ready(NamedTuple):
     program: Callable
     recorded: Recorded
     model: Callable  # the model at a state: `flow.combine`, without equinox's filtering
+    lapack: bool  # whether the program calls LAPACK (`engine.one_lapack_thread` then)
 
 
 def _model_at(flow: GradientFlow) -> Callable:
@@ -602,11 +607,12 @@ def _integrate_as_given(
             if stop is not None and stop.is_set():
                 raise _Stopped
             if program is None:
-                program, spent = _program(parts, carry)
+                program, spent = _program(parts, carry, interactive)
                 seconds = {k: v + spent.get(k, 0.0) for k, v in seconds.items()}
                 if ready_key is not None:
-                    _keep_ready(ready_key, _Ready(weakref.ref(flow), given or spec, parts,
-                                                  carry, program, recorded, _model_at(flow)))
+                    _keep_ready(ready_key, _Ready(
+                        weakref.ref(flow), given or spec, parts, carry, program, recorded,
+                        _model_at(flow), engine.calls_lapack(program)))
             begin = time.perf_counter()
             index = None if checkpoint is None else int(carry.index)
             out = program(arrays, carry, np.asarray(per_call, dtype=np.int32))
