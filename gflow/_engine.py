@@ -449,6 +449,10 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         controller_state=True,
         solver_state=True,
     )
+    # The step proposed next is read only where a segment is cut: a plan never cut steps with
+    # the controller itself (an operation a step less), and its carry keeps the first step.
+    resumed = isinstance(plan.controller, diffrax.AbstractAdaptiveStepSizeController)
+    remember = resumed and plan.segment_steps < plan.max_steps
     sol = diffrax.diffeqsolve(
         term,
         plan.solver,
@@ -457,14 +461,16 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         dt,
         y0,
         saveat=saveat,
-        stepsize_controller=_resumable(plan.controller),
+        stepsize_controller=_resumable(plan.controller) if remember else plan.controller,
         event=event,
         max_steps=plan.segment_steps,
         throw=False,
         progress_meter=plan.meter,
         solver_state=solver_state,
-        controller_state=controller_state,
+        controller_state=controller_state if remember or not resumed else controller_state[0],
     )
+    end_controller_state = sol.controller_state if remember or not resumed else (
+        sol.controller_state, controller_state[1])
     t_end = sol.ts[1][0].astype(c.t.dtype)
     y_end = jtu.tree_map(lambda leaf: leaf[0], sol.ys[1])
 
@@ -533,17 +539,14 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         [sol.stats["num_steps"], sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"]]
     )
     # The step proposed next, from the controller's state (a constant step: dt0 again).
-    if isinstance(plan.controller, diffrax.AbstractAdaptiveStepSizeController):
-        next_dt = sol.controller_state[1]
-    else:
-        next_dt = dt
+    next_dt = end_controller_state[1] if resumed else dt
     out = Carry(
         t=t_end,
         y=y_end,
         index=c.index + fired,
         fresh=fired,
         dt=next_dt,
-        controller_state=sol.controller_state,
+        controller_state=end_controller_state,
         solver_state=sol.solver_state,
         observables=observables,
         found=jnp.where(this, t_end, c.found),
