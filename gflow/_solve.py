@@ -531,6 +531,11 @@ def _keep_ready(key: Hashable, ready: _Ready) -> None:
         _FINALIZERS[key[0]] = weakref.finalize(flow, _forget_flow, key[0])
 
 
+def ready_flow_ids() -> set[int]:
+    """The `id`s of the flows whose plain solves are kept ready (`_READY`)."""
+    return {key[0] for key in list(_READY.entries)}
+
+
 def _forget_flow(flow_id: int) -> None:
     """Drop the ready solves of a flow that no longer exists (they hold its arrays)."""
     _FINALIZERS.pop(flow_id, None)
