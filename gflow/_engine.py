@@ -38,6 +38,7 @@ import collections
 import contextlib
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, ClassVar, NamedTuple
 
@@ -234,6 +235,16 @@ class Carry(eqx.Module):
     # other field is finite unless the state diverged.
     NAN_BY_DESIGN: ClassVar[tuple[str, ...]] = ("observables", "found", "at_transitions",
                                                 "snapshots")
+
+    def result(self) -> "Carry":
+        """This final carry as a solve's result reads it (`gflow._results`): what only a
+        continued solve needs (the solver's state, the step proposed next, the transition
+        index, the steps since the last one) is `None`, and of the controller's state only its
+        flags remain (whether the step was held at `dtmin`). A program that runs a solve to
+        its end returns this: half the buffers to hand back."""
+        flags = tuple(x for x in jtu.tree_leaves(self.controller_state) if x.dtype == bool)
+        return dataclasses.replace(self, index=None, fresh=None, dt=None, solver_state=None,
+                                   steps=None, controller_state=flags)
 
     def nan_allowed(self) -> "Carry":
         """A tree of bools over this carry's leaves: where NaN is no sign of damage."""
@@ -438,6 +449,10 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         controller_state=True,
         solver_state=True,
     )
+    # The step proposed next is read only where a segment is cut: a plan never cut steps with
+    # the controller itself (an operation a step less), and its carry keeps the first step.
+    resumed = isinstance(plan.controller, diffrax.AbstractAdaptiveStepSizeController)
+    remember = resumed and plan.segment_steps < plan.max_steps
     sol = diffrax.diffeqsolve(
         term,
         plan.solver,
@@ -446,14 +461,16 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         dt,
         y0,
         saveat=saveat,
-        stepsize_controller=_resumable(plan.controller),
+        stepsize_controller=_resumable(plan.controller) if remember else plan.controller,
         event=event,
         max_steps=plan.segment_steps,
         throw=False,
         progress_meter=plan.meter,
         solver_state=solver_state,
-        controller_state=controller_state,
+        controller_state=controller_state if remember or not resumed else controller_state[0],
     )
+    end_controller_state = sol.controller_state if remember or not resumed else (
+        sol.controller_state, controller_state[1])
     t_end = sol.ts[1][0].astype(c.t.dtype)
     y_end = jtu.tree_map(lambda leaf: leaf[0], sol.ys[1])
 
@@ -522,17 +539,14 @@ def _segment(plan: Plan, c: Carry) -> Carry:
         [sol.stats["num_steps"], sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"]]
     )
     # The step proposed next, from the controller's state (a constant step: dt0 again).
-    if isinstance(plan.controller, diffrax.AbstractAdaptiveStepSizeController):
-        next_dt = sol.controller_state[1]
-    else:
-        next_dt = dt
+    next_dt = end_controller_state[1] if resumed else dt
     out = Carry(
         t=t_end,
         y=y_end,
         index=c.index + fired,
         fresh=fired,
         dt=next_dt,
-        controller_state=sol.controller_state,
+        controller_state=end_controller_state,
         solver_state=sol.solver_state,
         observables=observables,
         found=jnp.where(this, t_end, c.found),
@@ -682,6 +696,28 @@ def compiled(key: Hashable | None, build: Callable[[], Callable], *example,
     return program, traced - begin, time.perf_counter() - traced
 
 
+# Whether a compiled program calls LAPACK, by program (read once from its HLO).
+_CALLS_LAPACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def calls_lapack(program) -> bool:
+    """Whether a compiled program calls LAPACK (an SVD, an eigendecomposition, a solve: JAX's
+    CPU kernels, named `lapack_*`), so that it should run in `one_lapack_thread`; `True`
+    when that cannot be told."""
+    try:
+        return _CALLS_LAPACK[program]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referable
+        return True
+    try:
+        calls = "lapack_" in program.as_text()
+    except Exception:  # a program without HLO text
+        calls = True
+    _CALLS_LAPACK[program] = calls
+    return calls
+
+
 _THREADPOOLS: list = []  # one `threadpoolctl.ThreadpoolController`, made at the first solve
 
 
@@ -722,11 +758,13 @@ def copied(tree: PyTree) -> PyTree:
     return _COPY(tree)
 
 
-def solve_program(rebuild: Callable) -> Callable:
-    """`run` over a plan given as its array leaves."""
+def solve_program(rebuild: Callable, to_the_end: bool = False) -> Callable:
+    """`run` over a plan given as its array leaves; `to_the_end`: a program called once per
+    solve, with `max_segments` at least the solve's segments, returning `Carry.result`."""
 
     def program(plan_arrays, carry, max_segments):
-        return run(rebuild(plan_arrays), carry, max_segments)
+        out = run(rebuild(plan_arrays), carry, max_segments)
+        return out.result() if to_the_end else out
 
     return program
 
@@ -738,10 +776,19 @@ def solve_program(rebuild: Callable) -> Callable:
 def to_host(tree: PyTree) -> PyTree:
     """`tree` with every array as a NumPy array (read-only where it views a CPU buffer).
 
-    `np.asarray` leaf by leaf rather than `jax.device_get`: on CPU it is a view of the
-    buffer, about 1.5 µs a leaf, where `device_get` copies at about 12 µs a leaf (measured:
-    13 leaves, 16 against 162 µs): a fifth of a small solve's host work. Elsewhere it is one
-    blocking copy a leaf, which for the few leaves of a carry costs about what
-    `device_get`'s overlapped copies do.
+    On CPU `np.asarray` leaf by leaf: a view of the buffer, about 2 µs a leaf, where
+    `jax.device_get` copies at about 20 µs a leaf and `copy_to_host_async` alone costs 6 µs.
+    Elsewhere every leaf's copy is started before the first is waited for, so that the
+    transfers overlap: one round trip rather than one a leaf.
     """
-    return jtu.tree_map(np.asarray, tree)
+    leaves, treedef = jtu.tree_flatten(tree)
+    return jtu.tree_unflatten(treedef, host_leaves(leaves))
+
+
+def host_leaves(leaves: list) -> list:
+    """`to_host` of a list of leaves."""
+    device = [x for x in leaves if isinstance(x, jax.Array)]
+    if device and next(iter(device[0].devices())).platform != "cpu":
+        for x in device:
+            x.copy_to_host_async()
+    return [np.asarray(x) for x in leaves]

@@ -4,7 +4,8 @@
 
 import math
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import diffrax
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._engine import Carry, to_host
+from ._engine import Carry, host_leaves
 from ._flow import GradientFlow
 from ._solvers import solver_name, vector_field_evaluations
 from ._spec import SolveSpec
@@ -69,53 +70,75 @@ _READ = ("t", "status", "counts", "found", "segments", "starts", "work", "observ
 
 
 def _on_host(carry: Carry) -> types.SimpleNamespace:
-    """The fields of `carry` that a result reads, as host arrays: each array read once (about
-    10 µs each from a device), and only those (the state, the solver's state and the step
-    size are not)."""
-    return types.SimpleNamespace(controller_state=carry.controller_state, **{
-        name: to_host(getattr(carry, name)) for name in _READ})
+    """The fields of `carry` that a result reads, as host arrays, and only those (the state,
+    the solver's state and the step size are not): flattened together, so that their
+    transfers overlap off CPU (`gflow._engine.host_leaves`)."""
+    leaves, treedef = jtu.tree_flatten(tuple(getattr(carry, name) for name in _READ))
+    fields = jtu.tree_unflatten(treedef, host_leaves(leaves))
+    return types.SimpleNamespace(controller_state=carry.controller_state,
+                                 **dict(zip(_READ, fields)))
+
+
+class Recorded(NamedTuple):
+    """What a `Trajectory` records of its spec and state rather than of the carry (the same
+    for every solve of one spec on flows of one structure: `gflow.solve` keeps it with the
+    spec's plan)."""
+
+    names: list  # the transitions'
+    solver: str
+    rtol: float
+    atol: float
+    dtype: str  # the state's
+
+    @classmethod
+    def of(cls, spec: SolveSpec, y) -> "Recorded":
+        return cls([tr.name for tr in spec.transitions], solver_name(spec.solver), spec.rtol,
+                   spec.atol, str(np.result_type(*(x.dtype for x in jtu.tree_leaves(y)))))
 
 
 def trajectory(carry: Carry, *, flow: GradientFlow, spec: SolveSpec,
-               stats: dict | None = None, done: dict | None = None) -> Trajectory:
+               stats: dict | None = None, done: dict | None = None,
+               recorded: Recorded | None = None, final: Callable | None = None,
+               spec_as_given: SolveSpec | None = None) -> Trajectory:
     """The `Trajectory` of a finished host carry (solve's, or a sweep member's) of `spec`;
     `done` its `solve_outcome` where the caller has it already (a failed solve's costs a
-    loss and a gradient on the host)."""
+    loss and a gradient on the host); `recorded` its `Recorded` where the caller keeps it;
+    `final(y)` the model at state `y` (default `flow.combine`); `spec_as_given` the spec the
+    `Trajectory` keeps, where `spec` is another precision's copy of it."""
     y, carry = carry.y, _on_host(carry)
-    names = [tr.name for tr in spec.transitions]
+    recorded = Recorded.of(spec, y) if recorded is None else recorded
+    names = recorded.names
     ts = spec.ts
     done = solve_outcome(carry, flow, spec) if done is None else done
     t_final = done["t_final"]
     saved = (ts <= t_final) if math.isfinite(t_final) else np.zeros_like(ts, dtype=bool)
     keep = (lambda x: x) if saved.all() else (lambda x: x[saved])
-    found = np.asarray(carry.found)
+    found = carry.found
     at_transitions = {
-        name: jtu.tree_map(lambda x, k=k: np.asarray(x)[k], carry.at_transitions)
+        name: jtu.tree_map(lambda x, k=k: x[k], carry.at_transitions)
         for k, name in enumerate(names) if math.isfinite(float(found[k]))
     }
     snapshots, snapshot_ts, snapshot_labels = _snapshots(carry, spec, names, t_final)
+    # Device arrays already from `gflow.solve`; host arrays from a sweep or a checkpoint.
+    y = jtu.tree_map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), y)
     return Trajectory(
         ts=keep(ts),
-        observables=jtu.tree_map(lambda x: keep(np.asarray(x)), carry.observables),
+        observables=jtu.tree_map(keep, carry.observables),
         transitions=done["transitions"],
-        # Device arrays already from `gflow.solve`; host arrays from a sweep or a checkpoint.
         # Through the class: equinox wraps a method looked up on an instance in a new module,
         # which costs about 70 µs, a tenth of a small solve's host work.
-        final=type(flow).combine(flow, jtu.tree_map(
-            lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), y)),
+        final=type(flow).combine(flow, y) if final is None else final(y),
         t0=spec.t0,
         t1=spec.t1,
         t_final=t_final,
         status=done["status"],
         message=done["message"],
-        stats=member_stats(done, spec.solver) | dict(
-            dtype=str(np.result_type(*(x.dtype for x in jtu.tree_leaves(y)))),
-        ) | dict(stats or {}),
-        solver=solver_name(spec.solver),
-        rtol=spec.rtol,
-        atol=spec.atol,
+        stats=member_stats(done, spec.solver) | dict(dtype=recorded.dtype) | dict(stats or {}),
+        solver=recorded.solver,
+        rtol=recorded.rtol,
+        atol=recorded.atol,
         at_transitions=at_transitions,
-        spec=spec,
+        spec=spec if spec_as_given is None else spec_as_given,
         snapshots=snapshots,
         snapshot_ts=snapshot_ts,
         snapshot_labels=snapshot_labels,

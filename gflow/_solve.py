@@ -35,10 +35,10 @@ from ._errors import InputError
 from ._flow import GradientFlow
 from ._precision import FLOAT64, Precision
 from ._progress import FlowTimeBar
-from ._results import trajectory
+from ._results import Recorded, trajectory
 from ._spec import (
     DEFAULT_ICOEFF, DEFAULT_MAX_STEPS, DEFAULT_PCOEFF, DEFAULT_RTOL, DEFAULT_SOLVER, DTMIN,
-    SolveSpec, Transition, _pid_controller, default_atol,
+    SolveSpec, Transition, _pid_controller, default_atol, options_key,
 )
 from ._status import Status
 from ._names import flat_names
@@ -108,9 +108,14 @@ def checked_flow(flow: GradientFlow) -> GradientFlow:
     if ref is not None and ref() is flow:
         return flow
     checked = _checked_flow(flow)
-    if checked is flow and not any(isinstance(x, np.ndarray) for x in jtu.tree_leaves(flow)):
+    if checked is flow and _immutable(flow):
         _CHECKED.put(key, weakref.ref(flow))
     return checked
+
+
+def _immutable(flow: GradientFlow) -> bool:
+    """Whether `flow`'s arrays cannot change: all JAX arrays (a NumPy array can)."""
+    return not any(isinstance(x, np.ndarray) for x in jtu.tree_leaves(flow))
 
 
 def _checked_flow(flow: GradientFlow) -> GradientFlow:
@@ -259,6 +264,13 @@ def solve(
     A `Trajectory`. Failure is data: a run that exceeds `max_steps` or diverges returns what it
     computed up to that point, with `status` naming what happened.
     """
+    options = dict(
+        t0=t0, solver=solver, rtol=rtol, atol=atol, ts=ts, observers=observers,
+        transitions=transitions, max_steps=max_steps, dt0=dt0,
+        stepsize_controller=stepsize_controller, pcoeff=pcoeff, icoeff=icoeff,
+        checkpoint_steps=checkpoint_steps, controller=controller, precision=precision,
+        snapshots=snapshots, snapshot_ts=snapshot_ts,
+    )
     if isinstance(t1, SolveSpec):
         given = [name for name, value, default in (
             ("t0", t0, 0.0), ("solver", solver, DEFAULT_SOLVER), ("rtol", rtol, DEFAULT_RTOL),
@@ -276,15 +288,20 @@ def solve(
                              f"{', '.join(given)} too")
         if not isinstance(flow, GradientFlow):
             raise InputError(f"solve expects a gflow.GradientFlow, got {type(flow).__name__}")
+    # A plain solve (no progress, checkpoint or certify) of a flow and options solved so
+    # before runs what that solve prepared: every check passed then, and holds again.
+    plain = not (progress or progress_meter is not None or certify or checkpoint is not None
+                 or resume)
+    ready_key = _ready_key(flow, t1, options) if plain else None
+    ready = _READY.get(ready_key)
+    if ready is not None and ready.flow() is flow:
+        with engine.one_lapack_thread() if ready.lapack else contextlib.nullcontext():
+            return _integrate(flow, ready.spec, resume=False, checkpoint=None, progress=False,
+                              ready=ready)
+    if isinstance(t1, SolveSpec):
         spec = t1
     else:
-        spec = SolveSpec.from_options(
-            flow, t1, t0=t0, solver=solver, rtol=rtol, atol=atol, ts=ts, observers=observers,
-            transitions=transitions, max_steps=max_steps, dt0=dt0,
-            stepsize_controller=stepsize_controller, controller=controller, pcoeff=pcoeff,
-            icoeff=icoeff, checkpoint_steps=checkpoint_steps, precision=precision,
-            snapshots=snapshots, snapshot_ts=snapshot_ts,
-        )
+        spec = SolveSpec.from_options(flow, t1, **options)
     if progress and progress_meter is not None:
         raise InputError("give progress or progress_meter, not both")
     if progress_meter is not None and not isinstance(
@@ -301,7 +318,10 @@ def solve(
     if checkpoint is not None and checkpoint.is_dir():
         # Refused before anything is computed: a run would otherwise fail at its first write.
         raise InputError(f"checkpoint {checkpoint} is a directory: give a file path")
-    flow = checked_flow(flow)
+    given_flow, flow = flow, checked_flow(flow)
+    if not (flow is given_flow and _immutable(flow)
+            and Precision.cast(spec.precision, flow) is flow):
+        ready_key = None  # a flow that may change, or is another object in the solve
     if checkpoint is not None:
         parent = next((p for p in checkpoint.parents if os.path.lexists(p)), None)
         if parent is not None and not parent.is_dir():
@@ -309,7 +329,7 @@ def solve(
     with engine.one_lapack_thread():
         if not certify:
             return _integrate(flow, spec, resume=resume, checkpoint=checkpoint,
-                              progress=progress, meter=progress_meter)
+                              progress=progress, meter=progress_meter, ready_key=ready_key)
         return _certified(flow, spec, reference, resume=resume, checkpoint=checkpoint,
                           progress=progress, progress_meter=progress_meter)
 
@@ -365,17 +385,22 @@ def _in_this_precision(fn: Callable) -> Callable:
     return run
 
 
-def _program(parts: tuple, carry: engine.Carry) -> tuple[Callable, dict[str, float]]:
+def _program(parts: tuple, carry: engine.Carry,
+             interactive: bool) -> tuple[Callable, dict[str, float]]:
     """The compiled engine program of a plan split by `engine.split` (cached), and the seconds
-    spent tracing and compiling it (`trace_seconds`, `compile_seconds`; zero when cached)."""
+    spent tracing and compiling it (`trace_seconds`, `compile_seconds`; zero when cached).
+    Not `interactive`: called once per solve, it returns the final carry as its result reads
+    it (`engine.Carry.result`)."""
     arrays, rebuild, key = parts
-    # The carry is donated: a call's output takes its buffers (the save and snapshot buffers
-    # are updated in place, not copied into new ones at every call), and the carry passed in
-    # is deleted.
+    # An interactive program, called again and again on its own output, donates its carry:
+    # a call's output takes its buffers (the save and snapshot buffers are updated in place,
+    # not copied into new ones at every call), and the carry passed in is deleted. A solve of
+    # one call gains nothing from it (the template it starts from is kept for the next).
     program, trace, compile_ = engine.compiled(
-        ("solve", key), lambda: engine.solve_program(rebuild), arrays, carry,
+        ("solve", key, not interactive),
+        lambda: engine.solve_program(rebuild, to_the_end=not interactive), arrays, carry,
         np.asarray(1, dtype=np.int32),  # segments per call: data, so any value compiles alike
-        donate_argnums=(1,),
+        donate_argnums=(1,) if interactive else (),
     )
     return program, dict(trace_seconds=trace, compile_seconds=compile_)
 
@@ -403,15 +428,17 @@ class _Prepared(NamedTuple):
     rebuild: Callable
     key: Hashable | None
     template: engine.Carry  # as device arrays: a call passes them without copying
+    recorded: Recorded
 
 
 _PREPARED = engine.LRU(64)
 
 
 def _prepare(flow: GradientFlow, spec: SolveSpec, meter,
-             interactive: bool) -> tuple[tuple, engine.Carry]:
+             interactive: bool) -> tuple[tuple, engine.Carry, Recorded]:
     """The engine plan of `spec` on `flow`, split as `engine.split` splits it (its arrays, a
-    function rebuilding it, its key), and the carry the solve starts from.
+    function rebuilding it, its key), the carry the solve starts from, and what its
+    `Trajectory` records of the spec.
 
     Kept per spec (by identity) and per structure of the flow (`engine.split`'s key: its
     functions, static fields, and the shapes and dtypes of its arrays): a new flow of that
@@ -447,14 +474,83 @@ def _prepare(flow: GradientFlow, spec: SolveSpec, meter,
         aliased = any(id(x) in flow_ids
                       for x in jtu.tree_leaves(plan)[len(jtu.tree_leaves(flow)):])
         entry = _PREPARED.put(None if flow_key is None or aliased else key, _Prepared(
-            spec, arrays[len(flow_arrays):], rebuild, plan_key, template))
+            spec, arrays[len(flow_arrays):], rebuild, plan_key, template,
+            Recorded.of(spec, template.y)))
     parts = (flow_arrays + entry.rest, entry.rebuild, entry.key)
-    return parts, engine.start(entry.template, flow.params, spec.t0)
+    return parts, engine.start(entry.template, flow.params, spec.t0), entry.recorded
 
 
 def _compile(flow: GradientFlow, spec: SolveSpec, meter, interactive: bool) -> dict[str, float]:
     """Compile (or find cached) the engine program of `spec`; the seconds it took."""
-    return _program(*_prepare(flow, spec, meter, interactive))[1]
+    return _program(*_prepare(flow, spec, meter, interactive)[:2], interactive)[1]
+
+
+class _Ready(NamedTuple):
+    """A plain solve (no progress bar, checkpoint or certify) of one spec on one flow, ready
+    to run: `solve` given that flow and the same options (or spec) again runs it at once,
+    without checking, planning or looking up its program again. Kept while the flow lives
+    (`_READY`, by the flow's `id`)."""
+
+    flow: weakref.ref  # the flow is not kept alive by the cache
+    spec: SolveSpec  # as given (held, so that a spec's `id` in the key stays its)
+    parts: tuple  # `_prepare`'s
+    carry: engine.Carry  # the initial carry
+    program: Callable
+    recorded: Recorded
+    model: Callable  # the model at a state: `flow.combine`, without equinox's filtering
+    lapack: bool  # whether the program calls LAPACK (`engine.one_lapack_thread` then)
+
+
+def _model_at(flow: GradientFlow) -> Callable:
+    """`flow.combine` for one flow, to call again and again: the model's leaves with the
+    trainable ones replaced (equinox's `filter` and `combine` take about 100 µs a call)."""
+    frozen = object()
+    leaves, treedef = jtu.tree_flatten(flow.model)
+    trainable = [x is not frozen for x in jtu.tree_leaves(
+        eqx.filter(flow.model, flow.trainable, replace=frozen))]
+
+    def model(y: PyTree) -> PyTree:
+        state = iter(jtu.tree_leaves(y))
+        return jtu.tree_unflatten(treedef, [next(state) if keep else x
+                                            for x, keep in zip(leaves, trainable)])
+
+    return model
+
+
+# Ready solves by `_ready_key`; a flow's are dropped when it is (`_forget_flow`).
+_READY = engine.LRU(64)
+_FINALIZERS: dict[int, weakref.finalize] = {}
+
+
+def _ready_key(flow, t1, options: dict) -> Hashable | None:
+    """The key of `solve(flow, t1, **options)` in `_READY` (`None`: not kept): the flow by
+    `id` (`_Ready.flow` tells whether the id is still its), the spec by `id` or the options by
+    value (`gflow._spec.options_key`), and JAX's x64 setting (per thread)."""
+    spec_key = ("spec", id(t1)) if isinstance(t1, SolveSpec) else options_key(t1, options)
+    return None if spec_key is None else (id(flow), spec_key,
+                                          bool(jax.config.jax_enable_x64))
+
+
+def _keep_ready(key: Hashable, ready: _Ready) -> None:
+    flow = ready.flow()
+    if flow is None:
+        return
+    _READY.put(key, ready)
+    if key[0] not in _FINALIZERS:
+        _FINALIZERS[key[0]] = weakref.finalize(flow, _forget_flow, key[0])
+
+
+def ready_flow_ids() -> set[int]:
+    """The `id`s of the flows whose plain solves are kept ready (`_READY`)."""
+    return {key[0] for key in list(_READY.entries)}
+
+
+def _forget_flow(flow_id: int) -> None:
+    """Drop the ready solves of a flow that no longer exists (they hold its arrays)."""
+    _FINALIZERS.pop(flow_id, None)
+    for key in list(_READY.entries):
+        if key[0] == flow_id:
+            _READY.entries.pop(key, None)
 
 
 class _Stopped(Exception):
@@ -476,35 +572,42 @@ def _integrate(flow: GradientFlow, spec: SolveSpec, **options) -> Trajectory:
     # (~35 µs each).
     precision = spec.precision
     with Precision.scope(precision):
-        traj = _integrate_as_given(Precision.cast(precision, flow),
-                                   Precision.cast(precision, spec), **options)
-    return dataclasses.replace(traj, spec=spec,
-                               stats=traj.stats | Precision.describe(precision))
+        return _integrate_as_given(Precision.cast(precision, flow),
+                                   Precision.cast(precision, spec), given=spec, **options)
 
 
 def _integrate_as_given(
     flow: GradientFlow, spec: SolveSpec, *, resume: bool, checkpoint: Path | None,
     progress: bool | str, meter=None, stop: threading.Event | None = None,
     bar_position: int = 0, compile_seconds: dict[str, float] | None = None,
-    interactive: bool | None = None,
+    interactive: bool | None = None, given: SolveSpec | None = None,
+    ready: _Ready | None = None, ready_key: Hashable | None = None,
 ) -> Trajectory:
     """Run the engine on `spec` from `t0` (or from `checkpoint` with `resume`) to its end and
-    build the `Trajectory`: the one loop behind `solve` and its certify reference."""
+    build the `Trajectory`: the one loop behind `solve` and its certify reference. `given`:
+    the spec the `Trajectory` keeps (`spec` is its copy in the solve's precision); `ready`:
+    the solve as an earlier call prepared it; `ready_key`: keep this one so, under that key."""
     if interactive is None:
         interactive = bool(progress) or checkpoint is not None or stop is not None
-    parts, carry = _prepare(flow, spec, meter, interactive)
+    if ready is None:
+        parts, carry, recorded = _prepare(flow, spec, meter, interactive)
+        program = None
+    else:
+        parts, carry, recorded, program = ready.parts, ready.carry, ready.recorded, ready.program
     arrays = parts[0]
-    names = [tr.name for tr in spec.transitions]
+    names = recorded.names
     digests = None if checkpoint is None else _fingerprint(flow, spec)
     seconds = dict(trace_seconds=0.0, compile_seconds=0.0, run_seconds=0.0)
     if resume and checkpoint is not None and checkpoint.is_file():
         saved = read_checkpoint(checkpoint, digests, carry)
         carry = saved.arrays
         seconds = {k: saved.seconds.get(k, 0.0) for k in seconds}
-    else:
-        # The program takes its carry's buffers: the prepared template (kept for the next
-        # solve) and the flow's own parameters (the initial state) are passed as copies.
+    elif interactive:
+        # An interactive program takes its carry's buffers: the prepared template (kept for
+        # the next solve) and the flow's own parameters (the initial state) are passed as
+        # copies.
         carry = engine.copied(carry)
+    template = carry
     # Compiled before this call (certify compiles once for both solves): counted here.
     for k, v in (compile_seconds or {}).items():
         seconds[k] += v
@@ -513,26 +616,32 @@ def _integrate_as_given(
     every_cut = checkpoint is not None and spec.checkpoint_steps is not None
     per_call = 1 if interactive else engine.ALL_SEGMENTS
     bar = FlowTimeBar(spec.t0, spec.t1, desc=progress if isinstance(progress, str) else None,
-                      names=names, position=bar_position)
-    program = None
+                      names=names, position=bar_position) if progress else None
     written = -math.inf  # the first call's carry is written at once: Ctrl-C resumes from it
     # Checkpoints are written on a thread of their own while the solve goes on; `write_checkpoint`
     # is looked up here, at each solve (tests wrap it).
     writer = None if checkpoint is None else CheckpointWriter(checkpoint, digests,
                                                               write_checkpoint)
+    status = int(carry.status)
     with bar if progress else contextlib.nullcontext():
-        while int(carry.status) == Status.RUNNING:
+        while status == Status.RUNNING:
             if progress:
                 index = int(carry.index)
                 bar.segment(float(carry.t), names[index] if index < len(names) else "")
             if stop is not None and stop.is_set():
                 raise _Stopped
             if program is None:
-                program, spent = _program(parts, carry)
+                program, spent = _program(parts, carry, interactive)
                 seconds = {k: v + spent.get(k, 0.0) for k, v in seconds.items()}
+                if ready_key is not None:
+                    _keep_ready(ready_key, _Ready(
+                        weakref.ref(flow), given or spec, parts, template, program, recorded,
+                        _model_at(flow), engine.calls_lapack(program)))
             begin = time.perf_counter()
-            index, segments = int(carry.index), int(carry.segments)
-            out = program(arrays, carry, np.asarray(per_call, dtype=np.int32))  # donates carry
+            # An interactive program donates its carry: what is read of it is read first.
+            index = None if writer is None else int(carry.index)
+            segments = int(carry.segments) if interactive and not every_cut else None
+            out = program(arrays, carry, np.asarray(per_call, dtype=np.int32))
             status = int(out.status)  # waits for the call
             elapsed = time.perf_counter() - begin
             seconds["run_seconds"] += elapsed
@@ -559,7 +668,10 @@ def _integrate_as_given(
         # The chunks a bar or a checkpoint file asked for are not the solve's segments (they do
         # not change its steps): report the segments a solve without them has.
         seconds = dict(seconds, segments=int(carry.starts))
-    return trajectory(carry, flow=flow, spec=spec, stats=seconds)
+    given = given or spec
+    return trajectory(carry, flow=flow, spec=spec, recorded=recorded, spec_as_given=given,
+                      stats=seconds | Precision.describe(given.precision),
+                      final=None if ready is None else ready.model)
 
 
 def _fingerprint(flow: GradientFlow, spec: SolveSpec) -> dict[str, str]:

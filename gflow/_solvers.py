@@ -109,6 +109,18 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | No
     stage is otherwise reused from the previous step). `None` for implicit solvers, whose count
     depends on their Newton iterations.
     """
+    try:  # a solver is an immutable module: equal ones count alike (`isinstance` on
+        return _evaluations_per_step_of(solver)  # diffrax's classes costs ~20 µs)
+    except TypeError:  # unhashable fields
+        return _evaluations_per_step(solver)
+
+
+@functools.lru_cache(maxsize=64)
+def _evaluations_per_step_of(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
+    return _evaluations_per_step(solver)
+
+
+def _evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int] | None:
     if isinstance(solver, diffrax.Euler):
         return 1, 0
     if isinstance(solver, DOP853):

@@ -159,11 +159,16 @@ def _frozen(x: np.ndarray) -> np.ndarray:
 
 # Specs built by `SolveSpec.from_options`, by `_options_key`.
 _SPECS = engine.LRU(64)
+_PLAIN = frozenset({type(None), bool, int, float, str})
 
 
 def _option_key(value, depth: int = 0):
     """A hashable key of one option's value, equal only for values that give the same spec;
     raises `TypeError` where there is none."""
+    if type(value) in _PLAIN:  # the common cases first: `isinstance` on an ABC is slow
+        return (type(value), value)
+    if type(value) is np.ndarray and depth == 0 and value.dtype.kind in "biuf":
+        return ("array", value.dtype.str, value.shape, value.tobytes())
     if value is None or isinstance(value, (bool, numbers.Number, str)):
         return (type(value), value)
     numbers_only = isinstance(value, (np.ndarray, jax.Array)) or (
@@ -184,19 +189,30 @@ def _option_key(value, depth: int = 0):
     raise TypeError
 
 
-def _options_key(flow: GradientFlow, t1, options: dict):
-    """The key under which `from_options` keeps the spec of these options (`None`: not kept):
-    every option's value (arrays by their bytes), JAX's default float dtype (the spec's arrays
-    are built in it) and, where the default `atol` is used, its value on `flow`."""
+def options_key(t1, options: dict):
+    """A hashable key of `t1` and the keyword `options` of `SolveSpec.from_options`, equal
+    only for options that give the same spec on the same flow (`None` where there is none):
+    every option's value (arrays by their bytes) and JAX's default float dtype (the spec's
+    arrays are built in it)."""
     try:
         key = (_option_key(t1),) + tuple((k, _option_key(v)) for k, v in options.items())
-        if options["atol"] is None and options["stepsize_controller"] is None and options[
-                "controller"] is None and isinstance(options["rtol"], numbers.Real):
-            key += (default_atol(engine.to_host(flow.params), float(options["rtol"])),)
         key += (jax.dtypes.canonicalize_dtype(jnp.float64),)
         hash(key)
     except (TypeError, ValueError, OverflowError):
         return None
+    return key
+
+
+def _options_key(flow: GradientFlow, t1, options: dict):
+    """The key under which `from_options` keeps the spec of these options (`None`: not kept):
+    `options_key`, and, where the default `atol` is used, its value on `flow`."""
+    key = options_key(t1, options)
+    if key is not None and options["atol"] is None and options["stepsize_controller"] is None \
+            and options["controller"] is None and isinstance(options["rtol"], numbers.Real):
+        try:
+            key += (default_atol(engine.to_host(flow.params), float(options["rtol"])),)
+        except (TypeError, ValueError, OverflowError):
+            return None
     return key
 
 

@@ -62,8 +62,10 @@ def work_stats(solver, work: dict | None) -> dict:
     """The counters of a host carry's work record as `stats` entries: each field, the switch
     times, `cost` (gradients + 2 × Hessian-vector products of the accepted steps) and
     `rejected_step_cost` (what `member_stats` charges each rejected step)."""
+    if not work:  # first: `_fields`' `isinstance` checks cost more than the rest
+        return {}
     fields = _fields(solver)
-    if fields is None or not work:
+    if fields is None:
         return {}
     counts = [int(x) for x in work["counts"]]
     out = dict(zip(fields, counts))

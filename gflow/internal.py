@@ -5,6 +5,9 @@ change without notice.
   e.g. to check that two settings ran the same program.
 - `one_lapack_thread()`: the context every solve and sweep runs its programs in (one thread
   per BLAS/LAPACK call), for measuring a program outside a solve as a solve runs it.
+- `ready_flow_ids()`: the `id`s of the flows whose plain solves `gflow.solve` keeps ready to
+  run again (a solve repeated on the same flow and options skips its checks and planning);
+  a flow's go when it does.
 - `split(tree)`: a tree's inputs as the engine passes them to a program (its array leaves, each
   distinct array object once), a function rebuilding the tree from them, and the program
   cache's key of the rest.
@@ -17,6 +20,7 @@ from ._engine import (
     one_lapack_thread as one_lapack_thread,
     split as split,
 )
+from ._solve import ready_flow_ids as ready_flow_ids
 from ._solvers import (
     AUTO_CROSSOVER_RTOL as AUTO_CROSSOVER_RTOL,
     AUTO_DOP853_ERROR_SCALE as AUTO_DOP853_ERROR_SCALE,
@@ -24,5 +28,5 @@ from ._solvers import (
 
 __all__ = [
     "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "compiled_programs", "one_lapack_thread",
-    "split",
+    "ready_flow_ids", "split",
 ]

@@ -336,3 +336,70 @@ def test_a_spec_solved_on_another_flow_keeps_its_observers_arrays():
     change = gflow.solve(second, spec).observables["change"][0]
     expected = np.linalg.norm(np.asarray(m1[0] - m0[0])) / np.linalg.norm(np.asarray(m0[0]))
     assert change == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_solve_repeated_is_the_same_and_follows_what_changed(random_flow):
+    """A plain solve given the same flow and options again runs what the first call prepared
+    (the same numbers, bit for bit); save times changed in place, a flow's NumPy data changed
+    in place, or a flow of another init give the solve of what they are now."""
+    ts = np.linspace(0.0, 3.0, 7)
+    first = gflow.solve(random_flow, 3.0, rtol=RTOL, ts=ts)
+    again = gflow.solve(random_flow, 3.0, rtol=RTOL, ts=ts)
+    np.testing.assert_array_equal(again.observables["loss"], first.observables["loss"])
+    assert again.stats["num_steps"] == first.stats["num_steps"]
+    assert again.spec is first.spec and again.status == "completed"
+    for a, b in zip(jax.tree.leaves(again.final), jax.tree.leaves(first.final)):
+        np.testing.assert_array_equal(a, b)
+    # Save times changed in place: the solve of the new times.
+    ts[3] = 1.25
+    moved = gflow.solve(random_flow, 3.0, rtol=RTOL, ts=ts)
+    fresh = gflow.solve(random_flow, 3.0, rtol=RTOL, ts=np.array(ts))
+    assert moved.ts[3] == 1.25
+    np.testing.assert_array_equal(moved.observables["loss"], fresh.observables["loss"])
+    assert moved.observables["loss"][3] != first.observables["loss"][3]
+    # A NumPy init changed in place: the solve of the new init (its default atol too), and
+    # a refusal once it is not finite.
+    model = jax.tree.map(np.array, random_flow.model)
+    flow = gflow.GradientFlow(model, random_flow.loss, random_flow.data)
+    before = gflow.solve(flow, 3.0, rtol=RTOL, ts=ts)
+    for leaf in jax.tree.leaves(model):
+        leaf *= 1e-3
+    after = gflow.solve(flow, 3.0, rtol=RTOL, ts=ts)
+    expected = gflow.solve(gflow.GradientFlow(jax.tree.map(jnp.asarray, model),
+                                              random_flow.loss, random_flow.data),
+                           3.0, rtol=RTOL, ts=ts)
+    assert after.atol == expected.atol == pytest.approx(1e-3 * before.atol, rel=1e-12)
+    np.testing.assert_array_equal(after.observables["loss"], expected.observables["loss"])
+    assert after.stats["num_steps"] == expected.stats["num_steps"]
+    jax.tree.leaves(model)[0][0, 0] = np.nan
+    with pytest.raises(gflow.InputError, match="initial state has non-finite"):
+        gflow.solve(flow, 3.0, rtol=RTOL, ts=ts)
+    # Another init of the same structure, under the spec of the first solve.
+    other = gflow.GradientFlow(jax.tree.map(lambda x: 2 * x, random_flow.model),
+                               random_flow.loss, random_flow.data)
+    spec = first.spec
+    assert gflow.solve(random_flow, spec).observables["loss"][0] == first.observables["loss"][0]
+    twice = gflow.solve(other, spec).observables["loss"]
+    np.testing.assert_array_equal(
+        twice, gflow.solve(other, dataclasses.replace(spec)).observables["loss"])
+    assert twice[0] == pytest.approx(float(other.loss(other.model, other.data)), rel=1e-12)
+
+
+def test_a_ready_solve_does_not_outlive_its_flow(random_flow):
+    """The ready solves of a flow hold its arrays: they go when the flow does. (Through
+    `gflow.internal`: what the cache holds is not visible through the public API.)"""
+    import gc
+    import weakref
+
+    import gflow.internal
+
+    def solve_a_new_flow():  # in a frame of its own: JAX may snapshot a caller's locals
+        flow = gflow.GradientFlow(jax.tree.map(lambda x: x + 0.0, random_flow.model),
+                                  random_flow.loss, random_flow.data)
+        gflow.solve(flow, 1.0, rtol=RTOL, ts=[0.0, 1.0])
+        assert id(flow) in gflow.internal.ready_flow_ids()
+        return id(flow), weakref.ref(flow)
+
+    key, ref = solve_a_new_flow()
+    gc.collect()
+    assert ref() is None and key not in gflow.internal.ready_flow_ids()
