@@ -4,6 +4,7 @@ import functools
 
 import diffrax
 
+from ._bdf import NewtonKrylovBDF
 from ._dop853 import DOP853
 from ._errors import InputError
 from ._implicit import NewtonKrylovESDIRK
@@ -25,6 +26,7 @@ _SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "kvaerno4": diffrax.Kvaerno4,
     "kvaerno5": diffrax.Kvaerno5,
     "esdirk": NewtonKrylovESDIRK,
+    "bdf": NewtonKrylovBDF,
     "switching": StiffSwitching,
 }
 

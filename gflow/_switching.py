@@ -45,7 +45,7 @@ import numpy as np
 import optimistix as optx
 
 from ._implicit import (
-    DEGREE, GRADIENTS, HVPS, INITIAL_RATE, NewtonKrylovESDIRK, PolynomialInterpolation,
+    DEGREE, GRADIENTS, HVPS, AbstractNewtonKrylov, NewtonKrylovESDIRK, PolynomialInterpolation,
     WORK_FIELDS, int_dtype,
 )
 
@@ -97,7 +97,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
     `diffrax.diffeqsolve` through `root_finder`).
     """
 
-    implicit: NewtonKrylovESDIRK = NewtonKrylovESDIRK()
+    implicit: AbstractNewtonKrylov = NewtonKrylovESDIRK()
     explicit: diffrax.Tsit5 = diffrax.Tsit5()
     stiff_fraction: float = eqx.field(static=True, default=0.8)
     stiff_steps: int = eqx.field(static=True, default=15)
@@ -120,7 +120,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         """5: Tsit5's and Kværnø 5's order."""
         return 5
 
-    def _implicit(self) -> NewtonKrylovESDIRK:
+    def _implicit(self) -> AbstractNewtonKrylov:
         # The implicit solver's tolerances are ours (diffeqsolve fills in only the top level).
         return eqx.tree_at(lambda s: s.root_finder, self.implicit, self.root_finder)
 
@@ -139,7 +139,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             calm_count=jnp.asarray(0, int_dtype()),
             backoffs=jnp.asarray(0, int_dtype()),
             probe=jnp.zeros_like(flat),
-            rate=jnp.asarray(INITIAL_RATE, dtype),
+            implicit_state=self._implicit().blank_state(y0),
             work=jnp.zeros(len(SWITCH_FIELDS), int_dtype()),
             # The first SWITCH_SLOTS switch times (slots past the switch count are unused).
             switch_times=jnp.zeros(SWITCH_SLOTS, dtype),
@@ -196,6 +196,11 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             calm_count=jnp.where(switch, 0, calm),
             # Power iteration starts along the direction the detector measured.
             probe=jnp.where(switch, direction / jnp.where(dist > 0, dist, 1.0), state["probe"]),
+            # The implicit method starts from this step's end (Tsit5's last stage is f there).
+            implicit_state=jtu.tree_map(
+                lambda new, old: jnp.where(switch, new, old),
+                self._implicit().restart(state["implicit_state"], y1, tsit5_state[1]),
+                state["implicit_state"]),
             work=_record_switch(work, switch),
             switch_times=_record_time(state["switch_times"], state["work"][SWITCHES], switch, t1),
         )
@@ -206,8 +211,9 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         # A member still in explicit mode (under vmap) has no probe yet: start it anywhere.
         probe = jnp.where(jnp.linalg.norm(probe) > 0, probe,
                           jnp.ones_like(probe) / np.sqrt(max(probe.size, 1)))
-        y1, y_error, dense, work, rate, result, j_probe = self._implicit().step_with_jvp(
-            terms, t0, t1, y0, args, state["rate"], probe)
+        y1, y_error, dense, implicit_state, result, j_probe = self._implicit().step_with_jvp(
+            terms, t0, t1, y0, args, state["implicit_state"], probe)
+        work = implicit_state["work"] - state["implicit_state"]["work"]
         lam = jnp.linalg.norm(j_probe)
         h = t1 - t0
         h_lam = h * lam
@@ -234,7 +240,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             stiff_count=jnp.asarray(0, int_dtype()),
             calm_count=jnp.where(stays, calm, 0),
             probe=j_probe / jnp.where(lam > 0, lam, 1.0),
-            rate=rate,
+            implicit_state=implicit_state,
             backoffs=state["backoffs"] + (back & dear_step & ~calm_step).astype(int_dtype()),
             work=_record_switch(total, back),
             switch_times=_record_time(state["switch_times"], state["work"][SWITCHES], back, t1),

@@ -11,7 +11,7 @@ more than that) and nothing for the ESDIRK alone.
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._implicit import GRADIENTS, HVPS, NewtonKrylovESDIRK, WORK_FIELDS, int_dtype
+from ._implicit import GRADIENTS, HVPS, AbstractNewtonKrylov, WORK_FIELDS, int_dtype
 from ._switching import SWITCH_FIELDS, SWITCH_SLOTS, SWITCHES, StiffSwitching
 
 # Switch times a solve records across its segments (later ones are counted, not timed).
@@ -21,7 +21,7 @@ SOLVE_SWITCH_SLOTS = 64
 def _fields(solver) -> tuple[str, ...] | None:
     if isinstance(solver, StiffSwitching):
         return SWITCH_FIELDS
-    if isinstance(solver, NewtonKrylovESDIRK):
+    if isinstance(solver, AbstractNewtonKrylov):
         return WORK_FIELDS
     return None
 
