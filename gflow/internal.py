@@ -8,6 +8,8 @@ change without notice.
 - `split(tree)`: a tree's inputs as the engine passes them to a program (its array leaves, each
   distinct array object once), a function rebuilding the tree from them, and the program
   cache's key of the rest.
+- `PolynomialInterpolation`: the dense output of the switching solver's branches and of the
+  matrix-free implicit solvers (`dense_info` of their steps builds one).
 - `AUTO_CROSSOVER_RTOL`, `AUTO_DOP853_ERROR_SCALE`: where `solver="auto"` switches from Tsit5 to
   DOP853, and the error scale it assumes for DOP853.
 """
@@ -17,12 +19,13 @@ from ._engine import (
     one_lapack_thread as one_lapack_thread,
     split as split,
 )
+from ._implicit import PolynomialInterpolation as PolynomialInterpolation
 from ._solvers import (
     AUTO_CROSSOVER_RTOL as AUTO_CROSSOVER_RTOL,
     AUTO_DOP853_ERROR_SCALE as AUTO_DOP853_ERROR_SCALE,
 )
 
 __all__ = [
-    "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "compiled_programs", "one_lapack_thread",
-    "split",
+    "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "PolynomialInterpolation",
+    "compiled_programs", "one_lapack_thread", "split",
 ]

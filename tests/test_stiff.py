@@ -11,7 +11,7 @@ import optimistix as optx
 import pytest
 
 import gflow
-from gflow import _solve as solve_module
+from gflow import _solve as solve_module, internal
 
 from gflow.theory import saxe_mode
 
@@ -238,3 +238,62 @@ def test_a_terminal_transition_is_part_of_the_spec():
     assert plain.settings() != ending.settings()
     with pytest.raises(gflow.InputError, match="terminal"):
         gflow.Transition("x", lambda m, d: 0.0, terminal="yes")
+
+
+def _bdf_step_errors(order, h, ndf):
+    """Local errors at the step's end and at its middle (dense output), and the step's error
+    estimate, of one BDF step of `order` from an exact history of spacing `h`."""
+    # The state is built by hand (its documented fields: differences at spacing `h`, order):
+    # an exact history isolates one step's local error, which a run from order 1 cannot.
+    solver = gflow.NewtonKrylovBDF(
+        ndf=ndf, root_finder=diffrax.VeryChord(rtol=1e-12, atol=1e-14, norm=optx.rms_norm),
+        root_find_max_steps=20, newton_tol=1e-4)
+    a = jnp.asarray(SPECTRUM[2:5])  # the smooth part: h λ small, the asymptotic regime
+    y0 = THETA0[2:5]
+    exact = lambda t: y0 * np.exp(-np.asarray(a) * t)
+    term = diffrax.ODETerm(lambda t, y, args: -a * y)
+    t = 1.0
+    values = np.stack([exact(t - j * h) for j in range(order + 1)])
+    diffs = [values[0]]
+    table = values
+    for _ in range(order):
+        table = table[:-1] - table[1:]  # backward differences at t
+        diffs.append(table[0])
+    state = solver.blank_state(jnp.asarray(y0))
+    d = state["differences"].at[: order + 1].set(jnp.asarray(np.stack(diffs)))
+    state = dict(state, differences=d, spacing=jnp.asarray(h), order=jnp.asarray(order))
+    y1, y_error, dense, new, _, _ = solver.step_with_jvp(
+        term, t, t + h, jnp.asarray(values[0]), None, state)
+    interp = internal.PolynomialInterpolation(t0=t, t1=t + h, **dense)
+    end = np.max(np.abs(np.asarray(y1) - exact(t + h)))
+    mid = np.max(np.abs(np.asarray(interp.evaluate(t + 0.5 * h)) - exact(t + 0.5 * h)))
+    assert int(new["order"]) == order  # no order change on the first step at an order
+    return end, mid
+
+
+@pytest.mark.parametrize("ndf", [True, False])
+def test_bdf_local_order_and_dense_output_on_a_linear_flow(ndf):
+    for order in range(1, 6):
+        errors = np.array([_bdf_step_errors(order, h, ndf) for h in (0.1, 0.05)])
+        orders = np.log2(errors[0] / errors[1])
+        # Local error O(h^{q+1}) at the step's end; the dense output is the order-q
+        # interpolant (O(h^{q+1})), fitted by a quartic on the step (O(h^5) at q = 5).
+        assert orders[0] > order + 1 - 0.3, (order, errors, orders)
+        assert orders[1] > min(order + 1, 5) - 0.3, (order, errors, orders)
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-6, 1e-8])
+def test_bdf_matches_the_closed_form_at_save_times(rtol):
+    flow = _quadratic_flow()
+    ts = np.linspace(0.0, 40.0, 161)
+    traj = gflow.solve(flow, 40.0, ts=ts, rtol=rtol, solver="bdf",
+                       observers={"theta": _state})
+    assert traj.status == "completed" and traj.solver == "bdf"
+    err = np.abs(traj.observables["theta"] - _exact(ts))
+    # Relative to each component's initial size (gflow's atol resolves it): a few rtol, the
+    # dense output between the long steps included.
+    assert np.max(err / np.abs(THETA0)) < 30 * rtol, np.max(err / np.abs(THETA0)) / rtol
+    st = traj.stats
+    assert st["cost"] == st["gradients"] + 2 * st["hvps"] == st["vector_field_evaluations"]
+    # About one Newton iteration a step: the chord Jacobian is the predictor's.
+    assert st["newton_iterations"] < 1.5 * st["implicit_steps"]
