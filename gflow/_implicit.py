@@ -117,6 +117,12 @@ class AbstractNewtonKrylov(diffrax.AbstractImplicitSolver, diffrax.AbstractAdapt
         """A solver state for states shaped like `y0`, computing nothing: zeroed counters, to
         be `restart`ed before the first step."""
 
+    def warming_up(self, state: dict):
+        """Whether the solver is still building up after a `restart` (a multistep method's
+        order and step): the switching solver does not judge its cost then. Never, here."""
+        del state
+        return jnp.asarray(False)
+
     @abc.abstractmethod
     def restart(self, state: dict, y0, f0) -> dict:
         """`state` made ready to step from `y0`, where the vector field is `f0` (pytrees),
