@@ -226,8 +226,10 @@ class NewtonKrylovBDF(AbstractNewtonKrylov):
         def body(carry):
             d, rhs, dz_prev, _, _, its, krylov, rate = carry
             # The right-hand side as the first guess: exact along the slow directions (c J
-            # small there), so CG's initial residual is c J rhs, the stiff part alone.
-            sol = lx.linear_solve(operator, rhs, cg, options=dict(y0=rhs), throw=False)
+            # small there), so CG's initial residual is c J rhs, the stiff part alone. (A
+            # guess only: lineax takes no derivative through it.)
+            sol = lx.linear_solve(operator, rhs, cg, options=dict(y0=jax.lax.stop_gradient(rhs)),
+                                  throw=False)
             delta = sol.value
             dz = scaled_norm(delta)
             rate = jnp.where(its > 0, dz / dz_prev, rate)
