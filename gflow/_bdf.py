@@ -22,7 +22,10 @@ After `q + 1` steps at an order, the estimates at `q − 1` and `q + 1` (from `D
 controller sees one error norm and a fixed error order `E`; this solver reports an error whose
 norm is `ε^(E / (q' + 1))` for the chosen order's estimate `ε` (for the current order's on a
 rejected step), so that the controller's step for order `E` is the step this order wants, and
-accepts exactly when the current order's estimate is below one.
+accepts exactly when the current order's estimate is below one. This keeps the one controller
+`gflow.solve` builds (and shares with Tsit5 inside `StiffSwitching`), whatever its PID
+coefficients; a controller of its own would need the solver's order each step, which diffrax's
+controller interface does not pass (its error order is fixed per solve).
 """
 
 import functools
@@ -106,8 +109,9 @@ class NewtonKrylovBDF(AbstractNewtonKrylov):
     - `ndf`: Klopfenstein–Shampine NDFs (default; smaller error constants, as `ode15s` and
         scipy's `BDF`) or the plain BDFs (`False`, as CVODE).
     - `max_order`: the highest order used (1–5).
-    - `newton_tol`: Newton's iteration stops once its correction, times the contraction rate
-        last measured, is this fraction of the error tolerance (CVODE: 0.1).
+    - `newton_tol`: Newton's iteration stops once its correction times `ρ / (1 − ρ)` (`ρ` the
+        contraction rate, on the first iteration the one last measured) is this fraction of
+        the error tolerance (CVODE: 0.1).
     - `krylov_tol`: CG stops once the residual is this fraction of Newton's tolerance
         (CVODE's GMRES: 0.05), each component in units of its error scale
         (`atol + rtol |y|`).
