@@ -202,11 +202,10 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             calm_count=jnp.where(switch, 0, calm),
             # Power iteration starts along the direction the detector measured.
             probe=jnp.where(switch, direction / jnp.where(dist > 0, dist, 1.0), state["probe"]),
-            # The implicit method starts from this step's end (Tsit5's last stage is f there).
-            implicit_state=jtu.tree_map(
-                lambda new, old: jnp.where(switch, new, old),
-                self._implicit().restart(state["implicit_state"], y1, tsit5_state[1]),
-                state["implicit_state"]),
+            # The implicit method starts from this step's end (Tsit5's last stage is f there),
+            # restarted after every explicit step: under vmap a member still in explicit mode
+            # takes the batch's implicit steps too, from its own state.
+            implicit_state=self._implicit().restart(state["implicit_state"], y1, tsit5_state[1]),
             work=_record_switch(work, switch),
             switch_times=_record_time(state["switch_times"], state["work"][SWITCHES], switch, t1),
         )

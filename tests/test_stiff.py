@@ -297,3 +297,27 @@ def test_bdf_matches_the_closed_form_at_save_times(rtol):
     assert st["cost"] == st["gradients"] + 2 * st["hvps"] == st["vector_field_evaluations"]
     # About one Newton iteration a step: the chord Jacobian is the predictor's.
     assert st["newton_iterations"] < 1.5 * st["implicit_steps"]
+
+
+def test_switching_under_vmap_takes_each_members_own_steps():
+    # Under vmap the batch takes implicit steps once any member is stiff: a member still in
+    # explicit mode takes them too, from its own (restarted) BDF history. diffrax directly:
+    # the batch of solves without a sweep's machinery around it.
+    a, y0 = jnp.asarray(SPECTRUM), jnp.asarray(THETA0)
+
+    def solve(p):
+        term = diffrax.ODETerm(lambda t, y, args: -p * a * y)
+        sol = diffrax.diffeqsolve(
+            term, gflow.StiffSwitching(), 0.0, 30.0, 0.01, y0, max_steps=10_000,
+            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6))
+        return sol.ys[-1], sol.stats["num_steps"]
+
+    ps = jnp.asarray([1.0, 0.7])  # the first member turns stiff first
+    batched, steps = jax.jit(jax.vmap(solve))(ps)
+    for i, p in enumerate(np.asarray(ps)):
+        alone, alone_steps = jax.jit(solve)(p)
+        # The same steps up to rounding (a batched reduction may round otherwise, and move a
+        # step); a member taking steps from another's history would be far off.
+        assert abs(int(steps[i]) - int(alone_steps)) <= 2
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(alone), rtol=0, atol=1e-6)
+        assert np.max(np.abs(np.asarray(alone) - THETA0 * np.exp(-p * SPECTRUM * 30.0))) < 1e-5
