@@ -29,7 +29,6 @@ controller interface does not pass (its error order is fixed per solve).
 """
 
 import functools
-from typing import ClassVar
 
 import diffrax
 import equinox as eqx
@@ -41,7 +40,7 @@ import numpy as np
 import optimistix as optx
 
 from ._implicit import (
-    DEGREE, INITIAL_RATE, RATE_FLOOR, AbstractNewtonKrylov, WORK_FIELDS, int_dtype,
+    DEGREE, INITIAL_RATE, RATE_FLOOR, WORK_FIELDS, AbstractNewtonKrylov, int_dtype,
 )
 
 MAX_ORDER = 5
@@ -248,8 +247,8 @@ class NewtonKrylovBDF(AbstractNewtonKrylov):
             # only when some (vmapped) member iterates again.
             rhs = jax.lax.cond(eqx.internal.unvmap_any(going),
                                lambda: c * vf(y_pred + d) - psi - d, lambda: rhs)
-            return (d, rhs, dz, converged, failed, its, krylov + sol.stats["num_steps"].astype(int_),
-                    rate)
+            krylov = krylov + sol.stats["num_steps"].astype(int_)
+            return d, rhs, dz, converged, failed, its, krylov, rate
 
         init = (jnp.zeros_like(flat0), c * f_pred - psi, jnp.asarray(jnp.inf, dtype),
                 jnp.asarray(False), jnp.asarray(False), jnp.asarray(0, int_),

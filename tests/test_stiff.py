@@ -262,7 +262,7 @@ def _bdf_step_errors(order, h, ndf):
     state = solver.blank_state(jnp.asarray(y0))
     d = state["differences"].at[: order + 1].set(jnp.asarray(np.stack(diffs)))
     state = dict(state, differences=d, spacing=jnp.asarray(h), order=jnp.asarray(order))
-    y1, y_error, dense, new, _, _ = solver.step_with_jvp(
+    y1, _, dense, new, _, _ = solver.step_with_jvp(
         term, t, t + h, jnp.asarray(values[0]), None, state)
     interp = internal.PolynomialInterpolation(t0=t, t1=t + h, **dense)
     end = np.max(np.abs(np.asarray(y1) - exact(t + h)))
