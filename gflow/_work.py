@@ -5,7 +5,8 @@ The counters cover accepted steps: diffrax discards the solver state of a reject
 its work is not in them (`num_rejected_steps` says how many there were). `gflow.solve`'s
 `vector_field_evaluations` adds Tsit5's 6 evaluations per rejected step for the switching
 solver (exact while every rejected step is an explicit one; a rejected implicit step costs
-more than that) and nothing for the ESDIRK alone.
+more than that) and nothing for an implicit solver alone (the BDF or the ESDIRK).
+`benchmarks/stiff.py` counts every attempt with a host callback where it matters.
 """
 
 import jax.numpy as jnp
