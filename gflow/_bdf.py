@@ -12,8 +12,9 @@ polynomial at new nodes); a rejected step leaves the state as it was.
 Newton's matrix `I − c J` (`J = −∇²L`, symmetric) is applied through a `jax.linearize` of
 the vector field at the predictor, whose primal output is the first iteration's `f`: a step
 that converges in one iteration costs one gradient and one conjugate-gradient solve. The
-iteration is converged once its correction, times the contraction rate last measured, is a
-tenth of the error tolerance (SUNDIALS CVODE's test), and CG stops at a fifth of that
+iteration is converged once its correction times `ρ / (1 − ρ)`, with `ρ` the contraction rate
+last measured, is a tenth of the error tolerance (as SUNDIALS CVODE tests it, on the first
+iteration too), and CG stops at a fifth of that
 (`krylov_tol`; CVODE's GMRES stops at 5%).
 
 Step size and order: the error estimate of order `q` is `C_{q+1} d` (`C` the error constants).
