@@ -41,6 +41,7 @@ _EXPORTS = {
     "DOP853": ("._dop853", "DOP853"),
     "GradientFlow": ("._flow", "GradientFlow"),
     "InputError": ("._errors", "InputError"),
+    "NewtonKrylovBDF": ("._bdf", "NewtonKrylovBDF"),
     "NewtonKrylovESDIRK": ("._implicit", "NewtonKrylovESDIRK"),
     "Precision": ("._precision", "Precision"),
     "Prediction": ("._prediction", "Prediction"),
@@ -115,6 +116,7 @@ if _TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
     from ._errors import InputError as InputError
     from ._flow import GradientFlow as GradientFlow
     from ._grids import linear_grid as linear_grid, log_grid as log_grid
+    from ._bdf import NewtonKrylovBDF as NewtonKrylovBDF
     from ._implicit import NewtonKrylovESDIRK as NewtonKrylovESDIRK
     from ._precision import Precision as Precision
     from ._prediction import Prediction as Prediction

@@ -14,6 +14,7 @@ from diffrax's predictor. The dense output is the cubic Hermite polynomial throu
 ends (`PolynomialInterpolation`, the representation `gflow`'s switching solver shares).
 """
 
+import abc
 import functools
 from typing import ClassVar, NamedTuple
 
@@ -73,7 +74,63 @@ def hermite_coefficients(y0, y1, k0, k1):
     return jtu.tree_map(one, y0, y1, k0, k1)
 
 
-class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSolver):
+class AbstractNewtonKrylov(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSolver):
+    """A matrix-free implicit solver for gradient flows (Newton on Hessian-vector products),
+    usable alone or as the implicit branch of `StiffSwitching`.
+
+    Its solver state is a dict holding at least `work` (the counters of `WORK_FIELDS`); a
+    step is `step_with_jvp`, which can also probe the Jacobian for the switching solver's
+    stiffness tracking. The Newton tolerances are the step-size controller's (`rtol`, `atol`,
+    `norm`), filled in by `diffrax.diffeqsolve` through `root_finder`.
+    """
+
+    root_finder: eqx.AbstractVar[optx.AbstractRootFinder]
+
+    term_structure: ClassVar = diffrax.AbstractTerm
+    interpolation_cls: ClassVar = PolynomialInterpolation
+
+    def func(self, terms, t0, y0, args):
+        """The vector field at `(t0, y0)`."""
+        return terms.vf(t0, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        """One step from `t0` to `t1` (diffrax's solver interface)."""
+        del made_jump
+        y1, y_error, dense_info, state, result, _ = self.step_with_jvp(
+            terms, t0, t1, y0, args, solver_state)
+        return y1, y_error, dense_info, state, result
+
+    @abc.abstractmethod
+    def step_with_jvp(self, terms, t0, t1, y0, args, state, probe=None):
+        """One step from `y0` at `t0` to `t1` from solver state `state`. Also returns
+        `J @ probe` (one more Hessian-vector product) when a flat `probe` vector is given,
+        for a caller tracking the stiffness.
+
+        **Returns:**
+
+        `(y1, y_error, dense_info, state, result, J @ probe or None)`, `state["work"]` the
+        counters with this step's work added.
+        """
+
+    @abc.abstractmethod
+    def blank_state(self, y0) -> dict:
+        """A solver state for states shaped like `y0`, computing nothing: zeroed counters, to
+        be `restart`ed before the first step."""
+
+    def warming_up(self, state: dict):
+        """Whether the solver is still building up after a `restart` (a multistep method's
+        order and step): the switching solver does not judge its cost then. Never, here."""
+        del state
+        return jnp.asarray(False)
+
+    @abc.abstractmethod
+    def restart(self, state: dict, y0, f0) -> dict:
+        """`state` made ready to step from `y0`, where the vector field is `f0` (pytrees),
+        after steps that were not this solver's (the switching solver's Tsit5 steps); the
+        counters are kept."""
+
+
+class NewtonKrylovESDIRK(AbstractNewtonKrylov):
     """A stiff solver for gradient flows that never forms the Hessian.
 
     An ESDIRK method (Kværnø's, from diffrax's tableaux) whose stages are solved by chord
@@ -111,9 +168,6 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
     root_find_max_steps: int = eqx.field(static=True, default=6)
     krylov_max_steps: int = eqx.field(static=True, default=50)
 
-    term_structure: ClassVar = diffrax.AbstractTerm
-    interpolation_cls: ClassVar = PolynomialInterpolation
-
     def __check_init__(self):
         if self.method not in _TABLEAUX:
             raise ValueError(f"method must be one of {sorted(_TABLEAUX)}, got {self.method!r}")
@@ -130,32 +184,24 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
     def init(self, terms, t0, t1, y0, args):
         """The solver state: zeroed work counters and the initial Newton rate."""
         del terms, t0, t1, args
+        return self.blank_state(y0)
+
+    def blank_state(self, y0):
+        """Zeroed work counters and the initial Newton contraction rate."""
         dtype = jnp.result_type(*jtu.tree_leaves(y0))
         return dict(work=jnp.zeros(len(WORK_FIELDS), dtype=int_dtype()),
                     rate=jnp.asarray(INITIAL_RATE, dtype))
 
-    def func(self, terms, t0, y0, args):
-        """The vector field at `(t0, y0)`."""
-        return terms.vf(t0, y0, args)
+    def restart(self, state, y0, f0):
+        """`state` itself: a step needs nothing from the last (the Newton rate is kept)."""
+        del y0, f0
+        return state
 
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        """One step from `t0` to `t1` (diffrax's solver interface)."""
-        del made_jump
-        y1, y_error, dense_info, work, rate, result, _ = self.step_with_jvp(
-            terms, t0, t1, y0, args, solver_state["rate"])
-        return y1, y_error, dense_info, dict(work=solver_state["work"] + work, rate=rate), result
-
-    def step_with_jvp(self, terms, t0, t1, y0, args, rate, probe=None):
-        """One step from `y0` at `t0` to `t1`; `rate` is the Newton contraction rate last
-        measured (it decides whether a stage's first iteration has converged). Also returns
-        `J @ probe` (at `y0`, one more Hessian-vector product) when a `probe` vector (flat) is
-        given, for a caller tracking the stiffness.
-
-        **Returns:**
-
-        `(y1, y_error, dense_info, work, rate, result, J @ probe or None)`, `work` the
-        counters of this step and `rate` the updated contraction rate.
-        """
+    def step_with_jvp(self, terms, t0, t1, y0, args, state, probe=None):
+        """One step from `y0` at `t0` to `t1`; the state's `rate` is the Newton contraction
+        rate last measured (it decides whether a stage's first iteration has converged). The
+        probe's product is at `y0`."""
+        rate = state["rate"]
         tab = self.tableau
         h = t1 - t0
         flat0, unravel = jax.flatten_util.ravel_pytree(y0)
@@ -220,7 +266,7 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
             k, its, _, _, failed, krylov, rate = jax.lax.while_loop(cond, body, init)
             # Decays towards 1 between measurements (RADAU5's `faccon ** 0.8`): a rate
             # measured on an easy stage is not trusted forever.
-            rate = jnp.maximum(rate, _RATE_FLOOR) ** 0.8
+            rate = jnp.maximum(rate, RATE_FLOOR) ** 0.8
             return k, its, krylov, failed, rate
 
         # The stages in one loop, so that the Newton iteration (a gradient and a CG solve on
@@ -262,7 +308,8 @@ class NewtonKrylovESDIRK(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiv
             krylov_its,
             jnp.asarray(1, int_),
         ]).astype(int_)
-        return y1, y_error, dense_info, work, rate, diffrax.RESULTS.successful, probed
+        state = dict(work=state["work"] + work, rate=rate)
+        return y1, y_error, dense_info, state, diffrax.RESULTS.successful, probed
 
 
 class _Stages(NamedTuple):
@@ -293,7 +340,7 @@ def int_dtype():
 
 # The Newton contraction rate assumed before any is measured, and the smallest trusted.
 INITIAL_RATE = 0.5
-_RATE_FLOOR = 1e-3
+RATE_FLOOR = 1e-3
 
 
 def _check_tableaux():

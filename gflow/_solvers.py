@@ -4,6 +4,7 @@ import functools
 
 import diffrax
 
+from ._bdf import NewtonKrylovBDF
 from ._dop853 import DOP853
 from ._errors import InputError
 from ._implicit import NewtonKrylovESDIRK
@@ -25,6 +26,7 @@ _SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "kvaerno4": diffrax.Kvaerno4,
     "kvaerno5": diffrax.Kvaerno5,
     "esdirk": NewtonKrylovESDIRK,
+    "bdf": NewtonKrylovBDF,
     "switching": StiffSwitching,
 }
 
@@ -47,8 +49,8 @@ def auto_solver(rtol: float) -> diffrax.AbstractSolver:
 
     At `rtol >= AUTO_CROSSOVER_RTOL` (1e-8), `gflow.StiffSwitching`: Tsit5 (5th order, 6
     evaluations a step, a free 4th-order interpolant), handing the flow to the matrix-free
-    `gflow.NewtonKrylovESDIRK` where Tsit5's steps are held by stability and back (on a flow
-    that never gets stiff it takes Tsit5's steps exactly). Below, DOP853 (8th order, 15
+    variable-order `gflow.NewtonKrylovBDF` where Tsit5's steps are held by stability and back
+    (on a flow that never gets stiff it takes Tsit5's steps exactly). Below, DOP853 (8th order, 15
     evaluations a step with its 7th-order dense output), whose higher order pays for its dearer
     steps there, with its error estimate scaled by `AUTO_DOP853_ERROR_SCALE` (10) so that its
     error at save times is about rtol, as Tsit5's is. Both keep the PID controller gflow builds

@@ -1,10 +1,13 @@
-"""`StiffSwitching`: Tsit5 while the flow is not stiff, the matrix-free ESDIRK while it is.
+"""`StiffSwitching`: Tsit5 while the flow is not stiff, a matrix-free implicit method (the
+variable-order BDF by default) while it is.
 
 A gradient flow turns stiff late (near a minimum, or on a slow manifold beside a few sharp
 directions): `λ_max` of the Hessian grows while the solution barely moves, and an explicit
 method's step is then set by its stability interval (Tsit5: `h λ_max ≤ 3.507` on the negative
 real axis), not by accuracy. This solver detects that and hands the flow to
-`NewtonKrylovESDIRK`, and back when the flow stops being stiff (a saddle escape, a new stage).
+`NewtonKrylovBDF` (or `NewtonKrylovESDIRK`), and back when the flow stops being stiff (a saddle
+escape, a new stage). The BDF starts at order 1 from Tsit5's last step (its last stage is the
+vector field there: no evaluation), and its cost is not judged while it builds up its order.
 
 Detection, as Hairer & Wanner's DOPRI5 does it, costs no evaluation: Tsit5's sixth stage and
 its last (first-same-as-last) stage both sit at the step's end, so
@@ -21,7 +24,8 @@ products over `h`) than Tsit5 held at its stability limit would (6 evaluations p
 `backoff_factor` times as many stiff steps each time.
 
 Both branches produce the same dense output (`PolynomialInterpolation`: Tsit5's quartic
-continuous extension in monomial form, or the implicit step's cubic Hermite), so save times,
+continuous extension in monomial form, or the implicit step's own: the BDF's interpolant, the
+ESDIRK's cubic Hermite), so save times,
 events and transitions see one representation. The mode, the detector and the work counters
 live in the solver state; each switch's time is recorded there (`SWITCH_SLOTS` of them), and
 `gflow.solve` reports them in `stats["switch_times"]`.
@@ -44,9 +48,10 @@ import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
 
+from ._bdf import NewtonKrylovBDF
 from ._implicit import (
-    DEGREE, GRADIENTS, HVPS, INITIAL_RATE, NewtonKrylovESDIRK, PolynomialInterpolation,
-    WORK_FIELDS, int_dtype,
+    DEGREE, GRADIENTS, HVPS, AbstractNewtonKrylov, PolynomialInterpolation, WORK_FIELDS,
+    int_dtype,
 )
 
 # Tsit5's stability interval on the negative real axis (|R(z)| <= 1 for -3.507 <= z <= 0),
@@ -77,12 +82,13 @@ def _tsit5_monomials() -> np.ndarray:
 
 
 class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSolver):
-    """Tsit5, switching to the matrix-free `NewtonKrylovESDIRK` where its steps are held by
+    """Tsit5, switching to a matrix-free implicit method where its steps are held by
     stability, and back (what `solver="auto"` runs at `rtol >= 1e-8`).
 
     **Arguments:**
 
-    - `implicit`: the implicit solver (default `NewtonKrylovESDIRK()`, Kværnø's 5th order).
+    - `implicit`: the implicit solver (default `NewtonKrylovBDF()`; `NewtonKrylovESDIRK()`
+        is the alternative).
     - `explicit`: the explicit solver, a `diffrax.Tsit5` (the detector reads its stages).
     - `stiff_fraction`, `stiff_steps`, `reset_steps`: a step counts as stiff when `h ρ` is
         above `stiff_fraction` of Tsit5's stability limit; `stiff_steps` such accepted steps,
@@ -97,7 +103,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
     `diffrax.diffeqsolve` through `root_finder`).
     """
 
-    implicit: NewtonKrylovESDIRK = NewtonKrylovESDIRK()
+    implicit: AbstractNewtonKrylov = NewtonKrylovBDF()
     explicit: diffrax.Tsit5 = diffrax.Tsit5()
     stiff_fraction: float = eqx.field(static=True, default=0.8)
     stiff_steps: int = eqx.field(static=True, default=15)
@@ -117,10 +123,10 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             raise ValueError(f"explicit must be a diffrax.Tsit5, got {self.explicit!r}")
 
     def order(self, terms):
-        """5: Tsit5's and Kværnø 5's order."""
+        """5: Tsit5's order, the BDF's highest and Kværnø 5's."""
         return 5
 
-    def _implicit(self) -> NewtonKrylovESDIRK:
+    def _implicit(self) -> AbstractNewtonKrylov:
         # The implicit solver's tolerances are ours (diffeqsolve fills in only the top level).
         return eqx.tree_at(lambda s: s.root_finder, self.implicit, self.root_finder)
 
@@ -139,7 +145,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             calm_count=jnp.asarray(0, int_dtype()),
             backoffs=jnp.asarray(0, int_dtype()),
             probe=jnp.zeros_like(flat),
-            rate=jnp.asarray(INITIAL_RATE, dtype),
+            implicit_state=self._implicit().blank_state(y0),
             work=jnp.zeros(len(SWITCH_FIELDS), int_dtype()),
             # The first SWITCH_SLOTS switch times (slots past the switch count are unused).
             switch_times=jnp.zeros(SWITCH_SLOTS, dtype),
@@ -196,6 +202,10 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             calm_count=jnp.where(switch, 0, calm),
             # Power iteration starts along the direction the detector measured.
             probe=jnp.where(switch, direction / jnp.where(dist > 0, dist, 1.0), state["probe"]),
+            # The implicit method starts from this step's end (Tsit5's last stage is f there),
+            # restarted after every explicit step: under vmap a member still in explicit mode
+            # takes the batch's implicit steps too, from its own state.
+            implicit_state=self._implicit().restart(state["implicit_state"], y1, tsit5_state[1]),
             work=_record_switch(work, switch),
             switch_times=_record_time(state["switch_times"], state["work"][SWITCHES], switch, t1),
         )
@@ -206,8 +216,9 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         # A member still in explicit mode (under vmap) has no probe yet: start it anywhere.
         probe = jnp.where(jnp.linalg.norm(probe) > 0, probe,
                           jnp.ones_like(probe) / np.sqrt(max(probe.size, 1)))
-        y1, y_error, dense, work, rate, result, j_probe = self._implicit().step_with_jvp(
-            terms, t0, t1, y0, args, state["rate"], probe)
+        y1, y_error, dense, implicit_state, result, j_probe = self._implicit().step_with_jvp(
+            terms, t0, t1, y0, args, state["implicit_state"], probe)
+        work = implicit_state["work"] - state["implicit_state"]["work"]
         lam = jnp.linalg.norm(j_probe)
         h = t1 - t0
         h_lam = h * lam
@@ -218,7 +229,9 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
         cost = work[GRADIENTS] + 2 * work[HVPS]
         explicit_rate = 6 * lam / (self.stiff_fraction * TSIT5_STABILITY_LIMIT)
         dear_step = cost > explicit_rate * h
-        calm = jnp.where(calm_step | dear_step, state["calm_count"] + 1, 0)
+        # Not judged while the implicit method builds up after the switch (a BDF's order).
+        judged = ~self._implicit().warming_up(state["implicit_state"])
+        calm = jnp.where(judged & (calm_step | dear_step), state["calm_count"] + 1, 0)
         was = state["implicit"]
         back = was & (calm >= self.nonstiff_steps)
         stays = was & ~back
@@ -234,7 +247,7 @@ class StiffSwitching(diffrax.AbstractImplicitSolver, diffrax.AbstractAdaptiveSol
             stiff_count=jnp.asarray(0, int_dtype()),
             calm_count=jnp.where(stays, calm, 0),
             probe=j_probe / jnp.where(lam > 0, lam, 1.0),
-            rate=rate,
+            implicit_state=implicit_state,
             backoffs=state["backoffs"] + (back & dear_step & ~calm_step).astype(int_dtype()),
             work=_record_switch(total, back),
             switch_times=_record_time(state["switch_times"], state["work"][SWITCHES], back, t1),

@@ -112,9 +112,10 @@ class Trajectory:
         `message` says more when it is not `"completed"`.
     - `stats`: steps (total, accepted, rejected), vector-field evaluations (`None` for
         diffrax's implicit solvers), segments, compile and run seconds; gflow's stiff solvers
-        (`NewtonKrylovESDIRK`, `StiffSwitching`) add their counters: `gradients`, `hvps`,
-        `newton_iterations`, `krylov_iterations`, `implicit_steps`, `cost` (gradients + 2 ×
-        HVPs), and for the switching solver `explicit_steps`, `switches`, `switch_times`.
+        (`NewtonKrylovBDF`, `NewtonKrylovESDIRK`, `StiffSwitching`) add their counters:
+        `gradients`, `hvps`, `newton_iterations`, `krylov_iterations`, `implicit_steps`,
+        `cost` (gradients + 2 × HVPs), and for the switching solver `explicit_steps`,
+        `switches`, `switch_times`.
     - `solver`, `rtol`, `atol`: the settings used.
     - `config`: the configuration that produced the run (set by the command line), or `None`.
     - `predictions`: `{name: gflow.Prediction}` comparisons with theory, filled by presets.

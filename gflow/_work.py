@@ -5,13 +5,14 @@ The counters cover accepted steps: diffrax discards the solver state of a reject
 its work is not in them (`num_rejected_steps` says how many there were). `gflow.solve`'s
 `vector_field_evaluations` adds Tsit5's 6 evaluations per rejected step for the switching
 solver (exact while every rejected step is an explicit one; a rejected implicit step costs
-more than that) and nothing for the ESDIRK alone.
+more than that) and nothing for an implicit solver alone (the BDF or the ESDIRK).
+`benchmarks/stiff.py` counts every attempt with a host callback where it matters.
 """
 
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._implicit import GRADIENTS, HVPS, NewtonKrylovESDIRK, WORK_FIELDS, int_dtype
+from ._implicit import GRADIENTS, HVPS, AbstractNewtonKrylov, WORK_FIELDS, int_dtype
 from ._switching import SWITCH_FIELDS, SWITCH_SLOTS, SWITCHES, StiffSwitching
 
 # Switch times a solve records across its segments (later ones are counted, not timed).
@@ -21,7 +22,7 @@ SOLVE_SWITCH_SLOTS = 64
 def _fields(solver) -> tuple[str, ...] | None:
     if isinstance(solver, StiffSwitching):
         return SWITCH_FIELDS
-    if isinstance(solver, NewtonKrylovESDIRK):
+    if isinstance(solver, AbstractNewtonKrylov):
         return WORK_FIELDS
     return None
 

@@ -11,6 +11,11 @@ change without notice.
 - `split(tree)`: a tree's inputs as the engine passes them to a program (its array leaves, each
   distinct array object once), a function rebuilding the tree from them, and the program
   cache's key of the rest.
+- `PolynomialInterpolation`: the dense output of the switching solver's branches and of the
+  matrix-free implicit solvers (`dense_info` of their steps builds one).
+- `AbstractNewtonKrylov`: the interface of the matrix-free implicit solvers (the switching
+  solver's implicit branch), e.g. to wrap one with instrumentation.
+- `make_solver(solver, rtol)`, `solver_name(solver)`: a solver from its gflow name, and back.
 - `AUTO_CROSSOVER_RTOL`, `AUTO_DOP853_ERROR_SCALE`: where `solver="auto"` switches from Tsit5 to
   DOP853, and the error scale it assumes for DOP853.
 """
@@ -20,13 +25,20 @@ from ._engine import (
     one_lapack_thread as one_lapack_thread,
     split as split,
 )
+from ._implicit import (
+    AbstractNewtonKrylov as AbstractNewtonKrylov,
+    PolynomialInterpolation as PolynomialInterpolation,
+)
 from ._solve import ready_flow_ids as ready_flow_ids
 from ._solvers import (
     AUTO_CROSSOVER_RTOL as AUTO_CROSSOVER_RTOL,
     AUTO_DOP853_ERROR_SCALE as AUTO_DOP853_ERROR_SCALE,
+    make_solver as make_solver,
+    solver_name as solver_name,
 )
 
 __all__ = [
-    "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "compiled_programs", "one_lapack_thread",
-    "ready_flow_ids", "split",
+    "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "AbstractNewtonKrylov",
+    "PolynomialInterpolation", "compiled_programs", "make_solver", "one_lapack_thread",
+    "ready_flow_ids", "solver_name", "split",
 ]

@@ -11,7 +11,7 @@ import optimistix as optx
 import pytest
 
 import gflow
-from gflow import _solve as solve_module
+from gflow import _solve as solve_module, internal
 
 from gflow.theory import saxe_mode
 
@@ -107,16 +107,18 @@ def test_auto_is_much_cheaper_than_tsit5_on_a_stiff_flow():
 
 
 @pytest.mark.slow
-def test_saxe_modes_with_the_implicit_method(saxe_flow, saxe_target):
+@pytest.mark.parametrize("solver", ["esdirk", "bdf"])
+def test_saxe_modes_with_the_implicit_method(saxe_flow, saxe_target, solver):
     ts = np.linspace(0.0, 8.0, 241)
     rtol = 1e-6
-    traj = gflow.solve(saxe_flow, 8.0, ts=ts, rtol=rtol, solver="esdirk",
+    traj = gflow.solve(saxe_flow, 8.0, ts=ts, rtol=rtol, solver=solver,
                        observers={"u": mode_strengths(saxe_target)})
     assert traj.status == "completed"
     for a, s in enumerate(SAXE_S):
         err = np.max(np.abs(traj.observables["u"][:, a] - saxe_mode(ts, s, SAXE_U0)))
         # The cubic Hermite dense output between the ESDIRK's long steps: measured at 80x
-        # rtol on the fast mode's sigmoid (Tsit5's quartic extension: under 10x).
+        # rtol on the fast mode's sigmoid (the BDF's interpolant 24x; Tsit5's quartic
+        # extension: under 10x).
         assert err < 100 * rtol * s, (a, err)
 
 
@@ -238,3 +240,86 @@ def test_a_terminal_transition_is_part_of_the_spec():
     assert plain.settings() != ending.settings()
     with pytest.raises(gflow.InputError, match="terminal"):
         gflow.Transition("x", lambda m, d: 0.0, terminal="yes")
+
+
+def _bdf_step_errors(order, h, ndf):
+    """Local errors at the step's end and at its middle (dense output), and the step's error
+    estimate, of one BDF step of `order` from an exact history of spacing `h`."""
+    # The state is built by hand (its documented fields: differences at spacing `h`, order):
+    # an exact history isolates one step's local error, which a run from order 1 cannot.
+    solver = gflow.NewtonKrylovBDF(
+        ndf=ndf, root_finder=diffrax.VeryChord(rtol=1e-12, atol=1e-14, norm=optx.rms_norm),
+        root_find_max_steps=20, newton_tol=1e-4)
+    a = jnp.asarray(SPECTRUM[2:5])  # the smooth part: h λ small, the asymptotic regime
+    y0 = THETA0[2:5]
+    exact = lambda t: y0 * np.exp(-np.asarray(a) * t)
+    term = diffrax.ODETerm(lambda t, y, args: -a * y)
+    t = 1.0
+    values = np.stack([exact(t - j * h) for j in range(order + 1)])
+    diffs = [values[0]]
+    table = values
+    for _ in range(order):
+        table = table[:-1] - table[1:]  # backward differences at t
+        diffs.append(table[0])
+    state = solver.blank_state(jnp.asarray(y0))
+    d = state["differences"].at[: order + 1].set(jnp.asarray(np.stack(diffs)))
+    state = dict(state, differences=d, spacing=jnp.asarray(h), order=jnp.asarray(order))
+    y1, _, dense, new, _, _ = solver.step_with_jvp(
+        term, t, t + h, jnp.asarray(values[0]), None, state)
+    interp = internal.PolynomialInterpolation(t0=t, t1=t + h, **dense)
+    end = np.max(np.abs(np.asarray(y1) - exact(t + h)))
+    mid = np.max(np.abs(np.asarray(interp.evaluate(t + 0.5 * h)) - exact(t + 0.5 * h)))
+    assert int(new["order"]) == order  # no order change on the first step at an order
+    return end, mid
+
+
+@pytest.mark.parametrize("ndf", [True, False])
+def test_bdf_local_order_and_dense_output_on_a_linear_flow(ndf):
+    for order in range(1, 6):
+        errors = np.array([_bdf_step_errors(order, h, ndf) for h in (0.1, 0.05)])
+        orders = np.log2(errors[0] / errors[1])
+        # Local error O(h^{q+1}) at the step's end; the dense output is the order-q
+        # interpolant (O(h^{q+1})), fitted by a quartic on the step (O(h^5) at q = 5).
+        assert orders[0] > order + 1 - 0.3, (order, errors, orders)
+        assert orders[1] > min(order + 1, 5) - 0.3, (order, errors, orders)
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-6, 1e-8])
+def test_bdf_matches_the_closed_form_at_save_times(rtol):
+    flow = _quadratic_flow()
+    ts = np.linspace(0.0, 40.0, 161)
+    traj = gflow.solve(flow, 40.0, ts=ts, rtol=rtol, solver="bdf",
+                       observers={"theta": _state})
+    assert traj.status == "completed" and traj.solver == "bdf"
+    err = np.abs(traj.observables["theta"] - _exact(ts))
+    # Relative to each component's initial size (gflow's atol resolves it): a few rtol, the
+    # dense output between the long steps included.
+    assert np.max(err / np.abs(THETA0)) < 30 * rtol, np.max(err / np.abs(THETA0)) / rtol
+    st = traj.stats
+    assert st["cost"] == st["gradients"] + 2 * st["hvps"] == st["vector_field_evaluations"]
+    # About one Newton iteration a step: the chord Jacobian is the predictor's.
+    assert st["newton_iterations"] < 1.5 * st["implicit_steps"]
+
+
+def test_switching_under_vmap_takes_each_members_own_steps():
+    # Under vmap the batch takes implicit steps once any member is stiff: a member still in
+    # explicit mode takes them too, from its own (restarted) BDF history. diffrax directly:
+    # the batch of solves without a sweep's machinery around it.
+    a, y0 = jnp.asarray(SPECTRUM), jnp.asarray(THETA0)
+
+    def solve(p):
+        term = diffrax.ODETerm(lambda t, y, args: -p * a * y)
+        sol = diffrax.diffeqsolve(
+            term, gflow.StiffSwitching(), 0.0, 30.0, 0.01, y0, max_steps=10_000,
+            stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6))
+        return sol.ys[-1], sol.stats["num_steps"]
+
+    ps = jnp.asarray([1.0, 0.7])  # the first member turns stiff first
+    batched, steps = jax.jit(jax.vmap(solve))(ps)
+    for i, p in enumerate(np.asarray(ps)):
+        alone, alone_steps = jax.jit(solve)(p)
+        # The same steps up to rounding (a batched reduction may round otherwise, and move a
+        # step); a member taking steps from another's history would be far off.
+        assert abs(int(steps[i]) - int(alone_steps)) <= 2
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(alone), rtol=0, atol=1e-6)
+        assert np.max(np.abs(np.asarray(alone) - THETA0 * np.exp(-p * SPECTRUM * 30.0))) < 1e-5
