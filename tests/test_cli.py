@@ -318,15 +318,20 @@ _SUMMARY_KEYS = ("status", "t0", "t1", "t_final", "solver", "rtol", "atol", "sta
                  "transitions", "predictions", "config", "versions")
 
 
-def test_every_other_preset_end_to_end(tmp_path):
+# The text preset's process compiles longest (a two-layer residual Transformer): it runs in
+# the slow set, and its model's flow in tests/test_text.py by default.
+@pytest.mark.parametrize("selected", [("cooccurrence", "anchor"),
+                                      pytest.param(("text",), marks=pytest.mark.slow)])
+def test_every_other_preset_end_to_end(tmp_path, selected):
     """deep-linear and rank-collapse run above; the others here, as concurrent processes
     (compilation dominates and is mostly single-threaded). Only cooccurrence certifies (the
     default, tested here and by the binary preset's run above): a certified run compiles a
-    second solve; certifying is the same code for every preset, and the other two would add
+    second solve; certifying is the same code for every preset, and the others would add
     about 25 s of CPU."""
     from gflow import presets
 
     certified = {"cooccurrence"}
+    reduced = {name: REDUCED_PRESETS[name] for name in selected}
 
     procs = {
         name: subprocess.Popen(
@@ -339,13 +344,13 @@ def test_every_other_preset_end_to_end(tmp_path):
             # (JAX warns "incomplete or truncated stream"); they compile different programs.
             env=os.environ | {"GFLOW_CACHE_DIR": str(tmp_path / f"jax-cache-{name}")},
         )
-        for name, overrides in REDUCED_PRESETS.items()
+        for name, overrides in reduced.items()
     }
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (name, err)
         assert err == "", (name, err)
-    for name, overrides in REDUCED_PRESETS.items():
+    for name, overrides in reduced.items():
         out = tmp_path / name
         for file in ("config.toml", "summary.json", "trajectory.npz", "final.eqx",
                      "figures/loss.png"):
