@@ -365,6 +365,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Three processes compiling (30-40 s): the slow set; the sharding itself runs by default in
+# test_sharded_vmap_over_four_devices.
+@pytest.mark.slow
 def test_cli_distributed_over_two_processes_equals_one_process(tmp_path):
     """Two processes on localhost with two CPU devices each (gloo collectives): three members
     over four devices (padded to four), against the same sweep in this one process."""
