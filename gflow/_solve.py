@@ -598,6 +598,7 @@ def _integrate_as_given(
     names = recorded.names
     digests = None if checkpoint is None else _fingerprint(flow, spec)
     seconds = dict(trace_seconds=0.0, compile_seconds=0.0, run_seconds=0.0)
+    template = carry  # as prepared: what a ready solve starts from next time
     if resume and checkpoint is not None and checkpoint.is_file():
         saved = read_checkpoint(checkpoint, digests, carry)
         carry = saved.arrays
@@ -607,7 +608,6 @@ def _integrate_as_given(
         # the next solve) and the flow's own parameters (the initial state) are passed as
         # copies.
         carry = engine.copied(carry)
-    template = carry
     # Compiled before this call (certify compiles once for both solves): counted here.
     for k, v in (compile_seconds or {}).items():
         seconds[k] += v
