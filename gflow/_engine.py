@@ -163,6 +163,16 @@ _observe_once = eqx.filter_jit(_observe)
 _velocity_once = eqx.filter_jit(lambda flow, precision, y: precision.velocity(flow, y))
 
 
+def velocity_flops(flow: GradientFlow, precision: Precision) -> float | None:
+    """XLA's count of the floating-point operations of one velocity of `flow` under
+    `precision` (lowered, not compiled); `None` where the backend does not count them."""
+    cost = _velocity_once.lower(flow, precision, flow.params).lowered.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # one entry per device in some JAX versions
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
 def observe(flow: GradientFlow, observers: dict, y: PyTree) -> dict:
     """`{name: observer(model, data)}` at state `y`, as floating arrays.
 

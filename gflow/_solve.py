@@ -40,6 +40,7 @@ from ._spec import (
     DEFAULT_ICOEFF, DEFAULT_MAX_STEPS, DEFAULT_PCOEFF, DEFAULT_RTOL, DEFAULT_SOLVER, DTMIN,
     SolveSpec, Transition, _pid_controller, default_atol, options_key,
 )
+from ._solvers import evaluations_per_step
 from ._status import Status
 from ._names import flat_names
 from ._trajectory import Trajectory
@@ -406,10 +407,16 @@ def _program(parts: tuple, carry: engine.Carry,
 
 
 # An interactive solve (a progress bar, a checkpoint file, or a certify reference that may be
-# told to stop) is cut every this many steps, and runs as many of these chunks per call of its
-# program as take about `_CALL_SECONDS`: between calls the host draws progress, writes the
-# checkpoint and honours Ctrl-C. The cuts do not change the steps (see `gflow._engine`).
+# told to stop) is cut into chunks of steps (`chunk_steps`), and runs as many of these chunks
+# per call of its program as take about `_CALL_SECONDS`: between calls the host draws
+# progress, writes the checkpoint and honours Ctrl-C. The cuts do not change the steps (see
+# `gflow._engine`). Each cut restarts diffrax's loop, which costs a small flow a few of its
+# steps: a cheap flow's chunks are longer, up to `_CHUNK_MAX_STEPS` steps of about
+# `_CHUNK_FLOPS` in all by XLA's count, while a dear flow's first call (one chunk) stays short.
 _CHUNK_STEPS = 32
+_CHUNK_MAX_STEPS = 1024
+_CHUNK_FLOPS = 1e9
+_VELOCITY_FLOPS = engine.LRU(64)
 _CALL_SECONDS = 0.25
 # How much longer a call may be than the one before (the first runs one chunk): each call
 # costs a round trip to the host, so a fast solve should reach calls of `_CALL_SECONDS` in
@@ -418,6 +425,23 @@ _CALL_GROWTH = 8
 # An interactive solve's checkpoint is written at most this often (and at every transition, at
 # the end, and when interrupted), unless `checkpoint_steps` asks for every cut.
 _CHECKPOINT_SECONDS = 10.0
+
+
+def chunk_steps(flow: GradientFlow, spec: SolveSpec) -> int:
+    """Steps between the cuts of an interactive solve of `spec` on `flow` (a power of two):
+    at least `_CHUNK_STEPS`, and as many more as make about `_CHUNK_FLOPS` floating-point
+    operations (one velocity's count by XLA times the solver's evaluations a step, 6 where
+    it does not say), at most `_CHUNK_MAX_STEPS`."""
+    _, _, flow_key = engine.split(flow)
+    key = None if flow_key is None else (flow_key, spec.precision)
+    flops = None if key is None else _VELOCITY_FLOPS.get(key)
+    if flops is None:
+        flops = engine.velocity_flops(flow, spec.precision) or math.inf
+        if key is not None:
+            _VELOCITY_FLOPS.put(key, flops)
+    per_step = (evaluations_per_step(spec.solver) or (6, 0))[0] * flops
+    steps = 2 ** max(0, math.floor(math.log2(max(_CHUNK_FLOPS / per_step, 1.0))))
+    return int(min(max(steps, _CHUNK_STEPS), _CHUNK_MAX_STEPS))
 
 
 class _Prepared(NamedTuple):
@@ -447,14 +471,16 @@ def _prepare(flow: GradientFlow, spec: SolveSpec, meter,
     solve.
     """
     flow_arrays, _, flow_key = engine.split(flow)
-    segment_steps = spec.checkpoint_steps or (_CHUNK_STEPS if interactive else None)
-    key = (id(spec), flow_key, segment_steps, meter, bool(jax.config.jax_enable_x64))
+    key = (id(spec), flow_key, spec.checkpoint_steps, interactive, meter,
+           bool(jax.config.jax_enable_x64))
     try:
         hash(key)
     except TypeError:  # a meter with unhashable fields
         key = None
     entry = _PREPARED.get(None if flow_key is None else key)
     if entry is None or entry.spec is not spec:
+        segment_steps = spec.checkpoint_steps or (chunk_steps(flow, spec) if interactive
+                                                  else None)
         plan = spec.plan(flow, segment_steps=segment_steps, meter=meter)
         arrays, rebuild, plan_key = engine.split(plan)
         # The plan's first field is the flow: its arrays lead the plan's.

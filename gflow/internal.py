@@ -5,6 +5,9 @@ change without notice.
   e.g. to check that two settings ran the same program.
 - `one_lapack_thread()`: the context every solve and sweep runs its programs in (one thread
   per BLAS/LAPACK call), for measuring a program outside a solve as a solve runs it.
+- `chunk_steps(flow, spec)`: every how many steps a solve with a progress bar, a checkpoint
+  file (without `checkpoint_steps`) or certify's reference is cut, so that the host can draw,
+  write and honour Ctrl-C between calls (the cuts do not change the steps).
 - `ready_flow_ids()`: the `id`s of the flows whose plain solves `gflow.solve` keeps ready to
   run again (a solve repeated on the same flow and options skips its checks and planning);
   a flow's go when it does.
@@ -29,7 +32,7 @@ from ._implicit import (
     AbstractNewtonKrylov as AbstractNewtonKrylov,
     PolynomialInterpolation as PolynomialInterpolation,
 )
-from ._solve import ready_flow_ids as ready_flow_ids
+from ._solve import chunk_steps as chunk_steps, ready_flow_ids as ready_flow_ids
 from ._solvers import (
     AUTO_CROSSOVER_RTOL as AUTO_CROSSOVER_RTOL,
     AUTO_DOP853_ERROR_SCALE as AUTO_DOP853_ERROR_SCALE,
@@ -39,6 +42,6 @@ from ._solvers import (
 
 __all__ = [
     "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "AbstractNewtonKrylov",
-    "PolynomialInterpolation", "compiled_programs", "make_solver", "one_lapack_thread",
-    "ready_flow_ids", "solver_name", "split",
+    "PolynomialInterpolation", "chunk_steps", "compiled_programs", "make_solver",
+    "one_lapack_thread", "ready_flow_ids", "solver_name", "split",
 ]

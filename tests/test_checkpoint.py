@@ -5,6 +5,7 @@ import re
 import diffrax
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
@@ -221,6 +222,29 @@ def test_one_progress_bar_spans_all_segments(saxe_flow, saxe_target, capsys):
     # The bar names the transition it waits for, then the time reached.
     assert "next mode2" in err and "t=6" in err
     assert err.count("\n") <= 2  # one bar, closed once
+
+
+def test_an_interactive_solve_is_cut_by_its_cost(saxe_flow, saxe_target):
+    """A bar or a checkpoint file cuts the solve into chunks (each cut restarts diffrax's
+    loop): a cheap flow's chunks are long (1,024 steps), a dear flow's 32 steps, so that
+    its first call, one chunk, stays short. (`gflow.internal.chunk_steps` is the rule
+    itself: a timing would not be a test. That the cuts leave the steps alone is
+    `test_checkpointed_and_resumed_progress_run_is_bit_identical`.)"""
+    spec = gflow.SolveSpec.from_options(saxe_flow, T1, rtol=RTOL)
+    assert gflow.internal.chunk_steps(saxe_flow, spec) == 1024
+    rng = np.random.default_rng(0)
+
+    def chunk(width):  # a velocity takes three width³ products: ~6 width³ operations
+        target = rng.standard_normal((width, width))
+        flow = gflow.GradientFlow(
+            DeepLinear.balanced_aligned(target, depth=2, u0=1e-3),
+            lambda m, d: 0.5 * jnp.sum(jnp.square(m.weights[1] @ m.weights[0] - d)), target)
+        return gflow.internal.chunk_steps(flow, gflow.SolveSpec.from_options(flow, T1))
+
+    # Tsit5's 6 velocities a step: ~9.4e6 operations at width 64, 1e9 / 9.4e6 ≈ 106 steps,
+    # the power of two below; at width 512 a step is ~5e9: the floor of 32.
+    assert chunk(64) == 64
+    assert chunk(512) == 32
 
 
 def test_a_progress_bar_puts_no_host_callback_in_the_program(saxe_flow, saxe_target):
