@@ -15,7 +15,8 @@ Python >= 3.12:
 A started workload (`rank-collapse-stiff`: the default preset's stiff phase) begins from the
 state `benchmarks.stiff --write-starts` saved: its reference's state at the first save time
 from t = 742 on, the state gflow's runs of that workload start from (`benchmarks.stiff`
-checks that it is). The output file holds one list `runs`, each run a dict naming its
+checks that it is). Choose rtols whose errors bracket the gflow run compared with (CVODE's
+error is far above its rtol on these flows: `benchmarks.stiff` says which were used). The output file holds one list `runs`, each run a dict naming its
 `workload`, with, per rtol, the flat state at the workload's save times and at t1, the
 right-hand-side and Jacobian-times-vector evaluations (cost = rhs + 2 × jtimes, as gflow's),
 CVODE's step, Newton and Krylov counts, and the wall time. `python -m benchmarks.stiff
