@@ -316,3 +316,36 @@ def test_gpu_probe_quick(tmp_path):
     est = data["estimate"]
     assert est["total_seconds"] == pytest.approx(
         est["flow_seconds"] + est["conditions_seconds"] + est["observation_seconds"])
+
+
+def test_scipy_bdf_on_a_linear_flow_matches_the_closed_form():
+    """`benchmarks.stiff`'s scipy BDF with the dense Hessian (from JAX) on the stiff linear
+    flow dθ/dt = −Aθ (spectrum 0.01, 1, 100; a small and a large parameter group) agrees with
+    θ(t) = exp(−At) θ0 at the save times, to 100× its rtol; and the benchmarks' copy of gflow's
+    default atol (which CVODE and scipy get) is gflow's."""
+    import scipy.linalg
+    import jax.numpy as jnp
+
+    import gflow
+    from benchmarks._harness import relative_trajectory_error
+    from benchmarks._stiff_workloads import flat_flow
+    from benchmarks.stiff import scipy_bdf_run
+
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+    a = q @ np.diag([0.01, 1.0, 100.0]) @ q.T
+    model = {"big": jnp.array([1.0, -2.0]), "small": jnp.array([3e-3])}
+
+    def loss(model, data):
+        theta = jnp.concatenate([model["big"], model["small"]])
+        return 0.5 * theta @ (data @ theta)
+
+    flow = gflow.GradientFlow(model, loss, jnp.asarray(a))
+    ts = np.linspace(0.0, 50.0, 11)
+    problem = flat_flow(flow, 0.0, 50.0, ts)
+    rtol = 1e-8
+    run = scipy_bdf_run(problem, rtol, repeats=1)
+    exact = np.stack([scipy.linalg.expm(-a * t) @ problem.y0 for t in ts])
+    assert run["status"] == "completed" and run["_states"].shape == exact.shape
+    assert relative_trajectory_error(run["_states"], exact) < 100 * rtol
+    assert run["hessians"] >= 1 and run["gradients"] > run["hessians"]
+    assert problem.atol(rtol) == gflow.SolveSpec.from_options(flow, 50.0, rtol=rtol).atol
