@@ -36,6 +36,9 @@ short keeps what it measured):
 10. `estimate`: the whole default run at this size extrapolated from the numbers above (its
     assumptions are written beside it).
 
+Unless `--quick`, the results page's rows go to `benchmarks/results/probe-<out's stem>.json` for
+an `--out` inside this repository, and beside `--out` for one elsewhere.
+
 A time-budget guard (`--budget`, default 540 s: the probe and its start fit in 10 minutes)
 skips a section whose own estimate would not fit in what is left, and says so in the JSON.
 Nothing here is tuned to a result.
@@ -521,7 +524,7 @@ def main(argv=None) -> int:
                         help="write the results page's suite from --out's JSON, measure nothing")
     args = parser.parse_args(argv)
     if args.report_only:
-        write_results(json.loads(args.out.read_text()), args.out)
+        write_results(json.loads(args.out.read_text()), args.out, _rows_directory(args.out))
         return 0
     if args.background_load < 0:
         print(f"--background-load must be >= 0, got {args.background_load}", file=sys.stderr)
@@ -573,8 +576,16 @@ def main(argv=None) -> int:
     print(json.dumps({k: probe.result[k] for k in ("gradient", "estimate")
                       if k in probe.result}, indent=1, default=_json_default))
     if not args.quick:
-        write_results(json.loads(args.out.read_text()), args.out)
+        write_results(json.loads(args.out.read_text()), args.out, _rows_directory(args.out))
     return 0
+
+
+def _rows_directory(out: Path) -> Path:
+    """Where the results page's rows of the probe `out` go: the page's own folder for a probe
+    kept in this repository, beside the probe for one written elsewhere (a scratch run must
+    not add a suite to the page)."""
+    root = RESULTS_DIR.resolve().parents[1]
+    return RESULTS_DIR if out.resolve().is_relative_to(root) else out.resolve().parent
 
 
 def _flops_note(timed: dict) -> str:
@@ -688,8 +699,9 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
               + (f", {size['background_load']} busy processes beside it)"
                  if size.get("background_load") else ")"),
         command=result["command"], machine=result["machine"], rows=rows, directory=directory,
-        summary=f"`python -m benchmarks.gpu`'s probe of the default preset at this size "
-                f"({parameters:,} parameters): each condition and observer timed alone, in "
+        summary="`python -m benchmarks.gpu`'s probe of the default preset at this size"
+                + (f" ({parameters:,} parameters)" if parameters else "")
+                + ": each condition and observer timed alone, in "
                 "units of one float64 gradient measured in the same process. The estimate "
                 "multiplies these by an assumed step count (below); the paper-size step count "
                 "itself is unmeasured. Beside the times, XLA's FLOP ratio (steady on a shared "
