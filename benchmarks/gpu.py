@@ -653,34 +653,24 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
     floor = result.get("step_floor")
     if floor and "on_over_off" in floor:
         on, off = floor["progress_on"], floor["progress_off"]
-        if "ms_per_step_slope" in on:
-            (n0, n1), (m0, m1) = on["steps"], off["steps"]
-            rows.append(dict(
-                quantity="progress bar on / off, time per step (deep-linear, rtol 1e-12)",
-                value=floor["on_over_off"], unit="×", target="≤ 1.05",
-                verdict="met" if floor["on_over_off"] <= 1.05 else "not met",
-                detail=f"{1e3 * on['ms_per_step_slope']:.1f} against "
-                       f"{1e3 * off['ms_per_step_slope']:.1f} µs a step: the slope between "
-                       f"t1 = {floor['lengths'][0]:g} and {floor['lengths'][1]:g} ({n0:,} → "
-                       f"{n1:,} steps; {m0:,} → {m1:,} off), min of {floor['repeats']} "
-                       "alternating calls each; the bar is drawn by the host between chunks "
-                       "of steps" + _remeasured(floor)))
-            rows.append(dict(
-                quantity="progress bar, cost per solve (deep-linear, rtol 1e-12)",
-                value=1e3 * floor["bar_per_solve_seconds"], unit="ms",
-                detail=f"the intercept of the same fit; on the preset's own solve ({n0:,} "
-                       f"steps) on / off is {floor['on_over_off_short']:.2f}× "
-                       f"({1e3 * on['run_seconds'][0]:.1f} against "
-                       f"{1e3 * off['run_seconds'][0]:.1f} ms)"))
-        else:  # a probe written before the two-length fit
-            rows.append(dict(
-                quantity="progress bar on / off, time per step (deep-linear, rtol 1e-12)",
-                value=floor["on_over_off"], unit="×", target="≤ 1.05",
-                verdict="met" if floor["on_over_off"] <= 1.05 else "not met",
-                detail=f"{1e3 * on['ms_per_step']:.1f} against "
-                       f"{1e3 * off['ms_per_step']:.1f} µs a step ({on['steps']} and "
-                       f"{off['steps']} steps); min of 7 alternating calls; the bar "
-                       "is drawn by the host between chunks of steps"))
+        (n0, n1), (m0, m1) = on["steps"], off["steps"]
+        rows.append(dict(
+            quantity="progress bar on / off, time per step (deep-linear, rtol 1e-12)",
+            value=floor["on_over_off"], unit="×", target="≤ 1.05",
+            verdict="met" if floor["on_over_off"] <= 1.05 else "not met",
+            detail=f"{1e3 * on['ms_per_step_slope']:.1f} against "
+                   f"{1e3 * off['ms_per_step_slope']:.1f} µs a step: the slope between "
+                   f"t1 = {floor['lengths'][0]:g} and {floor['lengths'][1]:g} ({n0:,} → "
+                   f"{n1:,} steps; {m0:,} → {m1:,} off), min of {floor['repeats']} "
+                   "alternating calls each; the bar is drawn by the host between chunks "
+                   "of steps" + _remeasured(floor)))
+        rows.append(dict(
+            quantity="progress bar, cost per solve (deep-linear, rtol 1e-12)",
+            value=1e3 * floor["bar_per_solve_seconds"], unit="ms",
+            detail=f"the intercept of the same fit; on the preset's own solve ({n0:,} "
+                   f"steps) on / off is {floor['on_over_off_short']:.2f}× "
+                   f"({1e3 * on['run_seconds'][0]:.1f} against "
+                   f"{1e3 * off['run_seconds'][0]:.1f} ms)"))
     est = result.get("estimate")
     if est:
         rows.append(dict(quantity="estimate of the whole default run at this size",
