@@ -573,24 +573,30 @@ def _size(fig) -> tuple[float, float]:
 
 def _loss_panel(ax, traj: Trajectory, time_axis: str) -> None:
     """(e) of Fig. 1: training and held-out loss (log y), plateau level, accuracies on a twin
-    axis."""
+    axis; the held-out ones at the snapshots (marked) where they are snapshot observables."""
     loss_name = _loss_name(traj)
-    keys = [k for k in ("loss", "held_out_loss") if k in traj.observables]
-    _lines(ax, traj, np.stack([np.asarray(traj.observables[k], dtype=float) for k in keys], 1),
-           ["training loss", "held-out loss"][: len(keys)], time_axis=time_axis, log_y=True,
-           ylabel=f"{loss_name}")
+    drawn = [np.asarray(traj.observables["loss"], dtype=float)]
+    _lines(ax, traj, drawn[0], ["training loss"], time_axis=time_axis, ylabel=loss_name)
+    if _has(traj, "held_out_loss"):
+        ts, values = series(traj, "held_out_loss")
+        drawn.append(np.asarray(values, dtype=float))
+        _lines(ax, traj, drawn[1], ["held-out loss"], time_axis=time_axis, ylabel=loss_name,
+               colours={0: colour(1)}, ts=None if "held_out_loss" in traj.observables else ts)
+    log_y_axis(ax, np.concatenate([x.ravel() for x in drawn]))
     for label, level in _references(traj, "loss").items():
         _level(ax, level, label)
     handles, names = ax.get_legend_handles_labels()
     if "train_accuracy" in traj.observables:
         twin = ax.twinx()
-        rows = time_rows(traj, time_axis)
-        ts = np.asarray(traj.ts, dtype=float)[rows]
         for k, key in enumerate(("train_accuracy", "held_out_accuracy")):
-            if key in traj.observables:
-                handles += twin.plot(ts, np.asarray(traj.observables[key])[rows], lw=1.1,
-                                     color=colour(2 + k), ls="-.")
-                names.append(key.replace("_", " "))
+            if not _has(traj, key):
+                continue
+            ts, values = series(traj, key)
+            rows = _shown(ts, time_axis)
+            handles += twin.plot(ts[rows], np.asarray(values, dtype=float)[rows], lw=1.1,
+                                 color=colour(2 + k), ls="-.",
+                                 marker=None if key in traj.observables else "o", ms=3)
+            names.append(key.replace("_", " "))
         for label, level in _references(traj, "held_out_accuracy").items():
             _level(twin, level, label, colour_=colour(3))
         twin.set_ylabel("accuracy (dash-dot)")

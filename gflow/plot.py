@@ -542,11 +542,14 @@ def save_figures(
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     # Snapshot observables are drawn as the others, over the times of the snapshots (their
-    # names differ from the observables').
+    # names differ from the observables'), with their references that are levels (a curve
+    # follows the save times).
     views = [(traj, references)]
     if len(traj.snapshot_labels):
+        levels = {name: {label: level for label, level in named.items() if np.ndim(level) == 0}
+                  for name, named in references.items() if name in traj.snapshots}
         views.append((dataclasses.replace(traj, ts=traj.snapshot_ts, observables=traj.snapshots),
-                      {}))
+                      levels))
     for view, levels in views:
         written += _draw(view, directory, time_axis=time_axis, labels=labels,
                          heatmaps=heatmaps, formats=formats, references=levels)

@@ -312,3 +312,20 @@ def test_reduced_rank_collapse_transitions_and_states_there(tmp_path, capsys):
     assert (out / "figures" / "chen_luo_fig2.png").is_file()
     row = predictions["attention_collapses_below_outer"]
     assert row["kind"] == "qualitative" and row["holds"] in (True, False)
+    # The held-out loss and accuracy are snapshots (their forward pass on the held-out set is
+    # not an ordinary save time's): at the end they are those of the final model, recomputed
+    # here, and the prediction row reports them there.
+    from gflow import presets
+
+    assert "held_out_loss" not in traj.observables
+    problem = presets.build(presets.resolve("rank-collapse", list(REDUCED_RANK_COLLAPSE)))
+    final = gflow.load(out, like=problem.flow.combine(problem.flow.params)).final
+    held_out = problem.snapshots["held_out_loss"].held_out
+    end = list(traj.snapshot_labels).index("end")
+    assert traj.snapshot_ts[end] == 300.0
+    assert traj.snapshots["held_out_loss"][end] == pytest.approx(
+        float(cross_entropy(final, held_out)), rel=1e-12)
+    held = float(np.mean(np.argmax(np.asarray(final.logits(held_out.tokens)), axis=1)
+                         == np.asarray(held_out.targets)))
+    assert traj.snapshots["held_out_accuracy"][end] == held
+    assert predictions["held_out_accuracy"]["measured"].startswith(f"held-out {held:.3g}, train ")

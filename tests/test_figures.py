@@ -146,6 +146,38 @@ def test_chen_luo_figures_draw_into_a_given_figure():
     _drawn(parent)
 
 
+def test_held_out_curves_taken_as_snapshots_are_drawn_at_the_snapshots(tmp_path):
+    """The `rank-collapse` preset takes the held-out loss and accuracy as snapshots: panel (e)
+    draws them at the snapshot times, marked, beside the training curves at every save time,
+    and `gflow.plot` draws each."""
+    import dataclasses
+
+    traj = _chen_luo()
+    rows = [0, 10, 20, 39]
+    held = {k: np.asarray(traj.observables[k])[rows] for k in ("held_out_loss",
+                                                             "held_out_accuracy")}
+    traj = dataclasses.replace(
+        traj, observables={k: v for k, v in traj.observables.items() if k not in held},
+        snapshots=held, snapshot_ts=traj.ts[rows], snapshot_labels=("t0", "", "", "end"))
+    fig = figures.chen_luo_figure1(traj)
+    panel = next(ax for ax in fig.axes if ax.get_title().startswith("(e)"))
+    twin = next(ax for ax in fig.axes if ax is not panel and ax.bbox.bounds == panel.bbox.bounds)
+    by_label = {line.get_label(): line for line in panel.lines + twin.lines}
+    training, held_out = by_label["training loss"], by_label["held-out loss"]
+    np.testing.assert_array_equal(training.get_xdata(), traj.ts)
+    np.testing.assert_array_equal(held_out.get_xdata(), traj.ts[rows])
+    np.testing.assert_array_equal(held_out.get_ydata(), held["held_out_loss"])
+    assert held_out.get_marker() == "o" and training.get_marker() in ("None", None, "")
+    accuracy = [line for line in twin.lines if line.get_marker() == "o"]
+    assert len(accuracy) == 1
+    np.testing.assert_array_equal(accuracy[0].get_ydata(), held["held_out_accuracy"])
+    _drawn(fig)
+    traj.save(tmp_path)
+    assert plot_main([str(tmp_path)]) == 0
+    assert {"held_out_loss", "held_out_accuracy"} <= {
+        p.stem for p in (tmp_path / "figures").iterdir()}
+
+
 @pytest.mark.parametrize("time_axis, scale", [("log", "log"), ("linear", "linear")])
 def test_one_time_axis_for_every_panel(time_axis, scale):
     fig = figures.chen_luo_figure2(_chen_luo(), time_axis=time_axis)
