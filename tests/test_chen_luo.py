@@ -11,7 +11,8 @@ import pytest
 import gflow
 from gflow import measures
 from gflow import InputError
-from gflow.models import Decoder, TokenData, decoder_cross_entropy as cross_entropy
+from gflow.models import (Decoder, TokenData, decoder_accuracy,
+                          decoder_cross_entropy as cross_entropy)
 from gflow.tasks import anchor_function, anchor_shift
 
 
@@ -93,6 +94,25 @@ def _numpy_loss(p, tokens, targets, **kw):
     m = z.max(axis=1, keepdims=True)
     lse = (m[:, 0] + np.log(np.exp(z - m).sum(axis=1)))
     return float(np.mean(lse - z[np.arange(len(targets)), targets]))
+
+
+def test_decoder_accuracy_is_the_arg_max_with_ties_counted_wrong():
+    """Against NumPy's arg-max of the logits (a unique largest logit), for the targets and for
+    other answers; a tie for the largest (all-zero logits) is a miss, not the first index."""
+    V, s, n = 11, 5, 64
+    model = Decoder.init(jax.random.key(3), vocab=V, length=s, d=6, m=8, std=0.8,
+                         embedding_std=1.0, readout_std=1.0, activation="tanh",
+                         residual=False, train_embeddings=False, train_readout=False)
+    rng = np.random.default_rng(1)
+    data = TokenData(rng.integers(0, V, (n, s)), rng.integers(0, V, n))
+    top = np.argmax(np.asarray(model.logits(data.tokens)), axis=1)
+    answers = np.where(rng.random(n) < 0.5, top, rng.integers(0, V, n))
+    for wanted in (None, answers):
+        expected = np.mean(top == (np.asarray(data.targets) if wanted is None else wanted))
+        assert float(decoder_accuracy(model, data, wanted)) == expected
+    assert 0.3 < np.mean(top == answers) < 1  # both hits and misses were counted
+    zero = jax.tree_util.tree_map(lambda w: 0 * w if hasattr(w, "shape") else w, model)
+    assert float(decoder_accuracy(zero, TokenData(data.tokens, np.zeros(n, int)))) == 0.0
 
 
 # Chen & Luo's real-text model; their synthetic model (no residual, tanh, one layer) is
