@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._harness import machine
-from .results_page import RESULTS_DIR, write_suite
+from .results_page import RESULTS_DIR, rows_directory, write_suite
 
 RTOL, ATOL, T1, N_TS = 1e-8, 1e-10, 50.0, 101
 
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.report_only:
         result = json.loads(Path(args.out).read_text())
-        write_results(result)
+        write_results(result, rows_directory(args.out))
         return result
     flow, ts = problem()
     bare = _bare(flow, ts)
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
         cpu_ratio_median=summary["gflow"]["cpu_median_ms"] / summary["bare"]["cpu_median_ms"],
     )
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    write_results(result)
+    write_results(result, rows_directory(args.out))
     for name, s in summary.items():
         print(f"{name:6s} min {s['min_ms']:.2f} ms  median {s['median_ms']:.2f} ms  "
               f"(CPU min {s['cpu_min_ms']:.2f}, median {s['cpu_median_ms']:.2f})")

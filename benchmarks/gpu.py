@@ -70,7 +70,7 @@ from gflow import internal, measures, presets
 
 from . import sweep as sweep_benchmark
 from ._harness import best_time, machine
-from .results_page import RESULTS_DIR, write_suite
+from .results_page import RESULTS_DIR, rows_directory, write_suite
 
 SECTIONS = ("environment", "gradient", "linalg", "instruments", "step_floor", "capped_solve",
             "sweep", "certify", "checkpoint", "estimate")
@@ -336,14 +336,17 @@ def _solve_small(problem, resolved, **kwargs):
                        transitions=problem.transitions, **kwargs)
 
 
-def step_floor(lengths=(12.0, 1e4), repeats: int = 5) -> dict:
+def step_floor(lengths=(12.0, 1e4), repeats: int = 21) -> dict:
     """Time per step of deep-linear at rtol 1e-12 with the progress bar off and on, at two
     lengths of the flow (t1 = 12, the preset's own, 1,201 steps; t1 = 1e4, 30,196 steps);
-    calls alternate (all compiled first) so that all see the same load.
+    calls alternate (all compiled first; the order reversed every other round) so that all
+    see the same load.
 
     A bar costs something once per solve (opening and closing tqdm, the first short call) and
     something per step (the cuts into chunks, the calls between them): the slope between the
-    two lengths is the cost per step, the intercept the cost per solve."""
+    two lengths is the cost per step, the intercept the cost per solve. The ratio of slopes
+    is given from the minima and, as a measure of the machine's noise, per round (the four
+    calls of one round side by side): their median and quartiles."""
     variants = {}
     for t1 in lengths:
         resolved, problem = _deep_linear(["solve.rtol=1e-12", f"solve.t1={t1}"])
@@ -353,22 +356,30 @@ def step_floor(lengths=(12.0, 1e4), repeats: int = 5) -> dict:
         _solve_small(problem, resolved, progress=progress)  # compiled
     runs = {key: [] for key in variants}
     steps = {}
-    for _ in range(repeats):
-        for key, (problem, resolved, progress) in variants.items():
+    for round_ in range(repeats):
+        order = list(variants.items())
+        for key, (problem, resolved, progress) in order[::-1] if round_ % 2 else order:
             traj = _solve_small(problem, resolved, progress=progress)
             runs[key].append(traj.stats["run_seconds"])
             steps[key] = traj.stats["num_steps"]
     short, long = lengths
     out = dict(lengths=list(lengths), repeats=repeats)
+    slopes = {}
     for progress in (False, True):
         n0, n1 = steps[(short, progress)], steps[(long, progress)]
         s0, s1 = min(runs[(short, progress)]), min(runs[(long, progress)])
         per_step = (s1 - s0) / (n1 - n0)
+        slopes[progress] = (np.asarray(runs[(long, progress)])
+                            - np.asarray(runs[(short, progress)])) / (n1 - n0)
         out["progress_on" if progress else "progress_off"] = dict(
             steps=[n0, n1], run_seconds=[s0, s1], ms_per_step=1e3 * s0 / n0,
             ms_per_step_slope=1e3 * per_step, per_solve_seconds=s0 - per_step * n0)
     on, off = out["progress_on"], out["progress_off"]
     out["on_over_off"] = on["ms_per_step_slope"] / off["ms_per_step_slope"]
+    paired = slopes[True] / slopes[False]
+    out["on_over_off_paired"] = dict(
+        median=float(np.median(paired)),
+        quartiles=[float(q) for q in np.percentile(paired, [25, 75])])
     out["on_over_off_short"] = on["ms_per_step"] / off["ms_per_step"]
     out["bar_per_solve_seconds"] = on["per_solve_seconds"] - off["per_solve_seconds"]
     return out
@@ -524,7 +535,7 @@ def main(argv=None) -> int:
                         help="write the results page's suite from --out's JSON, measure nothing")
     args = parser.parse_args(argv)
     if args.report_only:
-        write_results(json.loads(args.out.read_text()), args.out, _rows_directory(args.out))
+        write_results(json.loads(args.out.read_text()), args.out, rows_directory(args.out))
         return 0
     if args.background_load < 0:
         print(f"--background-load must be >= 0, got {args.background_load}", file=sys.stderr)
@@ -564,7 +575,7 @@ def main(argv=None) -> int:
     with _busy(args.background_load):
         probe.section("instruments", 80 * g,
                       lambda: instruments(problem, g, repeats, max(probe.left(), 1.0)))
-    probe.section("step_floor", 30, step_floor)
+    probe.section("step_floor", 60, lambda: step_floor(repeats=3 if args.quick else 21))
     steps = 10 if args.quick else 40
     probe.section("capped_solve", 12 * steps * g + 120,
                   lambda: capped_solve(problem, resolved.solve.t1, steps))
@@ -576,16 +587,8 @@ def main(argv=None) -> int:
     print(json.dumps({k: probe.result[k] for k in ("gradient", "estimate")
                       if k in probe.result}, indent=1, default=_json_default))
     if not args.quick:
-        write_results(json.loads(args.out.read_text()), args.out, _rows_directory(args.out))
+        write_results(json.loads(args.out.read_text()), args.out, rows_directory(args.out))
     return 0
-
-
-def _rows_directory(out: Path) -> Path:
-    """Where the results page's rows of the probe `out` go: the page's own folder for a probe
-    kept in this repository, beside the probe for one written elsewhere (a scratch run must
-    not add a suite to the page)."""
-    root = RESULTS_DIR.resolve().parents[1]
-    return RESULTS_DIR if out.resolve().is_relative_to(root) else out.resolve().parent
 
 
 def _flops_note(timed: dict) -> str:
@@ -620,16 +623,21 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
     observation = inst.get("observation")
     if observation:
         size_ = observation.get("bytes", observation.get("bytes_per_save_time"))
+        by_flops = observation.get("flops_gradients")
+        verdict = "met" if observation["gradients"] <= 0.5 else "not met"
+        if verdict == "not met" and by_flops is not None and by_flops <= 0.5:
+            verdict = "met by XLA's FLOP count, not by time"
         rows.append(dict(quantity="one ordinary save-time observation",
                          value=observation["gradients"], unit="gradients", target="≤ 0.5",
-                         verdict="met" if observation["gradients"] <= 0.5 else "not met",
+                         verdict=verdict,
                          detail=observation.get("note", "") + _flops_note(observation)))
         unshared = inst.get("observation_unshared")
         if unshared:
             rows.append(dict(quantity="the same observation, each array leaf its own input",
                              value=unshared["gradients"], unit="gradients",
-                             detail="before the engine passed an array two observers hold "
-                                    "(the held-out set) once" + _flops_note(unshared)))
+                             detail="as before the engine passed an array two observers "
+                                    "hold once (the held-out set, at save times until it "
+                                    "moved to the snapshots)" + _flops_note(unshared)))
         rows.append(dict(quantity="observables per ordinary save time", value=size_ / 2**20,
                          unit="MiB", target="≤ 1",
                          verdict="met" if size_ <= 2**20 else "not met", detail=f"{size_:,} bytes"))
@@ -654,16 +662,26 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
     if floor and "on_over_off" in floor:
         on, off = floor["progress_on"], floor["progress_off"]
         (n0, n1), (m0, m1) = on["steps"], off["steps"]
+        paired = floor.get("on_over_off_paired")
+        if paired:
+            low, high = paired["quartiles"]
+            # Judged only where the rounds' spread leaves no doubt either way.
+            verdict = ("met" if high <= 1.05 else "not met" if low > 1.05
+                       else "not resolved: the rounds spread across the target")
+            spread = (f"; per round (four calls side by side) median {paired['median']:.3f}, "
+                      f"quartiles {low:.3f}–{high:.3f}")
+        else:
+            verdict = "met" if floor["on_over_off"] <= 1.05 else "not met"
+            spread = ""
         rows.append(dict(
             quantity="progress bar on / off, time per step (deep-linear, rtol 1e-12)",
-            value=floor["on_over_off"], unit="×", target="≤ 1.05",
-            verdict="met" if floor["on_over_off"] <= 1.05 else "not met",
+            value=floor["on_over_off"], unit="×", target="≤ 1.05", verdict=verdict,
             detail=f"{1e3 * on['ms_per_step_slope']:.1f} against "
                    f"{1e3 * off['ms_per_step_slope']:.1f} µs a step: the slope between "
                    f"t1 = {floor['lengths'][0]:g} and {floor['lengths'][1]:g} ({n0:,} → "
-                   f"{n1:,} steps; {m0:,} → {m1:,} off), min of {floor['repeats']} "
-                   "alternating calls each; the bar is drawn by the host between chunks "
-                   "of steps" + _remeasured(floor)))
+                   f"{n1:,} steps; {m0:,} → {m1:,} off), from the minima of "
+                   f"{floor['repeats']} alternating calls each{spread}; the bar is drawn by "
+                   "the host between chunks of steps" + _remeasured(floor)))
         rows.append(dict(
             quantity="progress bar, cost per solve (deep-linear, rtol 1e-12)",
             value=1e3 * floor["bar_per_solve_seconds"], unit="ms",

@@ -32,7 +32,7 @@ import numpy as np
 import gflow
 from gflow import presets
 
-from .results_page import RESULTS_DIR, write_suite
+from .results_page import RESULTS_DIR, rows_directory, write_suite
 from ._harness import best_time, fmt, machine, markdown_table
 
 POLICIES = ("float64", "mixed", "float32")
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                         help="write the results page's suite from --out's JSON, measure nothing")
     args = parser.parse_args(argv)
     if args.report_only:
-        write_results(json.loads(args.out.read_text()))
+        write_results(json.loads(args.out.read_text()), rows_directory(args.out))
         return 0
     result = dict(machine=machine(), command="python -m benchmarks.precision " + " ".join(
         sys.argv[1:] if argv is None else argv))
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                                if args.only in (None, "rank-collapse")
                                else previous.get("rank_collapse"))
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    write_results(result)
+    write_results(result, rows_directory(args.out))
     print(markdown(result))
     return 0
 

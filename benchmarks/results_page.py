@@ -55,6 +55,14 @@ ORDER = ("gd-and-competitors", "auto-solver", "engine-overhead", "precision", "s
 _ROW_KEYS = {"quantity", "value", "unit", "target", "verdict", "detail"}
 
 
+def rows_directory(out: Path) -> Path:
+    """Where the results page's rows of a measurement written to `out` go: the page's own
+    folder for one kept in this repository, beside it for one written elsewhere (a scratch
+    run must not change the page)."""
+    root = RESULTS_DIR.resolve().parents[1]
+    return RESULTS_DIR if Path(out).resolve().is_relative_to(root) else Path(out).resolve().parent
+
+
 def _finite(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
