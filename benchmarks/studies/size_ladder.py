@@ -55,6 +55,7 @@ def _ranks(values) -> dict:
 def run_size(d: int, t1: float, precision: str) -> dict:
     """Solve one size and return its row (JSON-safe)."""
     import gflow.presets as presets
+    from gflow.figures import series
 
     resolved = presets.resolve("rank-collapse", overrides(d, t1, precision))
     begin = time.perf_counter()
@@ -73,7 +74,8 @@ def run_size(d: int, t1: float, precision: str) -> dict:
         transitions={k: _finite(v) for k, v in traj.transitions.items()},
         ranks_at={name: _ranks(traj.at_transitions[name]) for name in traj.at_transitions},
         ranks_end=_ranks(end),
-        held_out_accuracy=float(np.asarray(obs["held_out_accuracy"])[-1]),
+        # A snapshot (the last one is the end state) unless taken at every save time.
+        held_out_accuracy=float(np.asarray(series(traj, "held_out_accuracy")[1])[-1]),
         train_accuracy=float(np.asarray(obs["train_accuracy"])[-1]),
         loss_end=float(np.asarray(obs["loss"])[-1]),
         conserved_drift_max=[float(x) for x in np.nanmax(drift, axis=0)],
