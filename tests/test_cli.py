@@ -319,8 +319,11 @@ _SUMMARY_KEYS = ("status", "t0", "t1", "t_final", "solver", "rtol", "atol", "sta
 
 
 # The text preset's process compiles longest (a two-layer residual Transformer): it runs in
-# the slow set, and its model's flow in tests/test_text.py by default.
-@pytest.mark.parametrize("selected", [("cooccurrence", "anchor"),
+# the slow set, and its model's flow in tests/test_text.py by default. The anchor preset's
+# process runs in the slow set too (its flow and predictions in tests/test_anchor.py): the
+# command line is the same code for every preset, and the default suite runs it on four.
+@pytest.mark.parametrize("selected", [("cooccurrence",),
+                                      pytest.param(("anchor",), marks=pytest.mark.slow),
                                       pytest.param(("text",), marks=pytest.mark.slow)])
 def test_every_other_preset_end_to_end(tmp_path, selected):
     """deep-linear and rank-collapse run above; the others here, as concurrent processes
