@@ -663,17 +663,13 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
     if floor and "on_over_off" in floor:
         on, off = floor["progress_on"], floor["progress_off"]
         (n0, n1), (m0, m1) = on["steps"], off["steps"]
-        paired = floor.get("on_over_off_paired")
-        if paired:
-            low, high = paired["quartiles"]
-            # Judged only where the rounds' spread leaves no doubt either way.
-            verdict = ("met" if high <= 1.05 else "not met" if low > 1.05
-                       else "not resolved: the rounds spread across the target")
-            spread = (f"; per round (four calls side by side) median {paired['median']:.3f}, "
-                      f"quartiles {low:.3f}–{high:.3f}")
-        else:
-            verdict = "met" if floor["on_over_off"] <= 1.05 else "not met"
-            spread = ""
+        paired = floor["on_over_off_paired"]
+        low, high = paired["quartiles"]
+        # Judged only where the rounds' spread leaves no doubt either way.
+        verdict = ("met" if high <= 1.05 else "not met" if low > 1.05
+                   else "not resolved: the rounds spread across the target")
+        spread = (f"; per round (four calls side by side) median {paired['median']:.3f}, "
+                  f"quartiles {low:.3f}–{high:.3f}")
         rows.append(dict(
             quantity="progress bar on / off, time per step (deep-linear, rtol 1e-12)",
             value=floor["on_over_off"], unit="×", target="≤ 1.05", verdict=verdict,

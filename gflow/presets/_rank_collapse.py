@@ -352,10 +352,16 @@ def _taken(traj, label: str) -> tuple[dict, float] | None:
         return None
     k = traj.snapshot_labels.index(label)
     t = float(traj.snapshot_ts[k])
-    stable = (traj.at_transitions[label]["stable_rank"] if label in traj.at_transitions
-              else np.asarray(traj.observables["stable_rank"])[save_index(traj.ts, t)])
     return {"effective_rank": np.asarray(traj.snapshots["effective_rank"])[k],
-            "stable_rank": stable}, t
+            "stable_rank": _observed_where(traj, "stable_rank", label, t)}, t
+
+
+def _observed_where(traj, name: str, label: str, t: float):
+    """Save-time observable `name` where snapshot `label` was taken (at time `t`): at a
+    transition's located state, else at the save time nearest `t` (`t1` at the end)."""
+    if label in traj.at_transitions:
+        return traj.at_transitions[label][name]
+    return np.asarray(traj.observables[name])[save_index(traj.ts, t)]
 
 
 _STABLE_ONLY = (("stable", "stable_rank"),)
@@ -406,13 +412,9 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
 def _last_accuracies(traj) -> tuple[float, float, float]:
     """The held-out and training accuracy at the last time the held-out one was taken (the
     last save time, or the last snapshot where it is a snapshot observable), and that time."""
-    train = np.asarray(traj.observables["train_accuracy"])
     if "held_out_accuracy" in traj.observables:
-        return (float(np.asarray(traj.observables["held_out_accuracy"])[-1]), float(train[-1]),
-                float(traj.ts[-1]))
-    k = len(traj.snapshot_labels) - 1
-    label, t = traj.snapshot_labels[k], float(traj.snapshot_ts[k])
-    held = float(np.asarray(traj.snapshots["held_out_accuracy"])[k])
-    if label in traj.at_transitions:
-        return held, float(np.asarray(traj.at_transitions[label]["train_accuracy"])), t
-    return held, float(train[save_index(traj.ts, t)]), t
+        return (float(np.asarray(traj.observables["held_out_accuracy"])[-1]),
+                float(np.asarray(traj.observables["train_accuracy"])[-1]), float(traj.ts[-1]))
+    label, t = traj.snapshot_labels[-1], float(traj.snapshot_ts[-1])
+    return (float(np.asarray(traj.snapshots["held_out_accuracy"])[-1]),
+            float(np.asarray(_observed_where(traj, "train_accuracy", label, t))), t)
