@@ -422,6 +422,16 @@ _CALL_SECONDS = 0.25
 # costs a round trip to the host, so a fast solve should reach calls of `_CALL_SECONDS` in
 # few calls, while a first chunk that ran unusually fast cannot make a call run for long.
 _CALL_GROWTH = 8
+_PROGRAM_CALLS = [0]  # by every solve of this process (`program_calls`)
+
+
+def program_calls() -> int:
+    """How many times the solves of this process have called their compiled programs: one
+    per plain solve, one per batch of chunks of an interactive one (between which the host
+    draws a bar, writes a checkpoint and honours Ctrl-C)."""
+    return _PROGRAM_CALLS[0]
+
+
 # An interactive solve's checkpoint is written at most this often (and at every transition, at
 # the end, and when interrupted), unless `checkpoint_steps` asks for every cut.
 _CHECKPOINT_SECONDS = 10.0
@@ -448,7 +458,7 @@ class _Prepared(NamedTuple):
     """What `_prepare` keeps of a spec's plan on flows of one structure."""
 
     spec: SolveSpec  # held, so that the `id` in its key stays this spec's
-    rest: list  # the plan's arrays after the flow's own
+    rest: list  # the plan's arrays after the flow's own, on the device
     rebuild: Callable
     key: Hashable | None
     template: engine.Carry  # as device arrays: a call passes them without copying
@@ -499,8 +509,12 @@ def _prepare(flow: GradientFlow, spec: SolveSpec, meter,
         flow_ids = {id(x) for x in flow_arrays}
         aliased = any(id(x) in flow_ids
                       for x in jtu.tree_leaves(plan)[len(jtu.tree_leaves(flow)):])
+        # The plan's own arrays (save times, tolerances) on the device too: a call passes
+        # device buffers as they are, where a host array is copied in at every call (a
+        # transfer each on an accelerator).
+        rest = [jnp.asarray(x) for x in arrays[len(flow_arrays):]]
         entry = _PREPARED.put(None if flow_key is None or aliased else key, _Prepared(
-            spec, arrays[len(flow_arrays):], rebuild, plan_key, template,
+            spec, rest, rebuild, plan_key, template,
             Recorded.of(spec, template.y)))
     parts = (flow_arrays + entry.rest, entry.rebuild, entry.key)
     return parts, engine.start(entry.template, flow.params, spec.t0), entry.recorded
@@ -671,6 +685,7 @@ def _integrate_as_given(
             status = int(out.status)  # waits for the call
             elapsed = time.perf_counter() - begin
             seconds["run_seconds"] += elapsed
+            _PROGRAM_CALLS[0] += 1
             if interactive and not every_cut:
                 ran = max(int(out.segments) - segments, 1)
                 per_call = int(min(max(_CALL_SECONDS * ran / max(elapsed, 1e-6), 1),

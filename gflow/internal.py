@@ -8,6 +8,9 @@ change without notice.
 - `chunk_steps(flow, spec)`: every how many steps a solve with a progress bar, a checkpoint
   file (without `checkpoint_steps`) or certify's reference is cut, so that the host can draw,
   write and honour Ctrl-C between calls (the cuts do not change the steps).
+- `program_calls()`: how many times this process's solves have called their compiled
+  programs (one per plain solve; an interactive one calls once per batch of chunks), e.g. to
+  price what a progress bar costs per call.
 - `ready_flow_ids()`: the `id`s of the flows whose plain solves `gflow.solve` keeps ready to
   run again (a solve repeated on the same flow and options skips its checks and planning);
   a flow's go when it does.
@@ -32,7 +35,11 @@ from ._implicit import (
     AbstractNewtonKrylov as AbstractNewtonKrylov,
     PolynomialInterpolation as PolynomialInterpolation,
 )
-from ._solve import chunk_steps as chunk_steps, ready_flow_ids as ready_flow_ids
+from ._solve import (
+    chunk_steps as chunk_steps,
+    program_calls as program_calls,
+    ready_flow_ids as ready_flow_ids,
+)
 from ._solvers import (
     AUTO_CROSSOVER_RTOL as AUTO_CROSSOVER_RTOL,
     AUTO_DOP853_ERROR_SCALE as AUTO_DOP853_ERROR_SCALE,
@@ -43,5 +50,5 @@ from ._solvers import (
 __all__ = [
     "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "AbstractNewtonKrylov",
     "PolynomialInterpolation", "chunk_steps", "compiled_programs", "make_solver",
-    "one_lapack_thread", "ready_flow_ids", "solver_name", "split",
+    "one_lapack_thread", "program_calls", "ready_flow_ids", "solver_name", "split",
 ]

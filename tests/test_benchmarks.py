@@ -308,11 +308,20 @@ def test_gpu_probe_quick(tmp_path):
     assert gradient["float64"]["flops"] > 0
     instruments = data["instruments"]
     assert set(instruments["conditions"]) == {"condensation", "stage2_onset", "kq_collapse"}
-    assert instruments["observation"]["complete"]
+    # The save-time observation holds the preset's cheap observers, the snapshot the rest.
+    observation = instruments["observation"]
+    assert set(observation["observers"]) == {"loss", "norm", "relative_change", "stable_rank",
+                                             "train_accuracy"}
+    assert observation["gradients"] > 0 and observation["bytes"] > 0
+    assert instruments["snapshot"]["bytes"] > observation["bytes"]
     assert data["capped_solve"]["steps"] == 10 and data["capped_solve"]["status"] == "max_steps"
     mixed = data["capped_solve"]["mixed"]
     assert mixed.get("precision") == "mixed" or "floor" in mixed.get("error", ""), mixed
     assert data["checkpoint"]["resumed_equal"]
+    # The bar priced in its parts: more cuts at smaller chunks, each solve called at least once.
+    parts = data["step_floor"]["decomposed"]
+    assert parts["cuts"] == sorted(parts["cuts"], reverse=True) and parts["cuts"][0] > 1000
+    assert all(calls >= 1 for calls in parts["calls"].values())
     est = data["estimate"]
     assert est["total_seconds"] == pytest.approx(
         est["flow_seconds"] + est["conditions_seconds"] + est["observation_seconds"])

@@ -247,6 +247,22 @@ def test_an_interactive_solve_is_cut_by_its_cost(saxe_flow, saxe_target):
     assert chunk(512) == 32
 
 
+def test_program_calls_count_the_hosts_round_trips(saxe_flow, saxe_target, tmp_path):
+    """`gflow.internal.program_calls` (internal: `benchmarks.gpu` prices a bar's calls with
+    it) counts the program's calls: one for a plain solve, one a segment for a solve that
+    writes every cut, and a bar's solve fewer calls than chunks (it batches them)."""
+    before = gflow.internal.program_calls()
+    _solve(saxe_flow, saxe_target, None, checkpoint_steps=None)
+    assert gflow.internal.program_calls() - before == 1
+    before = gflow.internal.program_calls()
+    cut = _solve(saxe_flow, saxe_target, tmp_path / "cut.eqx")
+    assert gflow.internal.program_calls() - before == cut.stats["segments"] > 6
+    before = gflow.internal.program_calls()
+    barred = _solve(saxe_flow, saxe_target, None, progress=True)
+    assert 1 <= gflow.internal.program_calls() - before < cut.stats["segments"]
+    assert barred.stats["num_steps"] == cut.stats["num_steps"]  # the same cuts
+
+
 def test_a_progress_bar_puts_no_host_callback_in_the_program(saxe_flow, saxe_target):
     """The bar is drawn by the host between chunks: the compiled program has no host
     callback (which would sync every step and make every new process recompile, its
