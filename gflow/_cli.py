@@ -346,13 +346,21 @@ class _DeferredInterrupt:
             raise KeyboardInterrupt
         self.pending = True
         sys.settrace(self._trace)
+        # The frames already running below the unsafe ones (a solve's loop waiting on its
+        # compiled call, say) get no call event: they are traced line by line, so that the
+        # interrupt is raised at their next line once the unsafe calls above them return.
+        while frame is not None:
+            if _safe_to_interrupt(frame):
+                frame.f_trace_lines = True
+                frame.f_trace = self._trace
+            frame = frame.f_back
 
     def _trace(self, frame, event, arg):
-        if event == "call" and _safe_to_interrupt(frame):
+        if event in ("call", "line") and self.pending and _safe_to_interrupt(frame):
             self.pending = False
             sys.settrace(self.previous_trace)
             raise KeyboardInterrupt
-        return None
+        return self._trace if event == "line" else None
 
 
 class _Session:

@@ -88,8 +88,8 @@ class CriticalPoint(eqx.Module):
         positive `n_eigenvalues` each (all of them when there are no more).
     - `index`: the number of negative eigenvalues (below `−index_tol`).
     - `index_tol`: `INDEX_RTOL` times the largest `|λ|`, and at least `tol`.
-    - `index_exact`: `False` when LOBPCG found only negative eigenvalues in its widest block
-        (then `index` is a lower bound).
+    - `index_exact`: `False` when LOBPCG found only negative eigenvalues (below `−index_tol`)
+        in its widest block (then `index` is a lower bound).
     - `method`: `"eigh"` (dense Hessian) or `"lobpcg"` (Hessian-vector products).
     - `unstable_eigenvalue`: the most negative eigenvalue, `None` at a minimum.
     - `unstable_amplitude`: `a`, the component of `θ(t) − θ*` in its eigenspace.
@@ -258,12 +258,14 @@ def _lobpcg(objective, x, k, sign, key):
 
 
 def _spectrum(objective, x, n_eigenvalues, dense_below):
-    """`(eigenvalues ascending, eigenvectors as columns, method, complete)`: all of them
-    (dense), or the extreme few from both ends (LOBPCG)."""
+    """`(eigenvalues ascending, eigenvectors as columns, method, low_top)`: all of them
+    (dense), or the extreme few from both ends (LOBPCG); `low_top` is the largest eigenvalue
+    of LOBPCG's widest low block (`inf` for dense): the index is complete when it does not
+    count as negative."""
     n = x.size
     if n <= dense_below or 5 * max(n_eigenvalues, 1) >= n:
         w, V = _dense_hessian(objective, x)
-        return np.asarray(w), np.asarray(V), "eigh", True
+        return np.asarray(w), np.asarray(V), "eigh", math.inf
     key_low, key_high = jax.random.split(jax.random.key(0))
     k = n_eigenvalues
     while True:
@@ -277,7 +279,7 @@ def _spectrum(objective, x, n_eigenvalues, dense_below):
     w = np.concatenate([low, high])
     V = np.concatenate([U_low, U_high], axis=1)
     order = np.argsort(w)
-    return w[order], V[:, order], "lobpcg", bool(low.max() >= 0)
+    return w[order], V[:, order], "lobpcg", float(low.max())
 
 
 def _crossing(ts, values, level, after) -> float | None:
@@ -386,12 +388,15 @@ def critical_points(
 
     points = []
     for k, (t, x_seed, x, loss, g) in enumerate(refined):
-        w, V, method, complete = _spectrum(objective, x, int(n_eigenvalues), dense_below)
+        w, V, method, low_top = _spectrum(objective, x, int(n_eigenvalues), dense_below)
         # Relative to the spectrum, and never below `tol`: where the whole Hessian vanishes (the
         # degenerate saddle at the origin of a model homogeneous of degree ≥ 3, the zero-loss
         # asymptote of a separable classifier) the index is 0, not a count of roundoff.
         index_tol = max(INDEX_RTOL * float(np.max(np.abs(w))), tol)
         negative = w < -index_tol
+        # Complete when the low block reached an eigenvalue the index does not count (a flat
+        # direction's roundoff, -1e-15 say, is not negative).
+        complete = not low_top < -index_tol
         shown = w if w.size <= 2 * n_eigenvalues else np.concatenate(
             [w[:n_eigenvalues], w[-n_eigenvalues:]])
         after = refined[k + 1][3] if k + 1 < len(refined) else float(loss_curve[-1])

@@ -13,14 +13,20 @@ import time
 import numpy as np
 import pytest
 
-# deep-linear at its full width and a tight tolerance: some seconds of solving after compiling.
-RUN = ["deep-linear", "--rtol", "1e-12", "--t1", "12", "--no-figures", "--quiet"]
+# deep-linear at a tight tolerance and long enough (about 90,000 steps) for some seconds of
+# solving after compiling.
+RUN = ["deep-linear", "--rtol", "1e-12", "--t1", "30000", "--no-figures", "--quiet"]
 
 
 def _cli(args, tmp_path, **kw):
     env = os.environ | {"GFLOW_CACHE_DIR": str(tmp_path / "jax-cache")}
     return subprocess.Popen([sys.executable, "-m", "gflow.solve", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _finished(out) -> bool:
+    manifest = out / ".gflow-manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("state") == "finished"
 
 
 def _summary(out):
@@ -35,6 +41,7 @@ def test_sigint_exits_within_two_seconds_and_resumes_bit_identical(tmp_path):
     assert proc.wait(timeout=900) == 0, proc.stderr.read()
     expected, expected_arrays = _summary(whole)
     rng = random.Random(0)
+    interrupted = 0
     for attempt in range(2):
         out = tmp_path / f"cut{attempt}"
         proc = _cli(RUN + ["--out", str(out)], tmp_path)
@@ -50,7 +57,12 @@ def test_sigint_exits_within_two_seconds_and_resumes_bit_identical(tmp_path):
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
         waited = time.monotonic() - sent
+        if code == -signal.SIGINT and _finished(out):
+            # The signal came as the finished run's interpreter was shutting down (Python
+            # restores the default handler then): nothing was interrupted.
+            continue
         assert code == 130, proc.stderr.read()
+        interrupted += 1
         assert waited < 2.0, waited
         assert list(out.glob("checkpoint-*.eqx"))
         resumed = _cli(["--resume", str(out), "--quiet"], tmp_path)
@@ -63,3 +75,5 @@ def test_sigint_exits_within_two_seconds_and_resumes_bit_identical(tmp_path):
         assert arrays.files == expected_arrays.files
         for name in arrays.files:
             np.testing.assert_array_equal(arrays[name], expected_arrays[name])
+    if not interrupted:
+        pytest.skip("every run finished before it could be interrupted")
