@@ -358,3 +358,36 @@ def test_scipy_bdf_on_a_linear_flow_matches_the_closed_form():
     assert relative_trajectory_error(run["_states"], exact) < 100 * rtol
     assert run["hessians"] >= 1 and run["gradients"] > run["hessians"]
     assert problem.atol(rtol) == gflow.SolveSpec.from_options(flow, 50.0, rtol=rtol).atol
+
+
+@pytest.mark.slow
+def test_size_ladder_row_from_a_command_line_run(tmp_path):
+    """`python -m benchmarks.studies.size_ladder --from-run RUN` reads a finished command-line
+    run directory: its size and flow time from the run's config, its transitions and steps as
+    the run's summary has them, the command that remakes it; a ladder outside this repository
+    leaves the results page's rows alone."""
+    run = tmp_path / "run"
+    sets = ["--set", "problem.d=16", "--set", "problem.d_ff=32", "--set", "problem.n=120"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "gflow.solve", "rank-collapse", *sets, "--t1", "50",
+                    "--no-certify", "--no-figures", "--quiet", "--out", str(run)],
+                   cwd=ROOT, check=True, timeout=900, env=env)
+    rows_before = _files(ROOT / "benchmarks" / "results")
+    ladder = tmp_path / "ladder"
+    subprocess.run([sys.executable, "-m", "benchmarks.studies.size_ladder", "--from-run", str(run),
+                    "--out", str(ladder)], cwd=ROOT, check=True, timeout=900, env=env,
+                   capture_output=True)
+    row = json.loads((ladder / "d16-n120.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert (row["d"], row["d_ff"], row["n"], row["t1"]) == (16, 32, 120, 50.0)
+    assert row["transitions"] == summary["transitions"]
+    assert row["stats"]["num_steps"] == summary["stats"]["num_steps"]
+    assert row["command"] == ("python -m gflow.solve rank-collapse --set problem.d=16 "
+                              "--set problem.d_ff=32 --set problem.n=120 --set solve.t1=50.0 "
+                              "--set solve.certify=false")
+    assert "d = 16, n = 120" in (ladder / "size_ladder.md").read_text()
+    assert _files(ROOT / "benchmarks" / "results") == rows_before
+
+
+def _files(directory: Path) -> dict:
+    return {str(p): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
