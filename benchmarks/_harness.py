@@ -112,6 +112,13 @@ def transition_errors(times: Sequence[float], reference: Sequence[float]) -> lis
     return out
 
 
+def median_and_quartiles(values: Sequence[float], scale: float = 1.0) -> dict[str, Any]:
+    """`{"median", "quartiles": [q1, q3]}` of `values` times `scale`: how measurements of one
+    quantity spread over rounds (a machine's noise)."""
+    q1, median, q3 = np.percentile(np.asarray(values, dtype=float) * scale, [25, 50, 75])
+    return dict(median=float(median), quartiles=[float(q1), float(q3)])
+
+
 def fit_power_law(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """Least-squares fit `y = c · x^p` in log–log; returns `(c, p)`."""
     lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))

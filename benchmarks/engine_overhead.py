@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._harness import machine
+from ._harness import machine, median_and_quartiles
 from .results_page import RESULTS_DIR, rows_directory, write_suite
 
 RTOL, ATOL, T1, N_TS = 1e-8, 1e-10, 50.0, 101
@@ -130,9 +130,7 @@ def main(argv=None) -> dict:
                         - np.asarray(times[(name, T1)])) / (n1 - n0)
     # Per round (the four calls side by side), as a measure of the machine's noise.
     paired = rounds["gflow"] / rounds["bare"]
-    split["per_step_ratio_paired"] = dict(
-        median=float(np.median(paired)),
-        quartiles=[float(q) for q in np.percentile(paired, [25, 75])])
+    split["per_step_ratio_paired"] = median_and_quartiles(paired)
     steps = calls[T1]["steps"]
     times = {name: times[(name, T1)] for name in ("gflow", "bare")}
     cpu = {name: cpu[(name, T1)] for name in ("gflow", "bare")}

@@ -71,7 +71,7 @@ import gflow
 from gflow import internal, measures, presets
 
 from . import sweep as sweep_benchmark
-from ._harness import best_time, machine
+from ._harness import best_time, machine, median_and_quartiles
 from .results_page import RESULTS_DIR, rows_directory, write_suite
 
 SECTIONS = ("environment", "gradient", "linalg", "instruments", "step_floor", "capped_solve",
@@ -368,10 +368,11 @@ def step_floor(lengths=(12.0, 1e4), repeats: int = 21, fine_chunks=(8, 32)) -> d
         variants[(long, chunk)] = (*variants[(long, False)][:2],
                                    dict(progress=True, checkpoint_steps=chunk))
     # One call of one step (the bar on): what a call costs beside the steps it runs.
-    one = _deep_linear(["solve.rtol=1e-12", "solve.t1=1e-9"])
-    variants["one_call"] = (one[1], one[0], dict(progress=True))
-    for problem, resolved, kwargs in variants.values():
-        _solve_small(problem, resolved, **kwargs)  # compiled
+    resolved, problem = _deep_linear(["solve.rtol=1e-12", "solve.t1=1e-9"])
+    variants["one_call"] = (problem, resolved, dict(progress=True))
+    # Compiled; the default bar's spec (its chunks) read from its trajectory.
+    first = {key: _solve_small(problem, resolved, **kwargs)
+             for key, (problem, resolved, kwargs) in variants.items()}
     runs = {key: [] for key in variants}
     walls = {key: [] for key in variants}
     steps, calls = {}, {}
@@ -399,25 +400,20 @@ def step_floor(lengths=(12.0, 1e4), repeats: int = 21, fine_chunks=(8, 32)) -> d
     on, off = out["progress_on"], out["progress_off"]
     out["on_over_off"] = on["ms_per_step_slope"] / off["ms_per_step_slope"]
     paired = slopes[True] / slopes[False]
-    out["on_over_off_paired"] = dict(
-        median=float(np.median(paired)),
-        quartiles=[float(q) for q in np.percentile(paired, [25, 75])])
+    out["on_over_off_paired"] = median_and_quartiles(paired)
     out["on_over_off_short"] = on["ms_per_step"] / off["ms_per_step"]
     out["bar_per_solve_seconds"] = on["per_solve_seconds"] - off["per_solve_seconds"]
-    out["decomposed"] = _bar_decomposed(variants, runs, walls, steps, calls, long, fine_chunks)
+    default_chunk = internal.chunk_steps(variants[(long, True)][0].flow, first[(long, True)].spec)
+    out["decomposed"] = _bar_decomposed(runs, walls, steps, calls, long,
+                                        (*fine_chunks, default_chunk))
     return out
 
 
-def _bar_decomposed(variants, runs, walls, steps, calls, long, fine_chunks) -> dict:
-    """`step_floor`'s bar cost from its parts, per round (see `step_floor`)."""
+def _bar_decomposed(runs, walls, steps, calls, long, chunks) -> dict:
+    """`step_floor`'s bar cost from its parts, per round (see `step_floor`); `chunks`: the
+    fine chunks, then the default bar's."""
     n = steps[(long, False)]
-    problem, resolved, _ = variants[(long, True)]
-    s = resolved.solve
-    default_chunk = internal.chunk_steps(problem.flow, gflow.SolveSpec.from_options(
-        problem.flow, s.t1, t0=s.t0, rtol=s.rtol, solver=s.solver,
-        transitions=problem.transitions))
-    chunks = (*fine_chunks, default_chunk)
-    keys = [*((long, c) for c in fine_chunks), (long, True)]
+    keys = [*((long, c) for c in chunks[:-1]), (long, True)]
     cuts = np.asarray([math.ceil(n / c) - 1 for c in chunks], dtype=float)
     run = {k: np.asarray(v) for k, v in runs.items()}
     host = {k: np.asarray(walls[k]) - run[k] for k in runs}
@@ -428,11 +424,7 @@ def _bar_decomposed(variants, runs, walls, steps, calls, long, fine_chunks) -> d
     bar = (cuts[-1] * per_cut + calls[(long, True)] * per_call
            + host[(long, True)] - host[(long, False)])
     ratio = 1.0 + bar / run[(long, False)]
-
-    def spread(x, scale=1.0):
-        q1, med, q3 = np.percentile(np.asarray(x) * scale, [25, 50, 75])
-        return dict(median=float(med), quartiles=[float(q1), float(q3)])
-
+    spread = median_and_quartiles  # of the rounds
     return dict(
         steps=n, chunks=list(chunks), cuts=[int(c) for c in cuts],
         calls={str(c): calls[k] for c, k in zip(chunks, keys)},
@@ -655,6 +647,14 @@ def _flops_note(timed: dict) -> str:
     return "" if f is None else f"; by XLA's FLOP count {f:.3g} gradients"
 
 
+def _judged(spread: dict, target: float) -> str:
+    """A ratio's verdict against `target` from its per-round quartiles
+    (`median_and_quartiles`): judged only where their spread leaves no doubt either way."""
+    low, high = spread["quartiles"]
+    return ("met" if high <= target else "not met" if low > target
+            else "not resolved: the rounds spread across the target")
+
+
 def _remeasured(section: dict) -> str:
     """Where a section was measured by a later run than the rest of its probe: that run."""
     again = section.get("remeasured")
@@ -724,9 +724,7 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
         (n0, n1), (m0, m1) = on["steps"], off["steps"]
         paired = floor["on_over_off_paired"]
         low, high = paired["quartiles"]
-        # Judged only where the rounds' spread leaves no doubt either way.
-        verdict = ("met" if high <= 1.05 else "not met" if low > 1.05
-                   else "not resolved: the rounds spread across the target")
+        verdict = _judged(paired, 1.05)
         spread = (f"; per round (four calls side by side) median {paired['median']:.3f}, "
                   f"quartiles {low:.3f}–{high:.3f}")
         rows.append(dict(
@@ -746,8 +744,7 @@ def write_results(result: dict, out: Path, directory: Path = RESULTS_DIR) -> Pat
                 quantity="progress bar on / off on the long solve, from its parts "
                          "(deep-linear, rtol 1e-12)",
                 value=ratio["median"], unit="×", target="≤ 1.05",
-                verdict="met" if high <= 1.05 else "not met" if low > 1.05 else
-                "not resolved: the rounds spread across the target",
+                verdict=_judged(ratio, 1.05),
                 detail=f"per round, quartiles {low:.3f}–{high:.3f}: {parts['cuts'][-1]} cuts "
                        f"(chunks of {parts['chunks'][-1]} steps of {parts['steps']:,}) × "
                        f"{cut['median']:.0f} µs (quartiles {cut['quartiles'][0]:.0f}–"

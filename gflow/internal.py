@@ -21,6 +21,9 @@ change without notice.
   matrix-free implicit solvers (`dense_info` of their steps builds one).
 - `AbstractNewtonKrylov`: the interface of the matrix-free implicit solvers (the switching
   solver's implicit branch), e.g. to wrap one with instrumentation.
+- `ranks_at_snapshot(traj, label)`: the effective and stable ranks of a `rank-collapse` run
+  where its snapshot `label` was taken (a transition's name, `"end"`), and that time, as the
+  preset's predictions read them (`None` where none was taken).
 - `make_solver(solver, rtol)`, `solver_name(solver)`: a solver from its gflow name, and back.
 - `AUTO_CROSSOVER_RTOL`, `AUTO_DOP853_ERROR_SCALE`: where `solver="auto"` switches from Tsit5 to
   DOP853, and the error scale it assumes for DOP853.
@@ -46,9 +49,11 @@ from ._solvers import (
     make_solver as make_solver,
     solver_name as solver_name,
 )
+from .presets._rank_collapse import ranks_at_snapshot as ranks_at_snapshot
 
 __all__ = [
     "AUTO_CROSSOVER_RTOL", "AUTO_DOP853_ERROR_SCALE", "AbstractNewtonKrylov",
     "PolynomialInterpolation", "chunk_steps", "compiled_programs", "make_solver",
-    "one_lapack_thread", "program_calls", "ready_flow_ids", "solver_name", "split",
+    "one_lapack_thread", "program_calls", "ranks_at_snapshot", "ready_flow_ids",
+    "solver_name", "split",
 ]

@@ -85,7 +85,8 @@ def row_from_run(run_dir: Path) -> dict:
     traj = gflow.load(run_dir)
     config = traj.config or {}
     problem, solve = config.get("problem", {}), config.get("solve", {})
-    if config.get("preset", {}).get("name", "rank-collapse") != "rank-collapse" or "d" not in problem:
+    name = config.get("preset", {}).get("name", "rank-collapse")
+    if name != "rank-collapse" or "d" not in problem:
         raise SystemExit(f"{run_dir}: not a rank-collapse run directory")
     d, n = int(problem["d"]), int(problem.get("n", N_TRAIN))
     if int(problem.get("d_ff", 2 * d)) != 2 * d:
@@ -94,7 +95,7 @@ def row_from_run(run_dir: Path) -> dict:
     wall = sum(float(stats.get(k) or 0.0) for k in ("trace_seconds", "compile_seconds",
                                                     "run_seconds"))
     return _row(traj, d=d, n=n, t1=float(solve.get("t1", traj.t1)),
-                precision=traj.stats.get("precision", "float64"), wall=wall,
+                precision=stats.get("precision", "float64"), wall=wall,
                 machine_=machine(), command=_command_of(config))
 
 
@@ -115,19 +116,20 @@ def _command_of(config: dict) -> str:
 
 def _row(traj, *, d, n, t1, precision, wall, machine_, command) -> dict:
     from gflow.figures import series
+    from gflow.internal import ranks_at_snapshot
 
     obs = traj.observables
     # Effective rank and the conserved drift are snapshots: the last one is the end state.
     drift = np.asarray(traj.snapshots["conserved_drift"])
-    end = {"effective_rank": np.asarray(traj.snapshots["effective_rank"])[-1],
-           "stable_rank": np.asarray(obs["stable_rank"])[-1]}
+    end, _ = ranks_at_snapshot(traj, traj.snapshot_labels[-1])
     norm = np.asarray(obs["norm"])
     row = dict(
         d=d, d_ff=2 * d, n=n, t1=t1, sigma=d ** -0.85, precision=precision,
         command=command,
         status=traj.status, t_final=traj.t_final,
         transitions={k: _finite(v) for k, v in traj.transitions.items()},
-        ranks_at={name: _ranks(_at_transition(traj, name)) for name in traj.at_transitions},
+        ranks_at={name: _ranks(ranks_at_snapshot(traj, name)[0])
+                  for name in traj.at_transitions},
         ranks_end=_ranks(end),
         # A snapshot (the last one is the end state) unless taken at every save time.
         held_out_accuracy=float(np.asarray(series(traj, "held_out_accuracy")[1])[-1]),
@@ -170,14 +172,6 @@ def costs(d: int, repeats: int = 3) -> dict:
                            budget_s=60.0)
         out[f"{name}_seconds"] = timing.wall
     return out
-
-
-def _at_transition(traj, name: str) -> dict:
-    """The ranks at located transition `name`: the stable rank is a save-time observable
-    (evaluated at the located state too), the effective rank a snapshot (taken there)."""
-    row = list(traj.snapshot_labels).index(name)
-    return {"stable_rank": traj.at_transitions[name]["stable_rank"],
-            "effective_rank": np.asarray(traj.snapshots["effective_rank"])[row]}
 
 
 def _finite(x):

@@ -344,7 +344,7 @@ def _saved(traj, i: int) -> tuple[dict, float]:
     return {"stable_rank": np.asarray(traj.observables["stable_rank"])[i]}, float(traj.ts[i])
 
 
-def _taken(traj, label: str) -> tuple[dict, float] | None:
+def ranks_at_snapshot(traj, label: str) -> tuple[dict, float] | None:
     """Both ranks where snapshot `label` was taken: the effective rank from the snapshot,
     the stable rank from the transition's state or the save time there (`t1` at the end);
     `None` if no snapshot was taken there."""
@@ -374,7 +374,7 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
     out = {}
     claim = "W_Q, W_K below every outer group in effective and in stable rank"
     t_k = traj.transitions.get("kq_collapse", math.nan)
-    taken = _taken(traj, "kq_collapse") if math.isfinite(t_k) else None
+    taken = ranks_at_snapshot(traj, "kq_collapse") if math.isfinite(t_k) else None
     if taken is not None:
         holds, text = _ranks_row(*taken)
         out["attention_collapses_below_outer"] = Prediction.qualitative(
@@ -390,7 +390,7 @@ def rank_collapse_predictions(traj, chance: float) -> dict[str, Prediction]:
     out["attention_collapses_below_outer_at_lowest"] = Prediction.qualitative(
         "W_Q, W_K below every outer group in stable rank", text, holds=holds,
         basis="read at the save time where max(stable rank W_Q, W_K) is lowest")
-    taken = _taken(traj, "end")
+    taken = ranks_at_snapshot(traj, "end")
     if taken is not None:
         holds, text = _ranks_row(*taken)
         out["attention_collapses_below_outer_at_end"] = Prediction.qualitative(
